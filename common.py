@@ -1,0 +1,203 @@
+"""What several scripts share: the config parser, atomic file writes, JSON lines, checkpoint I/O.
+
+Each piece lives here once so train.py, llc.py and analyze.py agree on the on-disk formats:
+  <out_dir>/config.json                                  the run's resolved config (flat dict)
+  <out_dir>/log.jsonl, llc.jsonl, ...                    one flat JSON object per line, "step" first
+  <out_dir>/checkpoints/step_{step:07d}.safetensors      model parameters only, named_parameters() names
+  <out_dir>/checkpoints/step_{step:07d}.state.pt         optimiser state, for resuming training only
+"""
+import ast
+import io
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from data import Task
+from model import ICLConfig, ICLTransformer
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value: raised before any work starts."""
+
+
+class CheckpointError(RuntimeError):
+    """A missing, truncated or corrupt checkpoint file."""
+
+
+# ----------------------------------------------------------------------------------------- config
+def configure(defaults: dict, argv) -> dict:
+    """nanoGPT-style configuration: `script.py [config.py ...] [--key=value ...]`.
+
+    A config file is plain Python assignments; later sources win. Every key must already exist in
+    `defaults`, and values keep the default's type (an int is accepted where a float is expected).
+    """
+    cfg = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--"):
+            path = Path(arg)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {arg}")
+            ns = {}
+            try:
+                exec(compile(path.read_text(), str(path), "exec"), ns)
+            except Exception as e:
+                raise ConfigError(f"config file {arg} failed to run: {e!r}") from e
+            for key, val in ns.items():
+                if not key.startswith("_") and not callable(val) and type(val).__name__ != "module":
+                    _set(cfg, defaults, key, val, f"config file {arg}")
+        else:
+            key, sep, raw = arg[2:].partition("=")
+            if not sep:
+                raise ConfigError(f"expected --key=value, got {arg!r}")
+            try:
+                val = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                val = raw  # a bare string such as --out_dir=out/x
+            _set(cfg, defaults, key, val, f"argument {arg}")
+    return cfg
+
+
+def _set(cfg, defaults, key, val, where):
+    if key not in defaults:
+        close = [k for k in defaults if k.startswith(key[:3])]
+        raise ConfigError(f"unknown config key {key!r} in {where}" + (f" (did you mean {close}?)" if close else "")
+                          + f"; valid keys: {sorted(defaults)}")
+    want = type(defaults[key])
+    if want is float and type(val) is int:
+        val = float(val)
+    if type(val) is not want:
+        raise ConfigError(f"{key} must be {want.__name__}, got {type(val).__name__} {val!r} in {where}")
+    cfg[key] = val
+
+
+def derive_seed(*keys: int) -> int:
+    """An independent 63-bit seed for a named random stream, e.g. (seed, rank, step): no overlap between streams."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+# ------------------------------------------------------------------------------------------ files
+def atomic_write(path, data) -> None:
+    """Write to a temp file in the same folder, fsync, rename: readers see the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_jsonl(path, row: dict) -> None:
+    """Append one JSON object as one line, fsynced. A torn last line (a kill mid-write) is completed first."""
+    path = Path(path)
+    line = json.dumps(row, allow_nan=True) + "\n"
+    with open(path, "ab+") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(line.encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path) -> list:
+    """All complete rows; a line that does not parse (a torn write) is skipped with a warning."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}:{i + 1}: skipping an incomplete line")
+    return rows
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def ckpt_path(out_dir, step: int, state: bool = False) -> Path:
+    return Path(out_dir) / "checkpoints" / f"step_{step:07d}.{'state.pt' if state else 'safetensors'}"
+
+
+def save_checkpoint(out_dir, step: int, model, state: dict | None = None) -> None:
+    """Parameters as safetensors (exactly named_parameters); the resume state beside it, written first."""
+    if state is not None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write(ckpt_path(out_dir, step, state=True), buf.getvalue())
+    params = {k: v.detach().cpu().contiguous() for k, v in model.named_parameters()}
+    atomic_write(ckpt_path(out_dir, step), st_save(params, metadata={"step": str(step)}))
+
+
+def list_checkpoints(out_dir) -> list:
+    """Sorted steps that have a parameter file."""
+    d = Path(out_dir) / "checkpoints"
+    return sorted(int(p.name[5:12]) for p in d.glob("step_*.safetensors")) if d.is_dir() else []
+
+
+def load_params(out_dir, step: int) -> dict:
+    path = ckpt_path(out_dir, step)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint for step {step}: {path} does not exist")
+    try:
+        return st_load(path.read_bytes())
+    except (SafetensorError, ValueError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({e}); delete it to fall back "
+                              "to the previous one") from e
+
+
+def load_state(out_dir, step: int) -> dict:
+    path = ckpt_path(out_dir, step, state=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"resume state {path} is missing, truncated or corrupt ({e})") from e
+
+
+def load_run(out_dir) -> dict:
+    path = Path(out_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{out_dir} is not a training run: {path} is missing")
+    return json.loads(path.read_text())
+
+
+def model_config(cfg: dict) -> ICLConfig:
+    return ICLConfig(**{k: cfg[k] for k in ICLConfig.__dataclass_fields__})
+
+
+def run_task(cfg) -> Task:
+    """The data distribution a run was trained on (cfg: a config dict or a run directory)."""
+    cfg = cfg if isinstance(cfg, dict) else load_run(cfg)
+    return Task(cfg["D"], cfg["K"], cfg["sigma2"], cfg["num_tasks"], cfg["task_seed"])
+
+
+def load_model(out_dir, step: int) -> ICLTransformer:
+    """The run's model with the parameters of checkpoint `step`, on CPU, in eval mode."""
+    model = ICLTransformer(model_config(load_run(out_dir)))
+    params = load_params(out_dir, step)
+    missing = set(dict(model.named_parameters())) ^ set(params)
+    if missing:
+        raise CheckpointError(f"{ckpt_path(out_dir, step)} does not match the run's model: {sorted(missing)}")
+    model.load_state_dict(params, strict=False)  # strict=False only because buffers are not saved
+    return model.eval()
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,139 @@
+"""In-context linear regression: task sampling, token layout, readout, baselines and metrics.
+
+Spec: ../shared/spec/regression.md §1, §2, §7, §8. A sequence draws a task w ~ N(0, I_D) (or one of M
+fixed tasks), inputs x_k ~ N(0, I_D) and targets y_k = w.x_k + eps_k with noise *variance* sigma2.
+Tokens alternate x-token [0, x] and y-token [y, 0...0]; the prediction for y_k is channel 0 of the model
+output at the x_k position, so it sees only the k-1 earlier pairs. Every random draw takes an explicit
+torch.Generator: same seed, same numbers.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from model import weight_norm
+
+OOD_SCALES = (3, 5, 10, 100)
+
+
+class Task:
+    """The training distribution of a run: D, K, sigma2 and the task prior (M = num_tasks, 0 = infinite)."""
+
+    def __init__(self, D=4, K=8, sigma2=0.125, num_tasks=0, task_seed=0):
+        self.D, self.K, self.sigma2, self.num_tasks = D, K, sigma2, num_tasks
+        self.tasks = None
+        if num_tasks > 0:  # the finite prior: M tasks drawn once, then sampled uniformly with replacement
+            self.tasks = torch.randn(num_tasks, D, generator=torch.Generator().manual_seed(task_seed))
+
+    def sample(self, gen, batch_size, device="cpu"):
+        """A fresh batch (xs, ys); `gen` must live on `device`."""
+        b = sample_batch(gen, batch_size, self.D, self.K, self.sigma2, self.tasks, device)
+        return b["xs"], b["ys"]
+
+    def eval_batch(self, seed, batch_size):
+        """A fixed, seeded batch with its tasks and noise (needed for the OOD metrics), always on CPU."""
+        return sample_batch(torch.Generator().manual_seed(seed), batch_size, self.D, self.K, self.sigma2, self.tasks)
+
+    @staticmethod
+    def loss(out, ys):
+        """Mean squared error of the readout: the training loss and the loss the LLC is measured on."""
+        return F.mse_loss(readout(out), ys)
+
+
+def sample_batch(gen, batch_size, D, K, sigma2, tasks=None, device="cpu"):
+    """Draw w, then xs, then noise (the reference order). Returns dict(xs (B,K,D), ys (B,K), ws, noise)."""
+    B = batch_size
+    if tasks is None:
+        ws = torch.randn(B, D, generator=gen, device=device)
+    else:
+        ws = tasks.to(device)[torch.randint(len(tasks), (B,), generator=gen, device=device)]
+    xs = torch.randn(B, K, D, generator=gen, device=device)
+    noise = torch.randn(B, K, generator=gen, device=device) * math.sqrt(sigma2)
+    ys = torch.einsum("bkd,bd->bk", xs, ws) + noise
+    return dict(xs=xs, ys=ys, ws=ws, noise=noise)
+
+
+def to_tokens(xs, ys):
+    """(B,K,D), (B,K) -> (B, 2K, D+1): x-token [0, x], y-token [y, 0, ..., 0], alternating x1, y1, x2, ..."""
+    B, K, D = xs.shape
+    toks = xs.new_zeros(B, K, 2, D + 1)
+    toks[:, :, 0, 1:] = xs
+    toks[:, :, 1, 0] = ys
+    return toks.view(B, 2 * K, D + 1)
+
+
+def readout(out):
+    """Prediction for y_k: output channel 0 at the x_k token."""
+    return out[..., 0::2, 0]
+
+
+def per_token_mse(pred, ys):
+    """(K,) mean squared error at each context position, averaged over the batch."""
+    return (pred - ys).pow(2).mean(0)
+
+
+def ridge_predict(xs, ys, sigma2):
+    """Bayes predictor for the Gaussian prior: ridge on the k-1 earlier pairs, all k solved at once."""
+    B, K, D = xs.shape
+    outer = xs.unsqueeze(-1) * xs.unsqueeze(-2)                           # (B,K,D,D)
+    A = _exclusive_cumsum(outer) + sigma2 * torch.eye(D, dtype=xs.dtype, device=xs.device)
+    b = _exclusive_cumsum(xs * ys.unsqueeze(-1))                          # (B,K,D)
+    w_hat = torch.linalg.solve(A, b.unsqueeze(-1)).squeeze(-1)
+    return (w_hat * xs).sum(-1)
+
+
+def dmmse_predict(xs, ys, tasks, sigma2, chunk_elems=2 ** 24):
+    """Bayes predictor for a finite prior of M tasks: posterior mean over the tasks given the k-1 earlier
+    pairs. Vectorised over k and tasks; the batch is chunked so the (B,K,M) tensor stays bounded."""
+    B, K, D = xs.shape
+    step = max(1, chunk_elems // (K * len(tasks)))
+    tasks = tasks.to(xs)
+    out = []
+    for i in range(0, B, step):
+        x, y = xs[i:i + step], ys[i:i + step]
+        sq = (y.unsqueeze(-1) - x @ tasks.T).pow(2) / (2 * sigma2)      # (b,K,M)
+        post = torch.softmax(-_exclusive_cumsum(sq), dim=-1)
+        out.append(((post @ tasks) * x).sum(-1))
+    return torch.cat(out)
+
+
+def _exclusive_cumsum(t):
+    """Sum over the strictly earlier positions along dim 1 (position k sees 1..k-1)."""
+    c = t.cumsum(1)
+    return torch.cat([torch.zeros_like(c[:, :1]), c[:, :-1]], dim=1)
+
+
+@torch.no_grad()
+def regression_metrics(model, batch, sigma2, tasks=None):
+    """The behavioural metrics of the paper (regression.md §8.1) on one fixed batch, as a flat dict.
+
+    loss, loss/k (k = 1..K), delta_ridge / delta_dmmse (mean squared distance to the baselines'
+    predictions; with M = infinite dMMSE is ridge), pred_norm = E[yhat^2], ICL scores
+    icl_1_{K/2} = l_{K/2} - l_1 and icl_{K/2}_K = l_K - l_{K/2} (K=8: the paper's l4-l1, l8-l4),
+    ood_inputs/g (x -> g x, same w) and ood_tasks/g (x fixed, w -> g w), and the global weight norm.
+    """
+    xs, ys, noise = batch["xs"], batch["ys"], batch["noise"]
+    K = xs.shape[1]
+
+    def predict(x, y):
+        return readout(model(to_tokens(x, y)))
+
+    pred = predict(xs, ys)
+    tok = per_token_mse(pred, ys)
+    ridge = ridge_predict(xs, ys, sigma2)
+    dmmse = ridge if tasks is None else dmmse_predict(xs, ys, tasks, sigma2)
+    h = max(K // 2, 1)
+    m = {"loss": tok.mean().item()}
+    m.update({f"loss/{k + 1}": v for k, v in enumerate(tok.tolist())})
+    m["delta_ridge"] = (pred - ridge).pow(2).mean().item()
+    m["delta_dmmse"] = (pred - dmmse).pow(2).mean().item()
+    m["pred_norm"] = pred.pow(2).mean().item()
+    m[f"icl_1_{h}"] = (tok[h - 1] - tok[0]).item()
+    m[f"icl_{h}_{K}"] = (tok[K - 1] - tok[h - 1]).item()
+    signal = ys - noise
+    for g in OOD_SCALES:
+        y_g = g * signal + noise  # both OOD variants have targets g*w.x + eps; they differ in the inputs shown
+        m[f"ood_inputs/{g}"] = F.mse_loss(predict(g * xs, y_g), y_g).item()
+        m[f"ood_tasks/{g}"] = F.mse_loss(predict(xs, y_g), y_g).item()
+    m["weight_norm"] = weight_norm(model.parameters())
+    return m

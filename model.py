@@ -1,0 +1,87 @@
+"""The paper's in-context linear regression transformer (L2H4), written to be read in one sitting.
+
+Faithful to timaeus-research/icl (see ../shared/spec/regression.md §3-4): pre-LN blocks with a final LN,
+a learned absolute position table, qkv and output projections without bias, a ReLU MLP with bias, an
+unembedding LN + Linear(d -> D+1), and the *doubled residual*: each layer maps x <- 2x + attn + mlp.
+Module creation order matches the reference so `build_model(cfg, seed)` reproduces its initial weights.
+
+Attention is a hand-written masked softmax (not SDPA) so that `torch.func.vmap` over stacked SGLD chains
+has a batching rule for every op.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class ICLConfig:
+    D: int = 4          # input dimension; tokens have D+1 channels
+    K: int = 8          # (x, y) pairs per sequence; the context is 2K tokens
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 64
+    d_mlp: int = 64
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ICLConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        T = 2 * cfg.K
+        # additive causal mask, log(tril(1)) as in the reference; a buffer (not a parameter, not saved)
+        self.register_buffer("mask", torch.full((T, T), float("-inf")).triu(1), persistent=False)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        H = self.n_head
+        # rows of qkv are interleaved per head: [q_h, k_h, v_h] for h = 0..H-1 (the reference layout)
+        q, k, v = self.qkv(x).view(B, T, H, -1).transpose(1, 2).chunk(3, dim=-1)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]) + self.mask[:T, :T]
+        y = att.softmax(dim=-1) @ v
+        return self.out(y.transpose(1, 2).reshape(B, T, d))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ICLConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.compute = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_mlp), nn.ReLU(), nn.Linear(cfg.d_mlp, cfg.d_model))
+        self.layer_norms = nn.ModuleList([nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)])
+
+    def forward(self, x):
+        x = x + self.attention(self.layer_norms[0](x))
+        return x + self.compute(self.layer_norms[1](x))
+
+
+class ICLTransformer(nn.Module):
+    """tokens (B, 2K, D+1) -> outputs (B, 2K, D+1); the prediction for y_k is channel 0 at x_k."""
+
+    def __init__(self, cfg: ICLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Linear(cfg.D + 1, cfg.d_model, bias=False)
+        self.postn_embedding = nn.Linear(2 * cfg.K, cfg.d_model, bias=False)  # used as a (2K, d) table
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.unembedding = nn.Sequential(nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, cfg.D + 1))
+
+    def forward(self, tokens):
+        T = tokens.shape[-2]
+        x = self.token_embedding(tokens) + self.postn_embedding.weight.T[:T]
+        for block in self.blocks:
+            x = x + block(x)  # the block already contains x: the paper's doubled residual, x <- 2x + a + m
+        return self.unembedding(x)
+
+
+def build_model(cfg: ICLConfig, seed: int) -> ICLTransformer:
+    """Seed, then build on CPU in the reference's module order: the paper's exact initial weights."""
+    torch.manual_seed(seed)
+    return ICLTransformer(cfg)
+
+
+def weight_norm(params) -> float:
+    """Global L2 norm over an iterable of tensors (the paper's `weight/norm`)."""
+    return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))

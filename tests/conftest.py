@@ -1,0 +1,25 @@
+"""Test set-up: one torch thread (tiny models run 10x slower with two busy threads on these machines) and
+the Triton interpreter, which must be switched on before any kernel module is imported."""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REFERENCE = ROOT.parent / "shared" / "reference"
+
+
+@pytest.fixture
+def reference_dir():
+    """../shared/reference, or a clean skip where it is absent."""
+    if not (REFERENCE / "paper_v1_seedmean.csv").exists():
+        pytest.skip(f"paper reference data not found at {REFERENCE}")
+    return REFERENCE

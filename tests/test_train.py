@@ -1,0 +1,161 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import train
+from conftest import ROOT
+
+SMALL = ["--D=3", "--K=4", "--n_layer=1", "--n_head=2", "--d_model=16", "--d_mlp=16", "--batch_size=32",
+         "--max_steps=400", "--n_log=30", "--n_lin=8", "--log_interval=25", "--eval_batch_size=64"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_train(args, **kw):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=ENV, capture_output=True,
+                          text=True, **kw)
+
+
+def test_lr_schedule_matches_the_reference_table():
+    table = {0: 1.2e-8, 1_000: 1.2e-5, 40_000: 4.8e-4, 126_000: 1.512e-3, 249_999: 3.0e-3, 320_000: 2.16e-3,
+             499_999: 4.8e-14}
+    for step, want in table.items():
+        assert train.lr_at(step, 3e-3, 500_000) == pytest.approx(want, rel=2e-3), step
+    # against torch's own OneCycleLR on a short run
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=1000, pct_start=0.5,
+                                                anneal_strategy="linear", div_factor=499, final_div_factor=499,
+                                                cycle_momentum=False)
+    for step in range(1000):
+        assert train.lr_at(step, 3e-3, 1000) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-18)
+        opt.step()
+        sched.step()
+
+
+def test_checkpoint_steps():
+    s = train.checkpoint_steps(500_000)
+    assert len(s) == 190 and s[0] == 0 and s[-1] == 499_999
+    assert {0, 984, 40_292, 126_262, 318_181, 499_999} <= set(s)
+
+
+def test_configure_errors(tmp_path):
+    d = train.DEFAULTS
+    cfg = common.configure(d, ["--lr=1", "--out_dir=out/x", "--compile=True"])
+    assert cfg["lr"] == 1.0 and isinstance(cfg["lr"], float) and cfg["out_dir"] == "out/x" and cfg["compile"]
+    with pytest.raises(common.ConfigError, match="unknown config key 'lrr'"):
+        common.configure(d, ["--lrr=1"])
+    with pytest.raises(common.ConfigError, match="batch_size must be int"):
+        common.configure(d, ["--batch_size=1.5"])
+    with pytest.raises(common.ConfigError, match="expected --key=value"):
+        common.configure(d, ["--compile"])
+    bad = tmp_path / "bad.py"
+    bad.write_text("lr = 1e-3\nwarmup = 5\n")
+    with pytest.raises(common.ConfigError, match=f"unknown config key 'warmup' in config file {bad}"):
+        common.configure(d, [str(bad)])
+    # every shipped config parses
+    for f in ["L2H4.py", "L2H4K16.py", "L2H4M64.py", "tiny.py"]:
+        os.chdir(ROOT)
+        common.configure(d, [f"configs/{f}"])
+    assert common.configure(d, ["configs/L2H4K16.py"])["K"] == 16
+
+
+def test_cli_reports_config_errors_before_work(tmp_path):
+    r = run_train([*SMALL, f"--out_dir={tmp_path}/r", "--max_step=3"])
+    assert r.returncode != 0 and "unknown config key 'max_step'" in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def _final_params(out):
+    return common.load_params(out, common.list_checkpoints(out)[-1])
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert run_train([*SMALL, f"--out_dir={ref}"], timeout=300).returncode == 0
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *SMALL, f"--out_dir={cut}"], env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mid = [s for s in train.checkpoint_steps(400, 30, 8) if s >= 100][0]
+    target = common.ckpt_path(cut, mid)  # a mid-run checkpoint; kill soon after it appears
+    t0 = time.time()
+    while not target.exists() and p.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = common.list_checkpoints(cut)[-1]
+    assert killed_at < common.list_checkpoints(ref)[-1], "the run finished before it could be killed"
+    r = run_train([*SMALL, f"--out_dir={cut}"], timeout=300)
+    assert r.returncode == 0 and "resuming" in r.stderr
+    a, b = _final_params(ref), _final_params(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the log has each eval step once, and the same values as the uninterrupted run
+    evals = lambda d: [r for r in common.read_jsonl(d / "log.jsonl") if r["kind"] == "eval"]  # noqa: E731
+    steps = [r["step"] for r in evals(cut)]
+    assert steps == sorted(set(steps)) == [r["step"] for r in evals(ref)]
+    assert [r["loss"] for r in evals(cut)] == [r["loss"] for r in evals(ref)]
+
+
+def test_corrupt_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cfg = common.configure(train.DEFAULTS, [*SMALL, f"--out_dir={out}", "--stop_at=30"])
+    train.train(cfg)
+    steps = common.list_checkpoints(out)
+    last = common.ckpt_path(out, steps[-1])
+    last.write_bytes(last.read_bytes()[:100])  # truncated
+    with pytest.raises(common.CheckpointError, match=str(last)):
+        common.load_params(out, steps[-1])
+    with pytest.raises(common.CheckpointError, match="no checkpoint for step 7777"):
+        common.load_params(out, 7777)
+    # resuming skips the broken file, with a warning, and rewrites it
+    with pytest.warns(UserWarning, match="truncated or corrupt"):
+        train.train({**cfg, "stop_at": 40})
+    assert common.load_params(out, steps[-1]).keys() == common.load_model(out, 0).state_dict().keys() - {
+        k for k, _ in common.load_model(out, 0).named_buffers()}
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    cfg = common.configure(train.DEFAULTS, [*SMALL, f"--out_dir={tmp_path}", "--stop_at=2"])
+    train.train(cfg)
+    with pytest.raises(common.ConfigError, match="different config"):
+        train.train({**cfg, "lr": 1e-2})
+
+
+def test_checkpoint_holds_parameters_only(tmp_path):
+    cfg = common.configure(train.DEFAULTS, [*SMALL, f"--out_dir={tmp_path}", "--stop_at=3"])
+    train.train(cfg)
+    params = common.load_params(tmp_path, 3)
+    model = common.load_model(tmp_path, 3)
+    assert set(params) == {k for k, _ in model.named_parameters()}
+    assert json.loads((tmp_path / "config.json").read_text())["d_model"] == 16
+    rows = common.read_jsonl(tmp_path / "log.jsonl")
+    ev = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in ev] == [0, 1, 2, 3] and list(ev[0])[0] == "step"
+    assert {"loss", "loss/4", "delta_ridge", "pred_norm", "icl_1_2", "icl_2_4", "ood_tasks/100",
+            "weight_norm", "lr", "step_time"} <= set(ev[0])
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                        str(ROOT / "train.py"), *SMALL, f"--out_dir={tmp_path}", "--stop_at=12"],
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = [s for s in train.checkpoint_steps(400, 30, 8) if s <= 12]
+    assert common.list_checkpoints(tmp_path) == want
+    ev = [r["step"] for r in common.read_jsonl(tmp_path / "log.jsonl") if r["kind"] == "eval"]
+    assert ev == want  # rank 0 alone wrote
+
+
+@pytest.mark.slow
+def test_tiny_demo_learns_in_context(tmp_path):
+    """The CPU demo config must show ICL: final test loss < 2.3 (zero predictor 4.125, ridge 1.66)."""
+    cfg = common.configure(train.DEFAULTS, [str(ROOT / "configs" / "tiny.py"), f"--out_dir={tmp_path}"])
+    row = train.train(cfg)
+    assert row["step"] == cfg["max_steps"] - 1 and row["loss"] < 2.3
