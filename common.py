@@ -22,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from data import Task
-from model import ICLConfig, ICLTransformer
+from model import ICLConfig, LMConfig, make_model
 
 
 class ConfigError(ValueError):
@@ -35,35 +35,49 @@ class CheckpointError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------- config
 def configure(defaults: dict, argv) -> dict:
-    """nanoGPT-style configuration: `script.py [config.py ...] [--key=value ...]`.
+    """nanoGPT-style configuration: `script.py [config.py ...] [--key=value | --key value | --flag ...]`.
 
     A config file is plain Python assignments; later sources win. Every key must already exist in
-    `defaults`, and values keep the default's type (an int is accepted where a float is expected).
+    `defaults`, and values keep the default's type (an int is accepted where a float is expected). A bare
+    `--flag` sets a boolean key to True; the value of a string key is taken verbatim (`--steps=5` stays "5").
     """
-    cfg = dict(defaults)
-    for arg in argv:
+    cfg, args, i = dict(defaults), list(argv), 0
+    while i < len(args):
+        arg, i = args[i], i + 1
         if not arg.startswith("--"):
-            path = Path(arg)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {arg}")
-            ns = {}
-            try:
-                exec(compile(path.read_text(), str(path), "exec"), ns)
-            except Exception as e:
-                raise ConfigError(f"config file {arg} failed to run: {e!r}") from e
-            for key, val in ns.items():
-                if not key.startswith("_") and not callable(val) and type(val).__name__ != "module":
-                    _set(cfg, defaults, key, val, f"config file {arg}")
+            for key, val in _read_config_file(arg).items():
+                _set(cfg, defaults, key, val, f"config file {arg}")
+            continue
+        key, sep, raw = arg[2:].partition("=")
+        if not sep:
+            if isinstance(defaults.get(key), bool):
+                raw = "True"
+            elif i < len(args) and not args[i].startswith("--"):
+                raw, i = args[i], i + 1
+            else:
+                raise ConfigError(f"expected --key=value or --key value, got {arg!r}")
+        if isinstance(defaults.get(key), str):
+            val = raw
         else:
-            key, sep, raw = arg[2:].partition("=")
-            if not sep:
-                raise ConfigError(f"expected --key=value, got {arg!r}")
             try:
                 val = ast.literal_eval(raw)
             except (ValueError, SyntaxError):
-                val = raw  # a bare string such as --out_dir=out/x
-            _set(cfg, defaults, key, val, f"argument {arg}")
+                val = raw  # reported as a type error by _set
+        _set(cfg, defaults, key, val, f"argument {arg}")
     return cfg
+
+
+def _read_config_file(arg) -> dict:
+    path = Path(arg)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {arg}")
+    ns = {}
+    try:
+        exec(compile(path.read_text(), str(path), "exec"), ns)
+    except Exception as e:
+        raise ConfigError(f"config file {arg} failed to run: {e!r}") from e
+    return {k: v for k, v in ns.items()
+            if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
 
 
 def _set(cfg, defaults, key, val, where):
@@ -102,14 +116,16 @@ def atomic_write(path, data) -> None:
 
 
 def append_jsonl(path, row: dict) -> None:
-    """Append one JSON object as one line, fsynced. A torn last line (a kill mid-write) is completed first."""
+    """Append one JSON object as one line, fsynced. A torn last line (a kill mid-write) is cut off first."""
     path = Path(path)
     line = json.dumps(row, allow_nan=True) + "\n"
     with open(path, "ab+") as f:
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
+        if f.tell() > 0 and (f.seek(-1, os.SEEK_END) or f.read(1) != b"\n"):
+            f.seek(0)
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+                warnings.warn(f"{path}: dropped an incomplete last line")
         f.write(line.encode())
         f.flush()
         os.fsync(f.fileno())
@@ -178,19 +194,25 @@ def load_run(out_dir) -> dict:
     return json.loads(path.read_text())
 
 
-def model_config(cfg: dict) -> ICLConfig:
-    return ICLConfig(**{k: cfg[k] for k in ICLConfig.__dataclass_fields__})
+def model_config(cfg: dict):
+    """ICLConfig for a regression run, LMConfig for a language-model run (cfg["task"] == "lm")."""
+    kind = LMConfig if cfg.get("task", "regression") == "lm" else ICLConfig
+    return kind(**{k: cfg[k] for k in kind.__dataclass_fields__ if k in cfg})
 
 
-def run_task(cfg) -> Task:
-    """The data distribution a run was trained on (cfg: a config dict or a run directory)."""
+def run_task(cfg):
+    """The data distribution a run was trained on (cfg: a config dict or a run directory): a data.Task, or for
+    task = "lm" an lm_data.LMTask (same interface: sample, model_input, loss, eval_data, metrics)."""
     cfg = cfg if isinstance(cfg, dict) else load_run(cfg)
+    if cfg.get("task", "regression") == "lm":
+        import lm_data  # imports this module: imported here, not at the top
+        return lm_data.LMTask(lm_data.data_dir_for(cfg), cfg["n_ctx"], cfg["vocab_size"])
     return Task(cfg["D"], cfg["K"], cfg["sigma2"], cfg["num_tasks"], cfg["task_seed"])
 
 
-def load_model(out_dir, step: int) -> ICLTransformer:
+def load_model(out_dir, step: int):
     """The run's model with the parameters of checkpoint `step`, on CPU, in eval mode."""
-    model = ICLTransformer(model_config(load_run(out_dir)))
+    model = make_model(model_config(load_run(out_dir)))
     params = load_params(out_dir, step)
     missing = set(dict(model.named_parameters())) ^ set(params)
     if missing:

@@ -39,6 +39,23 @@ class Task:
         """Mean squared error of the readout: the training loss and the loss the LLC is measured on."""
         return F.mse_loss(readout(out), ys)
 
+    # the interface train.py and llc.py use for every task (lm_data.LMTask has the same methods)
+    @staticmethod
+    def model_input(xs, ys):
+        """What the model is called on for a sampled batch: the interleaved tokens."""
+        return to_tokens(xs, ys)
+
+    @staticmethod
+    def loss_per_token(out, ys):
+        """(K,) the loss at each context position, averaged over the batch."""
+        return per_token_mse(readout(out), ys)
+
+    def eval_data(self, seed, batch_size):
+        return self.eval_batch(seed, batch_size)
+
+    def metrics(self, model, batch):
+        return regression_metrics(model, batch, self.sigma2, self.tasks)
+
 
 def sample_batch(gen, batch_size, D, K, sigma2, tasks=None, device="cpu"):
     """Draw w, then xs, then noise (the reference order). Returns dict(xs (B,K,D), ys (B,K), ws, noise)."""

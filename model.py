@@ -1,4 +1,5 @@
-"""The paper's in-context linear regression transformer (L2H4), written to be read in one sitting.
+"""The paper's two models, written to be read in one sitting: the in-context linear regression transformer
+(L2H4, `ICLTransformer`) and the attention-only language model (L2W256, `LMTransformer`, at the bottom).
 
 Faithful to timaeus-research/icl (see ../shared/spec/regression.md §3-4): pre-LN blocks with a final LN,
 a learned absolute position table, qkv and output projections without bias, a ReLU MLP with bias, an
@@ -76,12 +77,104 @@ class ICLTransformer(nn.Module):
         return self.unembedding(x)
 
 
-def build_model(cfg: ICLConfig, seed: int) -> ICLTransformer:
-    """Seed, then build on CPU in the reference's module order: the paper's exact initial weights."""
+def build_model(cfg, seed: int) -> nn.Module:
+    """Seed, then build on CPU in the reference's module order: the paper's exact initial weights.
+    `cfg` is an ICLConfig (regression) or an LMConfig (language model)."""
     torch.manual_seed(seed)
-    return ICLTransformer(cfg)
+    return make_model(cfg)
+
+
+def make_model(cfg) -> nn.Module:
+    """The model class that belongs to a config dataclass (no seeding)."""
+    return LMTransformer(cfg) if isinstance(cfg, LMConfig) else ICLTransformer(cfg)
 
 
 def weight_norm(params) -> float:
     """Global L2 norm over an iterable of tensors (the paper's `weight/norm`)."""
     return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
+
+
+# ------------------------------------------------------------------------------------ the language model
+@dataclass
+class LMConfig:
+    """The paper's L2W256 (language.md §1): attention-only, 2 layers of 8 heads x 32, vocabulary 5,000."""
+    vocab_size: int = 5000
+    n_ctx: int = 1024
+    n_layer: int = 2
+    n_head: int = 8
+    d_model: int = 256
+    init_std: float = -1.0  # < 0: TransformerLens' "gpt2" init, 0.8 / sqrt(d_model) (= 0.05 at d_model 256)
+
+
+class LMAttention(nn.Module):
+    """Causal multi-head attention with biases; shortformer positions enter the query and key inputs only.
+    Head h owns rows h*d_head:(h+1)*d_head of q, k and v (and the same columns of o)."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.d_model, cfg.d_model) for _ in range(4))
+        mask = torch.full((cfg.n_ctx, cfg.n_ctx), float("-inf")).triu(1)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x, pos=None):
+        B, T, d = x.shape
+        H = self.n_head
+        qk_in = x if pos is None else x + pos  # V never sees the positions
+        q, k, v = (t.view(B, T, H, -1).transpose(1, 2) for t in (self.q(qk_in), self.k(qk_in), self.v(x)))
+        att = ((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]) + self.mask[:T, :T]).softmax(dim=-1)
+        return self.o((att @ v).transpose(1, 2).reshape(B, T, d)), att
+
+
+class LMBlock(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.ln = nn.LayerNorm(cfg.d_model)
+        self.attn = LMAttention(cfg)
+
+    def forward(self, x, pos=None):
+        a, att = self.attn(self.ln(x), pos)
+        return x + a, att
+
+
+class LMTransformer(nn.Module):
+    """tokens (B, T) int64 -> next-token logits (B, T, vocab_size).
+
+    Pre-LN, attention only, a final LN; untied embedding and unembedding (with bias). Shortformer positions:
+    the learned table `pos_embed` (n_ctx, d) is added after each block's LN to the query and key inputs and
+    never to the residual stream. `forward(tokens, positions=False)` drops it (the position-ablated loss);
+    `return_attention=True` also returns the attention patterns, a list of (B, H, T, T) per layer.
+    """
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+        self.blocks = nn.ModuleList([LMBlock(cfg) for _ in range(cfg.n_layer)])
+        self.ln_final = nn.LayerNorm(cfg.d_model)
+        self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size)
+        std = cfg.init_std if cfg.init_std > 0 else 0.8 / math.sqrt(cfg.d_model)
+        nn.init.normal_(self.pos_embed, std=std)
+        for m in self.modules():  # every weight matrix N(0, std^2), biases 0; LayerNorms keep (1, 0)
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, tokens, positions=True, return_attention=False):
+        x, patterns = self.residual(tokens, positions)
+        logits = self.unembed(self.ln_final(x))
+        return (logits, patterns) if return_attention else logits
+
+    def residual(self, tokens, positions=True):
+        """The residual stream entering the final LN, and the attention pattern of every layer (no unembedding:
+        the cheap path for head scores)."""
+        T = tokens.shape[-1]
+        x = self.embed(tokens)
+        pos = self.pos_embed[:T] if positions else None
+        patterns = []
+        for block in self.blocks:
+            x, att = block(x, pos)
+            patterns.append(att)
+        return x, patterns

@@ -1,9 +1,14 @@
-"""Train the paper's in-context linear regression transformer.
+"""Train the paper's in-context linear regression transformer, or its attention-only language model.
 
     python train.py                                   # the CPU demo (configs/tiny.py)
     python train.py configs/L2H4.py --seed=3          # the paper's run (regression.md §5)
     python train.py configs/L2H4.py --stop_at=40292   # its first 40k steps, schedule unchanged
     torchrun --nproc_per_node=2 train.py configs/tiny.py   # DDP; the global batch is split across ranks
+    python train.py configs/lm_tiny.py                # the language-model CPU demo (task = "lm")
+    python train.py configs/L2W256.py                 # the paper's language model (language.md §2)
+
+The two settings differ only behind the task object (data.Task or lm_data.LMTask, from common.run_task):
+task.sample -> a batch, task.loss(model(task.model_input(batch)), targets), task.metrics at checkpoints.
 
 Re-running the same command resumes from the last complete checkpoint, bit-identically on CPU: the data
 of step t are drawn from a generator seeded by (seed, rank, t), so only the weights and Adam's moments
@@ -20,13 +25,13 @@ import numpy as np
 import torch
 
 import common
-from data import Task, regression_metrics, to_tokens
 from model import build_model
 
 # ----------------------------------------------------------------------------- defaults (the paper)
 out_dir = "out/L2H4-s0"
 seed = 0                # model init (torch.manual_seed) and the training data stream
-# task
+task = "regression"     # regression | lm (the language model; configs/L2W256.py, configs/lm_tiny.py)
+# regression task
 D = 4
 K = 8
 sigma2 = 0.125          # noise variance (std = sqrt(sigma2))
@@ -37,14 +42,25 @@ n_layer = 2
 n_head = 4
 d_model = 64
 d_mlp = 64
+# language model (task = "lm"; n_layer, n_head, d_model above; attention only, no MLP): lm_data.py, lm_eval.py
+corpus = "python"       # python (CPython's bundled docs, no download) | kjv (Debian bible-kjv) | a folder of text
+tokenizer = "train"     # train (byte-level BPE on the training split) | a tokenizer.json | hub (the paper's)
+data_dir = ""           # tokenizer + packed tokens; "" = data/<corpus>-v<vocab_size>-ctx<n_ctx> in the repository
+vocab_size = 5000       # id vocab_size-1 = <|endoftext|> (BOS/EOS)
+n_ctx = 1024            # tokens per packed row (the model sees n_ctx-1 inputs per row)
+test_frac = 0.05        # held-out share of the documents (test loss and every LM evaluation)
 # optimisation: Adam(0.9, 0.999, 1e-8), no weight decay, one-cycle triangle peaking at max_steps/2 - 1
+optimizer = "adam"      # adam | adamw (decoupled weight decay, the language model's)
+weight_decay = 0.0
+lr_schedule = "onecycle"  # onecycle (the regression recipe) | constant (the language model's)
 lr = 3e-3
 batch_size = 256
 max_steps = 500_000
 stop_at = -1            # stop after this step (>= 0) while the schedule keeps its full length
-# checkpoints at int(logspace(0, log10 N, n_log)) U int(linspace(0, N, n_lin)), N = max_steps
+# checkpoints at int(logspace(0, log10 N, n_log)) U int(linspace(0, N, n_lin)) U every ckpt_every, N = max_steps
 n_log = 100
 n_lin = 100
+ckpt_every = 0
 # logging and evaluation
 log_interval = 100
 eval_batch_size = 1024
@@ -56,6 +72,7 @@ tf32 = False
 # ---------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 RESUME_MAY_CHANGE = {"stop_at", "device", "compile", "tf32", "log_interval"}
+CHOICES = {"task": ("regression", "lm"), "optimizer": ("adam", "adamw"), "lr_schedule": ("onecycle", "constant")}
 
 
 def lr_at(step, peak, total):
@@ -68,9 +85,17 @@ def lr_at(step, peak, total):
     return peak + (lo / div - peak) * (step - top) / (total - 1 - top)
 
 
-def checkpoint_steps(total, n_log=100, n_lin=100):
-    """The reference's checkpoint set: int-truncated log- and linear-spaced steps below `total`."""
+def lr_for(cfg, step):
+    return cfg["lr"] if cfg["lr_schedule"] == "constant" else lr_at(step, cfg["lr"], cfg["max_steps"])
+
+
+def checkpoint_steps(total, n_log=100, n_lin=100, every=0):
+    """The reference's checkpoint set: int-truncated log- and linear-spaced steps below `total`, plus every
+    `every`-th step (the language model's: every 100), plus the last step (already there for the paper's
+    500k, where int(10**log10(500000)) = 499999; added so that shorter runs always save their final model)."""
     s = {int(v) for v in np.logspace(0, np.log10(total), n_log)} | {int(v) for v in np.linspace(0, total, n_lin)}
+    s |= set(range(0, total, every)) if every > 0 else set()
+    s.add(total - 1)
     return sorted(v for v in s if v < total)
 
 
@@ -105,6 +130,9 @@ def train(cfg: dict) -> dict:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     if cfg["batch_size"] % world:
         raise common.ConfigError(f"batch_size {cfg['batch_size']} is not divisible by the {world} ranks")
+    for key, allowed in CHOICES.items():
+        if cfg[key] not in allowed:
+            raise common.ConfigError(f"{key} must be one of {allowed}, got {cfg[key]!r}")
     master = rank == 0
     out, N = cfg["out_dir"], cfg["max_steps"]
     dev = pick_device(cfg["device"])
@@ -115,16 +143,23 @@ def train(cfg: dict) -> dict:
     cfg_path = os.path.join(out, "config.json")
     if os.path.exists(cfg_path):
         old = json.load(open(cfg_path))
-        diff = {k: (old.get(k), v) for k, v in cfg.items() if k not in RESUME_MAY_CHANGE and old.get(k) != v}
+        diff = {k: (old.get(k, DEFAULTS.get(k)), v) for k, v in cfg.items()  # keys newer than the run: defaults
+                if k not in RESUME_MAY_CHANGE and old.get(k, DEFAULTS.get(k)) != v}
         if diff:
             raise common.ConfigError(f"{out} holds a run with a different config (saved vs now: {diff}); "
                                      "use another out_dir or delete this one")
     elif master:
         common.atomic_write(cfg_path, json.dumps(cfg, indent=1))
 
-    task = Task(cfg["D"], cfg["K"], cfg["sigma2"], cfg["num_tasks"], cfg["task_seed"])
+    if cfg["task"] == "lm" and master:
+        import lm_data
+        lm_data.prepare_for(cfg)  # tokenizer + packed token files, once per data folder
+    if ddp:
+        torch.distributed.barrier()
+    task = common.run_task(cfg)
     model = build_model(common.model_config(cfg), cfg["seed"])
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    Opt = torch.optim.AdamW if cfg["optimizer"] == "adamw" else torch.optim.Adam
+    opt = Opt(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg["weight_decay"])
     start, state = find_resume_step(out)
     if start is not None:
         model.load_state_dict(common.load_params(out, start), strict=False)
@@ -142,8 +177,8 @@ def train(cfg: dict) -> dict:
     if ddp:
         fwd = torch.nn.parallel.DistributedDataParallel(fwd)
 
-    ckpts = set(checkpoint_steps(N, cfg["n_log"], cfg["n_lin"]))
-    eval_batch = task.eval_batch(common.derive_seed(cfg["eval_seed"], 1), cfg["eval_batch_size"])
+    ckpts = set(checkpoint_steps(N, cfg["n_log"], cfg["n_lin"], cfg["ckpt_every"]))
+    eval_data = task.eval_data(common.derive_seed(cfg["eval_seed"], 1), cfg["eval_batch_size"])
     gen = torch.Generator(device=dev if dev.type in ("cpu", "cuda") else "cpu")
     local_bs = cfg["batch_size"] // world
     last = cfg["stop_at"] if cfg["stop_at"] >= 0 else N - 1
@@ -152,9 +187,9 @@ def train(cfg: dict) -> dict:
         gen.manual_seed(common.derive_seed(cfg["seed"], rank, step))
         xs, ys = task.sample(gen, local_bs, gen.device)
         xs, ys = xs.to(dev), ys.to(dev)
-        loss = Task.loss(fwd(to_tokens(xs, ys)), ys)
+        loss = task.loss(fwd(task.model_input(xs, ys)), ys)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg["lr"], N)
+            g["lr"] = lr_for(cfg, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -164,12 +199,12 @@ def train(cfg: dict) -> dict:
         steps_since += 1
         if master and step % cfg["log_interval"] == 0:
             common.append_jsonl(os.path.join(out, "log.jsonl"),
-                                {"step": step, "kind": "train", "loss": loss.item(), "lr": lr_at(step, cfg["lr"], N)})
+                                {"step": step, "kind": "train", "loss": loss.item(), "lr": lr_for(cfg, step)})
         if step in ckpts and master:
             step_time = (time.time() - t_last) / steps_since
             model.eval()
             row = {"step": step, "kind": "eval",
-                   **evaluate(model, eval_batch, task), "lr": lr_at(step, cfg["lr"], N), "step_time": step_time}
+                   **evaluate(model, eval_data, task), "lr": lr_for(cfg, step), "step_time": step_time}
             model.train()
             common.save_checkpoint(out, step, model, {"optimizer": _cpu(opt.state_dict()), "step": step})
             common.append_jsonl(os.path.join(out, "log.jsonl"), row)
@@ -186,11 +221,14 @@ def train(cfg: dict) -> dict:
 
 
 def evaluate(model, batch, task):
-    """Metrics on the fixed eval batch, computed on CPU (checkpoints are rare; keeps XLA graphs small)."""
+    """Metrics on the fixed eval data, computed on CPU (checkpoints are rare; keeps XLA graphs small), except
+    the language model's on CUDA (token rows, a tensor), which would take minutes on the host."""
     dev = next(model.parameters()).device
+    if dev.type == "cuda" and torch.is_tensor(batch):
+        return task.metrics(model, batch.to(dev))
     model.cpu()
     try:
-        return regression_metrics(model, batch, task.sigma2, task.tasks)
+        return task.metrics(model, batch)
     finally:
         model.to(dev)
 

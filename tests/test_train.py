@@ -47,14 +47,16 @@ def test_checkpoint_steps():
 
 def test_configure_errors(tmp_path):
     d = train.DEFAULTS
-    cfg = common.configure(d, ["--lr=1", "--out_dir=out/x", "--compile=True"])
+    cfg = common.configure(d, ["--lr=1", "--out_dir=out/x", "--compile=True", "--seed", "3", "--tf32"])
     assert cfg["lr"] == 1.0 and isinstance(cfg["lr"], float) and cfg["out_dir"] == "out/x" and cfg["compile"]
+    assert cfg["seed"] == 3 and cfg["tf32"] is True
+    assert common.configure(d, ["--out_dir=123"])["out_dir"] == "123"  # string keys are taken verbatim
     with pytest.raises(common.ConfigError, match="unknown config key 'lrr'"):
         common.configure(d, ["--lrr=1"])
     with pytest.raises(common.ConfigError, match="batch_size must be int"):
         common.configure(d, ["--batch_size=1.5"])
     with pytest.raises(common.ConfigError, match="expected --key=value"):
-        common.configure(d, ["--compile"])
+        common.configure(d, ["--seed"])
     bad = tmp_path / "bad.py"
     bad.write_text("lr = 1e-3\nwarmup = 5\n")
     with pytest.raises(common.ConfigError, match=f"unknown config key 'warmup' in config file {bad}"):
@@ -159,3 +161,15 @@ def test_tiny_demo_learns_in_context(tmp_path):
     cfg = common.configure(train.DEFAULTS, [str(ROOT / "configs" / "tiny.py"), f"--out_dir={tmp_path}"])
     row = train.train(cfg)
     assert row["step"] == cfg["max_steps"] - 1 and row["loss"] < 2.3
+
+
+def test_jsonl_torn_line(tmp_path):
+    p = tmp_path / "x.jsonl"
+    common.append_jsonl(p, {"step": 1})
+    with open(p, "a") as f:
+        f.write('{"step": 2, "lo')  # a kill mid-write
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert common.read_jsonl(p) == [{"step": 1}]
+    with pytest.warns(UserWarning, match="dropped"):
+        common.append_jsonl(p, {"step": 3})
+    assert common.read_jsonl(p) == [{"step": 1}, {"step": 3}]

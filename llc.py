@@ -1,0 +1,463 @@
+"""Local learning coefficient (LLC) estimation with batched, localised SGLD chains.
+
+lambda_hat = n*beta * (E[L_batch(w)] - L(w*)), the expectation over SGLD chains localised at a checkpoint w*
+(Lau et al. 2023; Hoogland et al. 2024). All chains are one computation: their parameters live in one flat
+buffer W (chains, P), torch.func.vmap(grad(...)) gives every chain's minibatch gradient at once, and a single
+fused update moves all of W (a Triton kernel with in-kernel Philox noise on CUDA, torch elsewhere). Losses stay
+on the device until the end: no host sync per step.
+
+    python llc.py --ckpt out/run                                  # quick CPU defaults, every checkpoint
+    python llc.py configs/llc_v1.py --ckpt out/run --steps=100,1000 --num_chains=4
+    python llc.py --ckpt out/run --include='blocks.0.**' --out=llc_block0.jsonl   # restricted LLC
+    python llc.py --ckpt out/run --calibrate                      # eps x nbeta x gamma grid + trace plots
+"""
+import json, math, os, re, sys, time
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, vmap
+
+import common
+from common import derive_seed
+
+try:  # optional: CPU-only installs use the torch update
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    @triton.jit(do_not_specialize=["key"])
+    def _sgld_kernel(w_ptr, w0_ptr, g_ptr, P, a, b, c, key, BLOCK: tl.constexpr):
+        """W[ch, j] <- W - a*G - b*(W - W0[j]) + c*randn: one read/write of W, the noise is never stored."""
+        chain = tl.program_id(1).to(tl.int64)
+        j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = j < P
+        idx = chain * P + j  # also the Philox counter: unique per (chain, element)
+        w = tl.load(w_ptr + idx, mask=mask)
+        w0 = tl.load(w0_ptr + j, mask=mask)
+        g = tl.load(g_ptr + idx, mask=mask)
+        z = tl.randn(key, idx)
+        tl.store(w_ptr + idx, w - a * g - b * (w - w0) + c * z, mask=mask)
+
+
+class AllChainsDivergedError(RuntimeError):
+    """Every chain produced a non-finite loss: the sampler settings are unstable for this checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------- the update
+def sgld_coefficients(epsilon, gamma, nbeta):
+    """w <- w - (eps/2)[nbeta g + gamma (w - w*)] + sqrt(eps) xi  ==  w - a g - b (w - w*) + c xi."""
+    return epsilon * nbeta / 2, epsilon * gamma / 2, math.sqrt(epsilon)
+
+
+def sgld_update_torch(W, W0, G, noise, a, b, c):
+    """Reference update (CPU/XLA path and test oracle); same arithmetic order as the kernel."""
+    W.copy_(W - a * G - b * (W - W0) + c * noise)
+
+
+def noise_key(seed, step):
+    """Philox key for one step: seed in the high word, step in the low word, so no two (seed, step) collide."""
+    return ((int(seed) & 0x7FFFFFFF) << 32) | (int(step) & 0xFFFFFFFF)
+
+
+def sgld_update_triton(W, W0, G, a, b, c, key, block=1024):
+    """Fused update of all chains, W (C, P) in place. Runs on CPU tensors under TRITON_INTERPRET=1 (tests)."""
+    if triton is None:
+        raise RuntimeError("update_backend='triton' needs the triton package")
+    if not W.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the Triton update on CPU tensors needs TRITON_INTERPRET=1 set before importing llc")
+    assert W.is_contiguous() and G.is_contiguous() and W0.is_contiguous() and W.shape == G.shape
+    C, P = W.shape
+    _sgld_kernel[(triton.cdiv(P, block), C)](W, W0, G, P, float(a), float(b), float(c), key, BLOCK=block)
+
+
+# ----------------------------------------------------------------------------------- parameter restriction
+def _glob(pattern):
+    """`*` matches within one dotted segment, `**` across segments; anchored at both ends."""
+    parts = re.split(r"(\*\*|\*)", pattern)
+    return re.compile("".join(".*" if p == "**" else "[^.]*" if p == "*" else re.escape(p) for p in parts))
+
+
+def _patterns(x):
+    if not x:
+        return []
+    return [p.strip() for p in (x.split(",") if isinstance(x, str) else x) if p.strip()]
+
+
+def select_params(names, include=None, exclude=None):
+    """Names matched by an include pattern and by no exclude pattern (exclude wins); default include: all."""
+    inc, exc = _patterns(include) or ["**"], _patterns(exclude)
+    regs = {p: _glob(p) for p in inc + exc}
+    for p, r in regs.items():
+        if not any(r.fullmatch(n) for n in names):
+            raise ValueError(f"parameter pattern {p!r} matches no parameter; names are: {', '.join(names)}")
+    sel = [n for n in names if any(regs[p].fullmatch(n) for p in inc)
+           and not any(regs[p].fullmatch(n) for p in exc)]
+    if not sel:
+        raise ValueError(f"include={inc} / exclude={exc} leave no parameter to sample")
+    return sel
+
+
+# -------------------------------------------------------------------------------------------- data streams
+def make_generators(seed, device):
+    """Independent generators (data order, noise, L(w*) set, fixed dataset) from one seed; streams of
+    neighbouring seeds never overlap. XLA devices draw on the CPU."""
+    dev = torch.device(device)
+    gdev = dev if dev.type in ("cpu", "cuda") else torch.device("cpu")
+    seeds = [derive_seed(seed, 0x11C, i) for i in range(4)]
+    return [torch.Generator(gdev).manual_seed(s) for s in seeds], seeds
+
+
+def _tmap(f, batch):
+    return tuple(f(x) for x in batch) if isinstance(batch, (tuple, list)) else f(batch)
+
+
+class ChainBatches:
+    """Per-chain minibatches (C, B, ...). Fixed dataset: each chain walks its own permutation of the rows,
+    reshuffled every epoch (one argsort of a (C, n) uniform draw, no per-chain loop). Stream: one call
+    sample(gen, C*B) split into C consecutive chunks (chain c gets rows c*B:(c+1)*B)."""
+
+    def __init__(self, data, C, B, gen, device):
+        self.data, self.C, self.B, self.gen, self.device = data, C, B, gen, device
+        self.perm, self.pos = None, 0
+
+    def __call__(self):
+        C, B = self.C, self.B
+        if callable(self.data):
+            out = self.data(self.gen, C * B)
+            return _tmap(lambda x: x.to(self.device).reshape(C, B, *x.shape[1:]), out)
+        n = self.data[0].shape[0]
+        if B == n:  # full batch: every chain sees the whole set, no shuffling needed
+            return tuple(x.expand(C, *x.shape) for x in self.data)
+        if self.perm is None or self.pos + B > n:
+            u = torch.rand(C, n, generator=self.gen, device=self.gen.device)
+            self.perm, self.pos = torch.argsort(u, dim=1).to(self.device), 0
+        idx = self.perm[:, self.pos:self.pos + B]
+        self.pos += B
+        return tuple(x[idx] for x in self.data)
+
+
+@torch.no_grad()
+def mean_loss(loss_fn, params, data, n, chunk, gen, device):
+    """L(w*) over the whole fixed set, or over a seeded sample of n rows of the stream (chunks weighted by
+    size). Accumulated in float64 on the device."""
+    total, done = 0.0, 0
+    while done < n:
+        m = min(chunk, n - done)
+        batch = (_tmap(lambda x: x.to(device), data(gen, m)) if callable(data)
+                 else tuple(x[done:done + m] for x in data))
+        total = total + loss_fn(params, batch).double() * m
+        done += m
+    return total / n
+
+
+# ----------------------------------------------------------------------------------------- diagnostics
+def ess_rhat(x):
+    """Multi-chain effective sample size (Geyer initial monotone sequence on the chain-averaged
+    autocorrelation, as in Stan), split-R-hat, and the pooled variance estimate, for x of shape (C, T)."""
+    C, T = x.shape
+    if T < 4:
+        return float(C * T), float("nan"), float(x.var()) if x.size > 1 else 0.0
+    h = T // 2
+    halves = np.concatenate([x[:, :h], x[:, T - h:]])
+    Wh = halves.var(1, ddof=1).mean()
+    var_h = (h - 1) / h * Wh + halves.mean(1).var(ddof=1)
+    rhat = float(np.sqrt(var_h / Wh)) if Wh > 0 else float("nan")
+    xc = x - x.mean(1, keepdims=True)
+    f = np.fft.rfft(xc, 2 * T)
+    acov = np.fft.irfft(f * np.conj(f), 2 * T)[:, :T] / T
+    W = acov[:, 0].mean() * T / (T - 1)
+    var_plus = W * (T - 1) / T + (x.mean(1).var(ddof=1) if C > 1 else 0.0)
+    if var_plus <= 0:
+        return float(C * T), rhat, 0.0
+    rho = 1 - (W - acov.mean(0)) / var_plus
+    rho[0] = 1.0
+    pairs = rho[:-1:2] + rho[1::2]
+    k = int(np.argmax(pairs <= 0)) if (pairs <= 0).any() else len(pairs)
+    tau = -1 + 2 * np.minimum.accumulate(pairs[:max(k, 1)]).sum()
+    ess = C * T / max(tau, 1 / np.log10(max(C * T, 10)))
+    return float(ess), rhat, float(var_plus)
+
+
+# ------------------------------------------------------------------------------------------- the estimator
+def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, num_draws=500, num_burnin=0,
+                 batch_size=None, seed=0, include=None, exclude=None, per_token=False, device=None, n=None,
+                 update_backend="auto", progress=None):
+    """Estimate the LLC at `params` (dict name -> tensor, the point w*).
+
+    loss_fn(params, batch) -> mean loss over the batch (a K-vector when per_token; the gradient is of its
+    mean); write it with torch.func.functional_call for an nn.Module. data: a tuple of tensors (fixed set of
+    n rows) or sample(generator, batch_size) -> batch (fresh stream; L(w*) then uses a seeded sample of `n`
+    rows, default 16 * batch_size). Parameters outside include/exclude stay at w* (restricted LLC).
+    update_backend: auto (triton on CUDA, xla on XLA, else torch), torch, triton, xla. `progress`: a label;
+    when set, prints progress with ETA to stderr. Same seed => identical result."""
+    t_start = time.time()
+    if not (epsilon > 0 and nbeta > 0 and gamma >= 0):
+        raise ValueError(f"need epsilon > 0, nbeta > 0, gamma >= 0; got {epsilon}, {nbeta}, {gamma}")
+    if num_chains < 1 or num_draws < 1 or num_burnin < 0:
+        raise ValueError(f"need num_chains, num_draws >= 1, num_burnin >= 0; got {num_chains}, {num_draws}, "
+                         f"{num_burnin}")
+    device = torch.device(device) if device is not None else next(iter(params.values())).device
+    names = select_params(list(params), include, exclude)
+    w_star = {k: v.detach().to(device) for k, v in params.items()}
+    for k, v in w_star.items():
+        if not torch.isfinite(v).all():
+            raise ValueError(f"parameter {k!r} of w* has non-finite values")
+    frozen = {k: v for k, v in w_star.items() if k not in names}
+    (g_data, g_noise, g_init, _), seeds = make_generators(seed, device)
+
+    stream = callable(data)
+    if stream:
+        if not batch_size:
+            raise ValueError("a stream `data` (a sample callable) needs batch_size")
+        B, n = int(batch_size), int(n or 16 * batch_size)
+    else:
+        data = tuple(x.to(device) for x in (data if isinstance(data, (tuple, list)) else (data,)))
+        rows = data[0].shape[0]
+        if any(x.shape[0] != rows for x in data) or (n is not None and n != rows):
+            raise ValueError(f"fixed dataset: all tensors need the same number of rows (n={n}), got "
+                             f"{[x.shape[0] for x in data]}")
+        B, n = int(batch_size or rows), rows
+        if B > n:
+            raise ValueError(f"batch_size={B} is larger than the dataset (n={n})")
+    init_loss = mean_loss(loss_fn, w_star, data, n, B, g_init, device)
+    if init_loss.dim() != int(per_token):
+        raise ValueError(f"loss_fn returned shape {tuple(init_loss.shape)}; expected a "
+                         f"{'vector (per_token=True)' if per_token else 'scalar (per_token=False)'}")
+    if not torch.isfinite(init_loss).all():
+        raise ValueError(f"L(w*) is not finite ({init_loss.tolist()}): the checkpoint itself is broken")
+
+    if update_backend == "auto":
+        update_backend = ("triton" if device.type == "cuda" and triton is not None
+                          else "xla" if device.type == "xla" else "torch")
+    if update_backend == "xla":
+        import torch_xla.core.xla_model as xm  # lazy: never required elsewhere
+    elif update_backend not in ("torch", "triton"):
+        raise ValueError(f"unknown update_backend {update_backend!r} (auto, torch, triton, xla)")
+
+    C = num_chains
+    W0 = torch.cat([w_star[k].reshape(-1) for k in names])
+    W = W0.repeat(C, 1)  # (C, P): all chains' sampled parameters in one flat buffer
+    sizes = [w_star[k].numel() for k in names]
+    a, b, c = sgld_coefficients(epsilon, gamma, nbeta)
+
+    def objective(w, batch):
+        """One chain: the named parameters are views into its row w (P,), so grad() returns a flat (P,)
+        gradient (split's backward is a single cat) and vmap a (C, P) one: no per-parameter copies."""
+        sel = {k: p.view(w_star[k].shape) for k, p in zip(names, torch.split(w, sizes))}
+        loss = loss_fn({**frozen, **sel}, batch)
+        return loss.mean(), loss.detach()
+
+    grad_fn = vmap(grad(objective, has_aux=True))
+    batches = ChainBatches(data, C, B, g_data, device)
+    total = num_burnin + num_draws
+    trace = torch.empty((C, num_draws) + tuple(init_loss.shape), device=device, dtype=W.dtype)
+    alive = torch.ones(C, dtype=torch.bool, device=device)
+    every = max(1, total // 10)
+    for t in range(total):
+        G, loss = grad_fn(W, batches())  # loss: the pre-step minibatch loss of every chain
+        alive &= torch.isfinite(loss.reshape(C, -1)).all(1)
+        if t >= num_burnin:
+            trace[:, t - num_burnin] = loss
+        if update_backend == "triton":
+            sgld_update_triton(W, W0, G, a, b, c, noise_key(seeds[1], t))
+        else:
+            noise = torch.randn(W.shape, generator=g_noise, device=g_noise.device, dtype=W.dtype)
+            sgld_update_torch(W, W0, G, noise.to(device), a, b, c)
+            if update_backend == "xla":
+                xm.mark_step()
+        if progress and ((t + 1) % every == 0 or t + 1 == total):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            el = time.time() - t_start
+            tty = sys.stderr.isatty()
+            print(f"{chr(13) if tty else ''}{progress}: SGLD step {t + 1}/{total}, {(t + 1) / el:.1f} it/s, "
+                  f"ETA {el * (total - t - 1) / (t + 1):.0f}s", end="\n" if t + 1 == total or not tty else "",
+                  file=sys.stderr, flush=True)
+
+    tr = trace.double().cpu().numpy()  # the one read-back
+    L0 = init_loss.cpu().numpy()
+    bad = ~alive.cpu().numpy() | ~np.isfinite(tr.reshape(C, -1)).all(1)
+    ok = np.flatnonzero(~bad)
+    if len(ok) == 0:
+        raise AllChainsDivergedError(
+            f"all {C} SGLD chains diverged (non-finite loss) with epsilon={epsilon}, nbeta={nbeta}, "
+            f"gamma={gamma}: lower epsilon (or nbeta), or check that w* is near a minimum")
+    loss_trace = tr.mean(-1) if per_token else tr  # (C, T): per-token losses averaged over tokens
+    per_chain = nbeta * (loss_trace.mean(1) - float(L0.mean()))
+    per_chain[bad] = np.nan
+    ess, rhat, var = ess_rhat(loss_trace[ok])
+    out = dict(llc_mean=float(per_chain[ok].mean()),
+               llc_std=float(per_chain[ok].std(ddof=1)) if len(ok) > 1 else 0.0,
+               llc_se=float(nbeta * math.sqrt(var / ess)), llc_per_chain=per_chain.tolist(),
+               loss_trace=torch.from_numpy(loss_trace), init_loss=float(L0.mean()),
+               nan_chains=np.flatnonzero(bad).tolist(), rhat=rhat, ess=ess,
+               epsilon=epsilon, gamma=gamma, nbeta=nbeta, num_chains=C, num_draws=num_draws,
+               num_burnin=num_burnin, batch_size=B, seed=seed, n=n, data_mode="stream" if stream else "fixed",
+               num_params=W.shape[1], update_backend=update_backend)
+    if per_token:
+        out["llc_per_token"] = (nbeta * (tr[ok].mean((0, 1)) - L0)).tolist()
+        out["init_loss_per_token"] = L0.tolist()
+    out["wall_time"] = time.time() - t_start
+    return out
+
+
+# --------------------------------------------------------------------------------------- the command line
+DEFAULTS = dict(  # quick CPU setting for tiny demo runs; configs/llc_v1.py and llc_v2.py hold the paper's
+    ckpt="", steps="", out="llc.jsonl", epsilon=3e-4, gamma=6.0, nbeta=60.0, num_chains=4, num_draws=100,
+    num_burnin=50, batch_size=32, n=4096, data_mode="stream", seed=0, per_token=False, include="", exclude="",
+    device="", update_backend="auto", threads=1, trace_points=100, calibrate=False, calib_steps="",
+    calib_epsilon="3e-4,1e-3,3e-3", calib_nbeta="20,60,200", calib_gamma="6,60")
+RUN_KEYS = ("epsilon", "gamma", "nbeta", "num_chains", "num_draws", "num_burnin", "batch_size", "seed", "n",
+            "data_mode", "per_token", "include", "exclude")  # a resumed file must agree on all of these
+
+
+def _finite(x):
+    """NaN/inf -> None, so that rows are strict JSON."""
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def run_loss_fn(model, task, per_token=False):
+    """The run's training loss as a function of (params, (inputs, targets)), for estimate_llc; any task with
+    the common interface (data.Task, lm_data.LMTask): model_input, loss, loss_per_token."""
+    def loss_fn(params, batch):
+        out = functional_call(model, params, (task.model_input(*batch),))
+        return (task.loss_per_token if per_token else task.loss)(out, batch[1])
+    return loss_fn
+
+
+def run_sampler(task):
+    """The run's data stream as sample(gen, batch_size), drawn on the generator's device."""
+    return lambda gen, m: task.sample(gen, m, device=gen.device)
+
+
+def llc_row(step, res, trace_points):
+    """One flat llc.jsonl row: the estimate, its diagnostics, a binned loss trace and the settings."""
+    tr = res["loss_trace"].numpy()
+    edges = np.linspace(0, tr.shape[1], min(trace_points, tr.shape[1]) + 1).astype(int)
+    binned = [[float(r[lo:hi].mean()) for lo, hi in zip(edges[:-1], edges[1:])] for r in tr]
+    row = {"step": step, **{k: v for k, v in res.items() if k != "loss_trace"}}
+    row.update(loss_trace=binned, trace_draws=edges[1:].tolist())
+    return {k: _finite(v) for k, v in row.items()}
+
+
+def _estimate_at(cfg, out_dir, step, task, dataset, device, **over):
+    model = common.load_model(out_dir, step).to(device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    s = {**cfg, **over}
+    return estimate_llc(
+        run_loss_fn(model, task, s["per_token"]), params, dataset if dataset is not None else run_sampler(task),
+        epsilon=s["epsilon"], gamma=s["gamma"], nbeta=s["nbeta"], num_chains=s["num_chains"],
+        num_draws=s["num_draws"], num_burnin=s["num_burnin"], batch_size=s["batch_size"], seed=s["seed"],
+        include=s["include"] or None, exclude=s["exclude"] or None, per_token=s["per_token"], device=device,
+        n=s["n"] if dataset is None else None, update_backend=s["update_backend"], progress=over.get("label"))
+
+
+def calibrate(cfg, out_dir, steps, task, dataset, device):
+    """Grid over epsilon x nbeta x gamma on a few checkpoints: a JSON table + per-chain LLC trace figures."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    floats = lambda s: [float(v) for v in s.split(",")]
+    E, NB, GA = floats(cfg["calib_epsilon"]), floats(cfg["calib_nbeta"]), floats(cfg["calib_gamma"])
+    csteps = ([int(s) for s in cfg["calib_steps"].split(",")] if cfg["calib_steps"]
+              else sorted({steps[min(1, len(steps) - 1)], steps[len(steps) // 2], steps[-1]}))
+    table, fig_dir = [], os.path.join(out_dir, "llc_calibration")
+    os.makedirs(fig_dir, exist_ok=True)
+    for step in csteps:
+        for g in GA:
+            fig, axes = plt.subplots(len(E), len(NB), figsize=(max(3.2 * len(NB), 6), 2.4 * len(E) + 0.6),
+                                     squeeze=False)
+            for i, e in enumerate(E):
+                for j, nb in enumerate(NB):
+                    ax, row = axes[i][j], dict(step=step, epsilon=e, nbeta=nb, gamma=g)
+                    try:
+                        res = _estimate_at(cfg, out_dir, step, task, dataset, device, epsilon=e, nbeta=nb,
+                                           gamma=g, label=f"calibrate step {step} eps={e} nbeta={nb} gamma={g}")
+                        row.update({k: res[k] for k in ("llc_mean", "llc_std", "llc_se", "rhat", "nan_chains")})
+                        for k, r in enumerate(res["loss_trace"].numpy()):  # per-draw LLC, running mean bold
+                            llc_t = nb * (r - res["init_loss"])
+                            ax.plot(llc_t, lw=0.5, alpha=0.4, color=f"C{k}")
+                            ax.plot(np.cumsum(llc_t) / np.arange(1, len(llc_t) + 1), lw=1.5, color=f"C{k}")
+                        ax.set_title(f"eps={e:g} nb={nb:g}: {res['llc_mean']:.1f}±{res['llc_se']:.1f}",
+                                     fontsize=8)
+                    except AllChainsDivergedError as err:
+                        row.update(llc_mean=None, error=str(err))
+                        ax.set_title(f"eps={e:g} nb={nb:g}: all diverged", fontsize=8)
+                    table.append({k: _finite(v) for k, v in row.items()})
+            fig.suptitle(f"step {step}, gamma={g:g}: nbeta*(L_t - L(w*)) per chain (bold: running mean)",
+                         fontsize=9)
+            fig.tight_layout()
+            path = os.path.join(fig_dir, f"step_{step:07d}_gamma_{g:g}.png")
+            fig.savefig(path + ".tmp.png", dpi=80)
+            os.replace(path + ".tmp.png", path)
+            plt.close(fig)
+    common.atomic_write(os.path.join(out_dir, "llc_calibration.json"), json.dumps(table, indent=1))
+    print(f"{'step':>8} {'eps':>8} {'nbeta':>7} {'gamma':>7} {'llc':>9} {'se':>7} {'std':>7} {'rhat':>6} nan")
+    for r in table:
+        fmt = lambda v, f: format(v, f) if v is not None else "-"
+        print(f"{r['step']:>8} {r['epsilon']:>8g} {r['nbeta']:>7g} {r['gamma']:>7g} {fmt(r['llc_mean'], '9.2f')} "
+              f"{fmt(r.get('llc_se'), '7.2f')} {fmt(r.get('llc_std'), '7.2f')} {fmt(r.get('rhat'), '6.3f')} "
+              f"{len(r.get('nan_chains') or [])}")
+    return table
+
+
+def main(argv=None):
+    cfg = common.configure(DEFAULTS, sys.argv[1:] if argv is None else argv)
+    out_dir = cfg["ckpt"]
+    if not out_dir:
+        raise SystemExit("llc.py: give the run directory with --ckpt=<out_dir>")
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 works and writes
+        print(f"llc.py: rank {os.environ['RANK']} idle (only rank 0 estimates and writes)", file=sys.stderr)
+        return
+    device = torch.device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+    if cfg["data_mode"] not in ("stream", "fixed"):
+        raise SystemExit(f"llc.py: data_mode must be 'stream' or 'fixed', not {cfg['data_mode']!r}")
+    have = common.list_checkpoints(out_dir)
+    steps = [int(s) for s in cfg["steps"].split(",")] if cfg["steps"] else have
+    missing = sorted(set(steps) - set(have))
+    if not steps or missing:
+        raise SystemExit(f"llc.py: no checkpoint for step(s) {missing or 'any'} in {out_dir}/checkpoints "
+                         f"(available: {have[:5]}{'...' if len(have) > 5 else ''})")
+    task = common.run_task(out_dir)
+    dataset = None
+    if cfg["data_mode"] == "fixed":  # one fixed set for every checkpoint (common random numbers)
+        (_, _, _, g_set), _ = make_generators(cfg["seed"], device)
+        dataset = run_sampler(task)(g_set, cfg["n"])
+    if cfg["calibrate"]:
+        calibrate(cfg, out_dir, steps, task, dataset, device)
+        return
+    path = os.path.join(out_dir, cfg["out"])
+    rows = common.read_jsonl(path) if os.path.exists(path) else []
+    for key in RUN_KEYS:
+        old = {r.get(key) for r in rows} - {cfg[key]}
+        if old:
+            raise SystemExit(f"llc.py: {path} holds rows with {key}={old.pop()!r}, but this run has "
+                             f"{key}={cfg[key]!r}; use --out=<other file> or the same settings")
+    done = {r["step"] for r in rows}
+    todo = [s for s in steps if s not in done]
+    print(f"llc.py: {len(todo)} checkpoint(s) to do, {len(steps) - len(todo)} already in {path}", file=sys.stderr)
+    t0, failed = time.time(), 0
+    for i, step in enumerate(todo):
+        row = {"step": step, **{k: cfg[k] for k in RUN_KEYS}}
+        try:
+            row.update(llc_row(step, _estimate_at(cfg, out_dir, step, task, dataset, device), cfg["trace_points"]))
+        except AllChainsDivergedError as err:  # recorded, so that a rerun does not repeat a known failure
+            failed += 1
+            print(f"llc.py: step {step}: {err}", file=sys.stderr)
+            row.update(llc_mean=None, nan_chains=list(range(cfg["num_chains"])), error=str(err))
+        common.append_jsonl(path, row)
+        el = time.time() - t0
+        print(f"llc.py: step {step} [{i + 1}/{len(todo)}] llc={row['llc_mean']} "
+              f"{el / (i + 1):.1f}s/ckpt ETA {el / (i + 1) * (len(todo) - i - 1):.0f}s", file=sys.stderr)
+    if failed:
+        raise SystemExit(f"llc.py: all chains diverged at {failed} checkpoint(s); rows written with llc_mean=null")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""analyze.py: stage detection, Gram-matrix PCA, smoothing, osculating circles, Hessian tools, end to end."""
+import json
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+import analyze
+import common
+import train
+
+
+def paper_steps(N=500_000):
+    """The reference checkpoint schedule (log 100 ∪ linear 100 below N): 190 steps for N = 500k."""
+    return np.array(train.checkpoint_steps(N, 100, 100), dtype=float)
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def true_minima(f, x0, x1):
+    """Interior local minima of |f'| of an analytic curve f(x), x = log(t+1), on a fine grid."""
+    x = np.linspace(x0, x1, 20001)
+    a = np.abs(np.gradient(f(x), x))
+    return x[[i for i in range(1, len(x) - 1) if a[i] < a[i - 1] and a[i] <= a[i + 1]]]
+
+
+# ------------------------------------------------------------------------------------ stage detection
+LOG_TOL = 0.3  # nats of log(t+1): a boundary within a factor e^0.3 = 1.35 of the target step
+
+
+def test_stages_found_on_synthetic_curve_with_known_critical_points():
+    """Rise, plateau, bigger rise, peak, fall, then a rise: boundaries at the minima of |f'| (x = log(t+1)
+    ≈ 6.1 plateau, 9.8 peak, 12.0 trough), typed A, A, B, A; noise adds none."""
+    def f(x):
+        return 20 * sigmoid((x - 5) / 0.3) + 130 * sigmoid((x - 8) / 0.35) - 40 * sigmoid((x - 11) / 0.3) \
+            + 30 * sigmoid((x - 13) / 0.3)
+    steps = paper_steps()
+    x = np.log1p(steps)
+    expected = true_minima(f, 0, x[-1])
+    assert len(expected) == 3
+    rng = np.random.default_rng(0)
+    for noise in (0.0, 0.5):
+        det = analyze.detect_stages(steps, f(x) + noise * rng.standard_normal(len(x)))
+        found = np.log1p(det["boundaries"])
+        assert len(found) == 3, (noise, det["boundaries"], np.expm1(expected))
+        assert np.abs(found - expected).max() < LOG_TOL, (noise, det["boundaries"], np.expm1(expected))
+        assert [s["type"] for s in det["stages"]] == ["A", "A", "B", "A"]
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "linear", "loss"])
+def test_no_stage_boundaries_on_a_monotone_curve(kind):
+    steps = paper_steps()
+    x = np.log1p(steps)
+    y = {"sigmoid": 150 * sigmoid((x - 8) / 1.2), "linear": 10 * x,
+         "loss": 4.3 - 2.5 * sigmoid((x - 8) / 0.8)}[kind]
+    y = y + 0.01 * np.ptp(y) * np.random.default_rng(1).standard_normal(len(x))
+    det = analyze.detect_stages(steps, y)
+    assert det["boundaries"] == []
+    assert [s["type"] for s in det["stages"]] == ["B" if kind == "loss" else "A"]
+    assert (det["stages"][0]["start"], det["stages"][0]["end"]) == (0, int(steps[-1]))
+
+
+def test_stages_on_the_paper_llc_curve(reference_dir):
+    """The paper's seed-mean v1 LLC: boundaries near 1k, 40k, 126k, 320k (regression.md §9.1), types
+    A, A, B, B, Other, each boundary within LOG_TOL nats of log(t+1)."""
+    ref = np.genfromtxt(reference_dir / "paper_v1_seedmean.csv", delimiter=",", names=True)
+    det = analyze.detect_stages(ref["step"], ref["llc_mean"])
+    found = np.log1p(det["boundaries"])
+    target = np.log1p([1_000, 40_000, 126_000, 320_000])
+    assert len(found) == 4, det["boundaries"]
+    assert np.abs(found - target).max() < LOG_TOL, det["boundaries"]
+    assert [s["type"] for s in det["stages"]] == ["A", "A", "B", "B", "Other"]
+
+
+def test_stages_degenerate_inputs():
+    assert analyze.detect_stages([0, 1, 2], [1.0, 2.0, 3.0])["boundaries"] == []
+    det = analyze.detect_stages(np.arange(50), np.ones(50))
+    assert det["boundaries"] == [] and det["stages"][0]["type"] == "Other"
+
+
+# ------------------------------------------------------------------------------------ essential dynamics
+def test_streaming_gram_pca_equals_svd_of_stacked_data(tmp_path):
+    rng = np.random.default_rng(0)
+    N, F = 30, 1500
+    X = (rng.standard_normal((N, 3)) * [10, 3, 1]) @ rng.standard_normal((3, F)) \
+        + 0.1 * rng.standard_normal((N, F)) + 5.0
+    X = X.astype(np.float32)
+    path = tmp_path / "x.f32"
+    X.tofile(path)
+    mm = np.memmap(path, dtype=np.float32, mode="r").reshape(N, F)
+    # two "runs" (row subsets, one permuted) and a tiny memory budget: many column chunks
+    rows = [np.arange(0, 12)[::-1], np.arange(12, N)]
+    G = analyze.gram([mm, mm], rows, mem_bytes=8 * N * 97)
+    Xs = np.concatenate([X[r] for r in rows]).astype(np.float64)
+    np.testing.assert_allclose(G, Xs @ Xs.T, rtol=1e-10)
+    scores, evr = analyze.pca_from_gram(G, k=4)
+    Xc = Xs - Xs.mean(0)
+    U, S, _ = np.linalg.svd(Xc, full_matrices=False)
+    ref = U[:, :4] * S[:4]
+    for c in range(4):
+        sign = np.sign(ref[:, c] @ scores[:, c])
+        np.testing.assert_allclose(scores[:, c], sign * ref[:, c], atol=1e-6 * S[0])
+    np.testing.assert_allclose(evr, S[:4] ** 2 / (S ** 2).sum(), rtol=1e-8)
+    # several runs: each centred on its own mean, one shared basis
+    groups = np.repeat([0, 1], [len(r) for r in rows])
+    scores_g, evr_g = analyze.pca_from_gram(G, k=3, groups=groups)
+    Xg = np.concatenate([Xs[groups == g] - Xs[groups == g].mean(0) for g in (0, 1)])
+    U, S, _ = np.linalg.svd(Xg, full_matrices=False)
+    np.testing.assert_allclose(np.abs(scores_g), np.abs(U[:, :3] * S[:3]), atol=1e-6 * S[0])
+    np.testing.assert_allclose(evr_g, S[:3] ** 2 / (S ** 2).sum(), rtol=1e-8)
+    cols = np.arange(0, F, 7)  # the y-only variant: a column subset
+    Xy = X[:, cols].astype(np.float64)
+    np.testing.assert_allclose(analyze.gram([mm], cols=cols, mem_bytes=800), Xy @ Xy.T, rtol=1e-10)
+
+
+@pytest.mark.parametrize("direction", [1, -1])
+def test_osculating_circle_of_a_circle(direction):
+    centre, R, n = np.array([1.0, -2.0]), 3.0, 400
+    t = direction * np.linspace(0, 2 * np.pi, n, endpoint=False) + 0.3
+    c = centre + R * np.stack([np.cos(t), np.sin(t)], 1)
+    centres, radii = analyze.osculating_circles(c)
+    assert centres.shape == (n - 2, 2)
+    # central differences on a sampled circle give R (1 + cos h)/2: 6e-5 relative at h = 2π/400
+    np.testing.assert_allclose(radii, R, rtol=1e-4)
+    np.testing.assert_allclose(centres, np.broadcast_to(centre, centres.shape), atol=1e-3)
+
+
+def test_evolute_cusps_of_an_ellipse_are_at_its_vertices():
+    """The evolute of an ellipse (an astroid) has its four cusps at the ellipse's vertices, where the curvature
+    is extremal; the sharpest points are the two ends of the major axis."""
+    n = 400
+    t = 2 * np.pi * np.arange(n) / n + 0.05
+    c = np.stack([3 * np.cos(t), np.sin(t)], 1)
+    vertices = np.round((np.pi / 2 * np.arange(1, 5) - 0.05) * n / (2 * np.pi)).astype(int)  # t = π/2 .. 2π
+    out = analyze.cusp_candidates(c, skip=1, top=4)
+    assert np.abs(np.sort(out["cusps"]) - vertices).max() <= 2, (out, vertices)
+    out = analyze.cusp_candidates(c, skip=1, top=2)
+    assert np.abs(np.sort(out["sharp"]) - vertices[[1, 3]]).max() <= 1, (out, vertices)
+    # the criterion is geometric: the same ellipse traversed at a varying speed has the same cusps
+    t2 = 2 * np.pi * (np.arange(n) / n) ** 1.3 + 0.05
+    c2 = np.stack([3 * np.cos(t2), np.sin(t2)], 1)
+    v2 = [int(np.argmin(np.abs(t2 - v))) for v in np.pi / 2 * np.arange(1, 5)]
+    assert np.abs(np.sort(analyze.cusp_candidates(c2, skip=1, top=4)["cusps"]) - v2).max() <= 2, v2
+
+
+def test_variable_sigma_smoother():
+    rng = np.random.default_rng(0)
+    n = 200
+    sig = np.linspace(0.1, 30, n)
+    # weights sum to 1: constants are preserved, also at the ends and with several channels
+    np.testing.assert_allclose(analyze.smooth_variable_sigma(np.full((n, 3), 2.5), sig), 2.5, rtol=1e-12)
+    y = rng.standard_normal(n)
+    np.testing.assert_array_equal(analyze.smooth_variable_sigma(y, np.zeros(n)), y)  # sigma 0: identity
+    # constant sigma: a reflect-mode ('symmetric' padding) convolution with the normalised Gaussian
+    s, r = 2.5, int(4 * 2.5 + 0.5)
+    w = np.exp(-0.5 * (np.arange(-r, r + 1) / s) ** 2)
+    ref = np.convolve(np.pad(y, r, mode="symmetric"), w / w.sum(), mode="valid")
+    np.testing.assert_allclose(analyze.smooth_variable_sigma(y, np.full(n, s)), ref, atol=1e-12)
+    # symmetric kernel: a straight line is unchanged away from the ends
+    line = analyze.smooth_variable_sigma(np.arange(n, dtype=float), np.full(n, 3.0))
+    np.testing.assert_allclose(line[15:-15], np.arange(n)[15:-15], atol=1e-9)
+    with pytest.raises(ValueError, match="one sigma per point"):
+        analyze.smooth_variable_sigma(y, sig[:-1])
+    with pytest.raises(ValueError, match=">= 0"):
+        analyze.smooth_variable_sigma(y, -sig)
+
+
+# ------------------------------------------------------------------------------------------ Hessian
+def flat_loss(model, loss_of_output, inputs):
+    names, ps = zip(*[(n, p.detach()) for n, p in model.named_parameters()])
+    w0 = torch.cat([p.reshape(-1) for p in ps])
+
+    def f(w):
+        chunks = torch.split(w, [p.numel() for p in ps])
+        return loss_of_output(functional_call(model, {n: c.view_as(p) for n, c, p in zip(names, chunks, ps)},
+                                              (inputs,)))
+    return f, w0
+
+
+def small_models():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    xs, ys = torch.randn(32, 3), torch.randn(32)
+    yield mlp, (lambda o: (o[:, 0] - ys).pow(2).mean()), xs
+    from data import Task, to_tokens
+    from model import ICLConfig, build_model
+    icl = build_model(ICLConfig(D=2, K=3, n_layer=1, n_head=2, d_model=4, d_mlp=4), seed=0)
+    b = Task(D=2, K=3).eval_batch(0, 16)
+    yield icl, (lambda o: Task.loss(o, b["ys"])), to_tokens(b["xs"], b["ys"])
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["mlp", "icl_transformer"])
+def test_hessian_tools_match_the_exact_hessian(which):
+    model, loss_of_output, inputs = list(small_models())[which]
+    hvp, n = analyze.make_hvp(model, loss_of_output, inputs)
+    f, w0 = flat_loss(model, loss_of_output, inputs)
+    H = torch.autograd.functional.hessian(f, w0).double()
+    v = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    np.testing.assert_allclose(hvp(v).double(), H @ v.double(), rtol=1e-4, atol=1e-5)
+    # Hutchinson: each probe is exactly v^T H v, and the mean is unbiased (within 5 standard errors)
+    probes = 300
+    est, vals = analyze.hutchinson_trace(hvp, n, probes, torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    for val in vals[:3]:
+        r = (torch.randint(0, 2, (n,), generator=g).double() * 2 - 1)
+        assert val == pytest.approx(float(r @ H @ r), rel=1e-4, abs=1e-5)
+    se = math.sqrt(2 * float((H ** 2).sum() - (H.diagonal() ** 2).sum()) / probes)
+    assert abs(est - float(H.trace())) < 5 * se + 1e-6
+    # Lanczos with a full Krylov space recovers the top eigenvalues exactly
+    exact = torch.linalg.eigvalsh(H).flip(0)[:3].numpy()
+    top = analyze.lanczos_top(hvp, n, n, 3, torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(top, exact, rtol=1e-3, atol=1e-4 * abs(exact[0]))
+    # and a few iterations already give the largest one to within a few percent
+    top1 = analyze.lanczos_top(hvp, n, 20, 1, torch.Generator().manual_seed(3))[0]
+    assert top1 == pytest.approx(exact[0], rel=0.05)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def png_size(path):
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+def tiny_run(out_dir, seed):
+    cfg = common.configure(train.DEFAULTS, [f"--out_dir={out_dir}", f"--seed={seed}", "--max_steps=60",
+                                            "--batch_size=32", "--n_log=12", "--n_lin=4", "--eval_batch_size=64",
+                                            "--log_interval=20", "--d_model=16", "--d_mlp=16", "--n_head=2",
+                                            "--device=cpu"])
+    train.train(cfg)
+    steps = common.list_checkpoints(out_dir)
+    rng = np.random.default_rng(seed)
+    for i, s in enumerate(steps):  # synthetic llc.jsonl rows in llc.py's format: rise, peak, fall
+        llc = 5 + 40 * math.exp(-((math.log1p(s) - 2.5) / 1.2) ** 2) + 20 * math.log1p(s) / 4
+        traces = [(0.5 + llc / 60 * (1 - np.exp(-np.arange(1, 11) / 3)) + 0.01 * rng.standard_normal(10)).tolist()
+                  for _ in range(2)]
+        common.append_jsonl(out_dir / "llc.jsonl", dict(
+            step=s, llc_mean=llc, llc_std=3.0, llc_se=0.5, llc_per_chain=[llc - 1, llc + 1], rhat=1.01 + 0.01 * i,
+            init_loss=0.5, nan_chains=[], loss_trace=traces, trace_draws=list(range(10, 101, 10)), epsilon=1e-3,
+            gamma=6.0, nbeta=60.0, num_chains=2, num_draws=100, num_burnin=0, batch_size=32, seed=0, wall_time=0.1))
+    return steps
+
+
+FAST = ["--eval_size=128", "--ed_batch=32", "--hessian_batch=16", "--hessian_probes=1", "--lanczos_iters=3"]
+FIGURES = ["1_loss_llc.png", "2_essential_dynamics.png", "3_behaviour.png", "4_structure.png",
+           "5_llc_diagnostics.png"]
+
+
+@pytest.mark.slow
+def test_end_to_end_two_seeds_cache_and_fallback(tmp_path):
+    runs = [tmp_path / "s0", tmp_path / "s1"]
+    steps = [tiny_run(d, seed) for seed, d in enumerate(runs)][0]
+    summary = analyze.main([str(runs[0]), *FAST])
+    out = runs[0]
+    for name in FIGURES:
+        w, h = png_size(out / "figures" / name)
+        assert 300 <= w <= 3000 and 200 <= h <= 3000 and (out / "figures" / name).stat().st_size > 10_000, name
+    disk = json.loads((out / "summary.json").read_text())
+    assert disk == json.loads(json.dumps(summary))
+    assert {"runs", "signal", "warnings", "n_checkpoints", "boundaries", "stages", "detector",
+            "essential_dynamics", "figures"} <= set(disk)
+    assert disk["signal"] == "llc" and disk["warnings"] == [] and disk["n_checkpoints"] == len(steps)
+    st = disk["stages"]
+    assert st[0]["start"] == 0 and st[-1]["end"] == steps[-1] and all(s["type"] in ("A", "B", "Other") for s in st)
+    assert all(a["end"] == b["start"] for a, b in zip(st, st[1:]))
+    assert {"loss", "delta_ridge", "llc", "weight_norm"} <= set(st[0]["metrics"])
+    ev = disk["essential_dynamics"]["explained_variance"]
+    assert len(ev) == 4 and 0 < sum(ev) <= 1 + 1e-9 and ev == sorted(ev, reverse=True)
+    assert json.loads((out / "stages.json").read_text())["boundaries"] == disk["boundaries"]
+    assert "| LR1 |" in (out / "report.md").read_text()
+    rows = common.read_jsonl(out / "analysis.jsonl")
+    assert len(rows) == len(steps) and {"hessian_trace", "hessian_eigs", "ln_collapse/unembed", "tok_spec",
+                                        "unembed_w", "loss/8", "pred_norm"} <= set(rows[0])
+
+    # cached: a rerun evaluates nothing new; a new checkpoint is evaluated alone
+    ed_size = (out / "ed_outputs.f32").stat().st_size
+    analyze.main([str(out), *FAST])
+    assert len(common.read_jsonl(out / "analysis.jsonl")) == len(steps)
+    assert (out / "ed_outputs.f32").stat().st_size == ed_size
+
+    # two seeds into --out: mean ± std, stages on the mean LLC
+    both = tmp_path / "both"
+    summary2 = analyze.main([*map(str, runs), f"--out={both}", *FAST])
+    assert summary2["runs"] == [str(r) for r in runs] and all((both / "figures" / f).exists() for f in FIGURES)
+
+    # no llc.jsonl: stages from the test loss, with a warning in the output and in summary.json
+    (out / "llc.jsonl").unlink()
+    with pytest.warns(UserWarning, match="test loss"):
+        summary3 = analyze.main([str(out), *FAST])
+    assert summary3["signal"] == "loss" and "test loss" in summary3["warnings"][0]
+    assert all((out / "figures" / f).stat().st_size > 10_000 for f in FIGURES)

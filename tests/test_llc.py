@@ -1,0 +1,395 @@
+"""Tests of llc.py: the SGLD update (torch oracle and Triton kernel under the interpreter), known-answer LLCs
+(quadratic, monomials, reduced-rank regression), restriction, seeding, divergence, the batched chains against
+a one-chain-at-a-time loop, and the resumable command line. Known-answer numbers are printed (pytest -s)."""
+import copy
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import common
+import llc
+from data import Task, to_tokens
+from model import ICLConfig, build_model
+
+NBETA_1000 = 1000 / math.log(1000)  # devinterp's known-answer nbeta: n / ln n with n = 1000
+
+
+def quad_loss(params, batch):
+    """A pure function of w (the data are ignored): L(w) = |w|^2 / 2, so nbeta*L is exactly Gaussian."""
+    return 0.5 * sum((p ** 2).sum() for p in params.values())
+
+
+ZERO_DATA = (torch.zeros(1, 1),)  # a one-row fixed dataset for potentials that ignore the data
+
+
+def quad_expected(d, eps, nbeta, gamma):
+    """Exact stationary E[nbeta L] of the discrete SGLD chain on L = |w|^2/2: per coordinate
+    w' = (1 - eps k/2) w + sqrt(eps) xi with k = nbeta + gamma has variance 1 / (k (1 - eps k / 4))."""
+    k = nbeta + gamma
+    return d / 2 * nbeta / (k * (1 - eps * k / 4))
+
+
+def stationary_energy(p, nbeta, eps, gamma=0.0, num=1201):
+    """E[nbeta w^p / 2] under the exact stationary law of the 1-D chain w' = w - (eps/2) U'(w) + sqrt(eps) xi,
+    U = nbeta w^p / 2 + gamma w^2 / 2: the transition kernel on a grid, its left eigenvector by a linear solve.
+    This is the SGLD discretisation bias computed, not assumed (checked against quad_expected below)."""
+    c = nbeta / 2
+    R = (40 / c) ** (1 / p) + 10 * math.sqrt(eps)
+    w = np.linspace(-R, R, num)
+    mu = w - eps / 2 * (c * p * w ** (p - 1) + gamma * w)
+    K = np.exp(-(w[None, :] - mu[:, None]) ** 2 / (2 * eps))
+    K /= K.sum(1, keepdims=True)
+    A = K.T - np.eye(num)
+    A[-1] = 1.0
+    rhs = np.zeros(num)
+    rhs[-1] = 1.0
+    pi = np.linalg.solve(A, rhs)
+    return float((pi * c * w ** p).sum())
+
+
+def run(loss_fn, params, data=ZERO_DATA, **kw):
+    kw = {"epsilon": 1e-3, "gamma": 0.0, "nbeta": NBETA_1000, "num_chains": 8, "num_draws": 1000,
+          "num_burnin": 200, **kw}
+    return llc.estimate_llc(loss_fn, params, data, **kw)
+
+
+# ------------------------------------------------------------------------------------------- the update
+def test_oracle_update_is_the_closed_form():
+    W = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
+    W0 = torch.tensor([0.5, -1.0, 0.0])
+    G = torch.tensor([[0.2, 0.4, -0.6], [1.0, 0.0, 2.0]])
+    xi = torch.tensor([[1.0, 0.0, -1.0], [0.5, -0.5, 2.0]])
+    eps, gamma, nbeta = 0.01, 3.0, 50.0
+    want = W - eps / 2 * (nbeta * G + gamma * (W - W0)) + math.sqrt(eps) * xi
+    # by hand for one entry: 1 - 0.005 * (50*0.2 + 3*0.5) + 0.1*1 = 1.0425
+    assert math.isclose(want[0, 0].item(), 1.0425, rel_tol=1e-6)
+    Wt = W.clone()
+    llc.sgld_update_torch(Wt, W0, G, xi, *llc.sgld_coefficients(eps, gamma, nbeta))
+    torch.testing.assert_close(Wt, want, rtol=1e-6, atol=1e-7)
+
+
+def _kernel_step(W, W0, G, coeffs, key, block=4096):
+    W = W.clone()
+    llc.sgld_update_triton(W, W0, G, *coeffs, key=key, block=block)
+    return W
+
+
+@pytest.mark.skipif(llc.triton is None, reason="triton not installed")
+def test_triton_kernel_matches_oracle_and_noise_is_standard_normal():
+    gen = torch.Generator().manual_seed(0)
+    C, P = 4, 10_007  # P not a multiple of the block: the masked tail is exercised
+    W, G = torch.randn(C, P, generator=gen), torch.randn(C, P, generator=gen)
+    W0 = torch.randn(P, generator=gen)
+    a, b, c = llc.sgld_coefficients(1e-3, 6.0, 60.0)
+    det = W.clone()
+    llc.sgld_update_torch(det, W0, G, torch.zeros_like(W), a, b, c)
+    torch.testing.assert_close(_kernel_step(W, W0, G, (a, b, 0.0), 123), det, rtol=0, atol=1e-6)
+    # noise: the kernel's result minus the deterministic part, over 3 steps (keys) x C chains x P
+    z = torch.stack([(_kernel_step(W, W0, G, (a, b, c), llc.noise_key(7, t)) - det) / c for t in range(3)])
+    z = z.double()
+    N = z.numel()
+    assert abs(z.mean().item()) < 5 / math.sqrt(N)
+    assert abs(z.var().item() - 1) < 5 * math.sqrt(2 / N)
+    assert abs(((z - z.mean()) ** 4).mean().item() / z.var().item() ** 2 - 3) < 0.1  # Gaussian tails
+    flat = z.reshape(-1, P)  # rows: (step, chain) pairs; every pair of rows must be uncorrelated
+    corr = torch.corrcoef(flat)
+    off = corr[~torch.eye(len(flat), dtype=torch.bool)]
+    assert off.abs().max().item() < 5 / math.sqrt(P), "noise correlated across chains or steps"
+    # the same key reproduces the same noise
+    torch.testing.assert_close(_kernel_step(W, W0, G, (a, b, c), llc.noise_key(7, 1)), z[1].float() * c + det)
+
+
+@pytest.mark.skipif(llc.triton is None, reason="triton not installed")
+def test_triton_backend_runs_in_the_estimator():
+    r = run(quad_loss, {"w": torch.zeros(3)}, num_chains=2, num_draws=6, num_burnin=2, update_backend="triton")
+    assert r["update_backend"] == "triton" and np.isfinite(r["llc_mean"]) and r["loss_trace"].shape == (2, 6)
+
+
+def test_xla_backend_if_available():
+    pytest.importorskip("torch_xla")
+    import torch_xla.core.xla_model as xm
+    r = run(quad_loss, {"w": torch.zeros(3)}, num_draws=5, num_burnin=0, device=xm.xla_device())
+    assert r["update_backend"] == "xla" and np.isfinite(r["llc_mean"])
+
+
+# ---------------------------------------------------------------------------------------- known answers
+def test_stationary_energy_solver_matches_the_exact_quadratic():
+    for gamma in (0.0, 10.0):
+        want = quad_expected(1, 1e-3, NBETA_1000, gamma)
+        assert math.isclose(stationary_energy(2, NBETA_1000, 1e-3, gamma), want, rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 20.0])
+def test_quadratic_gives_half_the_dimension(gamma):
+    d, eps = 4, 1e-3
+    r = run(quad_loss, {"w": torch.zeros(d)}, gamma=gamma, epsilon=eps)
+    expected = quad_expected(d, eps, NBETA_1000, gamma)  # d/2 times the (exact) discretisation/localisation bias
+    print(f"\nquadratic d={d} gamma={gamma}: llc {r['llc_mean']:.3f} +- {r['llc_se']:.3f}, true {d / 2}, "
+          f"expected with SGLD bias {expected:.3f}")
+    assert abs(r["llc_mean"] - expected) < 4 * r["llc_se"]
+    assert abs(r["llc_mean"] - d / 2) < 4 * r["llc_se"] + abs(expected - d / 2)
+    assert r["rhat"] < 1.05
+
+
+@pytest.mark.parametrize("powers", [[2], [2, 2], [2, 2, 2], [4], [4, 2]])
+def test_monomial_potentials(powers):
+    """K(w) = 1/2 sum_i w_i^{p_i} at w0 = 0 has lambda = sum 1/p_i (llc-peers.md 7.2); with gamma = 0 the
+    continuous Gibbs posterior gives exactly that at any nbeta, so the only bias is SGLD's discretisation."""
+    p = torch.tensor(powers, dtype=torch.float32)
+    eps = 1e-3
+    r = run(lambda prm, b: 0.5 * (prm["w"] ** p).sum(), {"w": torch.zeros(len(powers))}, epsilon=eps,
+            num_burnin=1000)
+    true = sum(1 / q for q in powers)
+    expected = sum(stationary_energy(q, NBETA_1000, eps) for q in powers)
+    print(f"\nmonomial {powers}: llc {r['llc_mean']:.4f} +- {r['llc_se']:.4f}, true {true}, "
+          f"expected with SGLD bias {expected:.4f}")
+    assert abs(r["llc_mean"] - expected) < 4 * r["llc_se"]
+    assert abs(r["llc_mean"] - true) < 4 * r["llc_se"] + abs(expected - true)
+
+
+def aoyagi_watanabe(m, h, n):
+    """Learning coefficient of reduced-rank regression at the zero map (true rank 0)."""
+    if m + h < n:
+        return m * h / 2
+    if n + h < m:
+        return h * n / 2
+    if m + n < h:
+        return m * n / 2
+    return (2 * m * n + 2 * h * n + 2 * m * h - m * m - n * n - h * h + (m + h + n) % 2) / 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("m,h,n", [(5, 3, 5), (5, 4, 5), (4, 3, 8), (8, 3, 4), (3, 8, 4)])
+def test_reduced_rank_regression(m, h, n):
+    """devinterp's test_accuracy_rrr (llc-peers.md 7.1): y independent of x, the model trained by Adam to the
+    empirical minimiser, then SGLD with eps 6e-4, gamma 1, nbeta = n/ln n, full batch. We run 8 x 4000 draws
+    (devinterp: 3 x 2000) so the chain noise (~1.5%) is small against the 15% tolerance."""
+    torch.manual_seed(1)
+    x, y = torch.randn(1000, m), torch.randn(1000, n)
+    model = torch.nn.Sequential(torch.nn.Linear(m, h, bias=False), torch.nn.Linear(h, n, bias=False))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(5000):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    r = llc.estimate_llc(lambda prm, b: F.mse_loss(functional_call(model, prm, (b[0],)), b[1]), params, (x, y),
+                         epsilon=6e-4, gamma=1.0, nbeta=NBETA_1000, num_chains=8, num_draws=4000, seed=42)
+    true = aoyagi_watanabe(m, h, n)
+    print(f"\nRRR (m,h,n)=({m},{h},{n}): llc {r['llc_mean']:.3f} +- {r['llc_se']:.3f} (chain std "
+          f"{r['llc_std']:.3f}), true {true}, error {r['llc_mean'] / true - 1:+.1%}")
+    assert abs(r["llc_mean"] / true - 1) < 0.15
+
+
+# ------------------------------------------------------------------------------------------ restriction
+def test_glob_patterns_on_model_names():
+    names = [k for k, _ in build_model(ICLConfig(), 0).named_parameters()]
+    att = llc.select_params(names, "blocks.*.attention.**")
+    assert att == [f"blocks.{i}.attention.{p}.weight" for i in (0, 1) for p in ("qkv", "out")]
+    assert llc.select_params(names, "*.weight") == ["token_embedding.weight", "postn_embedding.weight"]
+    no_bias = llc.select_params(names, "blocks.0.**", exclude="**.bias")  # exclude wins
+    assert no_bias and all(n.startswith("blocks.0.") and not n.endswith(".bias") for n in no_bias)
+    assert llc.select_params(names, ["unembedding.1.*"]) == ["unembedding.1.weight", "unembedding.1.bias"]
+    assert llc.select_params(names) == names
+    with pytest.raises(ValueError, match="blocks.7"):
+        llc.select_params(names, "blocks.7.**")
+    with pytest.raises(ValueError, match="no parameter"):
+        llc.select_params(names, "blocks.**", exclude="**")
+
+
+def test_excluding_an_ignored_parameter_changes_nothing():
+    kw = dict(num_draws=300, num_burnin=50)
+    base = run(quad_loss, {"w": torch.zeros(3)}, **kw)
+    extra = run(lambda p, b: quad_loss({"w": p["w"]}, b), {"extra": torch.ones(5), "w": torch.zeros(3)},
+                exclude="extra", **kw)
+    assert extra["llc_mean"] == base["llc_mean"]
+    assert torch.equal(extra["loss_trace"], base["loss_trace"]) and extra["num_params"] == 3
+
+
+def test_restricted_llc_is_smaller_than_the_full_llc():
+    params = {"a.w": torch.zeros(3), "b.w": torch.zeros(3)}
+    full, part = run(quad_loss, params), run(quad_loss, params, include="a.*")
+    assert part["num_params"] == 3
+    assert full["llc_mean"] - part["llc_mean"] > 4 * math.hypot(full["llc_se"], part["llc_se"])
+    assert abs(part["llc_mean"] - quad_expected(3, 1e-3, NBETA_1000, 0)) < 4 * part["llc_se"]
+
+
+# ----------------------------------------------------------------------------------- seeds and failures
+def test_same_seed_is_identical_and_other_seeds_agree_within_the_standard_error():
+    params = {"w": torch.zeros(4)}
+    r0, r0b, r1 = run(quad_loss, params, seed=0), run(quad_loss, params, seed=0), run(quad_loss, params, seed=1)
+    assert r0["llc_per_chain"] == r0b["llc_per_chain"] and torch.equal(r0["loss_trace"], r0b["loss_trace"])
+    assert r0["llc_mean"] != r1["llc_mean"]
+    assert abs(r0["llc_mean"] - r1["llc_mean"]) < 4 * math.hypot(r0["llc_se"], r1["llc_se"])
+
+
+def test_divergent_chains_are_dropped_and_reported():
+    # quartic potential, large step: a chain that wanders far enough overshoots and blows up, others do not
+    r = run(lambda p, b: 0.5 * (p["w"] ** 4).sum(), {"w": torch.zeros(1)}, epsilon=0.03, num_chains=16,
+            num_draws=200, num_burnin=0)
+    bad = r["nan_chains"]
+    assert 0 < len(bad) < 16
+    per_chain = np.array(r["llc_per_chain"])
+    assert np.isnan(per_chain[bad]).all() and np.isfinite(np.delete(per_chain, bad)).all()
+    assert math.isclose(r["llc_mean"], np.nanmean(per_chain)) and np.isfinite(r["llc_se"])
+
+
+def test_all_chains_diverging_is_a_clear_error():
+    with pytest.raises(llc.AllChainsDivergedError, match="all 4 SGLD chains diverged.*epsilon=1"):
+        run(quad_loss, {"w": torch.zeros(2)}, epsilon=1.0, nbeta=100.0, num_chains=4, num_draws=50)
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="non-finite"):
+        run(quad_loss, {"w": torch.tensor([0.0, float("nan")])})
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        run(quad_loss, {"w": torch.zeros(2)}, batch_size=5)
+    with pytest.raises(ValueError, match="per_token"):
+        run(quad_loss, {"w": torch.zeros(2)}, per_token=True)
+    with pytest.raises(ValueError, match="epsilon"):
+        run(quad_loss, {"w": torch.zeros(2)}, epsilon=-1.0)
+
+
+def test_ess_and_rhat():
+    g = np.random.default_rng(0)
+    iid = g.standard_normal((4, 4000))
+    ess, rhat, var = llc.ess_rhat(iid)
+    assert 0.85 < ess / iid.size < 1.15 and rhat < 1.01 and abs(var - 1) < 0.05
+    ar = np.zeros((4, 4000))  # AR(1), rho = 0.9: integrated autocorrelation time (1 + rho) / (1 - rho) = 19
+    for t in range(1, 4000):
+        ar[:, t] = 0.9 * ar[:, t - 1] + g.standard_normal(4)
+    assert 0.7 < llc.ess_rhat(ar)[0] / (ar.size / 19) < 1.3
+    assert llc.ess_rhat(iid + np.arange(4)[:, None])[1] > 1.5  # chains stuck at different levels
+
+
+# --------------------------------------------------------------- the regression model: batched vs a loop
+def _reference_loop(model, loss_of, params, next_batches, C, steps, burnin, epsilon, gamma, nbeta, g_noise):
+    """One chain at a time with plain autograd on a copy of the model; the same minibatches and noise."""
+    names = list(params)
+    W0 = torch.cat([params[k].reshape(-1) for k in names])
+    W = W0.repeat(C, 1)
+    models = [copy.deepcopy(model) for _ in range(C)]
+    a, b, c = llc.sgld_coefficients(epsilon, gamma, nbeta)
+    trace = torch.zeros(C, steps - burnin)
+    for t in range(steps):
+        batch = next_batches(t)
+        noise = torch.randn(W.shape, generator=g_noise)
+        for ch in range(C):
+            mod = models[ch]
+            torch.nn.utils.vector_to_parameters(W[ch], mod.parameters())
+            mod.zero_grad()
+            loss = loss_of(mod, tuple(x[ch] for x in batch))
+            loss.backward()
+            g = torch.nn.utils.parameters_to_vector(p.grad for p in mod.parameters())
+            if t >= burnin:
+                trace[ch, t - burnin] = loss.detach()
+            W[ch] = W[ch] - a * g - b * (W[ch] - W0) + c * noise[ch]
+    return trace
+
+
+@pytest.mark.parametrize("mode", ["stream", "fixed"])
+def test_batched_chains_match_a_one_chain_at_a_time_loop(mode):
+    model, task = build_model(ICLConfig(), 0), Task()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    C, B, steps, burnin, seed = 3, 16, 10, 3, 5
+    hp = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0)
+    (g_data, g_noise, _, _), _ = llc.make_generators(seed, "cpu")
+    if mode == "stream":
+        data = llc.run_sampler(task)
+
+        def next_batches(t):
+            xs, ys = data(g_data, C * B)
+            return xs.view(C, B, *xs.shape[1:]), ys.view(C, B, -1)
+    else:  # a fixed set of 40 rows: 2 batches per epoch (the last 8 rows dropped), reshuffled every epoch
+        data = task.sample(torch.Generator().manual_seed(9), 40)
+        perm = None
+
+        def next_batches(t):
+            nonlocal perm
+            if t % 2 == 0:
+                perm = torch.argsort(torch.rand(C, 40, generator=g_data), dim=1)
+            idx = perm[:, (t % 2) * B:(t % 2 + 1) * B]
+            return data[0][idx], data[1][idx]
+    ref = _reference_loop(model, lambda mod, bt: task.loss(mod(to_tokens(*bt)), bt[1]), params, next_batches, C,
+                          steps, burnin, g_noise=g_noise, **hp)
+    r = llc.estimate_llc(llc.run_loss_fn(model, task), params, data, num_chains=C, num_draws=steps - burnin,
+                         num_burnin=burnin, batch_size=B, seed=seed, n=64 if mode == "stream" else None, **hp)
+    torch.testing.assert_close(r["loss_trace"].float(), ref, rtol=2e-5, atol=2e-6)
+    assert r["nan_chains"] == []
+
+
+def test_per_token_llc_averages_to_the_llc():
+    model, task = build_model(ICLConfig(d_model=16, d_mlp=16), 0), Task()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=2, num_draws=8, batch_size=16, n=64, seed=3)
+    whole = llc.estimate_llc(llc.run_loss_fn(model, task), params, llc.run_sampler(task), **kw)
+    tok = llc.estimate_llc(llc.run_loss_fn(model, task, per_token=True), params, llc.run_sampler(task),
+                           per_token=True, **kw)
+    assert len(tok["llc_per_token"]) == task.K
+    assert math.isclose(np.mean(tok["llc_per_token"]), tok["llc_mean"], rel_tol=1e-9)
+    assert math.isclose(tok["llc_mean"], whole["llc_mean"], rel_tol=1e-3)
+
+
+# ------------------------------------------------------------------------------------- the command line
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A run directory with 3 checkpoints of a small model, written through common's own format."""
+    cfg = dict(D=4, K=4, sigma2=0.125, num_tasks=0, task_seed=0, n_layer=1, n_head=2, d_model=8, d_mlp=8, seed=0)
+    common.atomic_write(tmp_path / "config.json", json.dumps(cfg))
+    for step in (0, 10, 20):
+        common.save_checkpoint(tmp_path, step, build_model(common.model_config(cfg), step))
+    return tmp_path
+
+
+CLI = ["--num_chains=2", "--num_draws=6", "--num_burnin=2", "--batch_size=8", "--n=32", "--trace_points=4"]
+
+
+def test_cli_writes_one_row_per_checkpoint_and_resumes_after_a_torn_line(tiny_run):
+    llc.main(["--ckpt", str(tiny_run), *CLI])
+    path = tiny_run / "llc.jsonl"
+    rows = common.read_jsonl(path)
+    assert [r["step"] for r in rows] == [0, 10, 20]
+    assert set(common.read_jsonl(path)[0]) >= {"llc_mean", "llc_std", "llc_se", "llc_per_chain", "rhat", "init_loss",
+                                               "nan_chains", "loss_trace", "trace_draws", "epsilon", "wall_time"}
+    assert len(rows[0]["loss_trace"]) == 2 and len(rows[0]["loss_trace"][0]) == 4 and rows[0]["trace_draws"][-1] == 6
+    text = path.read_text()  # simulate a kill during the last append
+    path.write_text(text[: text.rindex("\n", 0, len(text) - 1) + 1] + text.splitlines()[-1][:37])
+    llc.main(["--ckpt", str(tiny_run), *CLI])
+    again = common.read_jsonl(path)
+    assert [r["step"] for r in again] == [0, 10, 20] and again[2]["llc_mean"] == rows[2]["llc_mean"]
+    assert all(json.loads(line) for line in path.read_text().splitlines())  # no torn or duplicate row left
+    llc.main(["--ckpt", str(tiny_run), *CLI])  # all done: nothing appended
+    assert len(common.read_jsonl(path)) == 3
+    with pytest.raises(SystemExit, match="epsilon"):  # other settings would mix two estimators in one file
+        llc.main(["--ckpt", str(tiny_run), *CLI, "--epsilon=1e-2"])
+
+
+def test_cli_subset_restriction_and_missing_steps(tiny_run):
+    llc.main(["--ckpt", str(tiny_run), *CLI, "--steps=10", "--include=blocks.**", "--exclude", "**.bias",
+              "--out=rllc.jsonl", "--per_token"])
+    (row,) = common.read_jsonl(tiny_run / "rllc.jsonl")
+    assert row["step"] == 10 and row["include"] == "blocks.**" and len(row["llc_per_token"]) == 4
+    with pytest.raises(SystemExit, match="no checkpoint for step"):
+        llc.main(["--ckpt", str(tiny_run), *CLI, "--steps=10,15"])
+
+
+def test_cli_calibrate_writes_a_table_and_trace_figures(tiny_run, capsys):
+    llc.main(["--ckpt", str(tiny_run), *CLI, "--calibrate", "--calib_steps=20", "--calib_epsilon=1e-3,1e4",
+              "--calib_nbeta=30", "--calib_gamma=6"])
+    table = json.loads((tiny_run / "llc_calibration.json").read_text())
+    assert len(table) == 2 and table[0]["llc_mean"] is not None and table[1]["llc_mean"] is None
+    assert (tiny_run / "llc_calibration" / "step_0000020_gamma_6.png").exists()
+    assert "nbeta" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["llc_v1", "llc_v2", "llc_quick"])
+def test_config_files_parse(name):
+    path = os.path.join(os.path.dirname(llc.__file__), "configs", f"{name}.py")
+    cfg = common.configure(llc.DEFAULTS, [path])
+    assert cfg["epsilon"] > 0 and cfg["num_chains"] >= 1
