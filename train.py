@@ -206,8 +206,10 @@ def train(cfg: dict) -> dict:
             row = {"step": step, "kind": "eval",
                    **evaluate(model, eval_data, task), "lr": lr_for(cfg, step), "step_time": step_time}
             model.train()
-            common.save_checkpoint(out, step, model, {"optimizer": _cpu(opt.state_dict()), "step": step})
+            # the log row first: a kill between the two leaves a row past the newest checkpoint, which a resume
+            # drops and writes again (the other order could lose the row of the checkpoint it resumes from)
             common.append_jsonl(os.path.join(out, "log.jsonl"), row)
+            common.save_checkpoint(out, step, model, {"optimizer": _cpu(opt.state_dict()), "step": step})
             done, todo = step + 1 - start, last + 1 - start
             eta = (time.time() - t0) / done * (todo - done)
             common.progress(f"step {step:>7d}/{last} | test loss {row['loss']:.4f} | lr {row['lr']:.2e} | "

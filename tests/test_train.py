@@ -62,7 +62,7 @@ def test_configure_errors(tmp_path):
     with pytest.raises(common.ConfigError, match=f"unknown config key 'warmup' in config file {bad}"):
         common.configure(d, [str(bad)])
     # every shipped config parses
-    for f in ["L2H4.py", "L2H4K16.py", "L2H4M64.py", "tiny.py"]:
+    for f in ["L2H4.py", "L2H4K16.py", "L2H4M64.py", "tiny.py", "L2W256.py", "lm_tiny.py"]:
         os.chdir(ROOT)
         common.configure(d, [f"configs/{f}"])
     assert common.configure(d, ["configs/L2H4K16.py"])["K"] == 16

@@ -1,0 +1,555 @@
+"""Language-model data: corpora, the byte-level BPE tokenizer, packed token files, the LM task, and model-hub
+downloads of the paper's tokenizer, data and checkpoints (language.md §1-2 and Part 2).
+
+A prepared data folder holds:
+  tokenizer.json      byte-level BPE (HF `tokenizers`); id vocab_size-1 = <|endoftext|> (BOS, EOS, separator)
+  train.bin, test.bin packed rows: uint16, shape (rows, n_ctx), BOS first; documents joined by EOS, running
+                      across row boundaries (TransformerLens tokenize_and_concatenate with add_bos_token)
+  words.txt           the training split's words, most frequent first (an offline word list for n-gram scores)
+  meta.json           sizes, corpus and tokenizer provenance, unigram entropy; written last (marks completion)
+The held-out split is a set of whole documents (seeded), disjoint from training; the tokenizer is trained on
+the training split only.
+
+    python lm_data.py prepare configs/lm_tiny.py          # train.py does this by itself when needed
+    python lm_data.py stats data/python-v5000-ctx128
+    python lm_data.py download datasets/georgeyw/dsir-pile-100k data/train-00000-of-00001.parquet
+    python lm_data.py import georgeyw/L2W256-3m-rr --steps=0,100,900 --out_dir=out/L2W256-paper \\
+        --data_dir=data/python-v5000-ctx1024
+"""
+import ast
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+
+ROOT = Path(__file__).resolve().parent
+EOT = "<|endoftext|>"
+HUB_URL = os.environ.get("LM_HUB_URL", "https://huggingface.co")
+HUB_CACHE = Path(os.environ.get("LM_HUB_CACHE", Path.home() / ".cache" / "icl-landscape" / "hub"))
+PAPER_TOKENIZER = "georgeyw/TinyStories-tokenizer-5k"
+
+
+# --------------------------------------------------------------------------------------------- corpora
+def python_docs_corpus():
+    """English that every CPython installation carries: the reference-manual topics of pydoc_data, then the
+    docstrings of each standard-library module (read with ast, never imported; source order). One document
+    per topic and per module."""
+    return list(_python_docs())
+
+
+@functools.lru_cache(maxsize=1)
+def _python_docs():
+    import pydoc_data.topics as topics
+    docs = [topics.topics[k] for k in sorted(topics.topics)]
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3"}
+    for root, dirs, files in os.walk(lib):
+        dirs[:] = sorted(d for d in dirs if d not in skip and not d.startswith("."))
+        for f in sorted(files):
+            if not f.endswith(".py"):
+                continue
+            try:
+                tree = ast.parse(Path(root, f).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            parts = [d for d in _docstrings(tree) if d]
+            if parts:
+                docs.append("\n\n".join(parts))
+    return tuple(docs)
+
+
+def _docstrings(node):
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        yield ast.get_docstring(node)
+    for child in ast.iter_child_nodes(node):
+        yield from _docstrings(child)
+
+
+def kjv_corpus():
+    """The King James Bible from Debian's bible-kjv(-text): one document per chapter, verses joined by spaces."""
+    if not shutil.which("bible"):
+        raise RuntimeError("corpus 'kjv' needs Debian's King James Bible: apt-get install -y bible-kjv bible-kjv-text")
+    out = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
+    chapters, verse = {}, re.compile(r"^(\d?[A-Za-z]+\d+):\d+ (.*)$")
+    for line in out.splitlines():
+        m = verse.match(line)
+        if m:
+            chapters.setdefault(m[1], []).append(m[2].strip())
+    return [" ".join(v) for v in chapters.values()]
+
+
+def folder_corpus(path):
+    """Every .txt/.md file under `path` (one document each), and the rows of .jsonl(.gz) and .parquet shards
+    (text in column `contents`, as the paper's DSIR-filtered Pile, or `text`). Sorted paths: deterministic."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"corpus folder {path} does not exist")
+    docs = []
+    for p in sorted(path.rglob("*")):
+        if p.suffix in (".txt", ".md"):
+            docs.append(p.read_text(encoding="utf-8", errors="replace"))
+        elif p.name.endswith((".jsonl", ".jsonl.gz")):
+            import gzip
+            with (gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else open(p, encoding="utf-8")) as f:
+                docs += [_text_of(json.loads(line), p) for line in f if line.strip()]
+        elif p.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError as e:
+                raise RuntimeError(f"{p}: reading parquet shards needs pyarrow (pip install pyarrow)") from e
+            table = pq.read_table(p)
+            col = "contents" if "contents" in table.column_names else "text"
+            docs += [str(x) for x in table.column(col).to_pylist()]
+    if not docs:
+        raise ValueError(f"corpus folder {path} holds no .txt, .md, .jsonl(.gz) or .parquet files")
+    return docs
+
+
+def _text_of(row, where):
+    for key in ("contents", "text"):
+        if key in row:
+            return row[key]
+    raise ValueError(f"{where}: a row has neither 'contents' nor 'text': keys {sorted(row)}")
+
+
+def load_corpus(corpus):
+    """'python' (default, no download), 'kjv' (Debian package), or a folder path."""
+    if corpus == "python":
+        return python_docs_corpus()
+    if corpus == "kjv":
+        return kjv_corpus()
+    return folder_corpus(corpus)
+
+
+def split_documents(docs, test_frac, seed=0):
+    """Seeded whole-document split: documents in a random order go to the test split until it holds
+    test_frac of the characters. Returns (train indices, test indices), each sorted."""
+    order = np.random.default_rng(seed).permutation(len(docs))
+    target, held, test = test_frac * sum(map(len, docs)), 0, []
+    for i in order:
+        if held >= target:
+            break
+        test.append(int(i))
+        held += len(docs[i])
+    test_set = set(test)
+    return [i for i in range(len(docs)) if i not in test_set], sorted(test)
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+def train_tokenizer(texts, vocab_size=5000):
+    """GPT-2-style byte-level BPE with vocab_size-1 learned tokens, then <|endoftext|> as the last id. The
+    256-byte alphabet comes first in sorted order, so the space token "Ġ" is id 220 as in the paper."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[], show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens([EOT])
+    return tok
+
+
+def load_tokenizer(path):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(path))
+
+
+def get_tokenizer(source, texts, vocab_size):
+    """'train' (BPE on `texts`), a tokenizer.json path, or 'hub' / 'hub:<repo>' (the paper's 5k tokenizer)."""
+    if source == "train":
+        tok = train_tokenizer(texts, vocab_size)
+    elif source.startswith("hub"):
+        tok = load_tokenizer(hub_download(source.partition(":")[2] or PAPER_TOKENIZER, "tokenizer.json"))
+    else:
+        tok = load_tokenizer(source)
+    if tok.get_vocab_size() != vocab_size or tok.token_to_id(EOT) != vocab_size - 1:
+        raise ValueError(f"tokenizer {source!r} has {tok.get_vocab_size()} ids with {EOT} at "
+                         f"{tok.token_to_id(EOT)}; need {vocab_size} ids with {EOT} last (a corpus too small "
+                         "for that many merges? lower vocab_size)")
+    return tok
+
+
+# --------------------------------------------------------------------------------------------- packing
+def pack(tok, docs, n_ctx, path, batch_docs=256):
+    """Tokenise the documents, join them with EOS, cut the stream into rows of n_ctx-1 tokens (the remainder is
+    dropped) and prepend BOS: a uint16 (rows, n_ctx) file. Returns (rows, tokens in the stream)."""
+    eos, width = tok.token_to_id(EOT), n_ctx - 1
+    tmp, rows, carry, seen = Path(str(path) + ".tmp"), 0, np.zeros(0, np.uint16), 0
+    with open(tmp, "wb") as f:
+        for i in range(0, len(docs), batch_docs):
+            encoded = tok.encode_batch(docs[i:i + batch_docs])
+            ids = [np.append(np.asarray(e.ids, np.uint16), np.uint16(eos)) for e in encoded]
+            stream = np.concatenate([carry, *ids])
+            seen += len(stream) - len(carry)
+            k = len(stream) // width
+            block = np.empty((k, n_ctx), np.uint16)
+            block[:, 0], block[:, 1:] = eos, stream[:k * width].reshape(k, width)
+            f.write(block.tobytes())
+            rows, carry = rows + k, stream[k * width:]
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return rows, seen
+
+
+def open_rows(data_dir, split):
+    """The packed rows of a split as a read-only (rows, n_ctx) uint16 memmap."""
+    meta = read_meta(data_dir)
+    n, T = meta["splits"][split]["rows"], meta["n_ctx"]
+    if n == 0:
+        return np.zeros((0, T), np.uint16)
+    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=np.uint16, mode="r", shape=(n, T))
+
+
+def unigram_entropy(rows, vocab_size):
+    """Shannon entropy (nats) of the token frequencies: the loss of the best context-free predictor."""
+    counts = np.zeros(vocab_size, np.int64)
+    for i in range(0, len(rows), 4096):
+        counts += np.bincount(np.asarray(rows[i:i + 4096]).ravel(), minlength=vocab_size)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+# ------------------------------------------------------------------------------------------ data folder
+def data_dir_for(cfg):
+    """The run's data folder: cfg['data_dir'], or data/<corpus>-v<vocab>-ctx<n_ctx> in the repository."""
+    if cfg["data_dir"]:
+        return Path(cfg["data_dir"])
+    name = Path(cfg["corpus"]).name if cfg["corpus"] not in ("python", "kjv") else cfg["corpus"]
+    tok = "" if cfg["tokenizer"] == "train" else "-" + re.sub(r"[^A-Za-z0-9]+", "_", cfg["tokenizer"])[-24:]
+    return ROOT / "data" / f"{name}{tok}-v{cfg['vocab_size']}-ctx{cfg['n_ctx']}"
+
+
+def read_meta(data_dir):
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{data_dir} is not a prepared LM data folder ({path} is missing): run "
+                                "`python lm_data.py prepare <config>` (train.py does it by itself)")
+    return json.loads(path.read_text())
+
+
+def prepare(data_dir, corpus="python", vocab_size=5000, n_ctx=1024, test_frac=0.05, tokenizer="train",
+            seed=0, progress=common.progress):
+    """Build the data folder (idempotent: an existing complete folder with the same settings is reused;
+    one with other settings is an error). Returns its meta dict."""
+    data_dir = Path(data_dir)
+    want = dict(corpus=corpus, vocab_size=vocab_size, n_ctx=n_ctx, test_frac=test_frac, tokenizer=tokenizer,
+                split_seed=seed)
+    if (data_dir / "meta.json").exists():
+        meta = read_meta(data_dir)
+        diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+        if diff:
+            raise common.ConfigError(f"{data_dir} holds data prepared with other settings (saved vs now: {diff});"
+                                     " use another data_dir or delete it")
+        return meta
+    if vocab_size > 65536:
+        raise common.ConfigError(f"vocab_size {vocab_size} does not fit the uint16 token files")
+    progress(f"preparing LM data in {data_dir}: corpus {corpus!r}")
+    docs = load_corpus(corpus)
+    train_ids, test_ids = split_documents(docs, test_frac, seed)
+    train_docs, test_docs = [docs[i] for i in train_ids], [docs[i] for i in test_ids]
+    tok = get_tokenizer(tokenizer, train_docs, vocab_size)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    common.atomic_write(data_dir / "tokenizer.json", tok.to_str())
+    splits = {}
+    for name, part in (("train", train_docs), ("test", test_docs)):
+        rows, seen = pack(tok, part, n_ctx, data_dir / f"{name}.bin")
+        splits[name] = {"docs": len(part), "chars": sum(map(len, part)), "tokens": seen, "rows": rows}
+    if splits["train"]["rows"] == 0 or splits["test"]["rows"] == 0:
+        raise ValueError(f"corpus {corpus!r} is too small for rows of {n_ctx} tokens: {splits}")
+    from lm_eval import words_from_texts
+    common.atomic_write(data_dir / "words.txt", "\n".join(w[1:] for w in words_from_texts(train_docs)) + "\n")
+    meta = {**want, "bos": vocab_size - 1, "eos": vocab_size - 1, "dtype": "uint16",
+            "space_id": tok.token_to_id("Ġ"), "splits": splits, "test_doc_ids": test_ids,
+            "python": sys.version.split()[0] if corpus == "python" else None}
+    meta["unigram_entropy"] = unigram_entropy(np.fromfile(data_dir / "train.bin", np.uint16).reshape(-1, n_ctx),
+                                              vocab_size)
+    common.atomic_write(data_dir / "meta.json", json.dumps(meta, indent=1))
+    s = splits["train"]
+    progress(f"prepared {data_dir}: {s['docs']} + {splits['test']['docs']} documents, {s['tokens']:,} training "
+             f"tokens ({s['chars'] / s['tokens']:.2f} chars/token), {s['rows']} + {splits['test']['rows']} rows, "
+             f"unigram entropy {meta['unigram_entropy']:.3f} nats")
+    return meta
+
+
+def prepare_for(cfg):
+    return prepare(data_dir_for(cfg), cfg["corpus"], cfg["vocab_size"], cfg["n_ctx"], cfg["test_frac"],
+                   cfg["tokenizer"])
+
+
+# ---------------------------------------------------------------------------------------------- the task
+class LMTask:
+    """The data distribution of an LM run, with the same interface as data.Task:
+    sample(gen, B, device) -> (inputs, targets), both (B, n_ctx-1) int64 (a row without its last / first
+    token); model_input(inputs, targets) -> the model's argument; loss(logits, targets) -> mean next-token
+    cross-entropy over batch x positions (the training loss and the LLC's loss); loss_per_token -> (n_ctx-1,);
+    eval_data(seed, n) -> the first n held-out rows (unshuffled, as the paper); metrics(model, rows) -> dict."""
+
+    def __init__(self, data_dir, n_ctx=None, vocab_size=None):
+        self.data_dir = Path(data_dir)
+        self.meta = read_meta(data_dir)
+        self.vocab_size, self.n_ctx, self.bos = self.meta["vocab_size"], self.meta["n_ctx"], self.meta["bos"]
+        for key, want in (("n_ctx", n_ctx), ("vocab_size", vocab_size)):
+            if want is not None and self.meta[key] != want:
+                raise common.ConfigError(f"{data_dir} holds data with {key}={self.meta[key]}, but the run has "
+                                         f"{key}={want}")
+        self.train, self.test = open_rows(data_dir, "train"), open_rows(data_dir, "test")
+
+    def sample(self, gen, batch_size, device="cpu"):
+        """Rows drawn uniformly with replacement from the training split by `gen` (any device)."""
+        idx = torch.randint(len(self.train), (batch_size,), generator=gen, device=gen.device).cpu().numpy()
+        rows = torch.from_numpy(self.train[idx].astype(np.int64)).to(device)
+        return rows[:, :-1], rows[:, 1:]
+
+    @staticmethod
+    def model_input(inputs, targets):
+        return inputs
+
+    @staticmethod
+    def loss(logits, targets):
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    @staticmethod
+    def loss_per_token(logits, targets):
+        return F.cross_entropy(logits.transpose(-1, -2), targets, reduction="none").mean(0)
+
+    def eval_data(self, seed, batch_size):
+        return torch.from_numpy(np.asarray(self.test[:batch_size]).astype(np.int64))
+
+    @staticmethod
+    def metrics(model, rows):
+        from lm_eval import eval_row
+        from model import weight_norm
+        return {**eval_row(model, rows), "weight_norm": weight_norm(model.parameters())}
+
+    def tokenizer(self):
+        return load_tokenizer(self.data_dir / "tokenizer.json")
+
+    def words(self):
+        return [" " + w for w in (self.data_dir / "words.txt").read_text().split()]
+
+    def bigram_table(self):
+        """P(next | current) on the training split (lm_eval.bigram_table), cached as bigram.npz."""
+        from lm_eval import bigram_table
+        path = self.data_dir / "bigram.npz"
+        if not path.exists():
+            import io
+            buf = io.BytesIO()
+            np.savez(buf, **bigram_table(self.train, self.vocab_size))
+            common.atomic_write(path, buf.getvalue())
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+
+
+# ------------------------------------------------------------------------------------------ hub downloads
+class HubError(RuntimeError):
+    """A download that failed, was cut off, or does not match its expected size or hash."""
+
+
+def hub_url(repo, filename, revision="main", base_url=None):
+    """base_url/{repo}/resolve/{revision}/{filename}: the Hugging Face layout (datasets: repo 'datasets/o/n')."""
+    return f"{(base_url or HUB_URL).rstrip('/')}/{repo}/resolve/{revision}/{filename}"
+
+
+def hub_download(repo, filename, revision="main", *, base_url=None, cache_dir=None, sha256=None, size=None,
+                 retries=3, timeout=60, chunk=1 << 16):
+    """Fetch one file into the cache (cache_dir/repo/revision/filename) and return its path; a cached file is
+    returned without network access. An interrupted transfer leaves <file>.part and is resumed with an HTTP
+    Range request (here, up to `retries` times, or by the next call). The result must match `size` and
+    `sha256` when given, and the server's ETag when it is a sha256 (as the hub sends for LFS files)."""
+    import requests
+    url = hub_url(repo, filename, revision, base_url)
+    dest = Path(cache_dir or HUB_CACHE) / repo / revision / filename
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = Path(str(dest) + ".part")
+    total = remote_sha = None
+    for attempt in range(retries + 1):
+        have = part.stat().st_size if part.exists() else 0
+        try:
+            with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
+                              timeout=timeout) as r:
+                if r.status_code == 416:  # nothing left to send: the partial file is already whole
+                    total = int(r.headers.get("Content-Range", "*/-1").rpartition("/")[2])
+                    break
+                if r.status_code == 404:
+                    raise HubError(f"{url}: not found (404); check the repository, file name and revision")
+                if r.status_code not in (200, 206):
+                    raise HubError(f"{url}: HTTP {r.status_code} {r.reason}")
+                if r.status_code == 206 and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+                    raise HubError(f"{url}: the server answered a resume from byte {have} with "
+                                   f"Content-Range {r.headers.get('Content-Range')!r}")
+                start = have if r.status_code == 206 else 0  # 200: the server ignored the range, start over
+                if "Content-Range" in r.headers:
+                    total = int(r.headers["Content-Range"].rpartition("/")[2])
+                elif "Content-Length" in r.headers:
+                    total = start + int(r.headers["Content-Length"])
+                etag = (r.headers.get("X-Linked-Etag") or r.headers.get("ETag") or "").removeprefix("W/").strip('"')
+                if re.fullmatch(r"[0-9a-f]{64}", etag):
+                    remote_sha = etag
+                with open(part, "r+b" if start else "wb") as f:
+                    f.seek(start)
+                    f.truncate()
+                    for block in r.iter_content(chunk):
+                        f.write(block)
+            break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            got = part.stat().st_size if part.exists() else 0
+            if attempt == retries:
+                raise HubError(f"download of {url} was interrupted after {got:,} bytes ({e.__class__.__name__}); "
+                               f"run again to resume from {part}") from e
+            common.progress(f"download of {url} interrupted after {got:,} bytes; resuming")
+    got = part.stat().st_size
+    for want, what in ((total, "the server's length"), (size, "the expected size")):
+        if want is not None and want >= 0 and got != want:
+            part.unlink()
+            raise HubError(f"{url}: got {got:,} bytes but {what} is {want:,}; the partial file was removed, retry")
+    want_sha = sha256 or remote_sha
+    if want_sha:
+        h = hashlib.sha256()
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != want_sha.lower():
+            part.unlink()
+            raise HubError(f"{url}: sha256 mismatch: expected {want_sha}, got {h.hexdigest()} "
+                           f"({'given' if sha256 else 'server ETag'}); the corrupt download was removed, retry")
+    os.replace(part, dest)
+    return dest
+
+
+# ------------------------------------------------------------------------------ the paper's checkpoints
+def from_transformer_lens(sd):
+    """A TransformerLens HookedTransformer state dict (the paper's checkpoint_*.pth) -> LMTransformer names."""
+    out = {"embed.weight": sd["embed.W_E"], "pos_embed": sd["pos_embed.W_pos"],
+           "ln_final.weight": sd["ln_final.w"], "ln_final.bias": sd["ln_final.b"],
+           "unembed.weight": sd["unembed.W_U"].T, "unembed.bias": sd["unembed.b_U"]}
+    i = 0
+    while f"blocks.{i}.attn.W_Q" in sd:
+        p = f"blocks.{i}."
+        out[p + "ln.weight"], out[p + "ln.bias"] = sd[p + "ln1.w"], sd[p + "ln1.b"]
+        for x in "QKV":  # (H, d, d_head) -> Linear weight (H*d_head, d)
+            W = sd[p + f"attn.W_{x}"]
+            out[p + f"attn.{x.lower()}.weight"] = W.permute(0, 2, 1).reshape(-1, W.shape[1])
+            out[p + f"attn.{x.lower()}.bias"] = sd[p + f"attn.b_{x}"].reshape(-1)
+        W_O = sd[p + "attn.W_O"]  # (H, d_head, d)
+        out[p + "attn.o.weight"] = W_O.reshape(-1, W_O.shape[-1]).T
+        out[p + "attn.o.bias"] = sd[p + "attn.b_O"]
+        i += 1
+    return {k: v.detach().float().contiguous() for k, v in out.items()}
+
+
+def to_transformer_lens(params, n_head):
+    """The inverse of from_transformer_lens (for exporting, and for tests)."""
+    d = params["embed.weight"].shape[1]
+    sd = {"embed.W_E": params["embed.weight"], "pos_embed.W_pos": params["pos_embed"],
+          "ln_final.w": params["ln_final.weight"], "ln_final.b": params["ln_final.bias"],
+          "unembed.W_U": params["unembed.weight"].T, "unembed.b_U": params["unembed.bias"]}
+    i = 0
+    while f"blocks.{i}.ln.weight" in params:
+        p = f"blocks.{i}."
+        sd[p + "ln1.w"], sd[p + "ln1.b"] = params[p + "ln.weight"], params[p + "ln.bias"]
+        for x in "QKV":
+            sd[p + f"attn.W_{x}"] = params[p + f"attn.{x.lower()}.weight"].reshape(n_head, -1, d).permute(0, 2, 1)
+            sd[p + f"attn.b_{x}"] = params[p + f"attn.{x.lower()}.bias"].reshape(n_head, -1)
+        sd[p + "attn.W_O"] = params[p + "attn.o.weight"].T.reshape(n_head, -1, d)
+        sd[p + "attn.b_O"] = params[p + "attn.o.bias"]
+        i += 1
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def import_checkpoints(repo, steps, out_dir, cfg, *, pattern="checkpoint_{step:07d}.pth", revision="main",
+                       base_url=None, cache_dir=None, keep_download=False):
+    """Download published TransformerLens checkpoints and convert each once into this project's run format
+    (out_dir/config.json + checkpoints/step_*.safetensors), so llc.py and analyze.py read them like a run of
+    train.py. The .pth files are opened with torch.load(weights_only=True): no pickled code runs."""
+    from model import LMConfig, LMTransformer
+    out_dir = Path(out_dir)
+    common.atomic_write(out_dir / "config.json", json.dumps(cfg, indent=1))
+    mcfg = common.model_config(cfg)
+    assert isinstance(mcfg, LMConfig), "import_checkpoints needs an LM config (task = 'lm')"
+    for step in steps:
+        if step in common.list_checkpoints(out_dir):
+            continue
+        path = hub_download(repo, pattern.format(step=step), revision, base_url=base_url, cache_dir=cache_dir)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(sd, dict) and "embed.W_E" not in sd and key in sd:
+                sd = sd[key]
+        model = LMTransformer(mcfg)
+        params = from_transformer_lens(sd)
+        missing = set(dict(model.named_parameters())) ^ set(params)
+        if missing:
+            raise common.CheckpointError(f"{path} does not match the configured model: {sorted(missing)}")
+        model.load_state_dict(params, strict=False)
+        common.save_checkpoint(out_dir, step, model)
+        if not keep_download:
+            path.unlink()
+        common.progress(f"imported step {step} -> {common.ckpt_path(out_dir, step)}")
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------- command line
+def main(argv):
+    import argparse
+    import train
+    ap = argparse.ArgumentParser(prog="lm_data.py", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="build the data folder of a training config")
+    p.add_argument("config", nargs="*", help="config files and --key=value overrides, as for train.py")
+    p = sub.add_parser("stats", help="print a data folder's meta.json")
+    p.add_argument("data_dir")
+    for name, what in (("download", "fetch files from a model hub into the cache"),
+                       ("import", "convert published TransformerLens checkpoints into a run folder")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("repo")
+        p.add_argument("--revision", default="main")
+        p.add_argument("--base_url", default=None, help=f"default {HUB_URL} (env LM_HUB_URL)")
+        p.add_argument("--cache_dir", default=None, help=f"default {HUB_CACHE} (env LM_HUB_CACHE)")
+    sub.choices["download"].add_argument("files", nargs="+")
+    p = sub.choices["import"]
+    p.add_argument("--steps", required=True, help="comma-separated, or start:stop:step")
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--data_dir", default="", help="the LM data folder the run's evaluations should read")
+    p.add_argument("--pattern", default="checkpoint_{step:07d}.pth")
+    p.add_argument("--config", default=str(ROOT / "configs" / "L2W256.py"))
+    a, rest = ap.parse_known_args(argv)
+    if rest and a.cmd != "prepare":
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    if a.cmd == "prepare":
+        prepare_for(common.configure(train.DEFAULTS, a.config + rest))
+    elif a.cmd == "stats":
+        print(json.dumps({k: v for k, v in read_meta(a.data_dir).items() if k != "test_doc_ids"}, indent=1))
+    elif a.cmd == "download":
+        for f in a.files:
+            print(hub_download(a.repo, f, a.revision, base_url=a.base_url, cache_dir=a.cache_dir))
+    else:
+        if ":" in a.steps:
+            lo, hi, st = (int(x) for x in a.steps.split(":"))
+            steps = list(range(lo, hi, st))
+        else:
+            steps = [int(s) for s in a.steps.split(",")]
+        cfg = common.configure(train.DEFAULTS, [a.config, f"--out_dir={a.out_dir}", f"--data_dir={a.data_dir}"])
+        import_checkpoints(a.repo, steps, a.out_dir, cfg, pattern=a.pattern, revision=a.revision,
+                           base_url=a.base_url, cache_dir=a.cache_dir)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (HubError, FileNotFoundError, ValueError, RuntimeError) as e:  # ConfigError is a ValueError
+        sys.exit(f"lm_data.py: {e}")

@@ -1,0 +1,477 @@
+"""The language-model half: model, tokenizer and packed data, hub downloads, evaluations, training."""
+import gzip
+import hashlib
+import http.server
+import io
+import json
+import math
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, stack_module_state, vmap
+
+import common
+import lm_data
+import lm_eval
+import train
+from conftest import ROOT
+from model import LMConfig, LMTransformer, build_model
+
+TINY = LMConfig(vocab_size=50, n_ctx=16, n_layer=2, n_head=2, d_model=8)
+CTX = 64  # packed row length of the test corpus
+
+
+# ------------------------------------------------------------------------------------------------ model
+def test_parameter_count_and_init():
+    m = build_model(LMConfig(), 1)
+    assert sum(p.numel() for p in m.parameters()) == 3_355_016
+    p = dict(m.named_parameters())
+    for name in ("embed.weight", "pos_embed", "blocks.0.attn.q.weight", "blocks.1.attn.o.weight", "unembed.weight"):
+        assert p[name].std().item() == pytest.approx(0.05, rel=0.02), name
+    assert p["unembed.bias"].abs().max() == 0 and p["blocks.0.attn.v.bias"].abs().max() == 0
+    assert torch.equal(p["blocks.1.ln.weight"], torch.ones(256)) and torch.equal(p["ln_final.bias"], torch.zeros(256))
+
+
+def test_shortformer_positions_never_enter_the_residual_stream():
+    torch.manual_seed(0)
+    m = build_model(TINY, 0)
+    tokens = torch.randint(0, 50, (3, 16))
+
+    def with_positions(model, scale):
+        c = LMTransformer(TINY)
+        c.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            c.pos_embed.mul_(scale)
+        return c(tokens)
+
+    # 1. no attention output: the stream is the token embedding alone, whatever the position table holds
+    with torch.no_grad():
+        for b in m.blocks:
+            b.attn.o.weight.zero_()
+            b.attn.o.bias.zero_()
+    seen = {}
+    m.ln_final.register_forward_hook(lambda mod, inp, out: seen.setdefault("x", inp[0]))
+    m(tokens)
+    torch.testing.assert_close(seen["x"], m.embed(tokens))
+    torch.testing.assert_close(with_positions(m, 0.0), with_positions(m, 50.0))
+    # 2. uniform attention (q = k = 0): positions only reach the scores, so they cannot change the output
+    m = build_model(TINY, 1)
+    with torch.no_grad():
+        for b in m.blocks:
+            for lin in (b.attn.q, b.attn.k):
+                lin.weight.zero_()
+                lin.bias.zero_()
+    torch.testing.assert_close(with_positions(m, 0.0), with_positions(m, 50.0))
+    # 3. and with normal weights they do matter (through the queries and keys)
+    m = build_model(TINY, 2)
+    assert not torch.allclose(with_positions(m, 0.0), with_positions(m, 50.0))
+    torch.testing.assert_close(m(tokens, positions=False), with_positions(m, 0.0))
+
+
+def test_causal():
+    m = build_model(TINY, 3)
+    a = torch.randint(0, 50, (2, 16))
+    b = a.clone()
+    b[:, 9:] = torch.randint(0, 50, (2, 7))
+    torch.testing.assert_close(m(a)[:, :9], m(b)[:, :9])
+    assert not torch.allclose(m(a)[:, 9:], m(b)[:, 9:])
+    _, patterns = m(a, return_attention=True)
+    assert len(patterns) == 2 and patterns[0].shape == (2, 2, 16, 16)
+    assert patterns[1].triu(1).abs().max() == 0
+    torch.testing.assert_close(patterns[0].sum(-1), torch.ones(2, 2, 16))
+
+
+def test_vmap_over_stacked_models_and_the_task_loss():
+    """What llc.py does: vmap(grad(loss of functional_call)) over chains equals a loop over models."""
+    models = [build_model(TINY, s) for s in range(3)]
+    params, buffers = stack_module_state(models)
+    base = LMTransformer(TINY).to("meta")
+    x = torch.randint(0, 50, (3, 4, 15))
+    y = torch.randint(0, 50, (3, 4, 15))
+
+    def loss(p, b, xs, ys):
+        return lm_data.LMTask.loss(functional_call(base, (p, b), (lm_data.LMTask.model_input(xs, ys),)), ys)
+
+    grads = vmap(grad(loss))(params, buffers, x, y)
+    for i, m in enumerate(models):
+        m.zero_grad()
+        lm_data.LMTask.loss(m(x[i]), y[i]).backward()
+        for k, p in m.named_parameters():
+            torch.testing.assert_close(grads[k][i], p.grad, atol=1e-5, rtol=1e-4)
+    per_tok = lm_data.LMTask.loss_per_token(models[0](x[0]), y[0])
+    assert per_tok.shape == (15,)
+    torch.testing.assert_close(per_tok.mean(), lm_data.LMTask.loss(models[0](x[0]), y[0]))
+
+
+def _transformer_lens_forward(sd, tokens, n_head):
+    """A separate reading of TransformerLens' attention-only shortformer model, on its own state dict."""
+    T = tokens.shape[1]
+    ln = lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-5)  # noqa: E731
+    x, pos = sd["embed.W_E"][tokens], sd["pos_embed.W_pos"][:T]
+    i = 0
+    while f"blocks.{i}.attn.W_Q" in sd:
+        p = f"blocks.{i}."
+        h = ln(x, sd[p + "ln1.w"], sd[p + "ln1.b"])
+        q = torch.einsum("btd,hde->bthe", h + pos, sd[p + "attn.W_Q"]) + sd[p + "attn.b_Q"]
+        k = torch.einsum("btd,hde->bthe", h + pos, sd[p + "attn.W_K"]) + sd[p + "attn.b_K"]
+        v = torch.einsum("btd,hde->bthe", h, sd[p + "attn.W_V"]) + sd[p + "attn.b_V"]
+        s = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(q.shape[-1])
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        z = torch.einsum("bhqk,bkhe->bqhe", s.softmax(-1), v)
+        x = x + torch.einsum("bqhe,hed->bqd", z, sd[p + "attn.W_O"]) + sd[p + "attn.b_O"]
+        i += 1
+    return ln(x, sd["ln_final.w"], sd["ln_final.b"]) @ sd["unembed.W_U"] + sd["unembed.b_U"]
+
+
+def test_transformer_lens_state_dict_conversion():
+    m = build_model(TINY, 4)
+    with torch.no_grad():  # non-trivial biases and LayerNorms
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    sd = lm_data.to_transformer_lens(params, TINY.n_head)
+    assert sd["blocks.0.attn.W_Q"].shape == (2, 8, 4) and sd["blocks.0.attn.W_O"].shape == (2, 4, 8)
+    back = lm_data.from_transformer_lens(sd)
+    assert back.keys() == params.keys() and all(torch.equal(back[k], params[k]) for k in params)
+    tokens = torch.randint(0, 50, (2, 16))
+    torch.testing.assert_close(m(tokens), _transformer_lens_forward(sd, tokens, 2), atol=1e-5, rtol=1e-5)
+
+
+# -------------------------------------------------------------------------------- tokenizer and packing
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    """The default corpus (CPython's docs), prepared once for these tests with rows of 64 tokens."""
+    d = tmp_path_factory.mktemp("lmdata") / "python-v5000-ctx64"
+    lm_data.prepare(d, "python", 5000, CTX, 0.05, "train", progress=lambda msg: None)
+    return d
+
+
+def test_tokenizer_round_trip_and_special_ids(lm_dir):
+    tok = lm_data.load_tokenizer(lm_dir / "tokenizer.json")
+    assert tok.get_vocab_size() == 5000 and tok.token_to_id("<|endoftext|>") == 4999 and tok.token_to_id("Ġ") == 220
+    docs = lm_data.python_docs_corpus()
+    for doc in docs[::7]:
+        assert tok.decode(tok.encode(doc).ids) == doc
+    meta = lm_data.read_meta(lm_dir)
+    assert meta["bos"] == meta["eos"] == 4999 and meta["space_id"] == 220
+    assert 3.0 < meta["splits"]["train"]["chars"] / meta["splits"]["train"]["tokens"] < 5.0
+
+
+def test_packed_files_and_held_out_split(lm_dir):
+    meta = lm_data.read_meta(lm_dir)
+    train_rows, test_rows = lm_data.open_rows(lm_dir, "train"), lm_data.open_rows(lm_dir, "test")
+    for rows, split in ((train_rows, "train"), (test_rows, "test")):
+        assert rows.dtype == np.uint16 and rows.shape == (meta["splits"][split]["rows"], CTX)
+        assert (lm_dir / f"{split}.bin").stat().st_size == rows.size * 2
+        assert (rows[:, 0] == 4999).all()
+    # the rows are the documents' tokens joined by EOS, in order, cut every 63 tokens
+    docs = lm_data.python_docs_corpus()
+    tok = lm_data.load_tokenizer(lm_dir / "tokenizer.json")
+    train_ids, test_ids = lm_data.split_documents(docs, 0.05, 0)
+    assert test_ids == meta["test_doc_ids"] and not set(train_ids) & set(test_ids)
+    assert sorted(train_ids + test_ids) == list(range(len(docs)))
+    stream = np.concatenate([np.append(tok.encode(docs[i]).ids, 4999) for i in test_ids])
+    np.testing.assert_array_equal(np.asarray(test_rows[:, 1:]).ravel(), stream[:test_rows.shape[0] * (CTX - 1)])
+    first = np.concatenate([np.append(tok.encode(docs[i]).ids, 4999) for i in train_ids[:5]])
+    n = len(first) // (CTX - 1) * (CTX - 1)
+    np.testing.assert_array_equal(np.asarray(train_rows[:, 1:]).ravel()[:n], first[:n])
+    held = {r.tobytes() for r in np.asarray(test_rows)}
+    assert not any(r.tobytes() in held for r in np.asarray(train_rows))
+    # unigram entropy as recorded, and a reused folder with other settings is refused
+    assert meta["unigram_entropy"] == pytest.approx(lm_data.unigram_entropy(train_rows, 5000))
+    with pytest.raises(common.ConfigError, match="other settings"):
+        lm_data.prepare(lm_dir, "python", 5000, 128, 0.05, "train")
+
+
+def test_other_corpora(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a.txt").write_text("first document")
+    (tmp_path / "b" / "c.md").write_text("second")
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"contents": "a pile row"}) + "\n" + json.dumps({"text": "another"}) + "\n")
+    assert lm_data.load_corpus(str(tmp_path)) == ["first document", "second", "a pile row", "another"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        lm_data.load_corpus(str(tmp_path / "nowhere"))
+    if shutil.which("bible"):  # Debian's bible-kjv is installed here
+        kjv = lm_data.load_corpus("kjv")
+        assert len(kjv) == 1189 and kjv[0].startswith("In the beginning God created the heaven and the earth.")
+
+
+def test_lm_task_interface(lm_dir):
+    task = lm_data.LMTask(lm_dir)
+    g = torch.Generator().manual_seed(0)
+    xs, ys = task.sample(g, 5)
+    assert xs.shape == ys.shape == (5, CTX - 1) and xs.dtype == torch.long and (xs[:, 0] == 4999).all()
+    g2 = torch.Generator().manual_seed(0)
+    assert torch.equal(task.sample(g2, 5)[0], xs)
+    assert torch.equal(xs[:, 1:], ys[:, :-1])
+    with pytest.raises(common.ConfigError, match="n_ctx=64, but the run has n_ctx=128"):
+        lm_data.LMTask(lm_dir, n_ctx=128)
+    rows = task.eval_data(0, 7)
+    assert torch.equal(rows, torch.from_numpy(np.asarray(task.test[:7]).astype(np.int64)))
+    m = build_model(LMConfig(n_ctx=CTX, d_model=16, n_head=2), 0)
+    assert task.loss(m(task.model_input(xs, ys)), ys).item() == pytest.approx(math.log(5000), abs=0.6)
+    row = task.metrics(m, rows)
+    assert {"loss", "loss/0", "loss/50", "loss_pos_ablated", "icl", "weight_norm"} <= set(row)
+    assert "loss/100" not in row  # beyond the 63 predicted positions
+
+
+# ---------------------------------------------------------------------------------------------- the hub
+class _Hub(http.server.BaseHTTPRequestHandler):
+    """A tiny file server with Range support. files: path -> bytes; etag: path -> advertised sha256;
+    cut: paths whose next GET sends only half the body and drops the connection."""
+    files, etag, cut, log = {}, {}, set(), []
+
+    def do_GET(self):
+        self.log.append((self.path, self.headers.get("Range")))
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start, status = 0, 200
+        rng = self.headers.get("Range")
+        if rng:
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = 206
+        self.send_response(status)
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.send_header("Content-Length", str(len(body) - start))
+        self.send_header("ETag", f'"{self.etag.get(self.path, hashlib.sha256(body).hexdigest())}"')
+        self.end_headers()
+        if self.path in self.cut:
+            self.cut.discard(self.path)
+            self.wfile.write(body[start:start + (len(body) - start) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    _Hub.files, _Hub.etag, _Hub.cut, _Hub.log = {}, {}, set(), []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield _Hub, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_hub_download_resume_cache_and_hash(hub, tmp_path):
+    H, url = hub
+    blob = np.random.default_rng(0).bytes(300_000)
+    H.files["/o/tok/resolve/main/tokenizer.json"] = blob
+    H.cut.add("/o/tok/resolve/main/tokenizer.json")
+    kw = dict(base_url=url, cache_dir=tmp_path)
+    # an interrupted transfer leaves a partial file and a clear error ...
+    with pytest.raises(lm_data.HubError, match="interrupted after .* bytes.*run again to resume"):
+        lm_data.hub_download("o/tok", "tokenizer.json", retries=0, **kw)
+    part = tmp_path / "o/tok/main/tokenizer.json.part"
+    have = part.stat().st_size  # whole chunks of the 150,000 bytes sent
+    assert 0 < have <= 150_000 and part.read_bytes() == blob[:have]
+    # ... and the next call resumes it with a Range request, then checks the server's sha256
+    path = lm_data.hub_download("o/tok", "tokenizer.json", **kw)
+    assert path.read_bytes() == blob and not part.exists()
+    assert H.log[-1] == ("/o/tok/resolve/main/tokenizer.json", f"bytes={have}-")
+    # cached: no request at all
+    n = len(H.log)
+    assert lm_data.hub_download("o/tok", "tokenizer.json", **kw) == path and len(H.log) == n
+    # an interruption inside one call is resumed there (retries)
+    H.files["/o/tok/resolve/v2/tokenizer.json"] = blob
+    H.cut.add("/o/tok/resolve/v2/tokenizer.json")
+    assert lm_data.hub_download("o/tok", "tokenizer.json", "v2", **kw).read_bytes() == blob
+    assert [r for _, r in H.log[n:]] == [None, f"bytes={have}-"]
+    # a hash mismatch (server's ETag, or the caller's sha256) is an error and leaves nothing behind
+    H.files["/o/bad/resolve/main/x.bin"] = blob
+    H.etag["/o/bad/resolve/main/x.bin"] = hashlib.sha256(b"something else").hexdigest()
+    with pytest.raises(lm_data.HubError, match="sha256 mismatch.*server ETag.*removed"):
+        lm_data.hub_download("o/bad", "x.bin", **kw)
+    assert not list((tmp_path / "o/bad").rglob("x.bin*"))
+    H.files["/o/ok/resolve/main/x.bin"] = blob
+    with pytest.raises(lm_data.HubError, match="sha256 mismatch: expected 0000"):
+        lm_data.hub_download("o/ok", "x.bin", sha256="0" * 64, **kw)
+    with pytest.raises(lm_data.HubError, match="expected size"):
+        lm_data.hub_download("o/ok", "x.bin", size=12, **kw)
+    with pytest.raises(lm_data.HubError, match="not found"):
+        lm_data.hub_download("o/none", "x.bin", **kw)
+
+
+def test_import_published_checkpoints(hub, tmp_path, lm_dir):
+    """TransformerLens .pth checkpoints from the hub become a run folder that load_model and run_task read."""
+    H, url = hub
+    cfg = common.configure(train.DEFAULTS, [str(ROOT / "configs" / "L2W256.py"), f"--out_dir={tmp_path / 'run'}",
+                                            f"--data_dir={lm_dir}", f"--n_ctx={CTX}", "--d_model=16", "--n_head=2"])
+    models = {s: build_model(common.model_config(cfg), s) for s in (0, 100)}
+    for s, m in models.items():
+        buf = io.BytesIO()
+        params = {k: v.detach() for k, v in m.named_parameters()}
+        torch.save({"model": lm_data.to_transformer_lens(params, 2)}, buf)
+        H.files[f"/o/L2/resolve/main/checkpoint_{s:07d}.pth"] = buf.getvalue()
+    H.cut.add("/o/L2/resolve/main/checkpoint_0000100.pth")
+    out = lm_data.import_checkpoints("o/L2", [0, 100], tmp_path / "run", cfg, base_url=url, cache_dir=tmp_path / "c")
+    assert common.list_checkpoints(out) == [0, 100]
+    tokens = torch.randint(0, 5000, (2, CTX))
+    for s, m in models.items():
+        torch.testing.assert_close(common.load_model(out, s)(tokens), m(tokens))
+    assert isinstance(common.run_task(out), lm_data.LMTask)
+    assert not list((tmp_path / "c").rglob("*.pth"))  # converted once, download dropped
+
+
+# ---------------------------------------------------------------------------------------------- evaluations
+def test_head_scores_on_hand_built_patterns():
+    B, H, T = 6, 3, 20
+    lengths = torch.tensor([16, 17, 18, 19, 20, 20])
+    p = torch.zeros(B, H, T, T)
+    p[:, 0] = torch.diag(torch.ones(T - 1), -1)  # head 0 attends to the previous token
+    p[:, 0, 0, 0] = 1
+    p[:, 1] = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1)[:, None]  # head 1 uniform
+    p[:, 2] = torch.eye(T)  # head 2 attends to itself
+    s = lm_eval.previous_token_score(p, lengths)
+    assert s[0] == pytest.approx(1.0) and s[2] == 0
+    assert s[1].item() == pytest.approx((1 / lengths.double()).mean().item())
+    # prefix matching: from the repeat to the token after the first occurrence
+    first, second = torch.tensor([2, 5, 7, 3, 1, 4]), torch.tensor([12, 15, 18, 11, 19, 13])
+    p = torch.zeros(B, H, T, T)
+    p[torch.arange(B), 0, second, first + 1] = 1  # induction head
+    p[torch.arange(B), 1, second, first] = 1      # attends to the earlier copy itself: not induction
+    s = lm_eval.prefix_matching_score(p, first, second)
+    assert s.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_synthetic_sequences_follow_the_spec():
+    tokens, lengths = lm_eval.previous_token_data(500, 5000, seed=0)
+    assert tokens.shape == (500, 64) and (tokens[:, 0] == 4999).all() and tokens[:, 1:].max() < 4999
+    assert lengths.min() >= 16 and lengths.max() <= 64
+    assert torch.equal(lm_eval.previous_token_data(500, 5000, seed=0)[0], tokens)
+    tokens, first, second = lm_eval.prefix_matching_data(500, 128, 5000, seed=0)
+    assert tokens.shape == (500, 128) and (tokens[:, 0] == 4999).all() and tokens[:, 1:].max() < 4999
+    assert first.min() >= 1 and first.max() <= 63 and second.min() >= 65 and second.max() <= 127
+    b = torch.arange(500)
+    s = tokens[b, first]
+    assert torch.equal(tokens[b, second], s)
+    assert ((tokens == s[:, None]).sum(1) == 2).all()  # s occurs exactly twice
+    # on a model: shapes, chance level at init
+    m = build_model(LMConfig(n_ctx=128, d_model=16, n_head=2), 0)
+    pt, pm = lm_eval.previous_token_scores(m, n=200), lm_eval.prefix_matching_scores(m, n=200)
+    assert pt.shape == pm.shape == (2, 2)
+    assert 0.01 < pt.mean() < 0.06 and 0.002 < pm.mean() < 0.03
+
+
+def test_k_composition_against_the_formula():
+    m = build_model(LMConfig(vocab_size=30, n_ctx=8, n_head=3, d_model=12), 5)
+    sd = lm_data.to_transformer_lens({k: v.detach() for k, v in m.named_parameters()}, 3)
+    W = lambda x, layer, h: sd[f"blocks.{layer}.attn.W_{x}"][h].double().numpy()  # noqa: E731
+    got = lm_eval.k_composition_scores(m)
+    assert got.shape == (3, 3)
+    for h0 in range(3):
+        for h1 in range(3):
+            ov = W("V", 0, h0) @ W("O", 0, h0)
+            qk = W("Q", 1, h1) @ W("K", 1, h1).T
+            want = np.linalg.norm(ov @ qk.T) / (np.linalg.norm(ov) * np.linalg.norm(qk))
+            assert got[h0, h1].item() == pytest.approx(want, rel=1e-5)
+    # rank one: |cos| between what the layer-0 head writes and what the layer-1 key reads
+    u, v, w = torch.randn(3, 12)
+    A, B = torch.outer(u, v), torch.outer(w, v)
+    assert lm_eval.composition_score(A, B.T).item() == pytest.approx(1.0, rel=1e-5)
+    v2 = torch.randn(12)
+    v2 -= (v2 @ v) / (v @ v) * v
+    assert lm_eval.composition_score(A, torch.outer(v2, w)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+class _Bigram(nn.Module):
+    """A model whose logits at each position are log B[current token]: the bigram score's optimum."""
+
+    def __init__(self, table, V):
+        super().__init__()
+        self.cfg = LMConfig(vocab_size=V, n_ctx=32)
+        self.logB = torch.log(lm_eval._dense_rows(table, torch.arange(V), V).float().clamp_min(1e-30))
+
+    def forward(self, tokens, positions=True):
+        return self.logB[tokens]
+
+
+def test_bigram_table_entropy_and_score():
+    rows = np.array([[4, 0, 1, 0, 2, 0, 1, 3], [4, 0, 1, 1, 2, 3, 0, 1]], dtype=np.uint16)
+    t = lm_eval.bigram_table(rows, 5)
+    dense = lm_eval._dense_rows(t, torch.arange(5), 5)
+    torch.testing.assert_close(dense[0], torch.tensor([0, 4 / 5, 1 / 5, 0, 0], dtype=torch.float64))
+    torch.testing.assert_close(dense.sum(1), torch.ones(5, dtype=torch.float64))  # every token is followed here
+    tokens = torch.from_numpy(rows.astype(np.int64))
+    H = lm_eval.bigram_entropy(t, tokens, n=2000)
+    assert 0 < H < math.log(5)
+    model = _Bigram(t, 5)
+    assert lm_eval.bigram_score(model, tokens, t, n_seq=2) >= 0
+    # the optimum reaches the entropy of the rows it is scored on
+    big = torch.from_numpy(np.tile(rows, (50, 1)).astype(np.int64))
+    score = lm_eval.bigram_score(model, big, t, n_seq=100)
+    c = big[torch.arange(100), lm_eval._sample_positions(big, 100, 0)[1]]
+    Hc = -(dense * dense.clamp_min(1e-30).log()).sum(1)
+    assert score == pytest.approx(Hc[c].mean().item(), rel=1e-5)
+
+
+def test_ngrams_icl_and_per_position_loss():
+    enc = {" cat": [1, 2], " dog": [3], " a b": [4, 220], " emu": [5, 6], " gnu": [7, 8, 9]}
+    seqs = lm_eval.ngram_sequences(enc.get, list(enc), 2, bos=49)
+    assert seqs.tolist() == [[49, 1, 2], [49, 5, 6]]
+    assert lm_eval.ngram_sequences(enc.get, list(enc), 2, limit=1, bos=49).shape == (1, 3)
+    m = build_model(TINY, 0)
+    logits = m(seqs[:, :-1])[:, -1]
+    assert lm_eval.ngram_loss(m, seqs) == pytest.approx(F.cross_entropy(logits, seqs[:, -1]).item(), rel=1e-5)
+    assert lm_eval.icl_positions(1024) == (48, 498)
+    tokens = torch.randint(0, 50, (5, 16))
+    pp = lm_eval.per_position_loss(m, tokens, batch_size=2)
+    want = F.cross_entropy(m(tokens[:, :-1]).transpose(1, 2), tokens[:, 1:], reduction="none").mean(0)
+    torch.testing.assert_close(pp.float(), want)
+    assert not torch.allclose(lm_eval.position_ablated_loss(m, tokens), pp)
+    assert lm_eval.true_token_logits(m, tokens, n=5).shape == (5,)
+    words = lm_eval.words_from_texts(["the cat and the dog", "the end"])
+    assert words[:2] == [" the", " and"]
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _lm_cfg(lm_dir, out, *extra):
+    return common.configure(train.DEFAULTS, [str(ROOT / "configs" / "lm_tiny.py"), f"--out_dir={out}",
+                                             f"--data_dir={lm_dir}", f"--n_ctx={CTX}", *extra])
+
+
+def test_lm_tiny_resumes_bit_identically(lm_dir, tmp_path):
+    small = ["--d_model=16", "--n_head=2", "--batch_size=4", "--max_steps=13", "--n_log=0", "--n_lin=0",
+             "--ckpt_every=3", "--eval_batch_size=8", "--log_interval=1"]
+    ref = train.train(_lm_cfg(lm_dir, tmp_path / "ref", *small))
+    train.train(_lm_cfg(lm_dir, tmp_path / "cut", *small, "--stop_at=6"))
+    assert common.list_checkpoints(tmp_path / "cut") == [0, 3, 6]
+    got = train.train(_lm_cfg(lm_dir, tmp_path / "cut", *small))
+    assert got == {**ref, "step_time": got["step_time"]}
+    a, b = common.load_params(tmp_path / "ref", 12), common.load_params(tmp_path / "cut", 12)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = common.read_jsonl(tmp_path / "cut" / "log.jsonl")
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(13))
+    cfg = common.load_run(tmp_path / "ref")
+    assert cfg["task"] == "lm" and isinstance(common.load_model(tmp_path / "ref", 12), LMTransformer)
+
+
+@pytest.mark.slow
+def test_lm_tiny_loss_falls_below_the_unigram_entropy(lm_dir, tmp_path):
+    H1 = lm_data.read_meta(lm_dir)["unigram_entropy"]
+    train.train(_lm_cfg(lm_dir, tmp_path, "--d_model=32", "--batch_size=8", "--lr=1e-2", "--max_steps=300",
+                        "--n_log=0", "--n_lin=0", "--ckpt_every=299", "--eval_batch_size=32"))
+    first, last = [r["loss"] for r in common.read_jsonl(tmp_path / "log.jsonl") if r["kind"] == "eval"]
+    assert first > math.log(5000) - 0.2 and last < H1 - 0.3, (first, last, H1)
