@@ -15,12 +15,12 @@ of step t are drawn from a generator seeded by (seed, rank, t), so only the weig
 need saving. Outputs: see common.py.
 """
 import json
-import math
 import os
 import sys
 import time
 import warnings
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: busy-waiting threads crawl under load
 import numpy as np
 import torch
 

@@ -393,3 +393,104 @@ def test_config_files_parse(name):
     path = os.path.join(os.path.dirname(llc.__file__), "configs", f"{name}.py")
     cfg = common.configure(llc.DEFAULTS, [path])
     assert cfg["epsilon"] > 0 and cfg["num_chains"] >= 1
+
+
+# -------------------------------------------------- the hand-written batched gradient and the chain modes
+def _stacked(params, G, seed=0, scale=0.02):
+    """G perturbed copies of the parameters, stacked: (G, *shape) per name."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(G, *v.shape, generator=gen) for k, v in params.items()}
+
+
+@pytest.mark.parametrize("G,per_token", [(1, False), (3, False), (2, True)])
+def test_native_gradient_matches_autograd_on_the_module(G, per_token):
+    cfg = ICLConfig(n_layer=2, d_model=16, d_mlp=24, n_head=2)
+    model, task = build_model(cfg, 0), Task(K=5)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    xs, ys = task.sample(torch.Generator().manual_seed(1), G * 7)
+    xs, ys = xs.view(G, 7, 5, 4), ys.view(G, 7, 5)
+    stk = _stacked(params, G)
+    loss, grads = llc.icl_loss_and_grads(cfg, stk, xs, ys, per_token=per_token)
+    assert loss.shape == ((G, 5) if per_token else (G,))
+    for c in range(G):
+        pc = {k: v[c].clone().requires_grad_() for k, v in stk.items()}
+        out = functional_call(model, pc, (to_tokens(xs[c], ys[c]),))
+        ref = (task.loss_per_token if per_token else task.loss)(out, ys[c])
+        ref_g = torch.autograd.grad(ref.mean(), list(pc.values()))
+        torch.testing.assert_close(loss[c], ref.detach(), rtol=1e-6, atol=1e-7)
+        for (k, _), g in zip(pc.items(), ref_g):
+            torch.testing.assert_close(grads[k][c], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=k)
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_slicing_the_last_block_changes_nothing(G):
+    """Computing the last block's queries, MLP and unembedding only at the x-token rows (and only output channel 0)
+    gives the very same loss; the gradients agree to float rounding (sums over fewer rows)."""
+    model, task = build_model(ICLConfig(), 0), Task()
+    stk = _stacked({k: v.detach() for k, v in model.named_parameters()}, G, seed=2)
+    xs, ys = task.sample(torch.Generator().manual_seed(3), G * 16)
+    xs, ys = xs.view(G, 16, 8, 4), ys.view(G, 16, 8)
+    l1, g1 = llc.icl_loss_and_grads(model.cfg, stk, xs, ys, slice_last=True)
+    l0, g0 = llc.icl_loss_and_grads(model.cfg, stk, xs, ys, slice_last=False)
+    assert torch.equal(l1, l0)
+    assert set(g1) == set(g0) == set(stk)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-6, atol=2e-6 * g0[k].abs().max().item(), msg=k)
+
+
+@pytest.mark.parametrize("include", [None, "blocks.1.**"])
+def test_chain_modes_give_the_same_chains(include):
+    model, task = build_model(ICLConfig(d_model=16, d_mlp=16), 0), Task()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=3, num_draws=5, num_burnin=2, batch_size=16, n=64,
+              seed=4, include=include)
+    loss_fn = llc.run_loss_fn(model, task)
+    assert llc.pick_chain_mode(loss_fn, "cpu", 16, 10) == "native_loop"
+    assert llc.pick_chain_mode(lambda p, b: 0, "cpu", 1024, 52_000) == "loop"
+    assert llc.pick_chain_mode(lambda p, b: 0, "cpu", 1000, 30) == "vmap"
+    runs = {m: llc.estimate_llc(loss_fn, params, llc.run_sampler(task), chain_mode=m, **kw)
+            for m in ("native", "native_loop", "loop", "vmap")}
+    assert runs["native"]["chain_mode"] == "native" and runs["vmap"]["num_params"] == runs["native"]["num_params"]
+    for m, r in runs.items():
+        torch.testing.assert_close(r["loss_trace"], runs["vmap"]["loss_trace"], rtol=1e-5, atol=1e-7, msg=m)
+    with pytest.raises(ValueError, match="batched_grad"):
+        llc.estimate_llc(quad_loss, {"w": torch.zeros(2)}, ZERO_DATA, chain_mode="native", **{
+            k: kw[k] for k in ("epsilon", "gamma", "nbeta")})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or llc.triton is None, reason="needs CUDA and triton")
+def test_cuda_graph_replays_the_eager_chains():
+    model, task = build_model(ICLConfig(), 0), Task()
+    params = {k: v.detach().cuda() for k, v in model.named_parameters()}
+    kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=4, num_draws=20, num_burnin=5, batch_size=64, n=256,
+              seed=5, device="cuda", chain_mode="native")
+    eager = llc.estimate_llc(llc.run_loss_fn(model.cuda(), task), params, llc.run_sampler(task), **kw)
+    graph = llc.estimate_llc(llc.run_loss_fn(model.cuda(), task), params, llc.run_sampler(task), cuda_graph=True, **kw)
+    assert graph["cuda_graph"] and eager["update_backend"] == "triton"
+    torch.testing.assert_close(graph["loss_trace"], eager["loss_trace"], rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------- torchrun: checkpoints across ranks
+def test_torchrun_two_gloo_ranks_write_the_single_process_rows(tiny_run):
+    """2 CPU ranks (gloo) split 4 checkpoints and rank 0 writes them: the same rows (same numbers, same order)
+    as one process; a second torchrun resumes (nothing left to do)."""
+    import subprocess
+    import sys
+    common.save_checkpoint(tiny_run, 30, build_model(common.model_config(common.load_run(tiny_run)), 30))
+    llc.main(["--ckpt", str(tiny_run), *CLI, "--out=single.jsonl"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    conf = tiny_run / "llc_conf.py"  # torchrun's argparse would take `--n=32` for an abbreviation of its own options
+    conf.write_text("".join(f"{a[2:].split('=')[0]} = {a.split('=')[1]}\n" for a in CLI))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(os.path.dirname(llc.__file__), "llc.py"), str(conf), "--ckpt", str(tiny_run),
+           "--out=multi.jsonl", "--steps=0,10"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)  # half the checkpoints ...
+    cmd[-1] = "--steps=0,10,20,30"
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # ... then resume
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 checkpoint(s) to do, 2 already" in proc.stderr
+    timing = {"wall_time", "sample_time"}
+    single, multi = (common.read_jsonl(tiny_run / f) for f in ("single.jsonl", "multi.jsonl"))
+    assert [r["step"] for r in multi] == [0, 10, 20, 30]
+    for a, b in zip(single, multi):
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
