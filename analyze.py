@@ -1,126 +1,181 @@
 """Analyse training runs: per-checkpoint metrics, essential dynamics, stages, figures and a report.
 
     python analyze.py out/tiny                              # outputs in out/tiny
-    python analyze.py out/s0 out/s1 out/s2 --out=out/seeds  # seeds: mean ± std across runs, outputs in --out
-                                                            # (default: the first run directory)
-Per run (cached, only new checkpoints are evaluated): analysis.jsonl (one row per checkpoint), ed_outputs.f32
-(the raw model outputs on the fixed ED batch, one float32 row per checkpoint, for essential dynamics) and
-analysis_meta.json (the settings; changing them recomputes everything). Into the output directory:
-stages.json, summary.json, report.md, figures/*.png. Several runs share one stage detection (on the mean
-curve over the steps common to all runs) and one PCA (all runs' rows in one Gram matrix, each run centred
-on its own mean). Without llc.jsonl the stages come from the test loss (a warning, also in summary.json).
-Quicker on a CPU: --eval_size=2048 --hessian_batch=256 (or --hessian_probes=0 --lanczos_iters=0).
+    python analyze.py out/s0 out/s1 out/s2 --out=out/seeds  # seeds: mean ± std, outputs in --out (default: the first)
+Per run (cached, only new checkpoints are evaluated): analysis.jsonl (a row per checkpoint), ed_outputs.f32 (the
+raw outputs on the fixed ED batch, a float32 row per checkpoint) and analysis_meta.json (the settings; changing
+them recomputes everything). Into the output directory: stages.json, summary.json, report.md, figures/*.png
+(plots.py). Several runs share one stage detection (on the mean curve over their common steps) and one PCA
+(each run centred on its own mean). Without llc.jsonl the stages come from the test loss; llc.jsonl rows whose
+chains all diverged (llc_mean null) are left out; both with a warning, also in summary.json.
+Quicker on a CPU: --eval_size=2048; --hessian_probes=0 --lanczos_iters=0 skip the Hessian.
 Specs: ../shared/spec/regression.md §8-9, llc-and-ed.md §3-5.
 """
-import argparse, io, json, math, os, sys, time, warnings
+import argparse, json, math, os, sys, time, warnings
 from pathlib import Path
+from statistics import NormalDist
 
-import matplotlib
 import numpy as np
 import torch
-from torch.func import functional_call, grad
-
-matplotlib.use("Agg")  # headless: figures are only ever written to files
-import matplotlib.pyplot as plt  # noqa: E402
+from torch.func import functional_call
 
 import common
 import data
+import plots
 
 REFERENCE = Path(__file__).resolve().parent.parent / "shared" / "reference" / "paper_v1_seedmean.csv"
-STAGE_COLORS = ["#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#dd8452", "#937860"]
 
 
 # ------------------------------------------------------------------------------------- stage detection
-def gp_smooth(x, y, x_eval, lengthscales=np.geomspace(0.15, 4, 18), noises=np.geomspace(1e-6, 1, 25),
-              max_fit=400):
-    """GP regression with an RBF kernel (numpy); lengthscale and noise ratio by maximum marginal likelihood
-    on a grid, the amplitude profiled out in closed form. One eigendecomposition per lengthscale makes the
-    whole noise grid cheap. Fits on at most `max_fit` points spread evenly in x. Returns (mean at x_eval, hp)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) > max_fit:
-        keep = np.unique(np.searchsorted(x, np.linspace(x[0], x[-1], max_fit)).clip(0, len(x) - 1))
-        x, y = x[keep], y[keep]
+def gp_fit(t, y, se=None, starts=(0.3, 1.0, 3.0)):
+    """GP regression of a curve y over training steps t, returning the posterior (mean, covariance, hp) at t.
+
+    Kernel amp² exp(-(u - u')² / 2 ls²) on u = log(t + t0): t0 = 1 is log(t+1); a larger t0 compresses the early
+    steps (one stationary lengthscale cannot fit both a flat start and sharp transitions). Noise variance of
+    point i: (c·se_i)² + floor² (floor² alone without `se`); c rescales the reported standard errors, which are
+    estimates themselves (with common random numbers across checkpoints they overstate the scatter). ls, amp,
+    floor, c and t0 ∈ [1, max t] by maximum marginal likelihood on y standardised (torch L-BFGS, float64, one
+    start per lengthscale in `starts`)."""
+    f64 = dict(dtype=torch.float64)
+    t, y = torch.as_tensor(np.asarray(t, float), **f64), np.asarray(y, float)
     mu, sd = y.mean(), y.std() or 1.0
-    z, n, best = (y - mu) / sd, len(x), (-np.inf,)
-    for ls in lengthscales:
-        lam, Q = np.linalg.eigh(np.exp(-0.5 * (x[:, None] - x[None]) ** 2 / ls ** 2))
-        qz = Q.T @ z
-        for r in noises:
-            ev = lam.clip(0) + r
-            amp2 = max(np.sum(qz ** 2 / ev) / n, 1e-300)
-            lml = -0.5 * n * np.log(amp2) - 0.5 * np.log(ev).sum()
-            if lml > best[0]:
-                best = (lml, ls, r, amp2, Q @ (qz / ev))
-    _, ls, r, amp2, alpha = best
-    mean = mu + sd * np.exp(-0.5 * (np.asarray(x_eval, float)[:, None] - x[None]) ** 2 / ls ** 2) @ alpha
-    return mean, dict(lengthscale=float(ls), noise_std=float(sd * math.sqrt(r * amp2)))
+    z = torch.as_tensor((y - mu) / sd, **f64)
+    s2 = None if se is None else torch.as_tensor((np.asarray(se, float) / sd) ** 2, **f64)
+    # bounds of log ls, amp, floor, c (sd units): ls 0.05-10, amp 0.05-20, floor 1e-4-2, c 1e-3-1e3; t0 1 - max t
+    lo = torch.tensor([-3.0, -3.0, -9.2] + [-6.9] * (s2 is not None) + [0.0], **f64)
+    hi = torch.tensor([2.3, 3.0, 0.7] + [6.9] * (s2 is not None) + [math.log(max(float(t.max()), 2.0))], **f64)
+
+    def parts(phi):
+        th = (lo + (hi - lo) * torch.sigmoid(phi)).exp()
+        u = torch.log(t + th[-1])
+        K = th[1] ** 2 * torch.exp(-0.5 * ((u[:, None] - u[None]) / th[0]) ** 2)
+        noise = th[2] ** 2 + (0.0 if s2 is None else th[3] ** 2 * s2) + 1e-10
+        return K, K + torch.diag(torch.broadcast_to(noise, t.shape)), th
+
+    def nll(phi):
+        L = torch.linalg.cholesky(parts(phi)[1])
+        return 0.5 * z @ torch.cholesky_solve(z[:, None], L)[:, 0] + L.diagonal().log().sum()
+
+    best = (math.inf, None)
+    for ls0 in starts:
+        th0 = torch.tensor([math.log(ls0), 0.0, -3.0] + [0.0] * (s2 is not None) + [math.log(10.0)], **f64)
+        phi = torch.logit((th0 - lo) / (hi - lo)).requires_grad_(True)
+        opt = torch.optim.LBFGS([phi], max_iter=200, line_search_fn="strong_wolfe", tolerance_change=1e-12)
+
+        def closure():
+            opt.zero_grad()
+            v = nll(phi)
+            v.backward()
+            return v
+        try:
+            opt.step(closure)
+        except torch.linalg.LinAlgError:  # not positive definite on the way: try the next start
+            continue
+        with torch.no_grad():
+            v = float(nll(phi))
+        if v < best[0]:
+            best = (v, phi.detach())
+    with torch.no_grad():
+        K, Ky, th = parts(best[1])
+        A = torch.linalg.solve(Ky, torch.cat([z[:, None], K], 1))
+        mean, cov = mu + sd * (K @ A[:, 0]), sd ** 2 * (K - K @ A[:, 1:])
+    th = th.tolist()
+    hp = dict(lengthscale=th[0], amplitude=th[1] * sd, noise_floor=th[2] * sd, t0=th[-1], nll=best[0],
+              se_scale=th[3] if s2 is not None else None)
+    return mean.numpy(), cov.numpy(), hp
 
 
-def d_dx(x, f):
-    """Mean of forward and backward differences (ends: the one-sided difference), as the paper's d_dt."""
-    fw = np.diff(f) / np.diff(x)
-    return np.concatenate([fw[:1], 0.5 * (fw[1:] + fw[:-1]), fw[-1:]])
+def slope_matrix(x):
+    """The paper's d_dt as a matrix S (S @ f = df/dx): mean of forward and backward differences, one-sided at
+    the ends."""
+    i, h = np.arange(len(x) - 1), np.diff(x)
+    F = np.zeros((len(x) - 1, len(x)))
+    F[i, i], F[i, i + 1] = -1 / h, 1 / h
+    return np.vstack([F[:1], 0.5 * (F[1:] + F[:-1]), F[-1:]])
 
 
-def prominence(a, i):
-    """How far the local minimum a[i] lies below the lower of the two highest points separating it from a
-    lower value (or from the edge) on either side: small for wiggles inside a flat stretch."""
-    lo = np.nonzero(a[:i] < a[i])[0]
-    left = a[(lo[-1] if len(lo) else 0):i + 1].max()
-    lo = np.nonzero(a[i + 1:] < a[i])[0]
-    right = a[i:(i + 1 + lo[0]) if len(lo) else len(a)].max()
-    return float(min(left, right) - a[i])
+def flank_peaks(a, i):
+    """The highest a between i and the nearest point lower than a[i] on each side, as (index, edge): edge is
+    True where the side runs into the end of the curve without such a point."""
+    lo, hi = np.nonzero(a[:i] < a[i])[0], np.nonzero(a[i + 1:] < a[i])[0]
+    l0, r1 = (lo[-1] if len(lo) else 0), (i + 1 + hi[0] if len(hi) else len(a))
+    return [(l0 + int(np.argmax(a[l0:i + 1])), not len(lo)), (i + int(np.argmax(a[i:r1])), not len(hi))]
 
 
-def detect_stages(steps, values, slope_frac=0.1, prom_frac=0.03, min_change_frac=0.05, min_log_len=0.25,
-                  flat_frac=0.05):
+def detect_stages(steps, values, se=None, alpha=0.05, slope_frac=0.1, min_change_frac=0.05, min_log_len=0.25,
+                  flat_frac=0.05, max_fit=400):
     """Stage boundaries from a curve over training steps (llc-and-ed.md §4), automatically.
 
-    1. Smooth the curve against x = log(t+1) with `gp_smooth`; slope s = d(curve)/dx at the checkpoints.
-    2. Candidates: local minima of |s| below slope_frac * max|s| (the paper: |s| < 8 ~ 0.065 max) whose
-       prominence is at least prom_frac * max|s| (drops wiggles in flat stretches).
-    3. Pruning, with thr = max(min_change_frac * range, 2 * GP noise std): a candidate within min_log_len of
-       either end is dropped; the first candidate is dropped if the curve has not yet moved by thr from its
-       start (a flat start is part of the first stage); of two consecutive candidates closer than
-       min_log_len or whose values differ by less than thr, the one with the larger |s| is dropped (repeat).
-    4. Types from the smoothed change over each stage: A rising, B falling by more than flat_frac * range,
-       else Other. A flat last stage is allowed (the paper's LR5).
+    1. Smooth with `gp_fit` (standard errors `se`, e.g. llc_se, as heteroscedastic noise; at most `max_fit`
+       checkpoints, evenly in x = log(t+1)); slope s = dm/dx at the checkpoints and its posterior covariance.
+    2. Candidates: interior local minima of |s| below slope_frac * max|s| (plateaus and critical points in
+       log-time; the paper: |s| < 8 ~ 0.065 max).
+    3. Significance at level alpha, two-sided, Bonferroni over the candidates: z = Phi^-1(1 - alpha/(2 n_cand)).
+       A candidate stays if on each flank (`flank_peaks`) the peak |s| exceeds |s| at the candidate by more
+       than z posterior standard deviations of their difference (a dip in the slope, not a wiggle of noise).
+       A flank running into an end of the curve is exempt where the curve is flat at the candidate (|s| within
+       z sd of 0); if it stays flat to the end, the boundary moves back to where it became flat. So a curve
+       that stops moving has a boundary where it stops (the paper's LR4/LR5, a saturated loss), one that keeps
+       moving, however slowly, has none (a sigmoid still rising at the end).
+    4. Stages must differ: from the start to the first boundary and between consecutive boundaries the smoothed
+       curve must change by more than max(min_change_frac * range, z * posterior sd of the change), over at
+       least min_log_len in x; otherwise the first boundary (against the start), or the one of the pair with
+       the larger |s|, is dropped, and the check repeats. The last stage may be flat (the paper's LR5).
+    5. Types from the smoothed change over each stage: A rising, B falling by more than flat_frac * range and
+       z posterior sd, else Other.
     """
     steps, values = np.asarray(steps, float), np.asarray(values, float)
-    ok = np.isfinite(values)
-    steps, values = steps[ok], values[ok]
+    se = np.full(len(steps), np.nan) if se is None else np.asarray(se, float)
+    keep = np.flatnonzero(np.isfinite(values))
+    if len(keep) > max_fit:
+        x = np.log1p(steps[keep])
+        keep = keep[np.unique(np.searchsorted(x, np.linspace(x[0], x[-1], max_fit)).clip(0, len(x) - 1))]
+    steps, values, se = steps[keep], values[keep], se[keep]
+    known = np.isfinite(se) & (se >= 0)  # a missing standard error: the median of the others
+    se = np.where(known, se, np.median(se[known])) if known.any() else None
     x = np.log1p(steps)
-    if len(x) < 5 or np.ptp(values) == 0:
-        m, hp, cand, minima = values, {}, [], []
-    else:
-        m, hp = gp_smooth(x, values, x)
-        a = np.abs(d_dx(x, m))
-        amax, thr = a.max(), max(min_change_frac * np.ptp(m), 2 * hp["noise_std"])
+    m, sd_m, hp, minima, cand, z = values, np.zeros(len(x)), {}, [], [], float("nan")
+    if len(x) >= 5 and np.ptp(values) > 0:
+        m, C, hp = gp_fit(steps, values, se)
+        S = slope_matrix(x)
+        a, Cs, sd_m = np.abs(S @ m), S @ C @ S.T, np.sqrt(np.diag(C).clip(0))
         minima = [i for i in range(1, len(x) - 1)
-                  if a[i] <= a[i - 1] and a[i] < a[i + 1] and a[i] < slope_frac * amax]
-        cand = [i for i in minima if prominence(a, i) >= prom_frac * amax
-                and min(x[i] - x[0], x[-1] - x[i]) >= min_log_len]
-        if cand and abs(m[cand[0]] - m[0]) < thr:
-            cand.pop(0)
+                  if a[i] <= a[i - 1] and a[i] < a[i + 1] and a[i] < slope_frac * a.max()]
+        z = NormalDist().inv_cdf(1 - alpha / (2 * max(len(minima), 1)))
+
+        def sd(M, i, j):
+            return math.sqrt(max(M[i, i] + M[j, j] - 2 * M[i, j], 0.0))
+
+        def same(i, j):
+            return abs(m[j] - m[i]) <= max(min_change_frac * np.ptp(m), z * sd(C, i, j)) or x[j] - x[i] < min_log_len
+        flat = a <= z * np.sqrt(np.diag(Cs).clip(0))  # slope within z sd of 0
+        cand = []
+        for i in minima:
+            fl = flank_peaks(a, i)
+            if all(a[p] - a[i] > z * sd(Cs, i, p) for p, edge in fl if not (edge and flat[i])):
+                (p0, _), (_, e1) = fl
+                if e1 and flat[i:].all():  # flat from here to the end: the boundary is where it became flat
+                    while i - 1 > p0 and flat[i - 1]:
+                        i -= 1
+                cand.append(i)
+        cand = sorted(set(cand))
         while True:
-            bad = [k for k in range(len(cand) - 1) if x[cand[k + 1]] - x[cand[k]] < min_log_len
-                   or abs(m[cand[k + 1]] - m[cand[k]]) < thr]
+            pts = [0, *cand]
+            bad = [k for k in range(len(cand)) if same(pts[k], pts[k + 1])]
             if not bad:
                 break
             k = bad[0]
-            cand.pop(k if a[cand[k]] > a[cand[k + 1]] else k + 1)
-    edges = [0, *cand, len(x) - 1]
-    rng = np.ptp(m) or 1.0
-    stages = []
+            cand.pop(k - 1 if k and a[pts[k]] > a[pts[k + 1]] else k)
+        hp["z"] = z
+    edges, stages = [0, *cand, len(x) - 1], []
     for j, (i0, i1) in enumerate(zip(edges[:-1], edges[1:])):
-        dv = float(m[i1] - m[i0])
-        kind = "A" if dv > flat_frac * rng else "B" if dv < -flat_frac * rng else "Other"
+        dv, thr = float(m[i1] - m[i0]), max(flat_frac * np.ptp(m), z * sd(C, i0, i1) if hp else 0.0)
+        kind = "A" if dv > thr else "B" if dv < -thr else "Other"
         stages.append(dict(name=f"LR{j + 1}", start=int(steps[i0]), end=int(steps[i1]), type=kind, change=dv))
     return dict(boundaries=[int(steps[i]) for i in cand], stages=stages, candidates=[int(steps[i]) for i in minima],
-                smoothed=np.asarray(m).tolist(),
-                steps=steps.astype(int).tolist(), gp=hp,
-                params=dict(slope_frac=slope_frac, prom_frac=prom_frac, min_change_frac=min_change_frac,
-                            min_log_len=min_log_len, flat_frac=flat_frac))
+                smoothed=np.asarray(m).tolist(), smoothed_sd=sd_m.tolist(), steps=steps.astype(int).tolist(), gp=hp,
+                params=dict(alpha=alpha, slope_frac=slope_frac, min_change_frac=min_change_frac,
+                            min_log_len=min_log_len, flat_frac=flat_frac, heteroscedastic=se is not None))
 
 
 # --------------------------------------------------------------------------------- essential dynamics
@@ -204,19 +259,43 @@ def cusp_candidates(curve, skip=8, top=3):
                 sharp=[int(i) + 1 for i in np.argsort(radii)[:top]])
 
 
+def essential_dynamics(runs, mats, steps, cfg, sigma_max, k=4):
+    """Joint PCA of all runs' output trajectories (common steps), the y-only variant, smoothing, evolutes of the
+    first run's smoothed PC pairs and their cusps (as steps)."""
+    B, T, C = len(mats[0][0]) // (2 * cfg["K"] * (cfg["D"] + 1)), 2 * cfg["K"], cfg["D"] + 1
+    keep = set(steps)
+    sel = [np.array([r["ed_row"] for r in rows if r["step"] in keep]) for rows in runs]
+    ycols = np.arange(B * T * C).reshape(B, T, C)[:, 0::2, 0].ravel()
+    groups = np.repeat(np.arange(len(sel)), [len(s) for s in sel])
+    scores, evr = pca_from_gram(gram(mats, sel), k, groups)
+    scores_y, evr_y = pca_from_gram(gram(mats, sel, cols=ycols), k, groups)
+    n, cuts = len(steps), np.cumsum([len(s) for s in sel])[:-1]
+    smax = sigma_max if sigma_max >= 0 else 300 * n / 5000
+    smoothed = [smooth_variable_sigma(s, np.linspace(0.1, max(0.1, smax), n)) for s in np.split(scores, cuts)]
+    skip = 8 if n >= 80 else max(1, n // 10)
+    cusps, evolutes = {}, {}
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        if max(i, j) < scores.shape[1] and n >= 3:
+            pair = f"PC{i + 1}-PC{j + 1}"
+            evolutes[pair] = osculating_circles(smoothed[0][:, [i, j]])[0]
+            if n >= 3 + skip:
+                c = cusp_candidates(smoothed[0][:, [i, j]], skip=skip)
+                cusps[pair] = {key: [steps[t] for t in v] for key, v in c.items()}
+    return dict(scores=np.split(scores, cuts), smoothed=smoothed, evr=evr, evr_y=evr_y, cusps=cusps,
+                evolutes=evolutes, scores_y=np.split(scores_y, cuts), steps=np.array(steps))
+
+
 # ------------------------------------------------------------------------------------------- Hessian
 def make_hvp(model, loss_of_output, inputs):
-    """Hessian-vector product of the loss over the flattened parameters (grad of grad-dot, torch.func).
-    The returned function takes and returns CPU vectors whatever the model's device."""
+    """Hessian-vector products of the loss over the flattened parameters. The gradient is built once with its
+    graph (create_graph), so each product is one backward pass through it (retain_graph), not a fresh
+    grad-of-grad. The returned function takes and returns CPU vectors whatever the model's device."""
     names, ps = zip(*[(n, p.detach()) for n, p in model.named_parameters()])
-    w0 = torch.cat([p.reshape(-1) for p in ps])
-
-    def f(w):
-        chunks = torch.split(w, [p.numel() for p in ps])
-        return loss_of_output(functional_call(model, {n: c.view_as(p) for n, c, p in zip(names, chunks, ps)},
-                                              (inputs,)))
-    g = grad(f)
-    return (lambda v: grad(lambda w: torch.dot(g(w), v.to(w0)))(w0).cpu()), w0.numel()
+    w0 = torch.cat([p.reshape(-1) for p in ps]).requires_grad_(True)
+    chunks = torch.split(w0, [p.numel() for p in ps])
+    out = functional_call(model, {n: c.view_as(p) for n, c, p in zip(names, chunks, ps)}, (inputs,))
+    g, = torch.autograd.grad(loss_of_output(out), w0, create_graph=True)
+    return (lambda v: torch.autograd.grad(g, w0, v.to(w0), retain_graph=True)[0].detach().cpu()), w0.numel()
 
 
 def hutchinson_trace(hvp, n, probes, gen):
@@ -237,8 +316,8 @@ def lanczos_top(hvp, n, iters, k, gen):
         w = hvp(v.float()).double()
         alpha.append(float(w @ v))
         Q = torch.stack(V)
-        w = w - Q.T @ (Q @ w)
-        w = w - Q.T @ (Q @ w)
+        for _ in range(2):  # full re-orthogonalisation, twice
+            w = w - Q.T @ (Q @ w)
         b = float(w.norm())
         if b < 1e-10 or j == iters - 1:
             break
@@ -266,13 +345,28 @@ def structure_stats(params, n_layer):
     return row
 
 
+class Chunked(torch.nn.Module):
+    """`model` applied to `chunk` sequences at a time (0: all at once); the same parameters. On a CPU small
+    chunks keep the activations in cache."""
+
+    def __init__(self, model, chunk):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, x):
+        return torch.cat([self.model(c) for c in x.split(self.chunk)]) if self.chunk else self.model(x)
+
+
 def evaluate_run(out_dir, opt):
     """Evaluate every checkpoint not yet in out_dir/analysis.jsonl; returns (rows sorted by step, ED memmap)."""
     out_dir = Path(out_dir)
     cfg, task = common.load_run(out_dir), common.run_task(out_dir)
-    meta = {k: getattr(opt, k) for k in ("eval_size", "eval_seed", "ed_batch", "hessian_batch",
-                                         "hessian_probes", "lanczos_iters", "top_eigs")}
-    meta["width"] = opt.ed_batch * 2 * cfg["K"] * (cfg["D"] + 1)
+    dev = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    hb = opt.hessian_batch if opt.hessian_batch > 0 else 1024 if dev.type == "cuda" else 256
+    chunk = opt.chunk if opt.chunk >= 0 else 0 if dev.type == "cuda" else 256
+    meta = {k: getattr(opt, k) for k in ("eval_size", "eval_seed", "ed_batch", "hessian_probes", "lanczos_iters",
+                                         "top_eigs")}
+    meta.update(hessian_batch=min(hb, opt.ed_batch), width=opt.ed_batch * 2 * cfg["K"] * (cfg["D"] + 1))
     cache, ed_path, meta_path = (out_dir / f for f in ("analysis.jsonl", "ed_outputs.f32", "analysis_meta.json"))
     stale = meta_path.exists() and json.loads(meta_path.read_text()) != meta
     rows = [] if stale else common.read_jsonl(cache)
@@ -288,10 +382,10 @@ def evaluate_run(out_dir, opt):
     done = {r["step"] for r in rows}
     todo = [s for s in common.list_checkpoints(out_dir) if s not in done]
     if todo:
-        dev = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         batch = {k: v.to(dev) for k, v in task.eval_batch(opt.eval_seed, opt.eval_size).items()}
+        base = data.regression_baselines(batch, task.sigma2, task.tasks)  # model-independent: once per run
         ed = {k: v.to(dev) for k, v in task.eval_batch(opt.eval_seed + 1, opt.ed_batch).items()}
-        tokens, hb = data.to_tokens(ed["xs"], ed["ys"]), min(opt.hessian_batch, opt.ed_batch)
+        tokens, hb = data.to_tokens(ed["xs"], ed["ys"]), meta["hessian_batch"]
         t0 = time.time()
         for i, step in enumerate(todo):
             try:
@@ -300,7 +394,8 @@ def evaluate_run(out_dir, opt):
                 warnings.warn(f"skipping step {step}: {e}")
                 continue
             params = {k: v.detach().cpu() for k, v in model.named_parameters()}
-            row = {"step": step, **data.regression_metrics(model, batch, task.sigma2, task.tasks),
+            row = {"step": step, **data.regression_metrics(Chunked(model, chunk), batch, task.sigma2, task.tasks,
+                                                           baselines=base),
                    **structure_stats(params, cfg["n_layer"]), "ed_row": len(rows)}
             if opt.hessian_probes > 0 or opt.lanczos_iters > 0:
                 hvp, n = make_hvp(model, lambda o: data.Task.loss(o, ed["ys"][:hb]), tokens[:hb])
@@ -310,8 +405,9 @@ def evaluate_run(out_dir, opt):
                     row.update(hessian_trace=tr, hessian_trace_probes=probes)
                 if opt.lanczos_iters > 0:
                     row["hessian_eigs"] = lanczos_top(hvp, n, opt.lanczos_iters, opt.top_eigs, gen)
+                del hvp  # frees the retained graph
             with torch.no_grad():
-                out = model(tokens).float().cpu().numpy().ravel()
+                out = Chunked(model, chunk)(tokens).float().cpu().numpy().ravel()
             with open(ed_path, "ab") as f:
                 f.write(out.tobytes())
                 f.flush()
@@ -319,221 +415,40 @@ def evaluate_run(out_dir, opt):
             common.append_jsonl(cache, row)
             rows.append(row)
             el = time.time() - t0
-            eta = el / (i + 1) * (len(todo) - i - 1)
             print(f"\ranalyze {out_dir.name}: step {step} [{i + 1}/{len(todo)}] {el / (i + 1):.1f}s/ckpt "
-                  f"ETA {eta:.0f}s   ", end="", file=sys.stderr, flush=True)
+                  f"ETA {el / (i + 1) * (len(todo) - i - 1):.0f}s   ", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
     X = np.memmap(ed_path, dtype=np.float32, mode="r").reshape(-1, meta["width"]) if rows else None
     return sorted(rows, key=lambda r: r["step"]), X
 
 
 def read_llc(out_dir):
-    """llc.jsonl rows with a finite estimate, the last row per step, sorted; [] when absent."""
-    rows = {r["step"]: r for r in common.read_jsonl(Path(out_dir) / "llc.jsonl")
-            if isinstance(r.get("llc_mean"), (int, float))}
-    return [rows[s] for s in sorted(rows)]
+    """(llc.jsonl rows with a finite llc_mean, the last per step, sorted; the steps whose chains all diverged,
+    llc_mean null, and that have no finite row). ([], []) when the file is absent."""
+    rows, diverged = {}, set()
+    for r in common.read_jsonl(Path(out_dir) / "llc.jsonl"):
+        v = r.get("llc_mean")
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            rows[r["step"]] = r
+        else:
+            diverged.add(r["step"])
+    return [rows[s] for s in sorted(rows)], sorted(diverged - set(rows))
 
 
 def table(runs, key, steps):
-    """(runs, steps[, width]) float array of one metric over the given steps; NaN where a run lacks it."""
+    """(runs, steps[, width]) float array of one metric over the given steps; NaN where a run lacks it or has
+    null (also inside a list; shorter lists are padded)."""
     vals = [[by.get(s) for s in steps] for by in ({r["step"]: r.get(key) for r in rows} for rows in runs)]
-    width = next((len(v) for row in vals for v in row if isinstance(v, list)), None)
-    blank = np.nan if width is None else [np.nan] * width
-    return np.array([[blank if v is None else v for v in row] for row in vals], dtype=float)
+    width = max((len(v) for row in vals for v in row if isinstance(v, list)), default=None)
+    if width is None:
+        return np.array([[np.nan if v is None else v for v in row] for row in vals], dtype=float)
+    return np.array([[(v or []) + [None] * (width - len(v or [])) for v in row] for row in vals], dtype=float)
 
 
-# -------------------------------------------------------------------------------------------- figures
-def _axes(rows, cols, title, w=4.6, h=3.3):
-    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
-    fig.suptitle(title, fontsize=11)
-    return fig, axes.ravel()
-
-
-def _time_axis(ax, stages, ylabel, names=False, logy=False):
-    """Shared look of every panel over training time: symlog steps, stages shaded, boundaries dashed."""
-    for j, s in enumerate(stages):
-        ax.axvspan(s["start"], s["end"], color=STAGE_COLORS[j % len(STAGE_COLORS)], alpha=0.12, lw=0)
-        if j:
-            ax.axvline(s["start"], color="k", ls="--", lw=0.7)
-        if names:
-            ax.text(math.sqrt((s["start"] + 1) * (s["end"] + 1)), 1.01, f"{s['name']} ({s['type']})",
-                    transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7)
-    ax.set_xscale("symlog", linthresh=1, linscale=0.25)
-    ax.set_xlim(left=0)
-    ax.set_xlabel("training step (symlog)")
-    ax.set_ylabel(ylabel)
-    if logy:
-        ax.set_yscale("log")
-
-
-def _band(ax, steps, Y, label=None, **kw):
-    """Mean over runs, with a ±1 std band when there are several runs."""
-    mean = np.nanmean(Y, 0)
-    line, = ax.plot(steps, mean, label=label, lw=1.3, **kw)
-    if len(Y) > 1:
-        sd = np.nanstd(Y, 0)
-        ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.25, lw=0)
-
-
-def _save(fig, path):
-    """Legends where there are labels, then an atomic PNG write."""
-    for a in fig.axes:
-        if a.get_legend() is None and a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
-    common.atomic_write(path, buf.getvalue())
-    plt.close(fig)
-
-
-def fig_loss_llc(path, steps, runs, llc_steps, llcs, det, cfg, ref):
-    """The paper's first figure: test loss and LLC over log-steps, stages shaded; the paper's seed-mean curves
-    overlaid (`ref`) only for K=8 runs on the paper's 500k-step schedule, where the step axes agree."""
-    fig, (a, b) = _axes(2, 1, "Test loss and local learning coefficient", w=8, h=3.2)
-    _band(a, steps, table(runs, "loss", steps), label="test loss (eval set)")
-    a.axhline(cfg["D"] + cfg["sigma2"], color="grey", ls=":", lw=1, label="zero predictor D+σ²")
-    if llc_steps:
-        _band(b, llc_steps, table(llcs, "llc_mean", llc_steps), label="LLC λ̂", color="C3")
-        if len(llcs) == 1:
-            se = table(llcs, "llc_se", llc_steps)[0]
-            mean = table(llcs, "llc_mean", llc_steps)[0]
-            b.fill_between(llc_steps, mean - 2 * se, mean + 2 * se, color="C3", alpha=0.2, lw=0, label="±2 s.e.")
-    else:
-        b.text(0.5, 0.5, "no llc.jsonl: stages detected on the test loss", transform=b.transAxes, ha="center")
-    (a if det["signal"] == "loss" else b).plot(det["steps"], det["smoothed"], "k", lw=0.8, label="GP fit (stages)")
-    if ref is not None:
-        a.plot(ref["step"], ref["loss_mean"], color="grey", ls="--", lw=1, label="paper v1 (seed mean)")
-        b.plot(ref["step"], ref["llc_mean"], color="grey", ls="--", lw=1, label="paper v1 (seed mean)")
-    _time_axis(a, det["stages"], "test loss (MSE)", names=True)
-    _time_axis(b, det["stages"], "LLC λ̂")
-    _save(fig, path)
-
-
-def _trajectory(ax, runs_scores, steps, stages, i, j, evr, label=False):
-    """PC_i vs PC_j of every run, each stage in its colour (the first run drawn thicker; dark grey: checkpoints
-    outside the detected stages, e.g. beyond the last LLC estimate)."""
-    for r, sc in enumerate(runs_scores):
-        ax.plot(sc[:, i], sc[:, j], color="0.3", lw=0.8)
-        for s_i, s in enumerate(stages):
-            sel = (steps >= s["start"]) & (steps <= s["end"])
-            ax.plot(sc[sel, i], sc[sel, j], color=STAGE_COLORS[s_i % len(STAGE_COLORS)], lw=1.6 if r == 0 else 0.8,
-                    label=f"{s['name']} ({s['type']})" if label and r == 0 else None)
-    ax.set_xlabel(f"PC{i + 1} ({100 * evr[i]:.1f}%)"), ax.set_ylabel(f"PC{j + 1} ({100 * evr[j]:.1f}%)")
-
-
-def fig_ed(path, ed, det):
-    """Essential dynamics: PC pairs coloured by stage with the evolute and cusps of the first run (grey: the
-    unsmoothed scores), explained variance, PCs over time, and the y-prediction-only variant."""
-    fig, ax = _axes(2, 3, "Essential dynamics of the model outputs (PCA over checkpoints)")
-    k, stages, steps = ed["scores"][0].shape[1], det["stages"], ed["steps"]
-    for p, (i, j) in enumerate([(0, 1), (0, 2), (1, 2)]):
-        if max(i, j) >= k:
-            ax[p].axis("off")
-            continue
-        for raw in ed["scores"]:
-            ax[p].plot(raw[:, i], raw[:, j], color="0.75", lw=0.6)
-        _trajectory(ax[p], ed["smoothed"], steps, stages, i, j, ed["evr"], label=p == 0)
-        xl, yl = ax[p].get_xlim(), ax[p].get_ylim()
-        centres, _ = osculating_circles(ed["smoothed"][0][:, [i, j]])
-        ax[p].scatter(centres[:, 0], centres[:, 1], c=np.arange(len(centres)), cmap="viridis", s=3, alpha=0.6,
-                      label="evolute (colour: time)" if p == 0 else None)
-        cusp = ed["smoothed"][0][np.searchsorted(steps, ed["cusps"][f"PC{i + 1}-PC{j + 1}"]["cusps"])]
-        ax[p].plot(cusp[:, i], cusp[:, j], "kx", ms=7, ls="none", label="evolute cusp candidates" if p == 0 else None)
-        ax[p].set_xlim(xl), ax[p].set_ylim(yl)  # the evolute runs off to infinity on straight stretches
-    n = np.arange(1, len(ed["evr"]) + 1)
-    ax[3].bar(n - 0.2, 100 * ed["evr"], 0.4, label="all outputs (B×2K×(D+1))")
-    ax[3].bar(n + 0.2, 100 * ed["evr_y"], 0.4, label="y-predictions only (B×K)")
-    ax[3].set_xlabel("principal component"), ax[3].set_ylabel("explained variance (%)")
-    for c in range(min(k, 3)):
-        ax[4].plot(steps, ed["smoothed"][0][:, c], label=f"PC{c + 1}")
-    _time_axis(ax[4], stages, "PC score (smoothed, run 1)", names=True)
-    if ed["scores_y"][0].shape[1] >= 2:
-        _trajectory(ax[5], ed["scores_y"], steps, stages, 0, 1, ed["evr_y"])
-        ax[5].set_title("y-predictions only (unsmoothed)", fontsize=9)
-    _save(fig, path)
-
-
-def fig_behaviour(path, steps, runs, det, K):
-    fig, ax = _axes(2, 3, "Behaviour on the fixed eval set")
-    st, h = det["stages"], max(K // 2, 1)
-    for k in range(1, K + 1):
-        _band(ax[0], steps, table(runs, f"loss/{k}", steps), label=f"k={k}", color=plt.cm.viridis(k / K))
-    _time_axis(ax[0], st, "per-token loss ℓ_k (MSE)", names=True)
-    ax[0].legend(fontsize=6, ncol=2)
-    _band(ax[1], steps, table(runs, f"icl_1_{h}", steps), label=f"ℓ_{h} − ℓ_1")
-    _band(ax[1], steps, table(runs, f"icl_{h}_{K}", steps), label=f"ℓ_{K} − ℓ_{h}")
-    _time_axis(ax[1], st, "ICL score (lower = more ICL)")
-    _band(ax[2], steps, table(runs, "delta_ridge", steps), label="Δ ridge")
-    _band(ax[2], steps, table(runs, "delta_dmmse", steps), label="Δ dMMSE", ls="--")
-    _time_axis(ax[2], st, "E[(ŷ − ŷ_baseline)²]", logy=True)
-    _band(ax[3], steps, table(runs, "pred_norm", steps), label="E[ŷ²]")
-    _time_axis(ax[3], st, "prediction norm E[ŷ²]")
-    for g in data.OOD_SCALES:
-        _band(ax[4], steps, table(runs, f"ood_inputs/{g}", steps) / g ** 2, label=f"inputs ×{g}")
-        _band(ax[5], steps, table(runs, f"ood_tasks/{g}", steps) / g ** 2, label=f"tasks ×{g}")
-    _time_axis(ax[4], st, "OOD loss / g²  (x → g·x)", logy=True)
-    _time_axis(ax[5], st, "OOD loss / g²  (w → g·w)", logy=True)
-    _save(fig, path)
-
-
-def fig_structure(path, steps, runs, det):
-    fig, ax = _axes(2, 3, "Structure of the weights")
-    st = det["stages"]
-    for key in [k for k in runs[0][0] if k.startswith("ln_collapse/")]:
-        _band(ax[0], steps, table(runs, key, steps), label=key.split("/")[1])
-    _time_axis(ax[0], st, "LN collapse: fraction |γ| < 0.1", names=True)
-    for a, key, name in ((ax[1], "tok_spec", "token"), (ax[2], "pos_spec", "positional")):
-        spec = np.nanmean(table(runs, key, steps), 0)
-        for c in range(min(spec.shape[1], 6)):
-            a.plot(steps, spec[:, c], label=f"σ{c + 1}²/Σσ²", color=plt.cm.viridis(c / 6))
-        _time_axis(a, st, f"{name} embedding spectrum σ_i²/Σσ²")
-    _band(ax[3], steps, table(runs, "weight_norm", steps), label="‖w‖₂")
-    _time_axis(ax[3], st, "weight norm ‖w‖₂")
-    hess = [(table(runs, "hessian_trace", steps)[:, :, None], ["trace (Hutchinson mean)"])] \
-        if "hessian_trace" in runs[0][0] else []
-    if "hessian_eigs" in runs[0][0]:
-        eigs = table(runs, "hessian_eigs", steps)
-        hess.append((eigs, [f"λ{c + 1} (Lanczos)" for c in range(eigs.shape[2])]))
-    for vals, labels in hess:
-        for c, lab in enumerate(labels):
-            _band(ax[4], steps, vals[:, :, c], label=lab, ls="--" if c else "-")
-    _time_axis(ax[4], st, "Hessian trace and top eigenvalues")
-    if hess:  # symlog only when an estimate is <= 0 (a non-minimum, or a loose Lanczos Ritz value)
-        ax[4].set_yscale("log" if min(np.nanmin(v) for v, _ in hess) > 0 else "symlog")
-    w = np.nanmean(table(runs, "unembed_w", steps), 0)
-    ax[5].plot(steps, w, color="0.6", lw=0.4)
-    _band(ax[5], steps, table(runs, "unembed_b", steps), label="bias W₀·β + b₀", color="C3")
-    _time_axis(ax[5], st, "effective unembedding γ_i·W[0,i] (grey)")
-    _save(fig, path)
-
-
-def fig_llc_diagnostics(path, llc_steps, llcs, det):
-    fig, ax = _axes(2, 3, "LLC diagnostics (llc.jsonl)")
-    if not llc_steps:
-        for a in ax:
-            a.axis("off")
-        ax[0].text(0, 0.5, "no llc.jsonl: run `python llc.py --ckpt=<out_dir>` first", fontsize=11)
-        return _save(fig, path)
-    st = det["stages"]
-    _band(ax[0], llc_steps, table(llcs, "llc_mean", llc_steps), label="λ̂ (mean over chains)", color="C3")
-    _band(ax[0], llc_steps, table(llcs, "llc_std", llc_steps), label="std over draws", color="0.5")
-    _time_axis(ax[0], st, "LLC λ̂", names=True)
-    _band(ax[1], llc_steps, table(llcs, "rhat", llc_steps), label="R̂ across chains")
-    ax[1].axhline(1.1, color="r", ls=":", lw=1, label="1.1")
-    _time_axis(ax[1], st, "R̂ (Gelman-Rubin)")
-    rows = llcs[0]
-    pick = sorted({int(round(v)) for v in np.linspace(0, len(rows) - 1, 4)})
-    for a, i in zip(ax[2:], pick):
-        r = rows[i]
-        for c, tr in enumerate(r.get("loss_trace") or []):
-            a.plot(r["trace_draws"][:len(tr)], r["nbeta"] * (np.array(tr, dtype=float) - r["init_loss"]), lw=0.8)
-        a.axhline(r["llc_mean"], color="k", ls="--", lw=1, label=f"λ̂ = {r['llc_mean']:.1f}")
-        a.set_title(f"step {r['step']}: per-chain traces (run 1)", fontsize=9)
-        a.set_xlabel("SGLD draw"), a.set_ylabel("nβ·(L_t − L(w*))")
-    for a in ax[2 + len(pick):]:
-        a.axis("off")
-    _save(fig, path)
+def tables(runs, steps, keys=None):
+    """{key: table(runs, key, steps)} for `keys` (default: every key of the rows but step and ed_row)."""
+    keys = keys or dict.fromkeys(k for rows in runs for r in rows for k in r if k not in ("step", "ed_row"))
+    return {k: table(runs, k, steps) for k in keys}
 
 
 # ------------------------------------------------------------------------------------ summary and main
@@ -541,84 +456,44 @@ SUMMARY_KEYS = ("loss", "delta_ridge", "pred_norm", "icl_1_{h}", "weight_norm", 
                 "hessian_trace")
 
 
-def essential_dynamics(runs, mats, steps, cfg, sigma_max, k=4):
-    """Joint PCA of all runs' output trajectories (common steps), the y-only variant, smoothing, cusps."""
-    B, T, C = len(mats[0][0]) // (2 * cfg["K"] * (cfg["D"] + 1)), 2 * cfg["K"], cfg["D"] + 1
-    keep = set(steps)
-    sel = [np.array([r["ed_row"] for r in rows if r["step"] in keep]) for rows in runs]
-    ycols = np.arange(B * T * C).reshape(B, T, C)[:, 0::2, 0].ravel()
-    groups = np.repeat(np.arange(len(sel)), [len(s) for s in sel])
-    scores, evr = pca_from_gram(gram(mats, sel), k, groups)
-    scores_y, evr_y = pca_from_gram(gram(mats, sel, cols=ycols), k, groups)
-    n = len(steps)
-    smax = sigma_max if sigma_max >= 0 else 300 * n / 5000
-    sigmas = np.linspace(0.1, max(0.1, smax), n)
-    cuts = np.cumsum([len(s) for s in sel])[:-1]
-    per_run = np.split(scores, cuts)
-    smoothed = [smooth_variable_sigma(s, sigmas) for s in per_run]
-    skip = 8 if n >= 80 else max(1, n // 10)
-    cusps = {}
-    for i, j in [(0, 1), (0, 2), (1, 2)]:
-        if max(i, j) < scores.shape[1]:
-            c = cusp_candidates(smoothed[0][:, [i, j]], skip=skip)
-            cusps[f"PC{i + 1}-PC{j + 1}"] = {key: [steps[t] for t in v] for key, v in c.items()}
-    return dict(scores=per_run, smoothed=smoothed, evr=evr, evr_y=evr_y, cusps=cusps,
-                scores_y=np.split(scores_y, cuts),
-                steps=np.array(steps))
-
-
-def stage_changes(det, steps, runs, llc_steps, llcs, K):
+def stage_changes(det, steps, M, llc_steps, L, K):
     """For each stage, the seed-mean value of each metric at its first and last checkpoint."""
-    keys = [k.format(h=max(K // 2, 1)) for k in SUMMARY_KEYS]
+    series = [(k.format(h=max(K // 2, 1)), steps, M) for k in SUMMARY_KEYS] + [("llc_mean", llc_steps, L)]
     out = []
     for s in det["stages"]:
         ch = {}
-        for key, st, rs, name in [(k, steps, runs, k) for k in keys] + [("llc_mean", llc_steps, llcs, "llc")]:
-            if not st or key not in rs[0][0]:
-                continue
-            v = np.nanmean(table(rs, key, st), 0)
-            i0, i1 = (int(np.argmin(np.abs(np.log1p(st) - np.log1p(t)))) for t in (s["start"], s["end"]))
-            ch[name] = dict(start=float(v[i0]), end=float(v[i1]), delta=float(v[i1] - v[i0]))
+        for key, st, T in series:
+            if len(st) and key in T:
+                v = np.nanmean(T[key], 0)
+                i0, i1 = (int(np.argmin(np.abs(np.log1p(st) - np.log1p(t)))) for t in (s["start"], s["end"]))
+                ch["llc" if key == "llc_mean" else key] = dict(start=float(v[i0]), end=float(v[i1]),
+                                                               delta=float(v[i1] - v[i0]))
         out.append({**s, "metrics": ch})
     return out
 
 
-def write_report(out, summary, figures):
-    st = summary["stages"]
-    cols = [c for c in ("llc", "loss", "delta_ridge", "pred_norm", "weight_norm") if c in st[0]["metrics"]]
-    lines = [f"# Developmental stages: {', '.join(summary['runs'])}", "",
-             f"{summary['n_checkpoints']} checkpoints, {len(summary['runs'])} run(s); stages detected on "
-             f"**{summary['signal']}** (GP fit in log(t+1), minima of |slope|; rule and parameters in "
-             "stages.json).", ""]
-    lines += [f"> warning: {w}" for w in summary["warnings"]] + [""] * bool(summary["warnings"])
-    lines += ["| stage | steps | type | " + " | ".join(cols) + " |", "|---" * (3 + len(cols)) + "|"]
-    for s in st:
-        cells = [f"{s['metrics'][c]['start']:.4g} → {s['metrics'][c]['end']:.4g}" for c in cols]
-        lines.append(f"| {s['name']} | {s['start']:,}–{s['end']:,} | {s['type']} | " + " | ".join(cells) + " |")
-    ev = summary["essential_dynamics"]["explained_variance"]
-    lines += ["", "Types: A = signal rising, B = falling, Other = flat. Essential dynamics: explained variance "
-              + ", ".join(f"PC{i + 1} {100 * v:.1f}%" for i, v in enumerate(ev)) + ".", ""]
-    lines += [f"![{Path(f).stem}](figures/{Path(f).name})" for f in figures]
-    common.atomic_write(out / "report.md", "\n".join(lines) + "\n")
+STAGE_RULE = dict(alpha=0.05, slope_frac=0.1, min_change_frac=0.05, min_log_len=0.25, flat_frac=0.05)
+OPTIONS = (  # --name, default (its type is the option's), help
+    ("out", "", "output directory (default: the first run directory)"),
+    ("eval_size", 8192, "eval-set sequences for the metrics"),
+    ("eval_seed", 0, "seeds the eval set (ED/Hessian batch: seed+1)"),
+    ("ed_batch", 1024, "sequences in the fixed ED batch"),
+    ("hessian_batch", -1, "first sequences of the ED batch used (-1: 1024 on a GPU, 256 on a CPU)"),
+    ("hessian_probes", 2, "Hutchinson probes (0: no trace)"),
+    ("lanczos_iters", 10, "Lanczos iterations (0: no eigenvalues)"),
+    ("top_eigs", 3, "top Hessian eigenvalues reported"),
+    ("chunk", -1, "sequences per forward pass (0: the whole batch; -1: 256 on a CPU, 0 on a GPU)"),
+    ("ed_sigma_max", -1.0, "end of the smoothing-σ ramp (-1: 300·N/5000)"),
+    ("threads", 0, "torch threads (0: torch's default)"),
+    ("device", "", "evaluation device (default: cuda if available, else cpu)"),
+    *((k, v, "stage rule, see detect_stages") for k, v in STAGE_RULE.items()))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Per-checkpoint analysis, essential dynamics, stages, figures.")
     p.add_argument("runs", nargs="+", help="run directories (several = seeds: mean ± std)")
-    p.add_argument("--out", default="", help="output directory (default: the first run directory)")
-    p.add_argument("--eval_size", type=int, default=8192, help="eval-set sequences for the metrics")
-    p.add_argument("--eval_seed", type=int, default=0, help="seeds the eval set (ED/Hessian batch: seed+1)")
-    p.add_argument("--ed_batch", type=int, default=1024, help="sequences in the fixed ED batch")
-    p.add_argument("--hessian_batch", type=int, default=1024, help="first sequences of the ED batch used")
-    p.add_argument("--hessian_probes", type=int, default=2, help="Hutchinson probes (0: no trace)")
-    p.add_argument("--lanczos_iters", type=int, default=10, help="Lanczos iterations (0: no eigenvalues)")
-    p.add_argument("--top_eigs", type=int, default=3)
-    p.add_argument("--ed_sigma_max", type=float, default=-1, help="end of the smoothing-σ ramp (-1: 300·N/5000)")
-    for name, val in (("slope_frac", 0.1), ("prom_frac", 0.03), ("min_change_frac", 0.05),
-                      ("min_log_len", 0.25), ("flat_frac", 0.05)):
-        p.add_argument(f"--{name}", type=float, default=val, help="stage rule, see detect_stages")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--device", default="", help="evaluation device (default: cuda if available, else cpu)")
+    for name, default, text in OPTIONS:
+        p.add_argument(f"--{name}", type=type(default), default=default, help=text)
     opt = p.parse_args(argv)
     if opt.threads > 0:
         torch.set_num_threads(opt.threads)
@@ -628,42 +503,45 @@ def main(argv=None):
     empty = [d for d, r in zip(opt.runs, runs) if not r]
     if empty:
         raise SystemExit(f"analyze.py: no checkpoints in {empty}")
-    cfg = common.load_run(opt.runs[0])
+    cfg, warn = common.load_run(opt.runs[0]), []
     steps = sorted(set.intersection(*[{r["step"] for r in rows} for rows in runs]))
-    llcs, warn = [read_llc(d) for d in opt.runs], []
+    llcs, diverged = zip(*[read_llc(d) for d in opt.runs])
+    for d, bad in zip(opt.runs, diverged):
+        if bad:
+            warn.append(f"{d}/llc.jsonl: all chains diverged (llc_mean null) at step(s) {bad}: left out of the "
+                        "stage detection and the LLC curves")
     llc_steps = sorted(set.intersection(*[{r["step"] for r in rows} for rows in llcs]))
+    L = tables(llcs, llc_steps, ("llc_mean", "llc_std", "llc_se", "rhat", "llc_per_chain"))
     if len(llc_steps) >= 5:
-        sig_steps, sig = llc_steps, np.nanmean(table(llcs, "llc_mean", llc_steps), 0)
+        n = np.isfinite(L["llc_mean"]).sum(0)
+        sig, se = np.nanmean(L["llc_mean"], 0), np.sqrt(np.nansum(L["llc_se"] ** 2, 0)) / n
+        sig_steps, se = llc_steps, np.where(np.isnan(L["llc_se"]).all(0), np.nan, se)
     else:
         warn.append(f"no usable llc.jsonl (fewer than 5 common LLC estimates in {opt.runs}): stages are "
                     "detected on the test loss instead")
-        warnings.warn(warn[-1])
-        sig_steps, sig, llc_steps = steps, np.nanmean(table(runs, "loss", steps), 0), []
-    det = detect_stages(sig_steps, sig, **{k: getattr(opt, k) for k in
-                                           ("slope_frac", "prom_frac", "min_change_frac", "min_log_len", "flat_frac")})
+        sig_steps, sig, se, llc_steps = steps, np.nanmean(table(runs, "loss", steps), 0), None, []
+    for w in warn:
+        warnings.warn(w)
+    det = detect_stages(sig_steps, sig, se, **{k: getattr(opt, k) for k in STAGE_RULE})
     det["signal"] = "llc" if llc_steps else "loss"
     common.atomic_write(out / "stages.json", json.dumps(det, indent=1))
     ed = essential_dynamics(runs, mats, steps, cfg, opt.ed_sigma_max)
     ref = None
     if cfg["K"] == 8 and cfg.get("max_steps") == 500_000 and REFERENCE.exists():
         ref = np.genfromtxt(REFERENCE, delimiter=",", names=True)
-    figs = [out / "figures" / f for f in ("1_loss_llc.png", "2_essential_dynamics.png", "3_behaviour.png",
-                                          "4_structure.png", "5_llc_diagnostics.png")]
+    M = tables(runs, steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of all-NaN columns (missing metrics)
-        fig_loss_llc(figs[0], steps, runs, llc_steps, llcs, det, cfg, ref)
-        fig_ed(figs[1], ed, det)
-        fig_behaviour(figs[2], steps, runs, det, cfg["K"])
-        fig_structure(figs[3], steps, runs, det)
-        fig_llc_diagnostics(figs[4], llc_steps, llcs, det)
-        stages = stage_changes(det, steps, runs, llc_steps, llcs, cfg["K"])
+        figs = plots.all_figures(out / "figures", steps, M, llc_steps, L, llcs[0], diverged[0], det, ed, cfg, ref)
+        stages = stage_changes(det, steps, M, llc_steps, L, cfg["K"])
     summary = dict(runs=[str(d) for d in opt.runs], signal=det["signal"], warnings=warn, n_checkpoints=len(steps),
                    boundaries=det["boundaries"], stages=stages, detector=dict(params=det["params"], gp=det["gp"]),
+                   llc_diverged_steps=list(diverged),
                    essential_dynamics=dict(explained_variance=ed["evr"].tolist(),
                                            explained_variance_y=ed["evr_y"].tolist(), cusps=ed["cusps"]),
                    figures=[str(f.relative_to(out)) for f in figs])
     common.atomic_write(out / "summary.json", json.dumps(summary, indent=1))
-    write_report(out, summary, figs)
+    plots.write_report(out / "report.md", summary, figs)
     print(f"analyze.py: {len(det['stages'])} stages on {det['signal']}, boundaries {det['boundaries']}; "
           f"wrote {out}/stages.json, summary.json, report.md, figures/", file=sys.stderr)
     return summary

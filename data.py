@@ -51,10 +51,13 @@ class Task:
         return per_token_mse(readout(out), ys)
 
     def eval_data(self, seed, batch_size):
-        return self.eval_batch(seed, batch_size)
+        """The eval batch with the baselines' predictions attached: they do not depend on the model."""
+        batch = self.eval_batch(seed, batch_size)
+        batch["baselines"] = regression_baselines(batch, self.sigma2, self.tasks)
+        return batch
 
     def metrics(self, model, batch):
-        return regression_metrics(model, batch, self.sigma2, self.tasks)
+        return regression_metrics(model, batch, self.sigma2, self.tasks, batch.get("baselines"))
 
 
 def sample_batch(gen, batch_size, D, K, sigma2, tasks=None, device="cpu"):
@@ -120,14 +123,22 @@ def _exclusive_cumsum(t):
     return torch.cat([torch.zeros_like(c[:, :1]), c[:, :-1]], dim=1)
 
 
+def regression_baselines(batch, sigma2, tasks=None):
+    """The Bayes predictors' predictions on a fixed batch, dict(ridge=(B,K), dmmse=(B,K)). They do not depend on
+    the model: an evaluator computes them once and passes them to regression_metrics (dMMSE costs B*K*M)."""
+    ridge = ridge_predict(batch["xs"], batch["ys"], sigma2)
+    return dict(ridge=ridge, dmmse=ridge if tasks is None else dmmse_predict(batch["xs"], batch["ys"], tasks, sigma2))
+
+
 @torch.no_grad()
-def regression_metrics(model, batch, sigma2, tasks=None):
+def regression_metrics(model, batch, sigma2, tasks=None, baselines=None):
     """The behavioural metrics of the paper (regression.md §8.1) on one fixed batch, as a flat dict.
 
     loss, loss/k (k = 1..K), delta_ridge / delta_dmmse (mean squared distance to the baselines'
     predictions; with M = infinite dMMSE is ridge), pred_norm = E[yhat^2], ICL scores
     icl_1_{K/2} = l_{K/2} - l_1 and icl_{K/2}_K = l_K - l_{K/2} (K=8: the paper's l4-l1, l8-l4),
     ood_inputs/g (x -> g x, same w) and ood_tasks/g (x fixed, w -> g w), and the global weight norm.
+    `baselines`: regression_baselines(batch, sigma2, tasks), precomputed (else computed here).
     """
     xs, ys, noise = batch["xs"], batch["ys"], batch["noise"]
     K = xs.shape[1]
@@ -137,13 +148,12 @@ def regression_metrics(model, batch, sigma2, tasks=None):
 
     pred = predict(xs, ys)
     tok = per_token_mse(pred, ys)
-    ridge = ridge_predict(xs, ys, sigma2)
-    dmmse = ridge if tasks is None else dmmse_predict(xs, ys, tasks, sigma2)
+    base = regression_baselines(batch, sigma2, tasks) if baselines is None else baselines
     h = max(K // 2, 1)
     m = {"loss": tok.mean().item()}
     m.update({f"loss/{k + 1}": v for k, v in enumerate(tok.tolist())})
-    m["delta_ridge"] = (pred - ridge).pow(2).mean().item()
-    m["delta_dmmse"] = (pred - dmmse).pow(2).mean().item()
+    m["delta_ridge"] = (pred - base["ridge"]).pow(2).mean().item()
+    m["delta_dmmse"] = (pred - base["dmmse"]).pow(2).mean().item()
     m["pred_norm"] = pred.pow(2).mean().item()
     m[f"icl_1_{h}"] = (tok[h - 1] - tok[0]).item()
     m[f"icl_{h}_{K}"] = (tok[K - 1] - tok[h - 1]).item()

@@ -53,29 +53,91 @@ def test_stages_found_on_synthetic_curve_with_known_critical_points():
         assert [s["type"] for s in det["stages"]] == ["A", "A", "B", "A"]
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "linear", "loss"])
+@pytest.mark.parametrize("kind", ["sigmoid", "linear"])
 def test_no_stage_boundaries_on_a_monotone_curve(kind):
+    """Still moving at the end of training: one stage."""
     steps = paper_steps()
     x = np.log1p(steps)
-    y = {"sigmoid": 150 * sigmoid((x - 8) / 1.2), "linear": 10 * x,
-         "loss": 4.3 - 2.5 * sigmoid((x - 8) / 0.8)}[kind]
+    y = {"sigmoid": 150 * sigmoid((x - 8) / 1.2), "linear": 10 * x}[kind]
     y = y + 0.01 * np.ptp(y) * np.random.default_rng(1).standard_normal(len(x))
     det = analyze.detect_stages(steps, y)
     assert det["boundaries"] == []
-    assert [s["type"] for s in det["stages"]] == ["B" if kind == "loss" else "A"]
+    assert [s["type"] for s in det["stages"]] == ["A"]
     assert (det["stages"][0]["start"], det["stages"][0]["end"]) == (0, int(steps[-1]))
 
 
-def test_stages_on_the_paper_llc_curve(reference_dir):
-    """The paper's seed-mean v1 LLC: boundaries near 1k, 40k, 126k, 320k (regression.md §9.1), types
-    A, A, B, B, Other, each boundary within LOG_TOL nats of log(t+1)."""
+@pytest.mark.parametrize("seed", [1, 4])
+def test_a_saturated_curve_ends_in_a_flat_stage_where_it_stops_moving(seed):
+    """A loss that falls and then stays flat to within its noise (1% of the range) for the last ~2 nats of
+    log-time. Whether its slope is told apart from 0 there depends on the noise draw (a boundary for 6 of seeds
+    0-7; none for seed 4); where a boundary is placed does not: after the true slope has fallen below
+    slope_frac of its peak, with the rest of the curve moving by less than 1% of its range (last stage Other)."""
+    steps = paper_steps()
+    x = np.log1p(steps)
+    f = lambda x: 4.3 - 2.5 * sigmoid((x - 8) / 0.8)  # noqa: E731
+    det = analyze.detect_stages(steps, f(x) + 0.025 * np.random.default_rng(seed).standard_normal(len(x)))
+    assert len(det["boundaries"]) <= 1
+    assert det["stages"][0]["type"] == "B"
+    for b in det["boundaries"]:
+        slope_max = 2.5 / (4 * 0.8)
+        assert abs(np.gradient(f(np.log1p(b) + np.array([0, 1e-6])), 1e-6)[0]) < 0.1 * slope_max
+        assert abs(f(np.log1p(b)) - f(x[-1])) < 0.01 * 2.5
+        assert det["stages"][-1]["type"] == "Other"
+
+
+def reference_curve(reference_dir):
+    """The paper's seed-mean v1 LLC and its per-checkpoint standard error std/sqrt(5 seeds)."""
     ref = np.genfromtxt(reference_dir / "paper_v1_seedmean.csv", delimiter=",", names=True)
-    det = analyze.detect_stages(ref["step"], ref["llc_mean"])
-    found = np.log1p(det["boundaries"])
-    target = np.log1p([1_000, 40_000, 126_000, 320_000])
-    assert len(found) == 4, det["boundaries"]
-    assert np.abs(found - target).max() < LOG_TOL, det["boundaries"]
-    assert [s["type"] for s in det["stages"]] == ["A", "A", "B", "B", "Other"]
+    return ref["step"], ref["llc_mean"], ref["llc_std"] / math.sqrt(5)
+
+
+PAPER_BOUNDARIES = np.log1p([1_000, 40_000, 126_000, 320_000])  # regression.md §9.1
+
+
+def test_stages_on_the_paper_llc_curve(reference_dir):
+    """Boundaries near 1k, 40k, 126k, 320k, each within LOG_TOL nats of log(t+1), types A, A, B, B, Other; with
+    the standard errors as heteroscedastic noise and without them."""
+    steps, llc, se = reference_curve(reference_dir)
+    for s in (se, None):
+        det = analyze.detect_stages(steps, llc, s)
+        found = np.log1p(det["boundaries"])
+        assert len(found) == 4, det["boundaries"]
+        assert np.abs(found - PAPER_BOUNDARIES).max() < LOG_TOL, det["boundaries"]
+        assert [s["type"] for s in det["stages"]] == ["A", "A", "B", "B", "Other"]
+
+
+def test_stages_on_the_paper_llc_curve_with_noise_of_two_standard_errors(reference_dir):
+    """Independent noise of 2 se per checkpoint (seeds 0-9), the GP told the se. Measured for seeds 0-99:
+    no boundary farther than LOG_TOL from the four (so none below step 300); 40k and 320k found for all 100
+    seeds, 1k for 99, 126k for 89, all four for 88 (here 8 of 10: seed 8 misses 1k, seed 9 126k).
+    Asserted: what held for every seed, and all four for at least 7 of the 10. The last stage's type is not
+    asserted: its rise (+4.5 LLC, 2.7% of the range, Other in the paper) smooths to 9-15 here, mostly typed A."""
+    steps, llc, se = reference_curve(reference_dir)
+    complete = 0
+    for seed in range(10):
+        noisy = llc + 2 * se * np.random.default_rng(seed).standard_normal(len(llc))
+        det = analyze.detect_stages(steps, noisy, se)
+        dist = np.abs(np.log1p(det["boundaries"])[:, None] - PAPER_BOUNDARIES[None])
+        assert (dist.min(1) < LOG_TOL).all(), (seed, det["boundaries"])  # nothing spurious
+        assert (dist[:, [1, 3]] < LOG_TOL).any(0).all(), (seed, det["boundaries"])  # 40k and 320k
+        if len(det["boundaries"]) == 4:
+            complete += 1
+            assert [s["type"] for s in det["stages"][:4]] == ["A", "A", "B", "B"], seed
+    assert complete >= 7
+
+
+def test_gp_uses_the_standard_errors_as_noise():
+    """Points with a large standard error barely pull the fit; the se scale and t0 are learned."""
+    t = np.expm1(np.linspace(0, 12, 120))
+    y = 10 * sigmoid((np.log1p(t) - 6) / 0.7) + 0.05 * np.random.default_rng(0).standard_normal(120)
+    se = np.full(120, 0.05)
+    se[::10], y[::10] = 5.0, y[::10] + 4.0  # every 10th point off by 4 but marked as noisy
+    mean, cov, hp = analyze.gp_fit(t, y, se)
+    assert np.abs(mean - 10 * sigmoid((np.log1p(t) - 6) / 0.7)).max() < 0.3, hp
+    assert 0.3 < hp["se_scale"] < 3 and 1 <= hp["t0"] <= t[-1]
+    assert cov.shape == (120, 120) and np.all(np.diag(cov) >= -1e-9)
+    plain, _, _ = analyze.gp_fit(t, y)  # the same points as equals: the outliers pull the fit
+    assert np.abs(plain - mean)[::10].max() > 0.3
 
 
 def test_stages_degenerate_inputs():
@@ -228,7 +290,10 @@ def png_size(path):
     return struct.unpack(">II", head[16:24])
 
 
-def tiny_run(out_dir, seed):
+def tiny_run(out_dir, seed, diverged=(), holes=()):
+    """A 60-step run and synthetic llc.jsonl rows in llc.py's format (rise, peak, fall). At the indices in
+    `diverged` all chains diverged (llc_mean null, as llc.py writes it); at those in `holes` one chain did (null
+    in llc_per_chain and loss_trace) and llc_se and rhat are null."""
     cfg = common.configure(train.DEFAULTS, [f"--out_dir={out_dir}", f"--seed={seed}", "--max_steps=60",
                                             "--batch_size=32", "--n_log=12", "--n_lin=4", "--eval_batch_size=64",
                                             "--log_interval=20", "--d_model=16", "--d_mlp=16", "--n_head=2",
@@ -236,14 +301,22 @@ def tiny_run(out_dir, seed):
     train.train(cfg)
     steps = common.list_checkpoints(out_dir)
     rng = np.random.default_rng(seed)
-    for i, s in enumerate(steps):  # synthetic llc.jsonl rows in llc.py's format: rise, peak, fall
+    for i, s in enumerate(steps):
+        if i in diverged:
+            common.append_jsonl(out_dir / "llc.jsonl", dict(step=s, llc_mean=None, nan_chains=[0, 1],
+                                                            error="all 2 SGLD chains diverged"))
+            continue
         llc = 5 + 40 * math.exp(-((math.log1p(s) - 2.5) / 1.2) ** 2) + 20 * math.log1p(s) / 4
         traces = [(0.5 + llc / 60 * (1 - np.exp(-np.arange(1, 11) / 3)) + 0.01 * rng.standard_normal(10)).tolist()
                   for _ in range(2)]
-        common.append_jsonl(out_dir / "llc.jsonl", dict(
-            step=s, llc_mean=llc, llc_std=3.0, llc_se=0.5, llc_per_chain=[llc - 1, llc + 1], rhat=1.01 + 0.01 * i,
-            init_loss=0.5, nan_chains=[], loss_trace=traces, trace_draws=list(range(10, 101, 10)), epsilon=1e-3,
-            gamma=6.0, nbeta=60.0, num_chains=2, num_draws=100, num_burnin=0, batch_size=32, seed=0, wall_time=0.1))
+        row = dict(step=s, llc_mean=llc, llc_std=3.0, llc_se=0.5, llc_per_chain=[llc - 1, llc + 1],
+                   rhat=1.01 + 0.01 * i, init_loss=0.5, nan_chains=[], loss_trace=traces,
+                   trace_draws=list(range(10, 101, 10)), epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=2,
+                   num_draws=100, num_burnin=0, batch_size=32, seed=0, wall_time=0.1)
+        if i in holes:
+            row.update(llc_per_chain=[llc, None], llc_se=None, rhat=None, nan_chains=[1],
+                       loss_trace=[traces[0], traces[1][:4] + [None] * 6])
+        common.append_jsonl(out_dir / "llc.jsonl", row)
     return steps
 
 
@@ -255,8 +328,10 @@ FIGURES = ["1_loss_llc.png", "2_essential_dynamics.png", "3_behaviour.png", "4_s
 @pytest.mark.slow
 def test_end_to_end_two_seeds_cache_and_fallback(tmp_path):
     runs = [tmp_path / "s0", tmp_path / "s1"]
-    steps = [tiny_run(d, seed) for seed, d in enumerate(runs)][0]
-    summary = analyze.main([str(runs[0]), *FAST])
+    steps = tiny_run(runs[0], 0, diverged=[3], holes=[0, 5])
+    tiny_run(runs[1], 1)
+    with pytest.warns(UserWarning, match="diverged"):
+        summary = analyze.main([str(runs[0]), *FAST])
     out = runs[0]
     for name in FIGURES:
         w, h = png_size(out / "figures" / name)
@@ -265,7 +340,13 @@ def test_end_to_end_two_seeds_cache_and_fallback(tmp_path):
     assert disk == json.loads(json.dumps(summary))
     assert {"runs", "signal", "warnings", "n_checkpoints", "boundaries", "stages", "detector",
             "essential_dynamics", "figures"} <= set(disk)
-    assert disk["signal"] == "llc" and disk["warnings"] == [] and disk["n_checkpoints"] == len(steps)
+    assert disk["signal"] == "llc" and disk["n_checkpoints"] == len(steps)
+    # the diverged row is reported and left out of the stage detection; the rows with holes are kept
+    assert len(disk["warnings"]) == 1 and f"[{steps[3]}]" in disk["warnings"][0]
+    assert disk["llc_diverged_steps"] == [[steps[3]]]
+    det = json.loads((out / "stages.json").read_text())
+    assert steps[3] not in det["steps"] and {steps[0], steps[5]} <= set(det["steps"])
+    assert det["params"]["heteroscedastic"]
     st = disk["stages"]
     assert st[0]["start"] == 0 and st[-1]["end"] == steps[-1] and all(s["type"] in ("A", "B", "Other") for s in st)
     assert all(a["end"] == b["start"] for a, b in zip(st, st[1:]))
@@ -278,15 +359,17 @@ def test_end_to_end_two_seeds_cache_and_fallback(tmp_path):
     assert len(rows) == len(steps) and {"hessian_trace", "hessian_eigs", "ln_collapse/unembed", "tok_spec",
                                         "unembed_w", "loss/8", "pred_norm"} <= set(rows[0])
 
-    # cached: a rerun evaluates nothing new; a new checkpoint is evaluated alone
+    # cached: a rerun evaluates nothing new
     ed_size = (out / "ed_outputs.f32").stat().st_size
-    analyze.main([str(out), *FAST])
+    with pytest.warns(UserWarning, match="diverged"):
+        analyze.main([str(out), *FAST])
     assert len(common.read_jsonl(out / "analysis.jsonl")) == len(steps)
     assert (out / "ed_outputs.f32").stat().st_size == ed_size
 
     # two seeds into --out: mean ± std, stages on the mean LLC
     both = tmp_path / "both"
-    summary2 = analyze.main([*map(str, runs), f"--out={both}", *FAST])
+    with pytest.warns(UserWarning, match="diverged"):
+        summary2 = analyze.main([*map(str, runs), f"--out={both}", *FAST])
     assert summary2["runs"] == [str(r) for r in runs] and all((both / "figures" / f).exists() for f in FIGURES)
 
     # no llc.jsonl: stages from the test loss, with a warning in the output and in summary.json
