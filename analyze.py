@@ -8,12 +8,15 @@ them recomputes everything). Into the output directory: stages.json, summary.jso
 (plots.py). Several runs share one stage detection (on the mean curve over their common steps) and one PCA
 (each run centred on its own mean). Without llc.jsonl the stages come from the test loss; llc.jsonl rows whose
 chains all diverged (llc_mean null) are left out; both with a warning, also in summary.json.
+A language-model run (config task "lm", language.md §4-5) gets its own per-checkpoint evaluations
+(evaluate_lm_run: per-position, bigram, n-gram, ICL, per-head previous-token / prefix-matching and K-composition
+scores), essential dynamics on true-token logits and its own figures (plots.lm_figures); the --lm_* sizes default
+to a few seconds per checkpoint on a CPU (the paper: 10,000 each).
 Quicker on a CPU: --eval_size=2048; --hessian_probes=0 --lanczos_iters=0 skip the Hessian.
 Specs: ../shared/spec/regression.md §8-9, llc-and-ed.md §3-5.
 """
 import argparse, json, math, os, sys, time, warnings
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -22,160 +25,9 @@ from torch.func import functional_call
 import common
 import data
 import plots
+from stages import detect_stages, flank_peaks, gp_fit, slope_matrix  # noqa: F401  (re-exported)
 
 REFERENCE = Path(__file__).resolve().parent.parent / "shared" / "reference" / "paper_v1_seedmean.csv"
-
-
-# ------------------------------------------------------------------------------------- stage detection
-def gp_fit(t, y, se=None, starts=(0.3, 1.0, 3.0)):
-    """GP regression of a curve y over training steps t, returning the posterior (mean, covariance, hp) at t.
-
-    Kernel amp² exp(-(u - u')² / 2 ls²) on u = log(t + t0): t0 = 1 is log(t+1); a larger t0 compresses the early
-    steps (one stationary lengthscale cannot fit both a flat start and sharp transitions). Noise variance of
-    point i: (c·se_i)² + floor² (floor² alone without `se`); c rescales the reported standard errors, which are
-    estimates themselves (with common random numbers across checkpoints they overstate the scatter). ls, amp,
-    floor, c and t0 ∈ [1, max t] by maximum marginal likelihood on y standardised (torch L-BFGS, float64, one
-    start per lengthscale in `starts`)."""
-    f64 = dict(dtype=torch.float64)
-    t, y = torch.as_tensor(np.asarray(t, float), **f64), np.asarray(y, float)
-    mu, sd = y.mean(), y.std() or 1.0
-    z = torch.as_tensor((y - mu) / sd, **f64)
-    s2 = None if se is None else torch.as_tensor((np.asarray(se, float) / sd) ** 2, **f64)
-    # bounds of log ls, amp, floor, c (sd units): ls 0.05-10, amp 0.05-20, floor 1e-4-2, c 1e-3-1e3; t0 1 - max t
-    lo = torch.tensor([-3.0, -3.0, -9.2] + [-6.9] * (s2 is not None) + [0.0], **f64)
-    hi = torch.tensor([2.3, 3.0, 0.7] + [6.9] * (s2 is not None) + [math.log(max(float(t.max()), 2.0))], **f64)
-
-    def parts(phi):
-        th = (lo + (hi - lo) * torch.sigmoid(phi)).exp()
-        u = torch.log(t + th[-1])
-        K = th[1] ** 2 * torch.exp(-0.5 * ((u[:, None] - u[None]) / th[0]) ** 2)
-        noise = th[2] ** 2 + (0.0 if s2 is None else th[3] ** 2 * s2) + 1e-10
-        return K, K + torch.diag(torch.broadcast_to(noise, t.shape)), th
-
-    def nll(phi):
-        L = torch.linalg.cholesky(parts(phi)[1])
-        return 0.5 * z @ torch.cholesky_solve(z[:, None], L)[:, 0] + L.diagonal().log().sum()
-
-    best = (math.inf, None)
-    for ls0 in starts:
-        th0 = torch.tensor([math.log(ls0), 0.0, -3.0] + [0.0] * (s2 is not None) + [math.log(10.0)], **f64)
-        phi = torch.logit((th0 - lo) / (hi - lo)).requires_grad_(True)
-        opt = torch.optim.LBFGS([phi], max_iter=200, line_search_fn="strong_wolfe", tolerance_change=1e-12)
-
-        def closure():
-            opt.zero_grad()
-            v = nll(phi)
-            v.backward()
-            return v
-        try:
-            opt.step(closure)
-        except torch.linalg.LinAlgError:  # not positive definite on the way: try the next start
-            continue
-        with torch.no_grad():
-            v = float(nll(phi))
-        if v < best[0]:
-            best = (v, phi.detach())
-    with torch.no_grad():
-        K, Ky, th = parts(best[1])
-        A = torch.linalg.solve(Ky, torch.cat([z[:, None], K], 1))
-        mean, cov = mu + sd * (K @ A[:, 0]), sd ** 2 * (K - K @ A[:, 1:])
-    th = th.tolist()
-    hp = dict(lengthscale=th[0], amplitude=th[1] * sd, noise_floor=th[2] * sd, t0=th[-1], nll=best[0],
-              se_scale=th[3] if s2 is not None else None)
-    return mean.numpy(), cov.numpy(), hp
-
-
-def slope_matrix(x):
-    """The paper's d_dt as a matrix S (S @ f = df/dx): mean of forward and backward differences, one-sided at
-    the ends."""
-    i, h = np.arange(len(x) - 1), np.diff(x)
-    F = np.zeros((len(x) - 1, len(x)))
-    F[i, i], F[i, i + 1] = -1 / h, 1 / h
-    return np.vstack([F[:1], 0.5 * (F[1:] + F[:-1]), F[-1:]])
-
-
-def flank_peaks(a, i):
-    """The highest a between i and the nearest point lower than a[i] on each side, as (index, edge): edge is
-    True where the side runs into the end of the curve without such a point."""
-    lo, hi = np.nonzero(a[:i] < a[i])[0], np.nonzero(a[i + 1:] < a[i])[0]
-    l0, r1 = (lo[-1] if len(lo) else 0), (i + 1 + hi[0] if len(hi) else len(a))
-    return [(l0 + int(np.argmax(a[l0:i + 1])), not len(lo)), (i + int(np.argmax(a[i:r1])), not len(hi))]
-
-
-def detect_stages(steps, values, se=None, alpha=0.05, slope_frac=0.1, min_change_frac=0.05, min_log_len=0.25,
-                  flat_frac=0.05, max_fit=400):
-    """Stage boundaries from a curve over training steps (llc-and-ed.md §4), automatically.
-
-    1. Smooth with `gp_fit` (standard errors `se`, e.g. llc_se, as heteroscedastic noise; at most `max_fit`
-       checkpoints, evenly in x = log(t+1)); slope s = dm/dx at the checkpoints and its posterior covariance.
-    2. Candidates: interior local minima of |s| below slope_frac * max|s| (plateaus and critical points in
-       log-time; the paper: |s| < 8 ~ 0.065 max).
-    3. Significance at level alpha, two-sided, Bonferroni over the candidates: z = Phi^-1(1 - alpha/(2 n_cand)).
-       A candidate stays if on each flank (`flank_peaks`) the peak |s| exceeds |s| at the candidate by more
-       than z posterior standard deviations of their difference (a dip in the slope, not a wiggle of noise).
-       A flank running into an end of the curve is exempt where the curve is flat at the candidate (|s| within
-       z sd of 0); if it stays flat to the end, the boundary moves back to where it became flat. So a curve
-       that stops moving has a boundary where it stops (the paper's LR4/LR5, a saturated loss), one that keeps
-       moving, however slowly, has none (a sigmoid still rising at the end).
-    4. Stages must differ: from the start to the first boundary and between consecutive boundaries the smoothed
-       curve must change by more than max(min_change_frac * range, z * posterior sd of the change), over at
-       least min_log_len in x; otherwise the first boundary (against the start), or the one of the pair with
-       the larger |s|, is dropped, and the check repeats. The last stage may be flat (the paper's LR5).
-    5. Types from the smoothed change over each stage: A rising, B falling by more than flat_frac * range and
-       z posterior sd, else Other.
-    """
-    steps, values = np.asarray(steps, float), np.asarray(values, float)
-    se = np.full(len(steps), np.nan) if se is None else np.asarray(se, float)
-    keep = np.flatnonzero(np.isfinite(values))
-    if len(keep) > max_fit:
-        x = np.log1p(steps[keep])
-        keep = keep[np.unique(np.searchsorted(x, np.linspace(x[0], x[-1], max_fit)).clip(0, len(x) - 1))]
-    steps, values, se = steps[keep], values[keep], se[keep]
-    known = np.isfinite(se) & (se >= 0)  # a missing standard error: the median of the others
-    se = np.where(known, se, np.median(se[known])) if known.any() else None
-    x = np.log1p(steps)
-    m, sd_m, hp, minima, cand, z = values, np.zeros(len(x)), {}, [], [], float("nan")
-    if len(x) >= 5 and np.ptp(values) > 0:
-        m, C, hp = gp_fit(steps, values, se)
-        S = slope_matrix(x)
-        a, Cs, sd_m = np.abs(S @ m), S @ C @ S.T, np.sqrt(np.diag(C).clip(0))
-        minima = [i for i in range(1, len(x) - 1)
-                  if a[i] <= a[i - 1] and a[i] < a[i + 1] and a[i] < slope_frac * a.max()]
-        z = NormalDist().inv_cdf(1 - alpha / (2 * max(len(minima), 1)))
-
-        def sd(M, i, j):
-            return math.sqrt(max(M[i, i] + M[j, j] - 2 * M[i, j], 0.0))
-
-        def same(i, j):
-            return abs(m[j] - m[i]) <= max(min_change_frac * np.ptp(m), z * sd(C, i, j)) or x[j] - x[i] < min_log_len
-        flat = a <= z * np.sqrt(np.diag(Cs).clip(0))  # slope within z sd of 0
-        cand = []
-        for i in minima:
-            fl = flank_peaks(a, i)
-            if all(a[p] - a[i] > z * sd(Cs, i, p) for p, edge in fl if not (edge and flat[i])):
-                (p0, _), (_, e1) = fl
-                if e1 and flat[i:].all():  # flat from here to the end: the boundary is where it became flat
-                    while i - 1 > p0 and flat[i - 1]:
-                        i -= 1
-                cand.append(i)
-        cand = sorted(set(cand))
-        while True:
-            pts = [0, *cand]
-            bad = [k for k in range(len(cand)) if same(pts[k], pts[k + 1])]
-            if not bad:
-                break
-            k = bad[0]
-            cand.pop(k - 1 if k and a[pts[k]] > a[pts[k + 1]] else k)
-        hp["z"] = z
-    edges, stages = [0, *cand, len(x) - 1], []
-    for j, (i0, i1) in enumerate(zip(edges[:-1], edges[1:])):
-        dv, thr = float(m[i1] - m[i0]), max(flat_frac * np.ptp(m), z * sd(C, i0, i1) if hp else 0.0)
-        kind = "A" if dv > thr else "B" if dv < -thr else "Other"
-        stages.append(dict(name=f"LR{j + 1}", start=int(steps[i0]), end=int(steps[i1]), type=kind, change=dv))
-    return dict(boundaries=[int(steps[i]) for i in cand], stages=stages, candidates=[int(steps[i]) for i in minima],
-                smoothed=np.asarray(m).tolist(), smoothed_sd=sd_m.tolist(), steps=steps.astype(int).tolist(), gp=hp,
-                params=dict(alpha=alpha, slope_frac=slope_frac, min_change_frac=min_change_frac,
-                            min_log_len=min_log_len, flat_frac=flat_frac, heteroscedastic=se is not None))
 
 
 # --------------------------------------------------------------------------------- essential dynamics
@@ -259,17 +111,17 @@ def cusp_candidates(curve, skip=8, top=3):
                 sharp=[int(i) + 1 for i in np.argsort(radii)[:top]])
 
 
-def essential_dynamics(runs, mats, steps, cfg, sigma_max, k=4):
-    """Joint PCA of all runs' output trajectories (common steps), the y-only variant, smoothing, evolutes of the
-    first run's smoothed PC pairs and their cusps (as steps)."""
-    B, T, C = len(mats[0][0]) // (2 * cfg["K"] * (cfg["D"] + 1)), 2 * cfg["K"], cfg["D"] + 1
+def essential_dynamics(runs, mats, steps, sigma_max, ycols=None, k=4):
+    """Joint PCA of all runs' output trajectories (common steps), the variant on the columns `ycols` only (the
+    regression's y-predictions; None: no variant), smoothing, evolutes of the first run's smoothed PC pairs and
+    their cusps (as steps)."""
     keep = set(steps)
     sel = [np.array([r["ed_row"] for r in rows if r["step"] in keep]) for rows in runs]
-    ycols = np.arange(B * T * C).reshape(B, T, C)[:, 0::2, 0].ravel()
     groups = np.repeat(np.arange(len(sel)), [len(s) for s in sel])
+    k = min(k, len(groups))
     scores, evr = pca_from_gram(gram(mats, sel), k, groups)
-    scores_y, evr_y = pca_from_gram(gram(mats, sel, cols=ycols), k, groups)
     n, cuts = len(steps), np.cumsum([len(s) for s in sel])[:-1]
+    scores_y, evr_y = (None, np.zeros(0)) if ycols is None else pca_from_gram(gram(mats, sel, cols=ycols), k, groups)
     smax = sigma_max if sigma_max >= 0 else 300 * n / 5000
     smoothed = [smooth_variable_sigma(s, np.linspace(0.1, max(0.1, smax), n)) for s in np.split(scores, cuts)]
     skip = 8 if n >= 80 else max(1, n // 10)
@@ -282,7 +134,8 @@ def essential_dynamics(runs, mats, steps, cfg, sigma_max, k=4):
                 c = cusp_candidates(smoothed[0][:, [i, j]], skip=skip)
                 cusps[pair] = {key: [steps[t] for t in v] for key, v in c.items()}
     return dict(scores=np.split(scores, cuts), smoothed=smoothed, evr=evr, evr_y=evr_y, cusps=cusps,
-                evolutes=evolutes, scores_y=np.split(scores_y, cuts), steps=np.array(steps))
+                evolutes=evolutes, scores_y=None if scores_y is None else np.split(scores_y, cuts),
+                steps=np.array(steps))
 
 
 # ------------------------------------------------------------------------------------------- Hessian
@@ -360,7 +213,10 @@ class Chunked(torch.nn.Module):
 def evaluate_run(out_dir, opt):
     """Evaluate every checkpoint not yet in out_dir/analysis.jsonl; returns (rows sorted by step, ED memmap)."""
     out_dir = Path(out_dir)
-    cfg, task = common.load_run(out_dir), common.run_task(out_dir)
+    cfg = common.load_run(out_dir)
+    if cfg.get("task") == "lm":
+        return evaluate_lm_run(out_dir, opt)
+    task = common.run_task(out_dir)
     dev = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hb = opt.hessian_batch if opt.hessian_batch > 0 else 1024 if dev.type == "cuda" else 256
     chunk = opt.chunk if opt.chunk >= 0 else 0 if dev.type == "cuda" else 256
@@ -422,6 +278,72 @@ def evaluate_run(out_dir, opt):
     return sorted(rows, key=lambda r: r["step"]), X
 
 
+def evaluate_lm_run(out_dir, opt):
+    """evaluate_run for a language-model run (language.md §4): per-position, position-ablated, bigram, n-gram and
+    ICL scores, per-head previous-token / prefix-matching scores, K-composition (layer 0 -> 1), positional and
+    weight norms; the ED features are the true-token logits (lm_eval.true_token_logits). Same cache files."""
+    import lm_eval
+    out_dir = Path(out_dir)
+    task = common.run_task(out_dir)
+    meta = {k: getattr(opt, k) for k in ("eval_seed", "lm_rows", "lm_ed", "lm_head_seqs", "lm_bigram_seqs",
+                                         "lm_ngrams")}
+    tokens = task.eval_data(opt.eval_seed, opt.lm_rows)
+    meta["width"] = min(opt.lm_ed, len(tokens))
+    cache, ed_path, meta_path = (out_dir / f for f in ("analysis.jsonl", "ed_outputs.f32", "analysis_meta.json"))
+    stale = meta_path.exists() and json.loads(meta_path.read_text()) != meta
+    rows = [] if stale else common.read_jsonl(cache)
+    need = len(rows) * meta["width"] * 4
+    if stale or (ed_path.stat().st_size if ed_path.exists() else 0) < need:
+        warnings.warn(f"{out_dir}: analysis settings changed or ed_outputs.f32 is incomplete; re-evaluating")
+        cache.unlink(missing_ok=True)
+        rows, need = [], 0
+    common.atomic_write(meta_path, json.dumps(meta))
+    with open(ed_path, "ab") as f:
+        f.truncate(need)
+    done = {r["step"] for r in rows}
+    todo = [s for s in common.list_checkpoints(out_dir) if s not in done]
+    if todo:
+        table, tok, seed = task.bigram_table(), task.tokenizer(), opt.eval_seed
+        H2 = lm_eval.bigram_entropy(table, tokens, opt.lm_bigram_seqs, seed)
+        seqs = {n: lm_eval.ngram_sequences(lambda w: tok.encode(w).ids, task.words(), n, opt.lm_ngrams,
+                                           bos=task.bos, space_id=task.meta["space_id"]) for n in (2, 3, 4)}
+        t0 = time.time()
+        for i, step in enumerate(todo):
+            try:
+                model = common.load_model(out_dir, step)
+            except common.CheckpointError as e:
+                warnings.warn(f"skipping step {step}: {e}")
+                continue
+            pp, ab = lm_eval.per_position_loss(model, tokens), lm_eval.position_ablated_loss(model, tokens)
+            row = {"step": step, "loss": float(pp.mean()), "loss_pos_ablated": float(ab.mean()),
+                   **{f"loss/{k}": float(pp[k]) for k in lm_eval.EVAL_POSITIONS if k < len(pp)},
+                   "icl": lm_eval.icl_score(pp), "bigram_entropy": H2,
+                   "bigram": lm_eval.bigram_score(model, tokens, table, opt.lm_bigram_seqs, seed)}
+            for n, sq in seqs.items():
+                row[f"ngram/{n}"] = lm_eval.ngram_score(pp, lm_eval.ngram_loss(model, sq), n) if len(sq) else None
+            for key, fn in (("prev_token", lm_eval.previous_token_scores), ("prefix", lm_eval.prefix_matching_scores)):
+                S = fn(model, opt.lm_head_seqs, seed)
+                row.update({f"{key}/L{a}H{b}": float(S[a, b]) for a in range(S.shape[0]) for b in range(S.shape[1])})
+            if len(model.blocks) >= 2:
+                S = lm_eval.k_composition_scores(model)
+                row.update({f"kcomp/{a}-{b}": float(S[a, b]) for a in range(S.shape[0]) for b in range(S.shape[1])})
+            row.update(pos_norms=lm_eval.positional_norms(model).tolist(),
+                       weight_norm=float(lm_eval.weight_norm(model.parameters())), ed_row=len(rows))
+            out = lm_eval.true_token_logits(model, tokens, meta["width"], seed).numpy().astype(np.float32)
+            with open(ed_path, "ab") as f:
+                f.write(out.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            common.append_jsonl(cache, row)
+            rows.append(row)
+            el = time.time() - t0
+            print(f"\ranalyze {out_dir.name}: step {step} [{i + 1}/{len(todo)}] {el / (i + 1):.1f}s/ckpt "
+                  f"ETA {el / (i + 1) * (len(todo) - i - 1):.0f}s   ", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+    X = np.memmap(ed_path, dtype=np.float32, mode="r").reshape(-1, meta["width"]) if rows else None
+    return sorted(rows, key=lambda r: r["step"]), X
+
+
 def read_llc(out_dir):
     """(llc.jsonl rows with a finite llc_mean, the last per step, sorted; the steps whose chains all diverged,
     llc_mean null, and that have no finite row). ([], []) when the file is absent."""
@@ -452,13 +374,14 @@ def tables(runs, steps, keys=None):
 
 
 # ------------------------------------------------------------------------------------ summary and main
+LM_SUMMARY_KEYS = ("loss", "loss_pos_ablated", "icl", "bigram", "ngram/3", "weight_norm")
 SUMMARY_KEYS = ("loss", "delta_ridge", "pred_norm", "icl_1_{h}", "weight_norm", "ln_collapse/unembed",
                 "hessian_trace")
 
 
-def stage_changes(det, steps, M, llc_steps, L, K):
-    """For each stage, the seed-mean value of each metric at its first and last checkpoint."""
-    series = [(k.format(h=max(K // 2, 1)), steps, M) for k in SUMMARY_KEYS] + [("llc_mean", llc_steps, L)]
+def stage_changes(det, steps, M, llc_steps, L, K, keys=SUMMARY_KEYS):
+    """For each stage, the seed-mean value of each metric (`keys`) at its first and last checkpoint."""
+    series = [(k.format(h=max(K // 2, 1)), steps, M) for k in keys] + [("llc_mean", llc_steps, L)]
     out = []
     for s in det["stages"]:
         ch = {}
@@ -484,6 +407,11 @@ OPTIONS = (  # --name, default (its type is the option's), help
     ("top_eigs", 3, "top Hessian eigenvalues reported"),
     ("chunk", -1, "sequences per forward pass (0: the whole batch; -1: 256 on a CPU, 0 on a GPU)"),
     ("ed_sigma_max", -1.0, "end of the smoothing-σ ramp (-1: 300·N/5000)"),
+    ("lm_rows", 256, "LM: held-out rows evaluated (the paper: 10,000 x 1,024 tokens)"),
+    ("lm_ed", 256, "LM: ED features, one true-token logit per row (at most lm_rows; the paper: 10,000)"),
+    ("lm_head_seqs", 200, "LM: synthetic sequences per head score (the paper: 10,000)"),
+    ("lm_bigram_seqs", 256, "LM: positions for the bigram score and entropy (the paper: 5,000 / 10,000)"),
+    ("lm_ngrams", 1000, "LM: n-gram sequences per n = 2, 3, 4"),
     ("threads", 0, "torch threads (0: torch's default)"),
     ("device", "", "evaluation device (default: cuda if available, else cpu)"),
     *((k, v, "stage rule, see detect_stages") for k, v in STAGE_RULE.items()))
@@ -504,6 +432,7 @@ def main(argv=None):
     if empty:
         raise SystemExit(f"analyze.py: no checkpoints in {empty}")
     cfg, warn = common.load_run(opt.runs[0]), []
+    lm = cfg.get("task") == "lm"
     steps = sorted(set.intersection(*[{r["step"] for r in rows} for rows in runs]))
     llcs, diverged = zip(*[read_llc(d) for d in opt.runs])
     for d, bad in zip(opt.runs, diverged):
@@ -525,21 +454,30 @@ def main(argv=None):
     det = detect_stages(sig_steps, sig, se, **{k: getattr(opt, k) for k in STAGE_RULE})
     det["signal"] = "llc" if llc_steps else "loss"
     common.atomic_write(out / "stages.json", json.dumps(det, indent=1))
-    ed = essential_dynamics(runs, mats, steps, cfg, opt.ed_sigma_max)
+    if lm:
+        ed = essential_dynamics(runs, mats, steps, opt.ed_sigma_max)
+    else:
+        B, T, C = opt.ed_batch, 2 * cfg["K"], cfg["D"] + 1
+        ycols = np.arange(B * T * C).reshape(B, T, C)[:, 0::2, 0].ravel()
+        ed = essential_dynamics(runs, mats, steps, opt.ed_sigma_max, ycols)
     ref = None
-    if cfg["K"] == 8 and cfg.get("max_steps") == 500_000 and REFERENCE.exists():
+    if not lm and cfg["K"] == 8 and cfg.get("max_steps") == 500_000 and REFERENCE.exists():
         ref = np.genfromtxt(REFERENCE, delimiter=",", names=True)
     M = tables(runs, steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of all-NaN columns (missing metrics)
-        figs = plots.all_figures(out / "figures", steps, M, llc_steps, L, llcs[0], diverged[0], det, ed, cfg, ref)
-        stages = stage_changes(det, steps, M, llc_steps, L, cfg["K"])
+        figs = (plots.lm_figures if lm else plots.all_figures)(out / "figures", steps, M, llc_steps, L, llcs[0],
+                                                               diverged[0], det, ed, cfg, ref)
+        stages = stage_changes(det, steps, M, llc_steps, L, cfg["K"], LM_SUMMARY_KEYS if lm else SUMMARY_KEYS)
     summary = dict(runs=[str(d) for d in opt.runs], signal=det["signal"], warnings=warn, n_checkpoints=len(steps),
                    boundaries=det["boundaries"], stages=stages, detector=dict(params=det["params"], gp=det["gp"]),
                    llc_diverged_steps=list(diverged),
                    essential_dynamics=dict(explained_variance=ed["evr"].tolist(),
                                            explained_variance_y=ed["evr_y"].tolist(), cusps=ed["cusps"]),
                    figures=[str(f.relative_to(out)) for f in figs])
+    if lm:
+        last = {k: v[:, -1].mean() for k, v in M.items() if v.ndim == 2}
+        summary["final"] = {k: float(v) for k, v in last.items() if math.isfinite(v)}
     common.atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     plots.write_report(out / "report.md", summary, figs)
     print(f"analyze.py: {len(det['stages'])} stages on {det['signal']}, boundaries {det['boundaries']}; "

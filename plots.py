@@ -97,13 +97,14 @@ def _save(fig, path):
 
 
 # ------------------------------------------------------------------------------------------------ figures
-def loss_llc(path, steps, M, llc_steps, L, det, zero_loss, ref=None):
+def loss_llc(path, steps, M, llc_steps, L, det, zero_loss, ref=None, loss_label="test loss (MSE)",
+             zero_label="zero predictor D+σ²"):
     """The paper's first figure: test loss and LLC over log-steps, stages shaded, the GP fit the stages were
     detected on (±2 posterior sd); the paper's seed-mean curves (`ref`, a structured array with step, loss_mean,
     llc_mean) overlaid when given (only where the step axes agree: K=8 on the 500k schedule)."""
     fig, (a, b) = _axes(2, 1, "Test loss and local learning coefficient", w=8, h=3.2)
     _band(a, steps, M["loss"], label="test loss (eval set)")
-    a.axhline(zero_loss, color="grey", ls=":", lw=1, label="zero predictor D+σ²")
+    a.axhline(zero_loss, color="grey", ls=":", lw=1, label=zero_label)
     if len(llc_steps):
         _band(b, llc_steps, L["llc_mean"], label="LLC λ̂", color="C3")
         if len(L["llc_mean"]) == 1:
@@ -118,7 +119,7 @@ def loss_llc(path, steps, M, llc_steps, L, det, zero_loss, ref=None):
     if ref is not None:
         a.plot(ref["step"], ref["loss_mean"], color="grey", ls="--", lw=1, label="paper v1 (seed mean)")
         b.plot(ref["step"], ref["llc_mean"], color="grey", ls="--", lw=1, label="paper v1 (seed mean)")
-    _time_axis(a, det["stages"], "test loss (MSE)", names=True)
+    _time_axis(a, det["stages"], loss_label, names=True)
     _time_axis(b, det["stages"], "LLC λ̂")
     _save(fig, path)
 
@@ -158,14 +159,19 @@ def essential_dynamics(path, ed, det):
             ax[p].plot(cusp[:, i], cusp[:, j], "kx", ms=7, ls="none", label="evolute cusps" if p == 0 else None)
         ax[p].set_xlim(xl), ax[p].set_ylim(yl)  # the evolute runs off to infinity on straight stretches
     n = np.arange(1, len(ed["evr"]) + 1)
-    ax[3].bar(n - 0.2, 100 * ed["evr"], 0.4, label="all outputs (B×2K×(D+1))")
-    ax[3].bar(n + 0.2, 100 * ed["evr_y"], 0.4, label="y-predictions only (B×K)")
+    y = ed["scores_y"] is not None
+    ax[3].bar(n - 0.2 * y, 100 * ed["evr"], 0.8 - 0.4 * y,
+              label="all outputs (B×2K×(D+1))" if y else "true-token logits")
+    if y:
+        ax[3].bar(n + 0.2, 100 * ed["evr_y"], 0.4, label="y-predictions only (B×K)")
     ax[3].set_xlabel("principal component"), ax[3].set_ylabel("explained variance (%)")
     ax[3].set_xticks(n)
     for c in range(min(k, 3)):
         ax[4].plot(steps, ed["smoothed"][0][:, c], label=f"PC{c + 1}")
     _time_axis(ax[4], stages, "PC score (smoothed, run 1)", names=True)
-    if ed["scores_y"][0].shape[1] >= 2:
+    if ed["scores_y"] is None:
+        ax[5].axis("off")
+    elif ed["scores_y"][0].shape[1] >= 2:
         _trajectory(ax[5], ed["scores_y"], steps, stages, 0, 1, ed["evr_y"])
         ax[5].set_title("y-predictions only (unsmoothed)", fontsize=9)
     _save(fig, path)
@@ -264,12 +270,71 @@ def llc_diagnostics(path, llc_steps, L, rows, diverged, det):
     _save(fig, path)
 
 
+# ------------------------------------------------------------------------------------------- language model
+LM_FIGURES = ("1_loss_llc.png", "2_essential_dynamics.png", "3_lm_behaviour.png", "4_head_scores.png",
+              "5_llc_diagnostics.png")
+
+
+def lm_figures(fig_dir, steps, M, llc_steps, L, llc_rows, diverged, det, ed, cfg, ref=None):
+    """all_figures for a language-model run (language.md §4): the behaviour and head-score panels differ."""
+    paths = [Path(fig_dir) / f for f in LM_FIGURES]
+    loss_llc(paths[0], steps, M, llc_steps, L, det, math.log(cfg["vocab_size"]), loss_label="test loss (nats)",
+             zero_label="uniform ln V")
+    essential_dynamics(paths[1], ed, det)
+    lm_behaviour(paths[2], steps, M, det)
+    head_scores(paths[3], steps, M, det)
+    llc_diagnostics(paths[4], llc_steps, L, llc_rows, diverged, det)
+    return paths
+
+
+def lm_behaviour(path, steps, M, det):
+    fig, ax = _axes(2, 3, "Language model: behaviour on held-out text")
+    st = det["stages"]
+    ks = sorted(int(k.split("/")[1]) for k in M if k.startswith("loss/"))
+    for k in ks:
+        _band(ax[0], steps, M[f"loss/{k}"], label=f"k={k}", color=plt.cm.viridis(ks.index(k) / max(len(ks) - 1, 1)))
+    _time_axis(ax[0], st, "per-token loss ℓ_k (nats)", names=True)
+    ax[0].legend(fontsize=5, ncol=2)
+    _band(ax[1], steps, M["icl"], label="ICL score (late − early)")
+    _time_axis(ax[1], st, "ICL score (lower = more ICL)")
+    _band(ax[2], steps, M["bigram"], label="bigram score")
+    _band(ax[2], steps, M["bigram_entropy"], label="bigram entropy (floor)", ls=":", color="grey")
+    _time_axis(ax[2], st, "H(B[c], model) (nats)")
+    for n in (2, 3, 4):
+        if f"ngram/{n}" in M:
+            _band(ax[3], steps, M[f"ngram/{n}"], label=f"{n}-gram")
+    _time_axis(ax[3], st, "n-gram score (test loss / n-gram loss)")
+    _band(ax[4], steps, M["loss_pos_ablated"] - M["loss"], label="ablated − loss")
+    _time_axis(ax[4], st, "position-ablation loss increase")
+    _band(ax[5], steps, M["weight_norm"], label="‖w‖")
+    _time_axis(ax[5], st, "weight norm")
+    _save(fig, path)
+
+
+def head_scores(path, steps, M, det):
+    """Previous-token and prefix-matching score of every head, and the layer 0 -> 1 K-composition of every pair,
+    over training (the paper's Figure 3 ingredients)."""
+    fig, ax = _axes(1, 3, "Attention heads over training", w=5.2, h=3.6)
+    st = det["stages"]
+    for a, key, label in ((ax[0], "prev_token/", "previous-token score"), (ax[1], "prefix/", "prefix-matching score"),
+                          (ax[2], "kcomp/", "K-composition (L0 head → L1 head)")):
+        keys = sorted(k for k in M if k.startswith(key))
+        for i, k in enumerate(keys):
+            _band(a, steps, M[k], label=k[len(key):], color=plt.cm.tab20(i % 20), ls="-" if "L0" in k or key ==
+                  "kcomp/" else "--")
+        _time_axis(a, st, label, names=a is ax[0])
+        if keys:
+            a.legend(fontsize=5, ncol=2)
+    _save(fig, path)
+
+
 # ------------------------------------------------------------------------------------------------ report
 def write_report(path, summary, figures):
     """report.md: the stage table (each metric from the first to the last checkpoint of a stage), the warnings,
     the explained variance and the figures (paths relative to the report's folder)."""
     st, gp = summary["stages"], summary["detector"]["gp"]
-    cols = [c for c in ("llc", "loss", "delta_ridge", "pred_norm", "weight_norm") if c in st[0]["metrics"]]
+    cols = [c for c in ("llc", "loss", "delta_ridge", "pred_norm", "icl", "bigram", "weight_norm")
+            if c in st[0]["metrics"]]
     lines = [f"# Developmental stages: {', '.join(summary['runs'])}", "",
              f"{summary['n_checkpoints']} checkpoints, {len(summary['runs'])} run(s); stages detected on "
              f"**{summary['signal']}** (GP fit in log(t+{gp.get('t0', 1):.0f}), significant minima of |slope| in "

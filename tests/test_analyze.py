@@ -10,6 +10,8 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import analyze
+import plots
+import stages
 import common
 import train
 
@@ -46,7 +48,7 @@ def test_stages_found_on_synthetic_curve_with_known_critical_points():
     assert len(expected) == 3
     rng = np.random.default_rng(0)
     for noise in (0.0, 0.5):
-        det = analyze.detect_stages(steps, f(x) + noise * rng.standard_normal(len(x)))
+        det = stages.detect_stages(steps, f(x) + noise * rng.standard_normal(len(x)))
         found = np.log1p(det["boundaries"])
         assert len(found) == 3, (noise, det["boundaries"], np.expm1(expected))
         assert np.abs(found - expected).max() < LOG_TOL, (noise, det["boundaries"], np.expm1(expected))
@@ -60,7 +62,7 @@ def test_no_stage_boundaries_on_a_monotone_curve(kind):
     x = np.log1p(steps)
     y = {"sigmoid": 150 * sigmoid((x - 8) / 1.2), "linear": 10 * x}[kind]
     y = y + 0.01 * np.ptp(y) * np.random.default_rng(1).standard_normal(len(x))
-    det = analyze.detect_stages(steps, y)
+    det = stages.detect_stages(steps, y)
     assert det["boundaries"] == []
     assert [s["type"] for s in det["stages"]] == ["A"]
     assert (det["stages"][0]["start"], det["stages"][0]["end"]) == (0, int(steps[-1]))
@@ -75,7 +77,7 @@ def test_a_saturated_curve_ends_in_a_flat_stage_where_it_stops_moving(seed):
     steps = paper_steps()
     x = np.log1p(steps)
     f = lambda x: 4.3 - 2.5 * sigmoid((x - 8) / 0.8)  # noqa: E731
-    det = analyze.detect_stages(steps, f(x) + 0.025 * np.random.default_rng(seed).standard_normal(len(x)))
+    det = stages.detect_stages(steps, f(x) + 0.025 * np.random.default_rng(seed).standard_normal(len(x)))
     assert len(det["boundaries"]) <= 1
     assert det["stages"][0]["type"] == "B"
     for b in det["boundaries"]:
@@ -99,7 +101,7 @@ def test_stages_on_the_paper_llc_curve(reference_dir):
     the standard errors as heteroscedastic noise and without them."""
     steps, llc, se = reference_curve(reference_dir)
     for s in (se, None):
-        det = analyze.detect_stages(steps, llc, s)
+        det = stages.detect_stages(steps, llc, s)
         found = np.log1p(det["boundaries"])
         assert len(found) == 4, det["boundaries"]
         assert np.abs(found - PAPER_BOUNDARIES).max() < LOG_TOL, det["boundaries"]
@@ -116,7 +118,7 @@ def test_stages_on_the_paper_llc_curve_with_noise_of_two_standard_errors(referen
     complete = 0
     for seed in range(10):
         noisy = llc + 2 * se * np.random.default_rng(seed).standard_normal(len(llc))
-        det = analyze.detect_stages(steps, noisy, se)
+        det = stages.detect_stages(steps, noisy, se)
         dist = np.abs(np.log1p(det["boundaries"])[:, None] - PAPER_BOUNDARIES[None])
         assert (dist.min(1) < LOG_TOL).all(), (seed, det["boundaries"])  # nothing spurious
         assert (dist[:, [1, 3]] < LOG_TOL).any(0).all(), (seed, det["boundaries"])  # 40k and 320k
@@ -132,17 +134,17 @@ def test_gp_uses_the_standard_errors_as_noise():
     y = 10 * sigmoid((np.log1p(t) - 6) / 0.7) + 0.05 * np.random.default_rng(0).standard_normal(120)
     se = np.full(120, 0.05)
     se[::10], y[::10] = 5.0, y[::10] + 4.0  # every 10th point off by 4 but marked as noisy
-    mean, cov, hp = analyze.gp_fit(t, y, se)
+    mean, cov, hp = stages.gp_fit(t, y, se)
     assert np.abs(mean - 10 * sigmoid((np.log1p(t) - 6) / 0.7)).max() < 0.3, hp
     assert 0.3 < hp["se_scale"] < 3 and 1 <= hp["t0"] <= t[-1]
     assert cov.shape == (120, 120) and np.all(np.diag(cov) >= -1e-9)
-    plain, _, _ = analyze.gp_fit(t, y)  # the same points as equals: the outliers pull the fit
+    plain, _, _ = stages.gp_fit(t, y)  # the same points as equals: the outliers pull the fit
     assert np.abs(plain - mean)[::10].max() > 0.3
 
 
 def test_stages_degenerate_inputs():
-    assert analyze.detect_stages([0, 1, 2], [1.0, 2.0, 3.0])["boundaries"] == []
-    det = analyze.detect_stages(np.arange(50), np.ones(50))
+    assert stages.detect_stages([0, 1, 2], [1.0, 2.0, 3.0])["boundaries"] == []
+    det = stages.detect_stages(np.arange(50), np.ones(50))
     assert det["boundaries"] == [] and det["stages"][0]["type"] == "Other"
 
 
@@ -378,3 +380,45 @@ def test_end_to_end_two_seeds_cache_and_fallback(tmp_path):
         summary3 = analyze.main([str(out), *FAST])
     assert summary3["signal"] == "loss" and "test loss" in summary3["warnings"][0]
     assert all((out / "figures" / f).stat().st_size > 10_000 for f in FIGURES)
+
+
+# --------------------------------------------------------------------------------------- language model
+def test_lm_demo_pipeline_train_llc_analyze(tmp_path):
+    """The LM demo pipeline (train -> llc -> analyze) end to end at a tiny size: figures (the head-score panel
+    included), summary keys and per-head scores in analysis.jsonl."""
+    import llc
+    import lm_data
+    from conftest import ROOT
+    data_dir, out = tmp_path / "python-v5000-ctx32", tmp_path / "run"
+    lm_data.prepare(data_dir, "python", 5000, 32, 0.05, "train", progress=lambda msg: None)
+    train.train(common.configure(train.DEFAULTS, [
+        str(ROOT / "configs" / "lm_tiny.py"), f"--out_dir={out}", f"--data_dir={data_dir}", "--n_ctx=32",
+        "--d_model=16", "--n_head=2", "--batch_size=8", "--max_steps=24", "--n_log=8", "--n_lin=0",
+        "--ckpt_every=23", "--eval_batch_size=8", "--log_interval=8", "--device=cpu"]))
+    steps = common.list_checkpoints(out)
+    assert len(steps) >= 6
+    llc.main([f"--ckpt={out}", "--num_chains=2", "--num_draws=8", "--num_burnin=0", "--batch_size=4", "--n=16",
+              "--epsilon=1e-3", "--gamma=100", "--nbeta=10"])
+    assert len(common.read_jsonl(out / "llc.jsonl")) == len(steps)
+    summary = analyze.main([str(out), "--lm_rows=48", "--lm_ed=48", "--lm_head_seqs=20", "--lm_bigram_seqs=48",
+                            "--lm_ngrams=50", "--threads=1"])
+    for key in ("signal", "boundaries", "stages", "essential_dynamics", "figures", "final"):
+        assert key in summary
+    assert set(summary["figures"]) == {f"figures/{f}" for f in plots.LM_FIGURES}
+    for f in plots.LM_FIGURES:
+        w, h = png_size(out / "figures" / f)
+        assert w > 200 and h > 200
+    assert len(summary["essential_dynamics"]["explained_variance"]) >= 2
+    rows = common.read_jsonl(out / "analysis.jsonl")
+    assert [r["step"] for r in rows] == steps
+    heads = [f"{k}/L{a}H{b}" for k in ("prev_token", "prefix") for a in range(2) for b in range(2)]
+    heads += [f"kcomp/{a}-{b}" for a in range(2) for b in range(2)]
+    for r in rows:
+        assert all(isinstance(r[k], float) and math.isfinite(r[k]) for k in heads), r
+        assert r["loss"] > 0 and len(r["pos_norms"]) == 32 and {"bigram", "icl", "ngram/2"} <= r.keys()
+    assert (out / "report.md").exists() and json.loads((out / "summary.json").read_text())["signal"] in ("llc", "loss")
+    # cached: a second call evaluates nothing new and gives the same stages
+    again = analyze.main([str(out), "--lm_rows=48", "--lm_ed=48", "--lm_head_seqs=20", "--lm_bigram_seqs=48",
+                          "--lm_ngrams=50", "--threads=1"])
+    assert again["boundaries"] == summary["boundaries"]
+    assert len(common.read_jsonl(out / "analysis.jsonl")) == len(steps)
