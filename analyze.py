@@ -9,7 +9,7 @@ them recomputes everything). Into the output directory: stages.json, summary.jso
 (each run centred on its own mean). Without llc.jsonl the stages come from the test loss; llc.jsonl rows whose
 chains all diverged (llc_mean null) are left out; both with a warning, also in summary.json.
 A language-model run (config task "lm", language.md §4-5) gets its own per-checkpoint evaluations
-(evaluate_lm_run: per-position, bigram, n-gram, ICL, per-head previous-token / prefix-matching and K-composition
+(lm_evaluator: per-position, bigram, n-gram, ICL, per-head previous-token / prefix-matching and K-composition
 scores), essential dynamics on true-token logits and its own figures (plots.lm_figures); the --lm_* sizes default
 to a few seconds per checkpoint on a CPU (the paper: 10,000 each).
 Quicker on a CPU: --eval_size=2048; --hessian_probes=0 --lanczos_iters=0 skip the Hessian.
@@ -211,18 +211,12 @@ class Chunked(torch.nn.Module):
 
 
 def evaluate_run(out_dir, opt):
-    """Evaluate every checkpoint not yet in out_dir/analysis.jsonl; returns (rows sorted by step, ED memmap)."""
+    """Evaluate every checkpoint not yet in out_dir/analysis.jsonl; returns (rows sorted by step, ED memmap).
+    The cache logic is shared; what is measured comes from regression_evaluator or lm_evaluator."""
     out_dir = Path(out_dir)
     cfg = common.load_run(out_dir)
-    if cfg.get("task") == "lm":
-        return evaluate_lm_run(out_dir, opt)
-    task = common.run_task(out_dir)
     dev = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    hb = opt.hessian_batch if opt.hessian_batch > 0 else 1024 if dev.type == "cuda" else 256
-    chunk = opt.chunk if opt.chunk >= 0 else 0 if dev.type == "cuda" else 256
-    meta = {k: getattr(opt, k) for k in ("eval_size", "eval_seed", "ed_batch", "hessian_probes", "lanczos_iters",
-                                         "top_eigs")}
-    meta.update(hessian_batch=min(hb, opt.ed_batch), width=opt.ed_batch * 2 * cfg["K"] * (cfg["D"] + 1))
+    meta, setup = (lm_evaluator if cfg.get("task") == "lm" else regression_evaluator)(out_dir, cfg, opt, dev)
     cache, ed_path, meta_path = (out_dir / f for f in ("analysis.jsonl", "ed_outputs.f32", "analysis_meta.json"))
     stale = meta_path.exists() and json.loads(meta_path.read_text()) != meta
     rows = [] if stale else common.read_jsonl(cache)
@@ -238,34 +232,17 @@ def evaluate_run(out_dir, opt):
     done = {r["step"] for r in rows}
     todo = [s for s in common.list_checkpoints(out_dir) if s not in done]
     if todo:
-        batch = {k: v.to(dev) for k, v in task.eval_batch(opt.eval_seed, opt.eval_size).items()}
-        base = data.regression_baselines(batch, task.sigma2, task.tasks)  # model-independent: once per run
-        ed = {k: v.to(dev) for k, v in task.eval_batch(opt.eval_seed + 1, opt.ed_batch).items()}
-        tokens, hb = data.to_tokens(ed["xs"], ed["ys"]), meta["hessian_batch"]
-        t0 = time.time()
+        evaluate, t0 = setup(), time.time()  # the once-per-run state (eval sets, baselines, n-gram lists)
         for i, step in enumerate(todo):
             try:
                 model = common.load_model(out_dir, step).to(dev)
             except common.CheckpointError as e:
                 warnings.warn(f"skipping step {step}: {e}")
                 continue
-            params = {k: v.detach().cpu() for k, v in model.named_parameters()}
-            row = {"step": step, **data.regression_metrics(Chunked(model, chunk), batch, task.sigma2, task.tasks,
-                                                           baselines=base),
-                   **structure_stats(params, cfg["n_layer"]), "ed_row": len(rows)}
-            if opt.hessian_probes > 0 or opt.lanczos_iters > 0:
-                hvp, n = make_hvp(model, lambda o: data.Task.loss(o, ed["ys"][:hb]), tokens[:hb])
-                gen = torch.Generator().manual_seed(opt.eval_seed)
-                if opt.hessian_probes > 0:
-                    tr, probes = hutchinson_trace(hvp, n, opt.hessian_probes, gen)
-                    row.update(hessian_trace=tr, hessian_trace_probes=probes)
-                if opt.lanczos_iters > 0:
-                    row["hessian_eigs"] = lanczos_top(hvp, n, opt.lanczos_iters, opt.top_eigs, gen)
-                del hvp  # frees the retained graph
-            with torch.no_grad():
-                out = Chunked(model, chunk)(tokens).float().cpu().numpy().ravel()
+            metrics, feats = evaluate(model)
+            row = {"step": step, **metrics, "ed_row": len(rows)}
             with open(ed_path, "ab") as f:
-                f.write(out.tobytes())
+                f.write(np.asarray(feats, dtype=np.float32).ravel().tobytes())
                 f.flush()
                 os.fsync(f.fileno())
             common.append_jsonl(cache, row)
@@ -278,44 +255,62 @@ def evaluate_run(out_dir, opt):
     return sorted(rows, key=lambda r: r["step"]), X
 
 
-def evaluate_lm_run(out_dir, opt):
-    """evaluate_run for a language-model run (language.md §4): per-position, position-ablated, bigram, n-gram and
-    ICL scores, per-head previous-token / prefix-matching scores, K-composition (layer 0 -> 1), positional and
-    weight norms; the ED features are the true-token logits (lm_eval.true_token_logits). Same cache files."""
+def regression_evaluator(out_dir, cfg, opt, dev):
+    """(cache settings, setup): setup() returns model -> (metrics, ED features). Behavioural metrics on the eval
+    set, structure statistics, Hessian trace / top eigenvalues, and the full outputs on the fixed ED batch."""
+    hb = opt.hessian_batch if opt.hessian_batch > 0 else 1024 if dev.type == "cuda" else 256
+    chunk = opt.chunk if opt.chunk >= 0 else 0 if dev.type == "cuda" else 256
+    meta = {k: getattr(opt, k) for k in ("eval_size", "eval_seed", "ed_batch", "hessian_probes", "lanczos_iters",
+                                         "top_eigs")}
+    meta.update(hessian_batch=min(hb, opt.ed_batch), width=opt.ed_batch * 2 * cfg["K"] * (cfg["D"] + 1))
+
+    def setup():
+        task = common.run_task(out_dir)
+        batch = {k: v.to(dev) for k, v in task.eval_batch(opt.eval_seed, opt.eval_size).items()}
+        base = data.regression_baselines(batch, task.sigma2, task.tasks)  # model-independent: once per run
+        ed = {k: v.to(dev) for k, v in task.eval_batch(opt.eval_seed + 1, opt.ed_batch).items()}
+        tokens, hb = data.to_tokens(ed["xs"], ed["ys"]), meta["hessian_batch"]
+
+        def evaluate(model):
+            params = {k: v.detach().cpu() for k, v in model.named_parameters()}
+            row = {**data.regression_metrics(Chunked(model, chunk), batch, task.sigma2, task.tasks, baselines=base),
+                   **structure_stats(params, cfg["n_layer"])}
+            if opt.hessian_probes > 0 or opt.lanczos_iters > 0:
+                hvp, n = make_hvp(model, lambda o: data.Task.loss(o, ed["ys"][:hb]), tokens[:hb])
+                gen = torch.Generator().manual_seed(opt.eval_seed)
+                if opt.hessian_probes > 0:
+                    tr, probes = hutchinson_trace(hvp, n, opt.hessian_probes, gen)
+                    row.update(hessian_trace=tr, hessian_trace_probes=probes)
+                if opt.lanczos_iters > 0:
+                    row["hessian_eigs"] = lanczos_top(hvp, n, opt.lanczos_iters, opt.top_eigs, gen)
+                del hvp  # frees the retained graph
+            with torch.no_grad():
+                return row, Chunked(model, chunk)(tokens).float().cpu().numpy()
+        return evaluate
+    return meta, setup
+
+
+def lm_evaluator(out_dir, cfg, opt, dev):
+    """regression_evaluator for a language-model run (language.md §4): per-position, position-ablated, bigram,
+    n-gram and ICL scores, per-head previous-token / prefix-matching scores, K-composition (layer 0 -> 1),
+    positional and weight norms; the ED features are the true-token logits (lm_eval.true_token_logits). CPU."""
     import lm_eval
-    out_dir = Path(out_dir)
     task = common.run_task(out_dir)
     meta = {k: getattr(opt, k) for k in ("eval_seed", "lm_rows", "lm_ed", "lm_head_seqs", "lm_bigram_seqs",
                                          "lm_ngrams")}
     tokens = task.eval_data(opt.eval_seed, opt.lm_rows)
     meta["width"] = min(opt.lm_ed, len(tokens))
-    cache, ed_path, meta_path = (out_dir / f for f in ("analysis.jsonl", "ed_outputs.f32", "analysis_meta.json"))
-    stale = meta_path.exists() and json.loads(meta_path.read_text()) != meta
-    rows = [] if stale else common.read_jsonl(cache)
-    need = len(rows) * meta["width"] * 4
-    if stale or (ed_path.stat().st_size if ed_path.exists() else 0) < need:
-        warnings.warn(f"{out_dir}: analysis settings changed or ed_outputs.f32 is incomplete; re-evaluating")
-        cache.unlink(missing_ok=True)
-        rows, need = [], 0
-    common.atomic_write(meta_path, json.dumps(meta))
-    with open(ed_path, "ab") as f:
-        f.truncate(need)
-    done = {r["step"] for r in rows}
-    todo = [s for s in common.list_checkpoints(out_dir) if s not in done]
-    if todo:
+
+    def setup():
         table, tok, seed = task.bigram_table(), task.tokenizer(), opt.eval_seed
         H2 = lm_eval.bigram_entropy(table, tokens, opt.lm_bigram_seqs, seed)
         seqs = {n: lm_eval.ngram_sequences(lambda w: tok.encode(w).ids, task.words(), n, opt.lm_ngrams,
                                            bos=task.bos, space_id=task.meta["space_id"]) for n in (2, 3, 4)}
-        t0 = time.time()
-        for i, step in enumerate(todo):
-            try:
-                model = common.load_model(out_dir, step)
-            except common.CheckpointError as e:
-                warnings.warn(f"skipping step {step}: {e}")
-                continue
+
+        def evaluate(model):
+            model = model.cpu()
             pp, ab = lm_eval.per_position_loss(model, tokens), lm_eval.position_ablated_loss(model, tokens)
-            row = {"step": step, "loss": float(pp.mean()), "loss_pos_ablated": float(ab.mean()),
+            row = {"loss": float(pp.mean()), "loss_pos_ablated": float(ab.mean()),
                    **{f"loss/{k}": float(pp[k]) for k in lm_eval.EVAL_POSITIONS if k < len(pp)},
                    "icl": lm_eval.icl_score(pp), "bigram_entropy": H2,
                    "bigram": lm_eval.bigram_score(model, tokens, table, opt.lm_bigram_seqs, seed)}
@@ -328,20 +323,10 @@ def evaluate_lm_run(out_dir, opt):
                 S = lm_eval.k_composition_scores(model)
                 row.update({f"kcomp/{a}-{b}": float(S[a, b]) for a in range(S.shape[0]) for b in range(S.shape[1])})
             row.update(pos_norms=lm_eval.positional_norms(model).tolist(),
-                       weight_norm=float(lm_eval.weight_norm(model.parameters())), ed_row=len(rows))
-            out = lm_eval.true_token_logits(model, tokens, meta["width"], seed).numpy().astype(np.float32)
-            with open(ed_path, "ab") as f:
-                f.write(out.tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            common.append_jsonl(cache, row)
-            rows.append(row)
-            el = time.time() - t0
-            print(f"\ranalyze {out_dir.name}: step {step} [{i + 1}/{len(todo)}] {el / (i + 1):.1f}s/ckpt "
-                  f"ETA {el / (i + 1) * (len(todo) - i - 1):.0f}s   ", end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
-    X = np.memmap(ed_path, dtype=np.float32, mode="r").reshape(-1, meta["width"]) if rows else None
-    return sorted(rows, key=lambda r: r["step"]), X
+                       weight_norm=float(lm_eval.weight_norm(model.parameters())))
+            return row, lm_eval.true_token_logits(model, tokens, meta["width"], seed).numpy()
+        return evaluate
+    return meta, setup
 
 
 def read_llc(out_dir):
