@@ -1,15 +1,21 @@
 """Local learning coefficient (LLC) estimation with batched, localised SGLD chains.
 
 lambda_hat = n*beta * (E[L_batch(w)] - L(w*)), the expectation over SGLD chains localised at a checkpoint w*
-(Lau et al. 2023; Hoogland et al. 2024). All chains are one computation: their parameters live in one flat
-buffer W (chains, P), torch.func.vmap(grad(...)) gives every chain's minibatch gradient at once, and a single
-fused update moves all of W (a Triton kernel with in-kernel Philox noise on CUDA, torch elsewhere). Losses stay
-on the device until the end: no host sync per step.
+(Lau et al. 2023; Hoogland et al. 2024). The chains' parameters live in one flat buffer W (chains, P); a single
+fused update moves all of W (a Triton kernel with in-kernel Philox noise on CUDA, torch elsewhere); losses stay
+on the device until the end (no host sync per step). The chains' gradients (chain_mode, picked per device):
+  native / native_loop  the regression transformer's loss and gradient written out by hand for a stack of chains
+                        (icl_loss_and_grads: bmm over the chain dimension, the last block sliced to the rows the
+                        loss reads); all chains at once on GPU/TPU, one chain at a time on CPU
+  vmap / loop           torch.func.grad of any loss_fn(params, batch), vmapped over chains or one chain at a time
+On CUDA the whole SGLD step can be captured in a CUDA graph (--cuda_graph); --tf32 allows TF32 matmuls.
 
     python llc.py --ckpt out/run                                  # quick CPU defaults, every checkpoint
     python llc.py configs/llc_v1.py --ckpt out/run --steps=100,1000 --num_chains=4
     python llc.py --ckpt out/run --include='blocks.0.**' --out=llc_block0.jsonl   # restricted LLC
     python llc.py --ckpt out/run --calibrate                      # eps x nbeta x gamma grid + trace plots
+    torchrun --standalone --nproc_per_node=4 llc.py configs/llc_v2.py --ckpt out/run   # checkpoints across ranks
+(Under torchrun give `n` in a config file: torchrun's own parser takes `--n=...` for an abbreviation of its options.)
 """
 import json, math, os, re, sys, time
 
@@ -19,6 +25,7 @@ from torch.func import functional_call, grad, vmap
 
 import common
 from common import derive_seed
+from icl_grad import icl_loss_and_grads  # noqa: F401  (re-exported: llc.icl_loss_and_grads)
 
 try:  # optional: CPU-only installs use the torch update
     import triton
@@ -134,10 +141,10 @@ class ChainBatches:
         n = self.data[0].shape[0]
         if B == n:  # full batch: every chain sees the whole set, no shuffling needed
             return tuple(x.expand(C, *x.shape) for x in self.data)
-        if self.perm is None or self.pos + B > n:
+        if self.perm is None or self.pos + B > n:  # kept on the generator's device: on XLA the host slices it
             u = torch.rand(C, n, generator=self.gen, device=self.gen.device)
-            self.perm, self.pos = torch.argsort(u, dim=1).to(self.device), 0
-        idx = self.perm[:, self.pos:self.pos + B]
+            self.perm, self.pos = torch.argsort(u, dim=1), 0
+        idx = self.perm[:, self.pos:self.pos + B].to(self.device)
         self.pos += B
         return tuple(x[idx] for x in self.data)
 
@@ -154,163 +161,6 @@ def mean_loss(loss_fn, params, data, n, chunk, gen, device):
         total = total + loss_fn(params, batch).double() * m
         done += m
     return total / n
-
-
-# ------------------------------------------------------ the regression transformer, natively batched
-_aten = torch.ops.aten
-LN_EPS = 1e-5  # nn.LayerNorm's default, as in model.py
-
-
-def _ln(x, w, b):
-    """LayerNorm of x (G, R, d) with a per-chain affine w, b (G, d); one fused kernel when G == 1."""
-    d = x.shape[-1]
-    if x.shape[0] == 1:
-        y, mu, rstd = _aten.native_layer_norm(x, (d,), w[0], b[0], LN_EPS)
-    else:
-        xhat, mu, rstd = _aten.native_layer_norm(x, (d,), None, None, LN_EPS)
-        y = torch.addcmul(b.unsqueeze(1), xhat, w.unsqueeze(1))
-    return y, (x, mu, rstd)
-
-
-def _ln_backward(dy, w, saved):
-    x, mu, rstd = saved
-    d = x.shape[-1]
-    if x.shape[0] == 1:
-        dx, dw, db = _aten.native_layer_norm_backward(dy, x, (d,), mu, rstd, w[0], w[0], [True, True, True])
-        return dx, dw[None], db[None]
-    dw, db = (dy * ((x - mu) * rstd)).sum(1), dy.sum(1)
-    dx = _aten.native_layer_norm_backward(dy * w.unsqueeze(1), x, (d,), mu, rstd, None, None,
-                                          [True, False, False])[0]
-    return dx, dw, db
-
-
-def _split_heads(t, B, Tq, H):
-    """(G, B*Tq, H*dh) -> (G*B*H, Tq, dh), a copy."""
-    G, _, d = t.shape
-    return t.view(G, B, Tq, H, d // H).transpose(2, 3).reshape(G * B * H, Tq, d // H)
-
-
-def _merge_heads(t, G, B, H):
-    """(G*B*H, Tq, dh) -> (G, B*Tq, H*dh), a copy."""
-    _, Tq, dh = t.shape
-    return t.view(G, B, H, Tq, dh).transpose(2, 3).reshape(G, B * Tq, H * dh)
-
-
-def icl_loss_and_grads(cfg, p, xs, ys, per_token=False, slice_last=True):
-    """Loss and exact gradients of model.ICLTransformer + data.Task.loss for G chains at once, written out by hand.
-
-    p: parameter name -> (G, *shape) (a chain's row may be a view into the flat SGLD buffer, or an expanded
-    frozen tensor); xs (G, B, K, D), ys (G, B, K). Returns (loss (G,) or per token (G, K), grads name -> (G, *shape)),
-    the gradient always of the mean loss. Every matrix product is a bmm over the chain dimension, so G chains are
-    a few large products instead of G x (many small ones); on CPU call it with G = 1 per chain (cache-friendlier).
-    With slice_last the last block computes queries, attention output, MLP and unembedding only at the K x-token
-    rows (the loss reads nothing else) and the unembedding only for output channel 0: the same loss and gradients,
-    about 1/6 fewer FLOPs. Tested against autograd on the nn.Module (tests/test_llc.py)."""
-    G, B, K, D = xs.shape
-    T, d, H, nl = 2 * K, cfg.d_model, cfg.n_head, cfg.n_layer
-    dh, N, M = d // H, B * 2 * K, B * K
-    scale = 1.0 / math.sqrt(dh)
-    tr = lambda w: w.transpose(1, 2)  # noqa: E731
-    tok = xs.new_zeros(G, B, K, 2, D + 1)  # data.to_tokens, with a chain dimension
-    tok[..., 0, 1:] = xs
-    tok[..., 1, 0] = ys
-    tok = tok.view(G, N, D + 1)
-    x = torch.bmm(tok, tr(p["token_embedding.weight"]))
-    x.view(G, B, T, d).add_(tr(p["postn_embedding.weight"])[:, None, :T])
-    mask = torch.full((T, T), float("-inf"), device=xs.device, dtype=xs.dtype).triu(1)
-    saved = []
-    for i in range(nl):  # block: y = x + attn(LN0 x); x <- x + (y + mlp(LN1 y))  (the doubled residual)
-        W = lambda n: p[f"blocks.{i}.{n}"]  # noqa: E731
-        last = slice_last and i == nl - 1
-        a, s0 = _ln(x, W("layer_norms.0.weight"), W("layer_norms.0.bias"))
-        if not last:
-            qkv = torch.bmm(a, tr(W("attention.qkv.weight")))  # rows of qkv: [q_h, k_h, v_h] per head h
-            q, k, v = qkv.view(G, B, T, H, 3, dh).permute(4, 0, 1, 3, 2, 5).reshape(3, G * B * H, T, dh)
-            Tq, xr = T, x
-        else:
-            Wqkv = W("attention.qkv.weight").view(G, H, 3, dh, d)
-            kv = torch.bmm(a, tr(Wqkv[:, :, 1:].reshape(G, 2 * d, d)))
-            k, v = kv.view(G, B, T, H, 2, dh).permute(4, 0, 1, 3, 2, 5).reshape(2, G * B * H, T, dh)
-            a_x = a.view(G, M, 2 * d)[:, :, :d]  # the x-token rows (a strided view)
-            q = _split_heads(torch.bmm(a_x, tr(Wqkv[:, :, 0].reshape(G, d, d))), B, K, H)
-            Tq, xr = K, x.view(G, M, 2 * d)[:, :, :d]
-        P = torch.baddbmm(mask[::T // Tq], q, tr(k), alpha=scale).softmax(-1)
-        o = _merge_heads(torch.bmm(P, v), G, B, H)
-        y = torch.baddbmm(xr, o, tr(W("attention.out.weight")))
-        a2, s1 = _ln(y, W("layer_norms.1.weight"), W("layer_norms.1.bias"))
-        r = torch.baddbmm(W("compute.0.bias").unsqueeze(1), a2, tr(W("compute.0.weight"))).relu_()
-        m = torch.baddbmm(W("compute.2.bias").unsqueeze(1), r, tr(W("compute.2.weight")))
-        x = xr + (y + m)
-        saved.append((a, s0, q, k, v, P, o, a2, s1, r, last))
-    if not slice_last:
-        x = x.view(G, M, 2 * d)[:, :, :d]
-    f, sf = _ln(x, p["unembedding.0.weight"], p["unembedding.0.bias"])
-    Wu0 = p["unembedding.1.weight"][:, 0]  # output channel 0 is the prediction
-    pred = torch.baddbmm(p["unembedding.1.bias"][:, :1, None], f, Wu0.unsqueeze(2)).view(G, B, K)
-    err = pred - ys
-    loss_tok = (err * err).mean(1)
-    loss = loss_tok if per_token else loss_tok.mean(1)
-
-    g = {}  # ------------------------------------------------------------------ backward of the mean loss
-    dpred = (err * (2.0 / (B * K))).view(G, M, 1)
-    g["unembedding.1.weight"] = torch.zeros_like(p["unembedding.1.weight"])
-    g["unembedding.1.weight"][:, 0] = torch.bmm(tr(f), dpred)[..., 0]
-    g["unembedding.1.bias"] = torch.zeros_like(p["unembedding.1.bias"])
-    g["unembedding.1.bias"][:, 0] = dpred.sum((1, 2))
-    dx, g["unembedding.0.weight"], g["unembedding.0.bias"] = _ln_backward(
-        torch.bmm(dpred, Wu0.unsqueeze(1)), p["unembedding.0.weight"], sf)
-    if not slice_last:
-        full = dx.new_zeros(G, N, d)
-        full.view(G, M, 2 * d)[:, :, :d] = dx
-        dx = full
-    for i in reversed(range(nl)):
-        pre = f"blocks.{i}."
-        W = lambda n: p[pre + n]  # noqa: E731
-        a, s0, q, k, v, P, o, a2, s1, r, last = saved[i]
-        dxn = dx
-        g[pre + "compute.2.weight"] = torch.bmm(tr(dxn), r)
-        g[pre + "compute.2.bias"] = dxn.sum(1)
-        dh_ = _aten.threshold_backward(torch.bmm(dxn, W("compute.2.weight")), r, 0)
-        g[pre + "compute.0.weight"] = torch.bmm(tr(dh_), a2)
-        g[pre + "compute.0.bias"] = dh_.sum(1)
-        dy, g[pre + "layer_norms.1.weight"], g[pre + "layer_norms.1.bias"] = _ln_backward(
-            torch.bmm(dh_, W("compute.0.weight")), W("layer_norms.1.weight"), s1)
-        dy += dxn
-        g[pre + "attention.out.weight"] = torch.bmm(tr(dy), o)
-        do = _split_heads(torch.bmm(dy, W("attention.out.weight")), B, q.shape[1], H)
-        dS = torch._softmax_backward_data(torch.bmm(do, tr(v)), P, -1, P.dtype).mul_(scale)
-        if not last:
-            buf = torch.empty(3, G * B * H, T, dh, dtype=a.dtype, device=a.device)
-            torch.bmm(dS, k, out=buf[0])
-            torch.bmm(tr(dS), q, out=buf[1])
-            torch.bmm(tr(P), do, out=buf[2])
-            dqkv = buf.view(3, G, B, H, T, dh).permute(1, 2, 4, 3, 0, 5).reshape(G, N, 3 * d)
-            g[pre + "attention.qkv.weight"] = torch.bmm(tr(dqkv), a)
-            da = torch.bmm(dqkv, W("attention.qkv.weight"))
-        else:
-            Wqkv = W("attention.qkv.weight").view(G, H, 3, dh, d)
-            buf = torch.empty(2, G * B * H, T, dh, dtype=a.dtype, device=a.device)
-            torch.bmm(tr(dS), q, out=buf[0])
-            torch.bmm(tr(P), do, out=buf[1])
-            dkv = buf.view(2, G, B, H, T, dh).permute(1, 2, 4, 3, 0, 5).reshape(G, N, 2 * d)
-            dq = _merge_heads(torch.bmm(dS, k), G, B, H)
-            gw = torch.empty(G, H, 3, dh, d, dtype=a.dtype, device=a.device)
-            gw[:, :, 0] = torch.bmm(tr(dq), a.view(G, M, 2 * d)[:, :, :d]).view(G, H, dh, d)
-            gw[:, :, 1:] = torch.bmm(tr(dkv), a).view(G, H, 2, dh, d)
-            g[pre + "attention.qkv.weight"] = gw.view(G, 3 * d, d)
-            da = torch.bmm(dkv, Wqkv[:, :, 1:].reshape(G, 2 * d, d))
-            da.view(G, M, 2 * d)[:, :, :d].baddbmm_(dq, Wqkv[:, :, 0].reshape(G, d, d))
-        dx, g[pre + "layer_norms.0.weight"], g[pre + "layer_norms.0.bias"] = _ln_backward(
-            da, W("layer_norms.0.weight"), s0)
-        if last:
-            dx.view(G, M, 2 * d)[:, :, :d] += dxn + dy
-        else:
-            dx += dxn
-            dx += dy
-    g["token_embedding.weight"] = torch.bmm(tr(dx), tok)
-    g["postn_embedding.weight"] = torch.zeros_like(p["postn_embedding.weight"])  # (G, d, 2K_cfg): T columns used
-    g["postn_embedding.weight"][:, :, :T] = tr(dx.view(G, B, T, d).sum(1))
-    return loss, g
 
 
 # ----------------------------------------------------------------------------------------- diagnostics
@@ -475,22 +325,25 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
         return loss
 
     batches = ChainBatches(data, C, B, g_data, device)
+    t_sample = time.time()  # the SGLD loop, graph capture included
     step, first = sgld_step, None
     if cuda_graph:  # the static buffers are filled with step 0's batch, which step 0 then uses
         first = batches()
         step = _graph_step(sgld_step, first, W, key)
     total = num_burnin + num_draws
-    trace = torch.empty((C, num_draws) + tuple(init_loss.shape), device=device, dtype=W.dtype)
+    trace = torch.empty((C, total) + tuple(init_loss.shape), device=device, dtype=W.dtype)  # burn-in cut at the end
+    t_dev = torch.zeros(1, dtype=torch.int64, device=device)  # XLA: a device-side index keeps one graph per step
     alive = torch.ones(C, dtype=torch.bool, device=device)
     every = max(1, total // 10)
-    t_sample = time.time()
     for t in range(total):
         loss = step(first if t == 0 and first is not None else batches())  # pre-step minibatch loss, every chain
-        alive &= torch.isfinite(loss.reshape(C, -1)).all(1)
-        if t >= num_burnin:
-            trace[:, t - num_burnin] = loss
+        alive &= torch.isfinite(loss.reshape(C, -1)).all(1)  # (burn-in losses count: a NaN chain is lost)
         if update_backend == "xla":
+            trace.index_copy_(1, t_dev, loss.unsqueeze(1))
+            t_dev.add_(1)
             xm.mark_step()
+        else:
+            trace[:, t] = loss
         if progress and ((t + 1) % every == 0 or t + 1 == total):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -500,7 +353,7 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
                   f"ETA {el * (total - t - 1) / (t + 1):.0f}s", end="\n" if t + 1 == total or not tty else "",
                   file=sys.stderr, flush=True)
 
-    tr = trace.double().cpu().numpy()  # the one read-back
+    tr = trace[:, num_burnin:].double().cpu().numpy()  # the one read-back
     sample_time = time.time() - t_sample
     L0 = init_loss.cpu().numpy()
     bad = ~alive.cpu().numpy() | ~np.isfinite(tr.reshape(C, -1)).all(1)
@@ -691,18 +544,33 @@ def tune_malloc():
     Returns the equivalent environment variables (for subprocesses)."""
     env = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
            "MALLOC_TOP_PAD_": str(64 << 20)}
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
+    libc = _libc()
+    if libc is not None:
         for opt, key in ((-3, "MALLOC_MMAP_THRESHOLD_"), (-1, "MALLOC_TRIM_THRESHOLD_"), (-2, "MALLOC_TOP_PAD_")):
             libc.mallopt(opt, int(env[key]))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
-    except (OSError, AttributeError):
-        pass
     return env
 
 
+def _libc():
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_memory():
+    """Give the heap's free memory back to the OS (glibc malloc_trim): called between checkpoints, so that with
+    tune_malloc's settings a long sweep's memory does not creep up through fragmentation."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def _plan(cfg, out_dir, path):
-    """(steps to do, the rows already there) or a SystemExit message: checkpoints exist, settings match the file."""
+    """(all requested steps, the steps still to do), or (None, a SystemExit message) when a checkpoint is missing
+    or the output file holds rows made with other settings."""
     if cfg["data_mode"] not in ("stream", "fixed"):
         return None, f"llc.py: data_mode must be 'stream' or 'fixed', not {cfg['data_mode']!r}"
     if cfg["chain_mode"] not in CHAIN_MODES:
@@ -795,6 +663,7 @@ def _main(cfg, out_dir, dist, rank, world):
                     raise
                 row = {"fatal": f"rank {rank}, step {step}: {type(err).__name__}: {err}"}
             payload = row
+            release_memory()
         got = [payload]
         if dist is not None:
             got = [None] * world

@@ -14,6 +14,7 @@ Re-running the same command resumes from the last complete checkpoint, bit-ident
 of step t are drawn from a generator seeded by (seed, rank, t), so only the weights and Adam's moments
 need saving. Outputs: see common.py.
 """
+import copy
 import json
 import os
 import sys
@@ -158,11 +159,15 @@ def train(cfg: dict) -> dict:
         torch.distributed.barrier()
     task = common.run_task(cfg)
     model = build_model(common.model_config(cfg), cfg["seed"])
-    Opt = torch.optim.AdamW if cfg["optimizer"] == "adamw" else torch.optim.Adam
-    opt = Opt(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg["weight_decay"])
     start, state = find_resume_step(out)
     if start is not None:
         model.load_state_dict(common.load_params(out, start), strict=False)
+    # on the device before the optimizer is built: CPU -> XLA replaces the Parameter objects (no set_data between
+    # those tensor types), and an optimizer built earlier would step the stale CPU copies
+    model.to(dev)
+    Opt = torch.optim.AdamW if cfg["optimizer"] == "adamw" else torch.optim.Adam
+    opt = Opt(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg["weight_decay"])
+    if start is not None:
         opt.load_state_dict(state["optimizer"])
         if master:  # forget log rows from after the checkpoint: they will be written again
             rows = [r for r in common.read_jsonl(os.path.join(out, "log.jsonl")) if r["step"] <= start]
@@ -171,7 +176,6 @@ def train(cfg: dict) -> dict:
         start += 1
     else:
         start = 0
-    model.to(dev)
     _move_optimizer_state(opt, dev)
     fwd = torch.compile(model) if cfg["compile"] else model
     if ddp:
@@ -228,6 +232,8 @@ def evaluate(model, batch, task):
     dev = next(model.parameters()).device
     if dev.type == "cuda" and torch.is_tensor(batch):
         return task.metrics(model, batch.to(dev))
+    if dev.type == "xla":  # a CPU copy: model.cpu() / .to(xla) would replace the parameters the optimizer holds
+        return task.metrics(copy.deepcopy(model).cpu(), batch)
     model.cpu()
     try:
         return task.metrics(model, batch)
