@@ -12,3 +12,4 @@ batch_size = 100
 data_mode = "stream"         # fresh batches from the run's training split (the paper cycles through a 1M-row set)
 n = 2000                     # rows for L(w*): the paper's draw-0 batches of 20 chains x 100
 seed = 1
+chain_mode = "loop"          # one chain at a time: 20 vmapped chains would hold 20 x 100 x 1023 x 5000 logits (~41 GB)
