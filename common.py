@@ -120,11 +120,12 @@ def append_jsonl(path, row: dict) -> None:
     path = Path(path)
     line = json.dumps(row, allow_nan=True) + "\n"
     with open(path, "ab+") as f:
-        if f.tell() > 0 and (f.seek(-1, os.SEEK_END) or f.read(1) != b"\n"):
-            f.seek(0)
-            data = f.read()
-            if not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
+        size = f.tell()
+        if size > 0:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":  # rare: only then read the file to find the last complete line
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
                 warnings.warn(f"{path}: dropped an incomplete last line")
         f.write(line.encode())
         f.flush()

@@ -110,14 +110,14 @@ def pick_device(name):
 
 
 def find_resume_step(out):
-    """The newest checkpoint whose files both load; a broken newer one is skipped with a warning."""
+    """(step, params, state) of the newest checkpoint whose files both load; a broken newer one is skipped with a
+    warning. (None, None, None) for a new run."""
     for step in reversed(common.list_checkpoints(out)):
         try:
-            common.load_params(out, step)
-            return step, common.load_state(out, step)
+            return step, common.load_params(out, step), common.load_state(out, step)
         except common.CheckpointError as e:
             warnings.warn(f"{e}; falling back to an earlier checkpoint")
-    return None, None
+    return None, None, None
 
 
 def train(cfg: dict) -> dict:
@@ -159,9 +159,9 @@ def train(cfg: dict) -> dict:
         torch.distributed.barrier()
     task = common.run_task(cfg)
     model = build_model(common.model_config(cfg), cfg["seed"])
-    start, state = find_resume_step(out)
+    start, params, state = find_resume_step(out)
     if start is not None:
-        model.load_state_dict(common.load_params(out, start), strict=False)
+        model.load_state_dict(params, strict=False)
     # on the device before the optimizer is built: CPU -> XLA replaces the Parameter objects (no set_data between
     # those tensor types), and an optimizer built earlier would step the stale CPU copies
     model.to(dev)
