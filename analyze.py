@@ -2,6 +2,8 @@
 
     python analyze.py out/tiny                              # outputs in out/tiny
     python analyze.py out/s0 out/s1 out/s2 --out=out/seeds  # seeds: mean ± std, outputs in --out (default: the first)
+    python analyze.py out/tiny --eval_size=2048 --threads=2  # --key=value overrides of DEFAULTS, as for llc.py
+Every bare argument is a run directory, except a .py file, which is a config file of key = value lines.
 Per run (cached, only new checkpoints are evaluated): analysis.jsonl (a row per checkpoint), ed_outputs.f32 (the
 raw outputs on the fixed ED batch, a float32 row per checkpoint) and analysis_meta.json (the settings; changing
 them recomputes everything). Into the output directory: stages.json, summary.json, report.md, figures/*.png
@@ -15,7 +17,7 @@ to a few seconds per checkpoint on a CPU (the paper: 10,000 each).
 Quicker on a CPU: --eval_size=2048; --hessian_probes=0 --lanczos_iters=0 skip the Hessian.
 Specs: ../shared/spec/regression.md §8-9, llc-and-ed.md §3-5.
 """
-import argparse, json, math, os, sys, time, warnings
+import json, math, os, sys, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +217,7 @@ def evaluate_run(out_dir, opt):
     The cache logic is shared; what is measured comes from regression_evaluator or lm_evaluator."""
     out_dir = Path(out_dir)
     cfg = common.load_run(out_dir)
-    dev = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(opt["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     meta, setup = (lm_evaluator if cfg.get("task") == "lm" else regression_evaluator)(out_dir, cfg, opt, dev)
     cache, ed_path, meta_path = (out_dir / f for f in ("analysis.jsonl", "ed_outputs.f32", "analysis_meta.json"))
     stale = meta_path.exists() and json.loads(meta_path.read_text()) != meta
@@ -258,31 +260,31 @@ def evaluate_run(out_dir, opt):
 def regression_evaluator(out_dir, cfg, opt, dev):
     """(cache settings, setup): setup() returns model -> (metrics, ED features). Behavioural metrics on the eval
     set, structure statistics, Hessian trace / top eigenvalues, and the full outputs on the fixed ED batch."""
-    hb = opt.hessian_batch if opt.hessian_batch > 0 else 1024 if dev.type == "cuda" else 256
-    chunk = opt.chunk if opt.chunk >= 0 else 0 if dev.type == "cuda" else 256
-    meta = {k: getattr(opt, k) for k in ("eval_size", "eval_seed", "ed_batch", "hessian_probes", "lanczos_iters",
-                                         "top_eigs")}
-    meta.update(hessian_batch=min(hb, opt.ed_batch), width=opt.ed_batch * 2 * cfg["K"] * (cfg["D"] + 1))
+    hb = opt["hessian_batch"] if opt["hessian_batch"] > 0 else 1024 if dev.type == "cuda" else 256
+    chunk = opt["chunk"] if opt["chunk"] >= 0 else 0 if dev.type == "cuda" else 256
+    meta = {k: opt[k] for k in ("eval_size", "eval_seed", "ed_batch", "hessian_probes", "lanczos_iters",
+                                "top_eigs")}
+    meta.update(hessian_batch=min(hb, opt["ed_batch"]), width=opt["ed_batch"] * 2 * cfg["K"] * (cfg["D"] + 1))
 
     def setup():
         task = common.run_task(out_dir)
-        batch = {k: v.to(dev) for k, v in task.eval_batch(opt.eval_seed, opt.eval_size).items()}
+        batch = {k: v.to(dev) for k, v in task.eval_batch(opt["eval_seed"], opt["eval_size"]).items()}
         base = data.regression_baselines(batch, task.sigma2, task.tasks)  # model-independent: once per run
-        ed = {k: v.to(dev) for k, v in task.eval_batch(opt.eval_seed + 1, opt.ed_batch).items()}
+        ed = {k: v.to(dev) for k, v in task.eval_batch(opt["eval_seed"] + 1, opt["ed_batch"]).items()}
         tokens, hb = data.to_tokens(ed["xs"], ed["ys"]), meta["hessian_batch"]
 
         def evaluate(model):
             params = {k: v.detach().cpu() for k, v in model.named_parameters()}
             row = {**data.regression_metrics(Chunked(model, chunk), batch, task.sigma2, task.tasks, baselines=base),
                    **structure_stats(params, cfg["n_layer"])}
-            if opt.hessian_probes > 0 or opt.lanczos_iters > 0:
+            if opt["hessian_probes"] > 0 or opt["lanczos_iters"] > 0:
                 hvp, n = make_hvp(model, lambda o: data.Task.loss(o, ed["ys"][:hb]), tokens[:hb])
-                gen = torch.Generator().manual_seed(opt.eval_seed)
-                if opt.hessian_probes > 0:
-                    tr, probes = hutchinson_trace(hvp, n, opt.hessian_probes, gen)
+                gen = torch.Generator().manual_seed(opt["eval_seed"])
+                if opt["hessian_probes"] > 0:
+                    tr, probes = hutchinson_trace(hvp, n, opt["hessian_probes"], gen)
                     row.update(hessian_trace=tr, hessian_trace_probes=probes)
-                if opt.lanczos_iters > 0:
-                    row["hessian_eigs"] = lanczos_top(hvp, n, opt.lanczos_iters, opt.top_eigs, gen)
+                if opt["lanczos_iters"] > 0:
+                    row["hessian_eigs"] = lanczos_top(hvp, n, opt["lanczos_iters"], opt["top_eigs"], gen)
                 del hvp  # frees the retained graph
             with torch.no_grad():
                 return row, Chunked(model, chunk)(tokens).float().cpu().numpy()
@@ -296,15 +298,15 @@ def lm_evaluator(out_dir, cfg, opt, dev):
     positional and weight norms; the ED features are the true-token logits (lm_eval.true_token_logits). CPU."""
     import lm_eval
     task = common.run_task(out_dir)
-    meta = {k: getattr(opt, k) for k in ("eval_seed", "lm_rows", "lm_ed", "lm_head_seqs", "lm_bigram_seqs",
-                                         "lm_ngrams")}
-    tokens = task.eval_data(opt.eval_seed, opt.lm_rows)
-    meta["width"] = min(opt.lm_ed, len(tokens))
+    meta = {k: opt[k] for k in ("eval_seed", "lm_rows", "lm_ed", "lm_head_seqs", "lm_bigram_seqs",
+                                "lm_ngrams")}
+    tokens = task.eval_data(opt["eval_seed"], opt["lm_rows"])
+    meta["width"] = min(opt["lm_ed"], len(tokens))
 
     def setup():
-        table, tok, seed = task.bigram_table(), task.tokenizer(), opt.eval_seed
-        H2 = lm_eval.bigram_entropy(table, tokens, opt.lm_bigram_seqs, seed)
-        seqs = {n: lm_eval.ngram_sequences(lambda w: tok.encode(w).ids, task.words(), n, opt.lm_ngrams,
+        table, tok, seed = task.bigram_table(), task.tokenizer(), opt["eval_seed"]
+        H2 = lm_eval.bigram_entropy(table, tokens, opt["lm_bigram_seqs"], seed)
+        seqs = {n: lm_eval.ngram_sequences(lambda w: tok.encode(w).ids, task.words(), n, opt["lm_ngrams"],
                                            bos=task.bos, space_id=task.meta["space_id"]) for n in (2, 3, 4)}
 
         def evaluate(model):
@@ -313,11 +315,11 @@ def lm_evaluator(out_dir, cfg, opt, dev):
             row = {"loss": float(pp.mean()), "loss_pos_ablated": float(ab.mean()),
                    **{f"loss/{k}": float(pp[k]) for k in lm_eval.EVAL_POSITIONS if k < len(pp)},
                    "icl": lm_eval.icl_score(pp), "bigram_entropy": H2,
-                   "bigram": lm_eval.bigram_score(model, tokens, table, opt.lm_bigram_seqs, seed)}
+                   "bigram": lm_eval.bigram_score(model, tokens, table, opt["lm_bigram_seqs"], seed)}
             for n, sq in seqs.items():
                 row[f"ngram/{n}"] = lm_eval.ngram_score(pp, lm_eval.ngram_loss(model, sq), n) if len(sq) else None
             for key, fn in (("prev_token", lm_eval.previous_token_scores), ("prefix", lm_eval.prefix_matching_scores)):
-                S = fn(model, opt.lm_head_seqs, seed)
+                S = fn(model, opt["lm_head_seqs"], seed)
                 row.update({f"{key}/L{a}H{b}": float(S[a, b]) for a in range(S.shape[0]) for b in range(S.shape[1])})
             if len(model.blocks) >= 2:
                 S = lm_eval.k_composition_scores(model)
@@ -381,46 +383,64 @@ def stage_changes(det, steps, M, llc_steps, L, K, keys=SUMMARY_KEYS):
 
 
 STAGE_RULE = dict(alpha=0.05, slope_frac=0.1, min_change_frac=0.05, min_log_len=0.25, flat_frac=0.05)
-OPTIONS = (  # --name, default (its type is the option's), help
-    ("out", "", "output directory (default: the first run directory)"),
-    ("eval_size", 8192, "eval-set sequences for the metrics"),
-    ("eval_seed", 0, "seeds the eval set (ED/Hessian batch: seed+1)"),
-    ("ed_batch", 1024, "sequences in the fixed ED batch"),
-    ("hessian_batch", -1, "first sequences of the ED batch used (-1: 1024 on a GPU, 256 on a CPU)"),
-    ("hessian_probes", 2, "Hutchinson probes (0: no trace)"),
-    ("lanczos_iters", 10, "Lanczos iterations (0: no eigenvalues)"),
-    ("top_eigs", 3, "top Hessian eigenvalues reported"),
-    ("chunk", -1, "sequences per forward pass (0: the whole batch; -1: 256 on a CPU, 0 on a GPU)"),
-    ("ed_sigma_max", -1.0, "end of the smoothing-σ ramp (-1: 300·N/5000)"),
-    ("lm_rows", 256, "LM: held-out rows evaluated (the paper: 10,000 x 1,024 tokens)"),
-    ("lm_ed", 256, "LM: ED features, one true-token logit per row (at most lm_rows; the paper: 10,000)"),
-    ("lm_head_seqs", 200, "LM: synthetic sequences per head score (the paper: 10,000)"),
-    ("lm_bigram_seqs", 256, "LM: positions for the bigram score and entropy (the paper: 5,000 / 10,000)"),
-    ("lm_ngrams", 1000, "LM: n-gram sequences per n = 2, 3, 4"),
-    ("threads", 0, "torch threads (0: torch's default)"),
-    ("device", "", "evaluation device (default: cuda if available, else cpu)"),
-    *((k, v, "stage rule, see detect_stages") for k, v in STAGE_RULE.items()))
+DEFAULTS = dict(  # the options, --key=value; a value keeps the default's type
+    out="",               # output directory (default: the first run directory)
+    eval_size=8192,       # eval-set sequences for the metrics
+    eval_seed=0,          # seeds the eval set (ED/Hessian batch: seed+1)
+    ed_batch=1024,        # sequences in the fixed ED batch
+    hessian_batch=-1,     # first sequences of the ED batch used (-1: 1024 on a GPU, 256 on a CPU)
+    hessian_probes=2,     # Hutchinson probes (0: no trace)
+    lanczos_iters=10,     # Lanczos iterations (0: no eigenvalues)
+    top_eigs=3,           # top Hessian eigenvalues reported
+    chunk=-1,             # sequences per forward pass (0: the whole batch; -1: 256 on a CPU, 0 on a GPU)
+    ed_sigma_max=-1.0,    # end of the smoothing-σ ramp (-1: 300·N/5000)
+    lm_rows=256,          # LM: held-out rows evaluated (the paper: 10,000 x 1,024 tokens)
+    lm_ed=256,            # LM: ED features, one true-token logit per row (at most lm_rows; the paper: 10,000)
+    lm_head_seqs=200,     # LM: synthetic sequences per head score (the paper: 10,000)
+    lm_bigram_seqs=256,   # LM: positions for the bigram score and entropy (the paper: 5,000 / 10,000)
+    lm_ngrams=1000,       # LM: n-gram sequences per n = 2, 3, 4
+    threads=0,            # torch threads (0: torch's default)
+    device="",            # evaluation device (default: cuda if available, else cpu)
+    **STAGE_RULE)         # the stage rule's thresholds, see detect_stages
+
+
+def split_runs(argv):
+    """(run directories, the rest for common.configure). configure reads every bare argument as a config file;
+    here a bare argument is a run directory unless it ends in .py, or is the value of a preceding `--key`
+    written without `=` (as configure reads it: any key but a boolean one takes the next argument)."""
+    runs, rest = [], []
+    for arg in argv:
+        prev = rest[-1] if rest else ""
+        value = prev.startswith("--") and "=" not in prev and not isinstance(DEFAULTS.get(prev[2:]), bool)
+        (rest if arg.startswith("--") or arg.endswith(".py") or value else runs).append(arg)
+    return runs, rest
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Per-checkpoint analysis, essential dynamics, stages, figures.")
-    p.add_argument("runs", nargs="+", help="run directories (several = seeds: mean ± std)")
-    for name, default, text in OPTIONS:
-        p.add_argument(f"--{name}", type=type(default), default=default, help=text)
-    opt = p.parse_args(argv)
-    if opt.threads > 0:
-        torch.set_num_threads(opt.threads)
-    out = Path(opt.out or opt.runs[0])
-    evals = [evaluate_run(d, opt) for d in opt.runs]
+    """Analyse the runs named in argv (see the module docstring); returns the summary also written to
+    <out>/summary.json. A bad option raises common.ConfigError before any work starts."""
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):  # configure has no help of its own; argparse used to give one here
+        options = "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items())
+        print(f"{__doc__}\nOptions (DEFAULTS; comments in analyze.py):\n{options}")
+        return None
+    run_dirs, rest = split_runs(argv)
+    opt = common.configure(DEFAULTS, rest)
+    if not run_dirs:
+        raise common.ConfigError("give one or more run directories: python analyze.py out/<run> [--key=value ...]")
+    if opt["threads"] > 0:
+        torch.set_num_threads(opt["threads"])
+    out = Path(opt["out"] or run_dirs[0])
+    evals = [evaluate_run(d, opt) for d in run_dirs]
     runs, mats = [r for r, _ in evals], [m for _, m in evals]
-    empty = [d for d, r in zip(opt.runs, runs) if not r]
+    empty = [d for d, r in zip(run_dirs, runs) if not r]
     if empty:
         raise SystemExit(f"analyze.py: no checkpoints in {empty}")
-    cfg, warn = common.load_run(opt.runs[0]), []
+    cfg, warn = common.load_run(run_dirs[0]), []
     lm = cfg.get("task") == "lm"
     steps = sorted(set.intersection(*[{r["step"] for r in rows} for rows in runs]))
-    llcs, diverged = zip(*[read_llc(d) for d in opt.runs])
-    for d, bad in zip(opt.runs, diverged):
+    llcs, diverged = zip(*[read_llc(d) for d in run_dirs])
+    for d, bad in zip(run_dirs, diverged):
         if bad:
             warn.append(f"{d}/llc.jsonl: all chains diverged (llc_mean null) at step(s) {bad}: left out of the "
                         "stage detection and the LLC curves")
@@ -431,20 +451,20 @@ def main(argv=None):
         sig, se = np.nanmean(L["llc_mean"], 0), np.sqrt(np.nansum(L["llc_se"] ** 2, 0)) / n
         sig_steps, se = llc_steps, np.where(np.isnan(L["llc_se"]).all(0), np.nan, se)
     else:
-        warn.append(f"no usable llc.jsonl (fewer than 5 common LLC estimates in {opt.runs}): stages are "
+        warn.append(f"no usable llc.jsonl (fewer than 5 common LLC estimates in {run_dirs}): stages are "
                     "detected on the test loss instead")
         sig_steps, sig, se, llc_steps = steps, np.nanmean(table(runs, "loss", steps), 0), None, []
     for w in warn:
         warnings.warn(w)
-    det = detect_stages(sig_steps, sig, se, **{k: getattr(opt, k) for k in STAGE_RULE})
+    det = detect_stages(sig_steps, sig, se, **{k: opt[k] for k in STAGE_RULE})
     det["signal"] = "llc" if llc_steps else "loss"
     common.atomic_write(out / "stages.json", json.dumps(det, indent=1))
     if lm:
-        ed = essential_dynamics(runs, mats, steps, opt.ed_sigma_max)
+        ed = essential_dynamics(runs, mats, steps, opt["ed_sigma_max"])
     else:
-        B, T, C = opt.ed_batch, 2 * cfg["K"], cfg["D"] + 1
+        B, T, C = opt["ed_batch"], 2 * cfg["K"], cfg["D"] + 1
         ycols = np.arange(B * T * C).reshape(B, T, C)[:, 0::2, 0].ravel()
-        ed = essential_dynamics(runs, mats, steps, opt.ed_sigma_max, ycols)
+        ed = essential_dynamics(runs, mats, steps, opt["ed_sigma_max"], ycols)
     ref = None
     if not lm and cfg["K"] == 8 and cfg.get("max_steps") == 500_000 and REFERENCE.exists():
         ref = np.genfromtxt(REFERENCE, delimiter=",", names=True)
@@ -454,7 +474,7 @@ def main(argv=None):
         figs = (plots.lm_figures if lm else plots.all_figures)(out / "figures", steps, M, llc_steps, L, llcs[0],
                                                                diverged[0], det, ed, cfg, ref)
         stages = stage_changes(det, steps, M, llc_steps, L, cfg["K"], LM_SUMMARY_KEYS if lm else SUMMARY_KEYS)
-    summary = dict(runs=[str(d) for d in opt.runs], signal=det["signal"], warnings=warn, n_checkpoints=len(steps),
+    summary = dict(runs=[str(d) for d in run_dirs], signal=det["signal"], warnings=warn, n_checkpoints=len(steps),
                    boundaries=det["boundaries"], stages=stages, detector=dict(params=det["params"], gp=det["gp"]),
                    llc_diverged_steps=list(diverged),
                    essential_dynamics=dict(explained_variance=ed["evr"].tolist(),
@@ -471,4 +491,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (common.ConfigError, FileNotFoundError) as e:  # bad options, or a run directory that is not a run
+        sys.exit(f"analyze.py: {e}")

@@ -1,7 +1,9 @@
-"""analyze.py: stage detection, Gram-matrix PCA, smoothing, osculating circles, Hessian tools, end to end."""
+"""analyze.py: stage detection, Gram-matrix PCA, smoothing, osculating circles, Hessian tools, the command line, end to end."""
 import json
 import math
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -325,6 +327,30 @@ def tiny_run(out_dir, seed, diverged=(), holes=()):
 FAST = ["--eval_size=128", "--ed_batch=32", "--hessian_batch=16", "--hessian_probes=1", "--lanczos_iters=3"]
 FIGURES = ["1_loss_llc.png", "2_essential_dynamics.png", "3_behaviour.png", "4_structure.png",
            "5_llc_diagnostics.png"]
+
+
+def test_command_line_runs_options_and_errors(tmp_path):
+    """Bare arguments are run directories, .py files are config files, `--key value` keeps its value; bad
+    options fail before any work, naming the key (and as a one-line message from the command line)."""
+    fast = tmp_path / "fast.py"
+    fast.write_text("eval_size = 64\n")
+    runs, rest = analyze.split_runs(["out/s0", "--out", "out/seeds", "out/s1", str(fast), "--chunk", "0",
+                                     "--device=cpu"])
+    assert runs == ["out/s0", "out/s1"]
+    opt = common.configure(analyze.DEFAULTS, rest)
+    assert (opt["out"], opt["eval_size"], opt["chunk"], opt["device"]) == ("out/seeds", 64, 0, "cpu")
+    nowhere = str(tmp_path / "nowhere")
+    with pytest.raises(common.ConfigError, match="unknown config key 'eval_sise'"):
+        analyze.main([nowhere, "--eval_sise=64"])
+    with pytest.raises(common.ConfigError, match="eval_size must be int"):
+        analyze.main([nowhere, "--eval_size=lots"])
+    with pytest.raises(common.ConfigError, match="run directories"):
+        analyze.main(["--eval_size=64"])
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, str(ROOT / "analyze.py"), nowhere, "--alpha=high"], capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and r.stderr.strip() == ("analyze.py: alpha must be float, got str 'high' in "
+                                                      "argument --alpha=high")
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 import common
 import lm_data
 import lm_eval
+import lm_hub
 import train
 from conftest import ROOT
 from model import LMConfig, LMTransformer, build_model
@@ -135,9 +136,9 @@ def test_transformer_lens_state_dict_conversion():
             if p.dim() == 1:
                 p.normal_()
     params = {k: v.detach() for k, v in m.named_parameters()}
-    sd = lm_data.to_transformer_lens(params, TINY.n_head)
+    sd = lm_hub.to_transformer_lens(params, TINY.n_head)
     assert sd["blocks.0.attn.W_Q"].shape == (2, 8, 4) and sd["blocks.0.attn.W_O"].shape == (2, 4, 8)
-    back = lm_data.from_transformer_lens(sd)
+    back = lm_hub.from_transformer_lens(sd)
     assert back.keys() == params.keys() and all(torch.equal(back[k], params[k]) for k in params)
     tokens = torch.randint(0, 50, (2, 16))
     torch.testing.assert_close(m(tokens), _transformer_lens_forward(sd, tokens, 2), atol=1e-5, rtol=1e-5)
@@ -282,36 +283,36 @@ def test_hub_download_resume_cache_and_hash(hub, tmp_path):
     H.cut.add("/o/tok/resolve/main/tokenizer.json")
     kw = dict(base_url=url, cache_dir=tmp_path)
     # an interrupted transfer leaves a partial file and a clear error ...
-    with pytest.raises(lm_data.HubError, match="interrupted after .* bytes.*run again to resume"):
-        lm_data.hub_download("o/tok", "tokenizer.json", retries=0, **kw)
+    with pytest.raises(lm_hub.HubError, match="interrupted after .* bytes.*run again to resume"):
+        lm_hub.hub_download("o/tok", "tokenizer.json", retries=0, **kw)
     part = tmp_path / "o/tok/main/tokenizer.json.part"
     have = part.stat().st_size  # whole chunks of the 150,000 bytes sent
     assert 0 < have <= 150_000 and part.read_bytes() == blob[:have]
     # ... and the next call resumes it with a Range request, then checks the server's sha256
-    path = lm_data.hub_download("o/tok", "tokenizer.json", **kw)
+    path = lm_hub.hub_download("o/tok", "tokenizer.json", **kw)
     assert path.read_bytes() == blob and not part.exists()
     assert H.log[-1] == ("/o/tok/resolve/main/tokenizer.json", f"bytes={have}-")
     # cached: no request at all
     n = len(H.log)
-    assert lm_data.hub_download("o/tok", "tokenizer.json", **kw) == path and len(H.log) == n
+    assert lm_hub.hub_download("o/tok", "tokenizer.json", **kw) == path and len(H.log) == n
     # an interruption inside one call is resumed there (retries)
     H.files["/o/tok/resolve/v2/tokenizer.json"] = blob
     H.cut.add("/o/tok/resolve/v2/tokenizer.json")
-    assert lm_data.hub_download("o/tok", "tokenizer.json", "v2", **kw).read_bytes() == blob
+    assert lm_hub.hub_download("o/tok", "tokenizer.json", "v2", **kw).read_bytes() == blob
     assert [r for _, r in H.log[n:]] == [None, f"bytes={have}-"]
     # a hash mismatch (server's ETag, or the caller's sha256) is an error and leaves nothing behind
     H.files["/o/bad/resolve/main/x.bin"] = blob
     H.etag["/o/bad/resolve/main/x.bin"] = hashlib.sha256(b"something else").hexdigest()
-    with pytest.raises(lm_data.HubError, match="sha256 mismatch.*server ETag.*removed"):
-        lm_data.hub_download("o/bad", "x.bin", **kw)
+    with pytest.raises(lm_hub.HubError, match="sha256 mismatch.*server ETag.*removed"):
+        lm_hub.hub_download("o/bad", "x.bin", **kw)
     assert not list((tmp_path / "o/bad").rglob("x.bin*"))
     H.files["/o/ok/resolve/main/x.bin"] = blob
-    with pytest.raises(lm_data.HubError, match="sha256 mismatch: expected 0000"):
-        lm_data.hub_download("o/ok", "x.bin", sha256="0" * 64, **kw)
-    with pytest.raises(lm_data.HubError, match="expected size"):
-        lm_data.hub_download("o/ok", "x.bin", size=12, **kw)
-    with pytest.raises(lm_data.HubError, match="not found"):
-        lm_data.hub_download("o/none", "x.bin", **kw)
+    with pytest.raises(lm_hub.HubError, match="sha256 mismatch: expected 0000"):
+        lm_hub.hub_download("o/ok", "x.bin", sha256="0" * 64, **kw)
+    with pytest.raises(lm_hub.HubError, match="expected size"):
+        lm_hub.hub_download("o/ok", "x.bin", size=12, **kw)
+    with pytest.raises(lm_hub.HubError, match="not found"):
+        lm_hub.hub_download("o/none", "x.bin", **kw)
 
 
 def test_import_published_checkpoints(hub, tmp_path, lm_dir):
@@ -323,10 +324,10 @@ def test_import_published_checkpoints(hub, tmp_path, lm_dir):
     for s, m in models.items():
         buf = io.BytesIO()
         params = {k: v.detach() for k, v in m.named_parameters()}
-        torch.save({"model": lm_data.to_transformer_lens(params, 2)}, buf)
+        torch.save({"model": lm_hub.to_transformer_lens(params, 2)}, buf)
         H.files[f"/o/L2/resolve/main/checkpoint_{s:07d}.pth"] = buf.getvalue()
     H.cut.add("/o/L2/resolve/main/checkpoint_0000100.pth")
-    out = lm_data.import_checkpoints("o/L2", [0, 100], tmp_path / "run", cfg, base_url=url, cache_dir=tmp_path / "c")
+    out = lm_hub.import_checkpoints("o/L2", [0, 100], tmp_path / "run", cfg, base_url=url, cache_dir=tmp_path / "c")
     assert common.list_checkpoints(out) == [0, 100]
     tokens = torch.randint(0, 5000, (2, CTX))
     for s, m in models.items():
@@ -377,7 +378,7 @@ def test_synthetic_sequences_follow_the_spec():
 
 def test_k_composition_against_the_formula():
     m = build_model(LMConfig(vocab_size=30, n_ctx=8, n_head=3, d_model=12), 5)
-    sd = lm_data.to_transformer_lens({k: v.detach() for k, v in m.named_parameters()}, 3)
+    sd = lm_hub.to_transformer_lens({k: v.detach() for k, v in m.named_parameters()}, 3)
     W = lambda x, layer, h: sd[f"blocks.{layer}.attn.W_{x}"][h].double().numpy()  # noqa: E731
     got = lm_eval.k_composition_scores(m)
     assert got.shape == (3, 3)
