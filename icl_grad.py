@@ -36,16 +36,34 @@ def _ln_backward(dy, w, saved):
     return dx, dw, db
 
 
-def _split_heads(t, B, Tq, H):
-    """(G, B*Tq, H*dh) -> (G*B*H, Tq, dh), a copy."""
-    G, _, d = t.shape
-    return t.view(G, B, Tq, H, d // H).transpose(2, 3).reshape(G * B * H, Tq, d // H)
+def _heads_in(A, Wt):
+    """A (G, R, d) @ Wt (G, J, d, dh) for every j -> (J, G, R, dh): per-head projections, written head-major, so
+    that the attention bmm's read them with no permute copy. One broadcast bmm when G == 1."""
+    G, R, d = A.shape
+    J, dh = Wt.shape[1], Wt.shape[3]
+    if G == 1:
+        return torch.bmm(A[0].expand(J, R, d), Wt[0]).unsqueeze(1)
+    out = A.new_empty(J, G, R, dh)
+    for j in range(J):
+        torch.bmm(A, Wt[:, j], out=out[j])
+    return out
 
 
-def _merge_heads(t, G, B, H):
-    """(G*B*H, Tq, dh) -> (G, B*Tq, H*dh), a copy."""
-    _, Tq, dh = t.shape
-    return t.view(G, B, H, Tq, dh).transpose(2, 3).reshape(G, B * Tq, H * dh)
+def _heads_out(X, Wr, acc=None):
+    """acc + sum_j X[j] @ Wr[:, j], for X (J, G, R, dh) and Wr (G, J, dh, d): the per-head products summed back
+    into the model dimension (accumulated in place after the first)."""
+    out = torch.bmm(X[0], Wr[:, 0]) if acc is None else torch.baddbmm(acc, X[0], Wr[:, 0])
+    for j in range(1, X.shape[0]):
+        out.baddbmm_(X[j], Wr[:, j])
+    return out
+
+
+def _heads_wgrad(X, A):
+    """X[j]^T @ A for X (J, G, R, dh), A (G, R, d) -> (J, G, dh, d): the weight gradients of _heads_in."""
+    J, G, R, _ = X.shape
+    if G == 1:
+        return torch.bmm(X[:, 0].transpose(1, 2), A[0].expand(J, R, A.shape[2])).unsqueeze(1)
+    return torch.stack([torch.bmm(X[j].transpose(1, 2), A) for j in range(J)])
 
 
 def icl_loss_and_grads(cfg, p, xs, ys, per_token=False, slice_last=True):
@@ -55,6 +73,7 @@ def icl_loss_and_grads(cfg, p, xs, ys, per_token=False, slice_last=True):
     frozen tensor); xs (G, B, K, D), ys (G, B, K). Returns (loss (G,) or per token (G, K), grads name -> (G, *shape)),
     the gradient always of the mean loss. Every matrix product is a bmm over the chain dimension, so G chains are
     a few large products instead of G x (many small ones); on CPU call it with G = 1 per chain (cache-friendlier).
+    Attention works head-major ((J, G, rows, dh) per-head projections), so no activation is ever permuted.
     With slice_last the last block computes queries, attention output, MLP and unembedding only at the K x-token
     rows (the loss reads nothing else) and the unembedding only for output channel 0: the same loss and gradients,
     about 1/6 fewer FLOPs. Tested against autograd on the nn.Module (tests/test_llc.py)."""
@@ -62,38 +81,38 @@ def icl_loss_and_grads(cfg, p, xs, ys, per_token=False, slice_last=True):
     T, d, H, nl = 2 * K, cfg.d_model, cfg.n_head, cfg.n_layer
     dh, N, M = d // H, B * 2 * K, B * K
     scale = 1.0 / math.sqrt(dh)
-    tr = lambda w: w.transpose(1, 2)  # noqa: E731
+    tr = lambda w: w.transpose(-1, -2)  # noqa: E731
+    trc = lambda w: w.transpose(-1, -2).contiguous()  # noqa: E731  (bmm is faster with a contiguous right operand)
     tok = xs.new_zeros(G, B, K, 2, D + 1)  # data.to_tokens, with a chain dimension
     tok[..., 0, 1:] = xs
     tok[..., 1, 0] = ys
     tok = tok.view(G, N, D + 1)
-    x = torch.bmm(tok, tr(p["token_embedding.weight"]))
+    x = torch.bmm(tok, trc(p["token_embedding.weight"]))
     x.view(G, B, T, d).add_(tr(p["postn_embedding.weight"])[:, None, :T])
     mask = torch.full((T, T), float("-inf"), device=xs.device, dtype=xs.dtype).triu(1)
     saved = []
     for i in range(nl):  # block: y = x + attn(LN0 x); x <- x + (y + mlp(LN1 y))  (the doubled residual)
         W = lambda n: p[f"blocks.{i}.{n}"]  # noqa: E731
         last = slice_last and i == nl - 1
+        Wqkv = W("attention.qkv.weight").view(G, H, 3, dh, d).transpose(1, 2)  # (G, 3, H, dh, d): rows q|k|v per head
+        Wo = W("attention.out.weight")
         a, s0 = _ln(x, W("layer_norms.0.weight"), W("layer_norms.0.bias"))
         if not last:
-            qkv = torch.bmm(a, tr(W("attention.qkv.weight")))  # rows of qkv: [q_h, k_h, v_h] per head h
-            q, k, v = qkv.view(G, B, T, H, 3, dh).permute(4, 0, 1, 3, 2, 5).reshape(3, G * B * H, T, dh)
-            Tq, xr = T, x
+            q, k, v = _heads_in(a, trc(Wqkv.reshape(G, 3 * H, dh, d))).view(3, H * G * B, T, dh)
+            Tq, xr, aq = T, x, a
         else:
-            Wqkv = W("attention.qkv.weight").view(G, H, 3, dh, d)
-            kv = torch.bmm(a, tr(Wqkv[:, :, 1:].reshape(G, 2 * d, d)))
-            k, v = kv.view(G, B, T, H, 2, dh).permute(4, 0, 1, 3, 2, 5).reshape(2, G * B * H, T, dh)
-            a_x = a.view(G, M, 2 * d)[:, :, :d]  # the x-token rows (a strided view)
-            q = _split_heads(torch.bmm(a_x, tr(Wqkv[:, :, 0].reshape(G, d, d))), B, K, H)
+            k, v = _heads_in(a, trc(Wqkv[:, 1:].reshape(G, 2 * H, dh, d))).view(2, H * G * B, T, dh)
+            aq = a.view(G, M, 2 * d)[:, :, :d]  # the x-token rows (a strided view)
+            q = _heads_in(aq, trc(Wqkv[:, 0])).view(H * G * B, K, dh)
             Tq, xr = K, x.view(G, M, 2 * d)[:, :, :d]
         P = torch.baddbmm(mask[::T // Tq], q, tr(k), alpha=scale).softmax(-1)
-        o = _merge_heads(torch.bmm(P, v), G, B, H)
-        y = torch.baddbmm(xr, o, tr(W("attention.out.weight")))
+        o = torch.bmm(P, v).view(H, G, B * Tq, dh)
+        y = _heads_out(o, Wo.view(G, d, H, dh).permute(0, 2, 3, 1).contiguous(), xr)
         a2, s1 = _ln(y, W("layer_norms.1.weight"), W("layer_norms.1.bias"))
-        r = torch.baddbmm(W("compute.0.bias").unsqueeze(1), a2, tr(W("compute.0.weight"))).relu_()
-        m = torch.baddbmm(W("compute.2.bias").unsqueeze(1), r, tr(W("compute.2.weight")))
+        r = torch.baddbmm(W("compute.0.bias").unsqueeze(1), a2, trc(W("compute.0.weight"))).relu_()
+        m = torch.baddbmm(W("compute.2.bias").unsqueeze(1), r, trc(W("compute.2.weight")))
         x = xr + (y + m)
-        saved.append((a, s0, q, k, v, P, o, a2, s1, r, last))
+        saved.append((a, aq, s0, q, k, v, P, o, a2, s1, r, last, Wqkv, Wo))
     if not slice_last:
         x = x.view(G, M, 2 * d)[:, :, :d]
     f, sf = _ln(x, p["unembedding.0.weight"], p["unembedding.0.bias"])
@@ -118,7 +137,8 @@ def icl_loss_and_grads(cfg, p, xs, ys, per_token=False, slice_last=True):
     for i in reversed(range(nl)):
         pre = f"blocks.{i}."
         W = lambda n: p[pre + n]  # noqa: E731
-        a, s0, q, k, v, P, o, a2, s1, r, last = saved[i]
+        a, aq, s0, q, k, v, P, o, a2, s1, r, last, Wqkv, Wo = saved[i]
+        Tq = q.shape[1]
         dxn = dx
         g[pre + "compute.2.weight"] = torch.bmm(tr(dxn), r)
         g[pre + "compute.2.bias"] = dxn.sum(1)
@@ -128,30 +148,24 @@ def icl_loss_and_grads(cfg, p, xs, ys, per_token=False, slice_last=True):
         dy, g[pre + "layer_norms.1.weight"], g[pre + "layer_norms.1.bias"] = _ln_backward(
             torch.bmm(dh_, W("compute.0.weight")), W("layer_norms.1.weight"), s1)
         dy += dxn
-        g[pre + "attention.out.weight"] = torch.bmm(tr(dy), o)
-        do = _split_heads(torch.bmm(dy, W("attention.out.weight")), B, q.shape[1], H)
+        g[pre + "attention.out.weight"] = _heads_wgrad(o, dy).permute(1, 3, 0, 2).reshape(G, d, d)
+        do = _heads_in(dy, Wo.view(G, d, H, dh).transpose(1, 2).contiguous()).view(H * G * B, Tq, dh)
         dS = torch._softmax_backward_data(torch.bmm(do, tr(v)), P, -1, P.dtype).mul_(scale)
+        J = 3 if not last else 2  # the per-head projections computed at all T rows
+        buf = torch.empty(J, H * G * B, T, dh, dtype=a.dtype, device=a.device)  # d(q|k|v) or d(k|v), head-major
         if not last:
-            buf = torch.empty(3, G * B * H, T, dh, dtype=a.dtype, device=a.device)
             torch.bmm(dS, k, out=buf[0])
-            torch.bmm(tr(dS), q, out=buf[1])
-            torch.bmm(tr(P), do, out=buf[2])
-            dqkv = buf.view(3, G, B, H, T, dh).permute(1, 2, 4, 3, 0, 5).reshape(G, N, 3 * d)
-            g[pre + "attention.qkv.weight"] = torch.bmm(tr(dqkv), a)
-            da = torch.bmm(dqkv, W("attention.qkv.weight"))
-        else:
-            Wqkv = W("attention.qkv.weight").view(G, H, 3, dh, d)
-            buf = torch.empty(2, G * B * H, T, dh, dtype=a.dtype, device=a.device)
-            torch.bmm(tr(dS), q, out=buf[0])
-            torch.bmm(tr(P), do, out=buf[1])
-            dkv = buf.view(2, G, B, H, T, dh).permute(1, 2, 4, 3, 0, 5).reshape(G, N, 2 * d)
-            dq = _merge_heads(torch.bmm(dS, k), G, B, H)
-            gw = torch.empty(G, H, 3, dh, d, dtype=a.dtype, device=a.device)
-            gw[:, :, 0] = torch.bmm(tr(dq), a.view(G, M, 2 * d)[:, :, :d]).view(G, H, dh, d)
-            gw[:, :, 1:] = torch.bmm(tr(dkv), a).view(G, H, 2, dh, d)
-            g[pre + "attention.qkv.weight"] = gw.view(G, 3 * d, d)
-            da = torch.bmm(dkv, Wqkv[:, :, 1:].reshape(G, 2 * d, d))
-            da.view(G, M, 2 * d)[:, :, :d].baddbmm_(dq, Wqkv[:, :, 0].reshape(G, d, d))
+        torch.bmm(tr(dS), q, out=buf[J - 2])
+        torch.bmm(tr(P), do, out=buf[J - 1])
+        dproj = buf.view(J * H, G, N, dh)
+        gw = _heads_wgrad(dproj, a).view(J, H, G, dh, d)
+        Wrows = Wqkv[:, 3 - J:].reshape(G, J * H, dh, d)
+        da = _heads_out(dproj, Wrows)
+        if last:
+            dq = torch.bmm(dS, k).view(H, G, M, dh)
+            gw = torch.cat([_heads_wgrad(dq, aq).view(1, H, G, dh, d), gw])
+            da.view(G, M, 2 * d)[:, :, :d].add_(_heads_out(dq, Wqkv[:, 0]))
+        g[pre + "attention.qkv.weight"] = gw.permute(2, 1, 0, 3, 4).reshape(G, 3 * d, d)
         dx, g[pre + "layer_norms.0.weight"], g[pre + "layer_norms.0.bias"] = _ln_backward(
             da, W("layer_norms.0.weight"), s0)
         if last:

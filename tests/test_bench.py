@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
@@ -26,10 +27,11 @@ def test_flop_counts_match_torch_flop_counter(cfg):
         task.loss(model(to_tokens(xs, ys)), ys).backward()
     assert fc.get_total_flops() == bench.icl_flops(cfg, B)
     params = {k: v.detach()[None] for k, v in model.named_parameters()}
-    with FlopCounterMode(display=False) as fc:
+    # the counter has no formula for the in-place baddbmm_ (the per-head sums of icl_grad): the out-of-place one's
+    baddbmm_ = lambda s, a, b, *args, out_shape=None, **kw: flop_counter.bmm_flop(a, b)  # noqa: E731
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: baddbmm_}) as fc:
         llc.icl_loss_and_grads(cfg, params, xs[None], ys[None])
-    # the counter skips one in-place baddbmm_ (the queries' input gradient at the x rows: B*K*d*d multiply-adds)
-    assert fc.get_total_flops() + 2 * B * cfg.K * cfg.d_model ** 2 == bench.icl_flops(cfg, B, sliced=True)
+    assert fc.get_total_flops() == bench.icl_flops(cfg, B, sliced=True)
     assert 0.8 < bench.icl_flops(ICLConfig(), 1, sliced=True) / bench.icl_flops(ICLConfig(), 1) < 0.85
 
 

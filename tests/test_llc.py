@@ -458,6 +458,26 @@ def test_chain_modes_give_the_same_chains(include):
             k: kw[k] for k in ("epsilon", "gamma", "nbeta")})
 
 
+def test_cpu_chain_workers_are_bit_identical_and_row_chunks_change_only_rounding():
+    """native_loop on CPU: chains spread over worker threads give the very same chains; a batch processed in row
+    chunks (10 + 10 + 4 rows here) gives the whole-batch chains up to float rounding; the threads are restored."""
+    model, task = build_model(ICLConfig(d_model=16, d_mlp=16), 0), Task()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=3, num_draws=6, num_burnin=2, batch_size=24, n=96,
+              seed=7, chain_mode="native_loop")
+    loss_fn = llc.run_loss_fn(model, task)
+    before = torch.get_num_threads()
+    run = lambda **o: llc.estimate_llc(loss_fn, params, llc.run_sampler(task), **kw, **o)["loss_trace"]  # noqa
+    one, two = run(workers=1, grad_chunk=10), run(workers=2, grad_chunk=10)
+    assert torch.get_num_threads() == before
+    assert torch.equal(one, two)
+    whole = run(workers=1, grad_chunk=0)
+    assert not torch.equal(one, whole)  # the chunked sum really ran
+    torch.testing.assert_close(one, whole, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="grad_chunk"):
+        run(grad_chunk=-1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or llc.triton is None, reason="needs CUDA and triton")
 def test_cuda_graph_replays_the_eager_chains():
     model, task = build_model(ICLConfig(), 0), Task()
