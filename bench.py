@@ -1,6 +1,6 @@
 """Side-by-side throughput of the LLC sampler and of training, against simple baselines and the peer library.
 
-    python bench.py                          # CPU, 1 thread: all sections (~10 min on a quiet core)
+    python bench.py                          # CPU: all sections, sgld at 1 thread and at all cores (~15 min)
     python bench.py --quick                  # a smoke run (seconds; numbers are not meaningful)
     python bench.py --device=cuda            # the GPU measurement, one command (~3-5 min): peak, train, sgld
                                              # with 100 burn-in + 400 draws x 2 rounds (devinterp if installed)
@@ -19,17 +19,17 @@ Sections (--sections, comma separated):
           the column is skipped with a message when it is absent). All three sample the same fixed data set
           (shuffled minibatches) from the same checkpoint and L(w*); the runs are interleaved over --rounds rounds
           (different seeds) so that load changes hit all of them alike, and their LLCs are compared within
-          standard errors (chain-level: std over chains / sqrt(chains)). Also every chain_mode of ours, briefly.
+          standard errors (chain-level: std over chains / sqrt(chains)). Each at every --threads count (default
+          "1,all"): ours spreads its chains over that many worker threads, the others get that many intra-op
+          threads. Also every chain_mode of ours, briefly.
   memory  peak RSS of an llc.py sweep over 50 checkpoints vs over one (separate processes).
 The checkpoint is --ckpt/--step, else the model trained by the train section (train.py's run, `--train_steps`).
 FLOPs are counted analytically (matrix products only; checked against torch's FlopCounterMode in the tests).
 """
-import copy
 import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,16 +40,17 @@ import torch
 
 import common
 import llc
+from bench_baselines import plain_chains, run_devinterp, sync
 from data import Task, to_tokens
 from model import ICLConfig, build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = dict(
-    device="cpu", sections="peak,train,sgld,memory", quick=False, ckpt="", step=-1, threads=1,
+    device="cpu", sections="peak,train,sgld,memory", quick=False, ckpt="", step=-1, threads="1,all",
     chains=8, batch=1024, burnin=20, draws=60, rounds=2, n=32768, epsilon=1e-3, gamma=6.0, nbeta=60.0, seed=0,
     modes_steps=4, train_steps=300, train_batch=256, mem_ckpts=50, mem_draws=2,
     devinterp_python=os.environ.get("DEVINTERP_PYTHON", "/work/venvs/devinterp/bin/python"),
-    cuda_graph=True, tf32=False, md="", json="", worker="", spec="")
+    cuda_graph=True, tf32=False, md="", json="")
 QUICK = dict(chains=2, batch=64, burnin=2, draws=4, rounds=1, n=512, modes_steps=2, train_steps=20,
              train_batch=32, mem_ckpts=5, mem_draws=1)
 CUDA = dict(sections="peak,train,sgld", burnin=100, draws=400, train_steps=1000, modes_steps=20)  # GPU defaults
@@ -76,11 +77,6 @@ def icl_flops(cfg, batch, sliced=False, backward=True):
 
 
 # ------------------------------------------------------------------------------------------- utilities
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure_peak(device, quick=False):
     n = 512 if quick else (8192 if torch.device(device).type == "cuda" else 2048)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
@@ -182,111 +178,6 @@ def bench_train(cfg, device, log):
 
 
 # ------------------------------------------------------------------------------------------------ SGLD
-def plain_chains(model, task, xs, ys, L0, *, epsilon, gamma, nbeta, chains, burnin, draws, batch, seed, device):
-    """The straightforward sampler: one chain at a time, a deep copy of the nn.Module, autograd, a per-tensor
-    SGLD update; minibatches are per-chain shuffles of the fixed set. Returns (per-chain LLC, loss trace)."""
-    n = xs.shape[0]
-    a, b, c = epsilon * nbeta / 2, epsilon * gamma / 2, math.sqrt(epsilon)
-    trace = np.zeros((chains, draws))
-    for ch in range(chains):
-        m = copy.deepcopy(model).to(device)
-        ps = list(m.parameters())
-        w0 = [p.detach().clone() for p in ps]
-        gen = torch.Generator(device=device).manual_seed(common.derive_seed(seed, 7, ch))
-        perm, pos = None, n
-        for t in range(burnin + draws):
-            if pos + batch > n:
-                perm, pos = torch.randperm(n, generator=gen, device=device), 0
-            idx = perm[pos:pos + batch]
-            pos += batch
-            bx, by = xs[idx], ys[idx]
-            loss = task.loss(m(to_tokens(bx, by)), by)
-            m.zero_grad(set_to_none=True)
-            loss.backward()
-            with torch.no_grad():
-                for p, p0 in zip(ps, w0):
-                    p.add_(-a * p.grad - b * (p - p0) + c * torch.randn(p.shape, generator=gen, device=device))
-            if t >= burnin:
-                trace[ch, t - burnin] = loss.item()
-    return nbeta * (trace.mean(1) - L0), trace
-
-
-def devinterp_worker(spec_path, out_path):
-    """Run inside devinterp's virtual environment: estimate_learning_coeff_with_summary on the spec's model and
-    data; the loader fetches whole batches (Dataset.__getitems__), the cheapest data path devinterp allows."""
-    import warnings
-    warnings.filterwarnings("ignore")
-    spec = torch.load(spec_path, weights_only=False)
-    torch.set_num_threads(spec["threads"])
-    from devinterp.optim.sgld import SGLD
-    from devinterp.slt.sampler import estimate_learning_coeff_with_summary
-    from torch.utils.data import DataLoader, Dataset
-    device = torch.device(spec["device"])
-    model = build_model(ICLConfig(**spec["model_cfg"]), 0)
-    model.load_state_dict(spec["state_dict"], strict=False)
-    model.to(device)
-    xs, ys = spec["xs"].to(device), spec["ys"].to(device)
-    task = Task()
-
-    class Batched(Dataset):
-        def __len__(self):
-            return len(ys)
-
-        def __getitem__(self, i):
-            return xs[i], ys[i]
-
-        def __getitems__(self, idx):
-            idx = torch.as_tensor(idx, device=device)
-            return xs[idx], ys[idx]
-
-    torch.manual_seed(spec["seed"])
-    loader = DataLoader(Batched(), batch_size=spec["batch"], shuffle=True, drop_last=True, collate_fn=lambda b: b)
-
-    def evaluate(m, batch):
-        bx, by = batch
-        return task.loss(m(to_tokens(bx, by)), by)
-    sync(device)
-    t, cpu = time.perf_counter(), time.process_time()
-    res = estimate_learning_coeff_with_summary(
-        model, loader, evaluate=evaluate, sampling_method=SGLD,
-        optimizer_kwargs=dict(lr=spec["epsilon"], localization=spec["gamma"], nbeta=spec["nbeta"]),
-        num_chains=spec["chains"], num_draws=spec["draws"], num_burnin_steps=spec["burnin"],
-        init_loss=spec["init_loss"], seed=spec["seed"], device=device, verbose=False)
-    sync(device)
-    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
-    import devinterp  # noqa: F401
-    from importlib.metadata import version
-    per_chain = [float(res[f"llc-chain/{i}"]) for i in range(spec["chains"])]
-    out = dict(wall=wall, cpu=cpu, llc_mean=float(res["llc/mean"]), per_chain=per_chain,
-               trace=np.asarray(res["loss/trace"]).tolist(), version=version("devinterp"), torch=torch.__version__)
-    with open(out_path, "w") as f:
-        json.dump(out, f)
-
-
-def run_devinterp(cfg, device, sd, xs, ys, L0, seed, log):
-    py = cfg["devinterp_python"]
-    if not (py and os.path.exists(py)):
-        return None, f"devinterp skipped: no python at {py!r} (set --devinterp_python or $DEVINTERP_PYTHON)"
-    probe = subprocess.run([py, "-c", "import devinterp, torch; print(torch.__version__)"], capture_output=True,
-                           text=True)
-    if probe.returncode != 0:
-        return None, f"devinterp skipped: {py} cannot import devinterp ({probe.stderr.strip()[-200:]})"
-    with tempfile.TemporaryDirectory(prefix="bench_devinterp_") as tmp:
-        spec = dict(state_dict=sd, model_cfg=dict(ICLConfig().__dict__), xs=xs.cpu(), ys=ys.cpu(), init_loss=L0,
-                    epsilon=cfg["epsilon"], gamma=cfg["gamma"], nbeta=cfg["nbeta"], chains=cfg["chains"],
-                    burnin=cfg["burnin"], draws=cfg["draws"], batch=cfg["batch"], seed=seed,
-                    threads=cfg["threads"], device=str(device))
-        torch.save(spec, os.path.join(tmp, "spec.pt"))
-        env = {**os.environ, **llc.tune_malloc(), "OMP_NUM_THREADS": str(cfg["threads"])}
-        proc = subprocess.run([py, os.path.join(HERE, "bench.py"), "--worker=devinterp",
-                               f"--spec={os.path.join(tmp, 'spec.pt')}"], env=env, cwd=HERE,
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            return None, f"devinterp failed: {proc.stderr.strip()[-800:]}"
-        with open(os.path.join(tmp, "spec.pt.json")) as f:
-            return json.load(f), None
-
-
 def chain_stats(per_chain):
     x = np.asarray(per_chain, dtype=float)
     x = x[np.isfinite(x)]
@@ -294,8 +185,16 @@ def chain_stats(per_chain):
     return dict(mean=float(x.mean()), std=sd, se=sd / math.sqrt(len(x)), chains=len(x))
 
 
+def thread_counts(spec):
+    """--threads: comma-separated counts; `all` is the number of cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return list(dict.fromkeys(cores if t == "all" else int(t) for t in str(spec).split(",") if t))
+
+
 def bench_sgld(cfg, device, model, log):
-    """Ours vs the plain loop vs devinterp on the same checkpoint, data, L(w*) and hyperparameters."""
+    """Ours vs the plain loop vs devinterp on the same checkpoint, data, L(w*) and hyperparameters, at each thread
+    count (CPU): ours spreads its chains over that many worker threads, the others use that many intra-op threads.
+    Rounds are interleaved so that load changes hit every sampler alike."""
     task = Task()
     dev = torch.device(device)
     model = model.to(dev).eval()
@@ -309,42 +208,51 @@ def bench_sgld(cfg, device, model, log):
     C, steps = cfg["chains"], cfg["burnin"] + cfg["draws"]
     hp = dict(epsilon=cfg["epsilon"], gamma=cfg["gamma"], nbeta=cfg["nbeta"])
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    res = {"ours": dict(time=0.0, chains=[]), "plain": dict(time=0.0, chains=[]), "devinterp": dict(time=0.0, chains=[])}
-    notes, ours_mode, ours_L0 = [], None, None
+    threads = thread_counts(cfg["threads"]) if dev.type == "cpu" else [torch.get_num_threads()]
+    res = {(k, th): dict(time=0.0, chains=[]) for th in threads for k in ("ours", "plain", "devinterp")}
+    notes, ours_mode, ours_L0, peaks = [], None, None, {}
+    for th in threads:
+        torch.set_num_threads(th)
+        peaks[th] = measure_peak(device, cfg["quick"])
     for r in range(cfg["rounds"]):
         seed = cfg["seed"] + r
-        out = llc.estimate_llc(llc.run_loss_fn(model, task), params, (xs, ys), num_chains=C, num_draws=cfg["draws"],
-                               num_burnin=cfg["burnin"], batch_size=cfg["batch"], seed=seed, device=dev,
-                               cuda_graph=cfg["cuda_graph"] and dev.type == "cuda" and llc.triton is not None, **hp)
-        res["ours"]["time"] += out["sample_time"]
-        res["ours"]["chains"] += out["llc_per_chain"]
-        ours_mode, ours_L0 = out["chain_mode"] + (" + CUDA graph" if out["cuda_graph"] else ""), out["init_loss"]
-        log(f"sgld round {r}: ours {C * steps / out['sample_time']:.2f} chain-steps/s, llc {out['llc_mean']:.2f}")
-        sync(dev)
-        t = time.perf_counter()
-        pc, _ = plain_chains(model, task, xs, ys, L0, chains=C, burnin=cfg["burnin"], draws=cfg["draws"],
-                             batch=cfg["batch"], seed=seed, device=dev, **hp)
-        sync(dev)
-        res["plain"]["time"] += time.perf_counter() - t
-        res["plain"]["chains"] += pc.tolist()
-        log(f"sgld round {r}: plain loop {C * steps / (time.perf_counter() - t):.2f} chain-steps/s, "
-            f"llc {pc.mean():.2f}")
-        dv, msg = run_devinterp(cfg, dev, sd, xs, ys, L0, seed, log)
-        if dv is None:
-            notes.append(msg)
-            log(msg)
-            res.pop("devinterp", None)
-        elif "devinterp" in res:
-            res["devinterp"]["time"] += dv["wall"]
-            res["devinterp"]["chains"] += dv["per_chain"]
-            res["devinterp"]["version"] = dv["version"]
-            log(f"sgld round {r}: devinterp {dv['version']} {C * steps / dv['wall']:.2f} chain-steps/s, "
-                f"llc {dv['llc_mean']:.2f}")
+        for th in threads:
+            torch.set_num_threads(th)
+            out = llc.estimate_llc(llc.run_loss_fn(model, task), params, (xs, ys), num_chains=C,
+                                   num_draws=cfg["draws"], num_burnin=cfg["burnin"], batch_size=cfg["batch"],
+                                   seed=seed, device=dev,
+                                   cuda_graph=cfg["cuda_graph"] and dev.type == "cuda" and llc.triton is not None, **hp)
+            res["ours", th]["time"] += out["sample_time"]
+            res["ours", th]["chains"] += out["llc_per_chain"]
+            ours_mode, ours_L0 = out["chain_mode"] + (" + CUDA graph" if out["cuda_graph"] else ""), out["init_loss"]
+            log(f"sgld round {r}, {th} thread(s): ours {C * steps / out['sample_time']:.2f} chain-steps/s, "
+                f"llc {out['llc_mean']:.2f}")
+            sync(dev)
+            t = time.perf_counter()
+            pc, _ = plain_chains(model, task, xs, ys, L0, chains=C, burnin=cfg["burnin"], draws=cfg["draws"],
+                                 batch=cfg["batch"], seed=seed, device=dev, **hp)
+            sync(dev)
+            res["plain", th]["time"] += time.perf_counter() - t
+            res["plain", th]["chains"] += pc.tolist()
+            log(f"sgld round {r}, {th} thread(s): plain loop {C * steps / (time.perf_counter() - t):.2f} "
+                f"chain-steps/s, llc {pc.mean():.2f}")
+            dv, msg = run_devinterp(cfg, dev, sd, xs, ys, L0, seed, th)
+            if dv is None:
+                notes.append(msg)
+                log(msg)
+                res.pop(("devinterp", th), None)
+            elif ("devinterp", th) in res:
+                res["devinterp", th]["time"] += dv["wall"]
+                res["devinterp", th]["chains"] += dv["per_chain"]
+                res["devinterp", th]["version"] = dv["version"]
+                log(f"sgld round {r}, {th} thread(s): devinterp {dv['version']} {C * steps / dv['wall']:.2f} "
+                    f"chain-steps/s, llc {dv['llc_mean']:.2f}")
+    torch.set_num_threads(threads[0])
     total_steps = cfg["rounds"] * C * steps
     table = {}
-    for k, v in res.items():
-        table[k] = dict(chain_steps_per_s=total_steps / v["time"], **chain_stats(v["chains"]),
-                        **({"version": v["version"]} if "version" in v else {}))
+    for (k, th), v in res.items():
+        table[f"{k}@{th}"] = dict(sampler=k, threads=th, chain_steps_per_s=total_steps / v["time"],
+                                  **chain_stats(v["chains"]), **({"version": v["version"]} if "version" in v else {}))
     # every chain mode of ours, briefly (throughput only, one round; the same seed gives the same chains)
     modes = {}
     for mode in ["native", "native_loop", "loop", "vmap"]:
@@ -363,7 +271,7 @@ def bench_sgld(cfg, device, model, log):
                                    num_draws=cfg["modes_steps"] * 10, num_burnin=0, batch_size=cfg["batch"],
                                    seed=cfg["seed"], device=dev, chain_mode="native", cuda_graph=graph, **hp)
             modes[f"native, cuda_graph={graph}"] = C * cfg["modes_steps"] * 10 / out["sample_time"]
-    return dict(table=table, modes=modes, notes=notes, ours_mode=ours_mode, L0=L0, ours_L0=ours_L0,
+    return dict(table=table, modes=modes, notes=notes, ours_mode=ours_mode, L0=L0, ours_L0=ours_L0, peaks=peaks,
                 flops={"ours": icl_flops(ICLConfig(), cfg["batch"], sliced=ours_mode.startswith("native")),
                        "plain": icl_flops(ICLConfig(), cfg["batch"]),
                        "devinterp": icl_flops(ICLConfig(), cfg["batch"])},
@@ -444,23 +352,26 @@ def report(results, cfg, device):
                  f"draws) x {st['rounds']} round(s), batch {st['batch']}, fixed set of {st['n']} sequences, "
                  f"eps {st['epsilon']:g}, gamma {st['gamma']:g}, nbeta {st['nbeta']:g}; L(w*) = {s['L0']:.5f}")
         L.append("")
-        L.append("| sampler | chain-steps/s | vs devinterp | vs plain loop | GFLOP per chain-step | FLOP rate | "
-                 "LLC mean ± se (chain std) |")
-        L.append("|---|---|---|---|---|---|---|")
+        L.append("| sampler | threads | chain-steps/s | vs devinterp (same threads) | vs plain loop | "
+                 "GFLOP per chain-step | FLOP rate (vs peak at those threads) | LLC mean ± se (chain std) |")
+        L.append("|---|---|---|---|---|---|---|---|")
         names = {"ours": f"ours (llc.py, {s['ours_mode']})", "plain": "plain one-chain loop (nn.Module, autograd)",
-                 "devinterp": f"devinterp {s['table'].get('devinterp', {}).get('version', '')}"}
-        dv = s["table"].get("devinterp", {}).get("chain_steps_per_s")
-        pl = s["table"]["plain"]["chain_steps_per_s"]
-        for k, v in s["table"].items():
-            r = v["chain_steps_per_s"]
-            L.append(f"| {names[k]} | {r:.2f} | {f'{r / dv:.2f}x' if dv else '-'} | {r / pl:.2f}x | "
-                     f"{s['flops'][k] / 1e9:.2f} | {rate(s['flops'][k], r)} | {v['mean']:.2f} ± {v['se']:.2f} "
-                     f"({v['std']:.2f}) |")
+                 "devinterp": "devinterp"}
+        tab = s["table"]
+        for k, v in tab.items():
+            r, th = v["chain_steps_per_s"], v["threads"]
+            dv, pl = tab.get(f"devinterp@{th}", {}).get("chain_steps_per_s"), tab[f"plain@{th}"]["chain_steps_per_s"]
+            fl = s["flops"][v["sampler"]]
+            pk = s["peaks"].get(th, s["peaks"].get(str(th)))
+            L.append(f"| {names[v['sampler']]} {v.get('version', '')} | {th} | {r:.2f} | "
+                     f"{f'{r / dv:.2f}x' if dv else '-'} | {r / pl:.2f}x | {fl / 1e9:.2f} | {fl * r / 1e9:.1f} GFLOP/s"
+                     f"{f' ({100 * fl * r / pk:.0f}% of {pk / 1e9:.0f})' if pk else ''} | "
+                     f"{v['mean']:.2f} ± {v['se']:.2f} ({v['std']:.2f}) |")
         for note in dict.fromkeys(s["notes"]):
             L.append(f"\n{note}")
-        ref = s["table"]["ours"]
-        for k, v in s["table"].items():
-            if k != "ours":
+        for k, v in tab.items():
+            ref = tab[f"ours@{v['threads']}"]
+            if v["sampler"] != "ours":
                 z = (ref["mean"] - v["mean"]) / math.hypot(ref["se"], v["se"])
                 L.append(f"\nLLC ours - {k}: {ref['mean'] - v['mean']:+.2f} = {z:+.2f} combined standard errors")
         L.append("")
@@ -487,23 +398,20 @@ def report(results, cfg, device):
 
 def main(argv):
     cfg = common.configure(DEFAULTS, argv)
-    if cfg["worker"] == "devinterp":
-        devinterp_worker(cfg["spec"], cfg["spec"] + ".json")
-        return
     given = " ".join(argv)
     if cfg["device"].startswith("cuda"):  # more steps (a GPU step is ~100x cheaper); memory is a CPU measurement
         cfg.update({k: v for k, v in CUDA.items() if f"--{k}" not in given})
     if cfg["quick"]:
         cfg.update({k: v for k, v in QUICK.items() if f"--{k}" not in given})
     device = cfg["device"]
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(cfg["threads"])
+    if torch.device(device).type == "cpu":  # train, peak and memory use the first count; sgld each in turn
+        torch.set_num_threads(thread_counts(cfg["threads"])[0])
     if cfg["tf32"]:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     llc.tune_malloc()
     sections = [s for s in cfg["sections"].split(",") if s]
     log = common.progress
-    results = {"machine": machine_line(device), "config": {k: v for k, v in cfg.items() if k not in ("worker", "spec")}}
+    results = {"machine": machine_line(device), "config": dict(cfg)}
     t0 = time.time()
     if "peak" in sections:
         results["peak"] = measure_peak(device, cfg["quick"])

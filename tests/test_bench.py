@@ -46,11 +46,13 @@ def l2h4_run(tmp_path):
 def test_quick_bench_prints_every_table_and_skips_a_missing_devinterp(tmp_path, capsys):
     md = tmp_path / "bench.md"
     res = bench.main(["--quick", "--sections=peak,train,sgld", "--devinterp_python=/nonexistent/python",
+                      "--threads=1,2",
                       f"--md={md}", f"--json={tmp_path / 'bench.json'}"])
     out = capsys.readouterr().out
-    assert "devinterp skipped" in out and "| ours (llc.py, native_loop) |" in out
+    assert "devinterp skipped" in out and "| ours (llc.py, native_loop)  | 1 |" in out
     assert "| train.py (train.train) |" in out and "fp32 matmul peak" in out
-    assert set(res["sgld"]["table"]) == {"ours", "plain"} and res["peak"] > 0
+    assert set(res["sgld"]["table"]) == {"ours@1", "plain@1", "ours@2", "plain@2"} and res["peak"] > 0
+    assert "| ours (llc.py, native_loop)  | 2 |" in out and set(res["sgld"]["peaks"]) == {1, 2}
     assert all(v > 0 for v in res["train"]["steps_per_s"].values())
     assert md.read_text().startswith("# Benchmark") and json.loads((tmp_path / "bench.json").read_text())["sgld"]
 
@@ -58,10 +60,10 @@ def test_quick_bench_prints_every_table_and_skips_a_missing_devinterp(tmp_path, 
 @pytest.mark.skipif(not os.path.exists(bench.DEFAULTS["devinterp_python"]),
                     reason=f"no devinterp environment at {bench.DEFAULTS['devinterp_python']}")
 def test_devinterp_column_runs_in_its_own_environment(l2h4_run, capsys):
-    res = bench.main(["--quick", "--sections=sgld", f"--ckpt={l2h4_run}", "--draws=3", "--burnin=1"])
+    res = bench.main(["--quick", "--sections=sgld", f"--ckpt={l2h4_run}", "--draws=3", "--burnin=1", "--threads=1"])
     t = res["sgld"]["table"]
-    assert t["devinterp"]["chain_steps_per_s"] > 0 and t["devinterp"]["chains"] == 2
-    assert res["sgld"]["table"]["devinterp"]["version"] == "1.3.2"
+    assert t["devinterp@1"]["chain_steps_per_s"] > 0 and t["devinterp@1"]["chains"] == 2
+    assert t["devinterp@1"]["version"] == "1.3.2"
 
 
 def test_llc_sweep_memory_does_not_grow_with_the_number_of_checkpoints(tmp_path):
