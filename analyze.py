@@ -27,7 +27,8 @@ from torch.func import functional_call
 import common
 import data
 import plots
-from stages import detect_stages, flank_peaks, gp_fit, slope_matrix  # noqa: F401  (re-exported)
+from model import weight_norm
+from stages import detect_stages
 
 REFERENCE = Path(__file__).resolve().parent.parent / "shared" / "reference" / "paper_v1_seedmean.csv"
 
@@ -325,7 +326,7 @@ def lm_evaluator(out_dir, cfg, opt, dev):
                 S = lm_eval.k_composition_scores(model)
                 row.update({f"kcomp/{a}-{b}": float(S[a, b]) for a in range(S.shape[0]) for b in range(S.shape[1])})
             row.update(pos_norms=lm_eval.positional_norms(model).tolist(),
-                       weight_norm=float(lm_eval.weight_norm(model.parameters())))
+                       weight_norm=float(weight_norm(model.parameters())))
             return row, lm_eval.true_token_logits(model, tokens, meta["width"], seed).numpy()
         return evaluate
     return meta, setup

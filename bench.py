@@ -265,13 +265,23 @@ def bench_sgld(cfg, device, model, log):
                                **hp)
         modes[mode] = C * ms / out["sample_time"]
         log(f"sgld mode {mode}: {modes[mode]:.2f} chain-steps/s")
+    tf32 = {}
     if dev.type == "cuda" and llc.triton is not None:
         for graph in (False, True):
             out = llc.estimate_llc(llc.run_loss_fn(model, task), params, (xs, ys), num_chains=C,
                                    num_draws=cfg["modes_steps"] * 10, num_burnin=0, batch_size=cfg["batch"],
                                    seed=cfg["seed"], device=dev, chain_mode="native", cuda_graph=graph, **hp)
             modes[f"native, cuda_graph={graph}"] = C * cfg["modes_steps"] * 10 / out["sample_time"]
+        keep = torch.backends.cuda.matmul.allow_tf32
+        for on in (False, True):  # TF32's effect on the estimate: same seed, same chains' data and noise
+            torch.backends.cuda.matmul.allow_tf32 = on
+            out = llc.estimate_llc(llc.run_loss_fn(model, task), params, (xs, ys), num_chains=C,
+                                   num_draws=cfg["draws"], num_burnin=cfg["burnin"], batch_size=cfg["batch"],
+                                   seed=cfg["seed"], device=dev, **hp)
+            tf32[on] = dict(llc=out["llc_mean"], se=out["llc_se"], chain_steps_per_s=C * steps / out["sample_time"])
+        torch.backends.cuda.matmul.allow_tf32 = keep
     return dict(table=table, modes=modes, notes=notes, ours_mode=ours_mode, L0=L0, ours_L0=ours_L0, peaks=peaks,
+                tf32=tf32,
                 flops={"ours": icl_flops(ICLConfig(), cfg["batch"], sliced=ours_mode.startswith("native")),
                        "plain": icl_flops(ICLConfig(), cfg["batch"]),
                        "devinterp": icl_flops(ICLConfig(), cfg["batch"])},
@@ -363,7 +373,7 @@ def report(results, cfg, device):
             dv, pl = tab.get(f"devinterp@{th}", {}).get("chain_steps_per_s"), tab[f"plain@{th}"]["chain_steps_per_s"]
             fl = s["flops"][v["sampler"]]
             pk = s["peaks"].get(th, s["peaks"].get(str(th)))
-            L.append(f"| {names[v['sampler']]} {v.get('version', '')} | {th} | {r:.2f} | "
+            L.append(f"| {names[v['sampler']]}{' ' + v['version'] if 'version' in v else ''} | {th} | {r:.2f} | "
                      f"{f'{r / dv:.2f}x' if dv else '-'} | {r / pl:.2f}x | {fl / 1e9:.2f} | {fl * r / 1e9:.1f} GFLOP/s"
                      f"{f' ({100 * fl * r / pk:.0f}% of {pk / 1e9:.0f})' if pk else ''} | "
                      f"{v['mean']:.2f} ± {v['se']:.2f} ({v['std']:.2f}) |")
@@ -375,6 +385,12 @@ def report(results, cfg, device):
                 z = (ref["mean"] - v["mean"]) / math.hypot(ref["se"], v["se"])
                 L.append(f"\nLLC ours - {k}: {ref['mean'] - v['mean']:+.2f} = {z:+.2f} combined standard errors")
         L.append("")
+        if s.get("tf32"):
+            f, t = s["tf32"][False], s["tf32"][True]
+            L.append(f"TF32 matmuls (same seed): LLC {t['llc']:.2f} ± {t['se']:.2f} vs fp32 {f['llc']:.2f} ± "
+                     f"{f['se']:.2f} ({(t['llc'] - f['llc']) / math.hypot(t['se'], f['se']):+.2f} combined se); "
+                     f"{t['chain_steps_per_s']:.1f} vs {f['chain_steps_per_s']:.1f} chain-steps/s")
+            L.append("")
         L.append("Chain modes of ours (throughput only): " + ", ".join(f"{k} {v:.2f}" for k, v in s["modes"].items())
                  + " chain-steps/s")
         L.append("")
@@ -408,7 +424,7 @@ def main(argv):
         torch.set_num_threads(thread_counts(cfg["threads"])[0])
     if cfg["tf32"]:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    llc.tune_malloc()
+    common.tune_malloc()
     sections = [s for s in cfg["sections"].split(",") if s]
     log = common.progress
     results = {"machine": machine_line(device), "config": dict(cfg)}

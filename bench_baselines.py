@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 import common
-import llc
 from data import Task, to_tokens
 from model import ICLConfig, build_model
 
@@ -98,7 +97,6 @@ def devinterp_worker(spec_path, out_path):
         init_loss=spec["init_loss"], seed=spec["seed"], device=device, verbose=False)
     sync(device)
     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
-    import devinterp  # noqa: F401
     from importlib.metadata import version
     per_chain = [float(res[f"llc-chain/{i}"]) for i in range(spec["chains"])]
     out = dict(wall=wall, cpu=cpu, llc_mean=float(res["llc/mean"]), per_chain=per_chain,
@@ -123,7 +121,7 @@ def run_devinterp(cfg, device, sd, xs, ys, L0, seed, threads):
                     burnin=cfg["burnin"], draws=cfg["draws"], batch=cfg["batch"], seed=seed,
                     threads=threads, device=str(device))
         torch.save(spec, os.path.join(tmp, "spec.pt"))
-        env = {**os.environ, **llc.tune_malloc(), "OMP_NUM_THREADS": str(threads)}
+        env = {**os.environ, **common.tune_malloc(), "OMP_NUM_THREADS": str(threads)}
         proc = subprocess.run([py, os.path.join(HERE, "bench_baselines.py"), os.path.join(tmp, "spec.pt")],
                               env=env, cwd=HERE, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -40,13 +40,10 @@ def _heads_in(A, Wt):
     """A (G, R, d) @ Wt (G, J, d, dh) for every j -> (J, G, R, dh): per-head projections, written head-major, so
     that the attention bmm's read them with no permute copy. One broadcast bmm when G == 1."""
     G, R, d = A.shape
-    J, dh = Wt.shape[1], Wt.shape[3]
+    J = Wt.shape[1]
     if G == 1:
         return torch.bmm(A[0].expand(J, R, d), Wt[0]).unsqueeze(1)
-    out = A.new_empty(J, G, R, dh)
-    for j in range(J):
-        torch.bmm(A, Wt[:, j], out=out[j])
-    return out
+    return torch.stack([torch.bmm(A, Wt[:, j]) for j in range(J)])
 
 
 def _heads_out(X, Wr, acc=None):

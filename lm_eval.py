@@ -10,7 +10,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import weight_norm  # noqa: F401  (re-exported: the global L2 norm of model.parameters())
 
 # positions at which the paper stores the per-token test loss (language.md §4.1)
 EVAL_POSITIONS = (0, 1, 2, 3, 4, 5, 6, 7, 10, 20, 30, 50, 100, 200, 300, 500, 1000)

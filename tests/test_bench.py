@@ -49,10 +49,10 @@ def test_quick_bench_prints_every_table_and_skips_a_missing_devinterp(tmp_path, 
                       "--threads=1,2",
                       f"--md={md}", f"--json={tmp_path / 'bench.json'}"])
     out = capsys.readouterr().out
-    assert "devinterp skipped" in out and "| ours (llc.py, native_loop)  | 1 |" in out
+    assert "devinterp skipped" in out and "| ours (llc.py, native_loop) | 1 |" in out
     assert "| train.py (train.train) |" in out and "fp32 matmul peak" in out
     assert set(res["sgld"]["table"]) == {"ours@1", "plain@1", "ours@2", "plain@2"} and res["peak"] > 0
-    assert "| ours (llc.py, native_loop)  | 2 |" in out and set(res["sgld"]["peaks"]) == {1, 2}
+    assert "| ours (llc.py, native_loop) | 2 |" in out and set(res["sgld"]["peaks"]) == {1, 2}
     assert all(v > 0 for v in res["train"]["steps_per_s"].values())
     assert md.read_text().startswith("# Benchmark") and json.loads((tmp_path / "bench.json").read_text())["sgld"]
 

@@ -14,6 +14,7 @@ from torch.func import functional_call
 
 import common
 import llc
+import sgld
 from data import Task, to_tokens
 from model import ICLConfig, build_model
 
@@ -70,28 +71,28 @@ def test_oracle_update_is_the_closed_form():
     # by hand for one entry: 1 - 0.005 * (50*0.2 + 3*0.5) + 0.1*1 = 1.0425
     assert math.isclose(want[0, 0].item(), 1.0425, rel_tol=1e-6)
     Wt = W.clone()
-    llc.sgld_update_torch(Wt, W0, G, xi, *llc.sgld_coefficients(eps, gamma, nbeta))
+    sgld.sgld_update_torch(Wt, W0, G, xi, *sgld.sgld_coefficients(eps, gamma, nbeta))
     torch.testing.assert_close(Wt, want, rtol=1e-6, atol=1e-7)
 
 
 def _kernel_step(W, W0, G, coeffs, key, block=4096):
     W = W.clone()
-    llc.sgld_update_triton(W, W0, G, *coeffs, key=key, block=block)
+    sgld.sgld_update_triton(W, W0, G, *coeffs, key=key, block=block)
     return W
 
 
-@pytest.mark.skipif(llc.triton is None, reason="triton not installed")
+@pytest.mark.skipif(sgld.triton is None, reason="triton not installed")
 def test_triton_kernel_matches_oracle_and_noise_is_standard_normal():
     gen = torch.Generator().manual_seed(0)
     C, P = 4, 10_007  # P not a multiple of the block: the masked tail is exercised
     W, G = torch.randn(C, P, generator=gen), torch.randn(C, P, generator=gen)
     W0 = torch.randn(P, generator=gen)
-    a, b, c = llc.sgld_coefficients(1e-3, 6.0, 60.0)
+    a, b, c = sgld.sgld_coefficients(1e-3, 6.0, 60.0)
     det = W.clone()
-    llc.sgld_update_torch(det, W0, G, torch.zeros_like(W), a, b, c)
+    sgld.sgld_update_torch(det, W0, G, torch.zeros_like(W), a, b, c)
     torch.testing.assert_close(_kernel_step(W, W0, G, (a, b, 0.0), 123), det, rtol=0, atol=1e-6)
     # noise: the kernel's result minus the deterministic part, over 3 steps (keys) x C chains x P
-    z = torch.stack([(_kernel_step(W, W0, G, (a, b, c), llc.noise_key(7, t)) - det) / c for t in range(3)])
+    z = torch.stack([(_kernel_step(W, W0, G, (a, b, c), sgld.noise_key(7, t)) - det) / c for t in range(3)])
     z = z.double()
     N = z.numel()
     assert abs(z.mean().item()) < 5 / math.sqrt(N)
@@ -102,10 +103,10 @@ def test_triton_kernel_matches_oracle_and_noise_is_standard_normal():
     off = corr[~torch.eye(len(flat), dtype=torch.bool)]
     assert off.abs().max().item() < 5 / math.sqrt(P), "noise correlated across chains or steps"
     # the same key reproduces the same noise
-    torch.testing.assert_close(_kernel_step(W, W0, G, (a, b, c), llc.noise_key(7, 1)), z[1].float() * c + det)
+    torch.testing.assert_close(_kernel_step(W, W0, G, (a, b, c), sgld.noise_key(7, 1)), z[1].float() * c + det)
 
 
-@pytest.mark.skipif(llc.triton is None, reason="triton not installed")
+@pytest.mark.skipif(sgld.triton is None, reason="triton not installed")
 def test_triton_backend_runs_in_the_estimator():
     r = run(quad_loss, {"w": torch.zeros(3)}, num_chains=2, num_draws=6, num_burnin=2, update_backend="triton")
     assert r["update_backend"] == "triton" and np.isfinite(r["llc_mean"]) and r["loss_trace"].shape == (2, 6)
@@ -190,17 +191,17 @@ def test_reduced_rank_regression(m, h, n):
 # ------------------------------------------------------------------------------------------ restriction
 def test_glob_patterns_on_model_names():
     names = [k for k, _ in build_model(ICLConfig(), 0).named_parameters()]
-    att = llc.select_params(names, "blocks.*.attention.**")
+    att = sgld.select_params(names, "blocks.*.attention.**")
     assert att == [f"blocks.{i}.attention.{p}.weight" for i in (0, 1) for p in ("qkv", "out")]
-    assert llc.select_params(names, "*.weight") == ["token_embedding.weight", "postn_embedding.weight"]
-    no_bias = llc.select_params(names, "blocks.0.**", exclude="**.bias")  # exclude wins
+    assert sgld.select_params(names, "*.weight") == ["token_embedding.weight", "postn_embedding.weight"]
+    no_bias = sgld.select_params(names, "blocks.0.**", exclude="**.bias")  # exclude wins
     assert no_bias and all(n.startswith("blocks.0.") and not n.endswith(".bias") for n in no_bias)
-    assert llc.select_params(names, ["unembedding.1.*"]) == ["unembedding.1.weight", "unembedding.1.bias"]
-    assert llc.select_params(names) == names
+    assert sgld.select_params(names, ["unembedding.1.*"]) == ["unembedding.1.weight", "unembedding.1.bias"]
+    assert sgld.select_params(names) == names
     with pytest.raises(ValueError, match="blocks.7"):
-        llc.select_params(names, "blocks.7.**")
+        sgld.select_params(names, "blocks.7.**")
     with pytest.raises(ValueError, match="no parameter"):
-        llc.select_params(names, "blocks.**", exclude="**")
+        sgld.select_params(names, "blocks.**", exclude="**")
 
 
 def test_excluding_an_ignored_parameter_changes_nothing():
@@ -259,13 +260,13 @@ def test_bad_inputs_are_clear_errors():
 def test_ess_and_rhat():
     g = np.random.default_rng(0)
     iid = g.standard_normal((4, 4000))
-    ess, rhat, var = llc.ess_rhat(iid)
+    ess, rhat, var = sgld.ess_rhat(iid)
     assert 0.85 < ess / iid.size < 1.15 and rhat < 1.01 and abs(var - 1) < 0.05
     ar = np.zeros((4, 4000))  # AR(1), rho = 0.9: integrated autocorrelation time (1 + rho) / (1 - rho) = 19
     for t in range(1, 4000):
         ar[:, t] = 0.9 * ar[:, t - 1] + g.standard_normal(4)
-    assert 0.7 < llc.ess_rhat(ar)[0] / (ar.size / 19) < 1.3
-    assert llc.ess_rhat(iid + np.arange(4)[:, None])[1] > 1.5  # chains stuck at different levels
+    assert 0.7 < sgld.ess_rhat(ar)[0] / (ar.size / 19) < 1.3
+    assert sgld.ess_rhat(iid + np.arange(4)[:, None])[1] > 1.5  # chains stuck at different levels
 
 
 # --------------------------------------------------------------- the regression model: batched vs a loop
@@ -275,7 +276,7 @@ def _reference_loop(model, loss_of, params, next_batches, C, steps, burnin, epsi
     W0 = torch.cat([params[k].reshape(-1) for k in names])
     W = W0.repeat(C, 1)
     models = [copy.deepcopy(model) for _ in range(C)]
-    a, b, c = llc.sgld_coefficients(epsilon, gamma, nbeta)
+    a, b, c = sgld.sgld_coefficients(epsilon, gamma, nbeta)
     trace = torch.zeros(C, steps - burnin)
     for t in range(steps):
         batch = next_batches(t)
@@ -299,7 +300,7 @@ def test_batched_chains_match_a_one_chain_at_a_time_loop(mode):
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     C, B, steps, burnin, seed = 3, 16, 10, 3, 5
     hp = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0)
-    (g_data, g_noise, _, _), _ = llc.make_generators(seed, "cpu")
+    (g_data, g_noise, _, _), _ = sgld.make_generators(seed, "cpu")
     if mode == "stream":
         data = llc.run_sampler(task)
 
@@ -478,7 +479,7 @@ def test_cpu_chain_workers_are_bit_identical_and_row_chunks_change_only_rounding
         run(grad_chunk=-1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or llc.triton is None, reason="needs CUDA and triton")
+@pytest.mark.skipif(not torch.cuda.is_available() or sgld.triton is None, reason="needs CUDA and triton")
 def test_cuda_graph_replays_the_eager_chains():
     model, task = build_model(ICLConfig(), 0), Task()
     params = {k: v.detach().cuda() for k, v in model.named_parameters()}
