@@ -156,7 +156,7 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
             flat, loss = flat + gc * (m / B), loss + lc * (m / B)
         return flat, loss
 
-    pool = None  # native_loop on CPU: the chain workers
+    pool, n_threads = None, torch.get_num_threads()  # native_loop on CPU: the chain workers; torch's threads
     if chain_mode == "vmap":
         grad_fn = vmap(grad(objective, has_aux=True))
     elif chain_mode == "loop":
@@ -171,20 +171,21 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
         chunk = int(grad_chunk or 0) if device.type == "cpu" else 0
         if chunk < 0:
             raise ValueError(f"grad_chunk must be >= 0 (0: the whole batch at once); got {grad_chunk}")
-        workers = min(C, int(workers or torch.get_num_threads())) if device.type == "cpu" else 1
+        cpu = device.type == "cpu"
+        workers = min(C, int(workers or torch.get_num_threads())) if cpu else 1
         pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        if cpu:  # every chain's ops single-threaded, in whichever thread: the same chains for any `workers`
+            torch.set_num_threads(1)
 
         def chain(i, batch):
             if pool is not None:
-                torch.set_num_threads(1)  # per thread: the workers, not the ops, share the cores
+                torch.set_num_threads(1)  # the setting is per thread: the workers, not the ops, share the cores
             return native_rows(i, i + 1, batch, chunk)
 
         def grad_fn(W, batch):
             batch = _as_tuple(batch)
             out = list((pool.map if pool else map)(lambda i: chain(i, batch), range(C)))
             return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
-
-    n_threads = torch.get_num_threads()
 
     def sgld_step(batch):
         """Gradient of every chain at its pre-step point, then the update; returns the pre-step losses."""
@@ -229,7 +230,7 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
     finally:
         if pool is not None:
             pool.shutdown()
-            torch.set_num_threads(n_threads)  # the workers' setting is also torch's global default
+        torch.set_num_threads(n_threads)  # restored (set_num_threads also sets torch's global default)
     tr = trace[:, num_burnin:].double().cpu().numpy()  # the one read-back
     sample_time = time.time() - t_sample
     L0 = init_loss.cpu().numpy()
@@ -423,13 +424,14 @@ def main(argv=None):
     if cfg["calibrate"] and rank != 0:
         print(f"llc.py: rank {rank} idle (calibration runs on rank 0)", file=sys.stderr)
         return
-    dist = None
+    dist, n_threads = None, torch.get_num_threads()
     if world > 1 and not cfg["calibrate"]:
         import torch.distributed as dist
         dist.init_process_group("gloo")
     try:
         _main(cfg, out_dir, dist, rank, world if dist else 1)
     finally:
+        torch.set_num_threads(n_threads)
         if dist is not None:
             dist.destroy_process_group()
 

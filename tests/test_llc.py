@@ -467,10 +467,14 @@ def test_cpu_chain_workers_are_bit_identical_and_row_chunks_change_only_rounding
     kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=3, num_draws=6, num_burnin=2, batch_size=24, n=96,
               seed=7, chain_mode="native_loop")
     loss_fn = llc.run_loss_fn(model, task)
-    before = torch.get_num_threads()
     run = lambda **o: llc.estimate_llc(loss_fn, params, llc.run_sampler(task), **kw, **o)["loss_trace"]  # noqa
-    one, two = run(workers=1, grad_chunk=10), run(workers=2, grad_chunk=10)
-    assert torch.get_num_threads() == before
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # torch's own setting must not leak into one chain's arithmetic
+    try:
+        one, two = run(workers=1, grad_chunk=10), run(workers=2, grad_chunk=10)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     assert torch.equal(one, two)
     whole = run(workers=1, grad_chunk=0)
     assert not torch.equal(one, whole)  # the chunked sum really ran
