@@ -52,6 +52,20 @@ def pick_chain_mode(loss_fn, device, batch_rows, num_params):
     return "loop" if cpu and batch_rows * num_params >= 1e7 else "vmap"
 
 
+def verify_batched_grad(loss_fn, params, names, batch, rtol=1e-3):
+    """A hand-derived gradient (loss_fn.batched_grad) must match autograd's of loss_fn at w* on a small batch: it
+    would silently go stale if the model's code changed, so the native modes check it once per estimate."""
+    loss_h, g_h = loss_fn.batched_grad({k: v[None] for k, v in params.items()}, tuple(x[None] for x in batch))
+    g_a, loss_a = grad(lambda q: (lambda l: (l.mean(), l.detach()))(loss_fn(q, batch)), has_aux=True)(params)
+    errs = {k: float((g_h[k][0] - g_a[k]).abs().max() / g_a[k].abs().max().clamp_min(1e-12)) for k in names}
+    errs["(loss)"] = float((loss_h[0] - loss_a).abs().max() / loss_a.abs().max().clamp_min(1e-12))
+    bad = {k: e for k, e in errs.items() if not e <= rtol}
+    if bad:
+        raise ValueError(f"the hand-derived gradient (batched_grad) disagrees with autograd at w* (relative errors "
+                         f"{bad}): has the model's code changed? Use chain_mode='loop' or 'vmap', or update "
+                         "icl_grad.py")
+
+
 def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, num_draws=500, num_burnin=0,
                  batch_size=None, seed=0, include=None, exclude=None, per_token=False, device=None, n=None,
                  update_backend="auto", chain_mode="auto", cuda_graph=False, workers=None, grad_chunk=256,
@@ -124,6 +138,9 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
         raise ValueError(f"chain_mode={chain_mode!r} needs a loss_fn with a batched_grad (see run_loss_fn)")
     if cuda_graph and not (device.type == "cuda" and chain_mode == "native" and update_backend == "triton"):
         raise ValueError("cuda_graph needs device cuda, chain_mode 'native' and the triton update")
+    if chain_mode.startswith("native"):  # 8 rows of the data (the L(w*) generator is done with)
+        verify_batched_grad(loss_fn, w_star, names, _tmap(lambda x: x.to(device), data(g_init, 8)) if stream
+                            else tuple(x[:8] for x in data))
 
     C = num_chains
     W0 = torch.cat([w_star[k].reshape(-1) for k in names])
@@ -174,7 +191,7 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
         cpu = device.type == "cpu"
         workers = min(C, int(workers or torch.get_num_threads())) if cpu else 1
         pool = ThreadPoolExecutor(workers) if workers > 1 else None
-        if cpu:  # every chain's ops single-threaded, in whichever thread: the same chains for any `workers`
+        if cpu and n_threads != 1:  # each chain's ops single-threaded, whichever thread: same chains for any workers
             torch.set_num_threads(1)
 
         def chain(i, batch):
@@ -230,7 +247,8 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
     finally:
         if pool is not None:
             pool.shutdown()
-        torch.set_num_threads(n_threads)  # restored (set_num_threads also sets torch's global default)
+        if torch.get_num_threads() != n_threads:  # restored (set_num_threads also sets torch's global default)
+            torch.set_num_threads(n_threads)
     tr = trace[:, num_burnin:].double().cpu().numpy()  # the one read-back
     sample_time = time.time() - t_sample
     L0 = init_loss.cpu().numpy()
@@ -430,10 +448,13 @@ def main(argv=None):
         dist.init_process_group("gloo")
     try:
         _main(cfg, out_dir, dist, rank, world if dist else 1)
+        if dist is not None:  # no rank tears its connections down while another still uses them (without this
+            dist.barrier()    # barrier ~10% of 2-rank gloo runs ended in a rank's abort at exit)
     finally:
-        torch.set_num_threads(n_threads)
         if dist is not None:
             dist.destroy_process_group()
+        else:
+            torch.set_num_threads(n_threads)
 
 
 def _main(cfg, out_dir, dist, rank, world):

@@ -219,7 +219,8 @@ def train(cfg: dict) -> dict:
             common.progress(f"step {step:>7d}/{last} | test loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
                             f"{1 / step_time:.0f} steps/s | ETA {_fmt(eta)}")
             t_last, steps_since = time.time(), 0
-    if ddp:
+    if ddp:  # the master may still be writing: no rank tears its connections down before all are done
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if master:
         common.progress(f"done: {out} (config.json, log.jsonl, checkpoints/) in {_fmt(time.time() - t0)}")

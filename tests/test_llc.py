@@ -459,6 +459,21 @@ def test_chain_modes_give_the_same_chains(include):
             k: kw[k] for k in ("epsilon", "gamma", "nbeta")})
 
 
+def test_native_modes_refuse_a_stale_hand_derived_gradient():
+    """A model whose code no longer matches icl_grad.py (here: its output doubled) is caught by the native modes'
+    check against autograd, with a message that says what to do; the autograd modes still run."""
+    model, task = build_model(ICLConfig(d_model=16, d_mlp=16), 0), Task()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=2, num_draws=2, batch_size=8, n=32, seed=0)
+    llc.estimate_llc(llc.run_loss_fn(model, task), params, llc.run_sampler(task), chain_mode="native", **kw)
+    model.forward = lambda tokens: 2 * type(model).forward(model, tokens)
+    for mode in ("native", "native_loop"):
+        with pytest.raises(ValueError, match="disagrees with autograd.*chain_mode='loop'"):
+            llc.estimate_llc(llc.run_loss_fn(model, task), params, llc.run_sampler(task), chain_mode=mode, **kw)
+    assert llc.estimate_llc(llc.run_loss_fn(model, task), params, llc.run_sampler(task), chain_mode="loop",
+                            **kw)["chain_mode"] == "loop"
+
+
 def test_cpu_chain_workers_are_bit_identical_and_row_chunks_change_only_rounding():
     """native_loop on CPU: chains spread over worker threads give the very same chains; a batch processed in row
     chunks (10 + 10 + 4 rows here) gives the whole-batch chains up to float rounding; the threads are restored."""
