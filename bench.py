@@ -415,6 +415,8 @@ def report(results, cfg, device):
 def main(argv):
     cfg = common.configure(DEFAULTS, argv)
     given = " ".join(argv)
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"bench.py: --device={cfg['device']}, but this torch ({torch.__version__}) sees no CUDA device")
     if cfg["device"].startswith("cuda"):  # more steps (a GPU step is ~100x cheaper); memory is a CPU measurement
         cfg.update({k: v for k, v in CUDA.items() if f"--{k}" not in given})
     if cfg["quick"]:

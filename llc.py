@@ -461,7 +461,11 @@ def _main(cfg, out_dir, dist, rank, world):
     if cfg["device"]:
         device = torch.device(cfg["device"])
     elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else torch.cuda.current_device())
+        local = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else torch.cuda.current_device()
+        if local >= torch.cuda.device_count():
+            raise SystemExit(f"llc.py: rank {rank} would use cuda:{local}, but there are {torch.cuda.device_count()} "
+                             "CUDA devices: use --nproc_per_node <= that, or --device=cpu")
+        device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
     if device.type == "cpu":  # threads=0: this process's share of the usable cores (chain workers in native_loop)

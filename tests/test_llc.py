@@ -19,6 +19,7 @@ from data import Task, to_tokens
 from model import ICLConfig, build_model
 
 NBETA_1000 = 1000 / math.log(1000)  # devinterp's known-answer nbeta: n / ln n with n = 1000
+KDEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernel's tests: the GPU, else the interpreter
 
 
 def quad_loss(params, batch):
@@ -85,8 +86,7 @@ def _kernel_step(W, W0, G, coeffs, key, block=4096):
 def test_triton_kernel_matches_oracle_and_noise_is_standard_normal():
     gen = torch.Generator().manual_seed(0)
     C, P = 4, 10_007  # P not a multiple of the block: the masked tail is exercised
-    W, G = torch.randn(C, P, generator=gen), torch.randn(C, P, generator=gen)
-    W0 = torch.randn(P, generator=gen)
+    W, G, W0 = (torch.randn(*s, generator=gen).to(KDEV) for s in ((C, P), (C, P), (P,)))
     a, b, c = sgld.sgld_coefficients(1e-3, 6.0, 60.0)
     det = W.clone()
     sgld.sgld_update_torch(det, W0, G, torch.zeros_like(W), a, b, c)
@@ -108,7 +108,8 @@ def test_triton_kernel_matches_oracle_and_noise_is_standard_normal():
 
 @pytest.mark.skipif(sgld.triton is None, reason="triton not installed")
 def test_triton_backend_runs_in_the_estimator():
-    r = run(quad_loss, {"w": torch.zeros(3)}, num_chains=2, num_draws=6, num_burnin=2, update_backend="triton")
+    r = run(quad_loss, {"w": torch.zeros(3, device=KDEV)}, num_chains=2, num_draws=6, num_burnin=2,
+            update_backend="triton")
     assert r["update_backend"] == "triton" and np.isfinite(r["llc_mean"]) and r["loss_trace"].shape == (2, 6)
 
 
@@ -517,13 +518,13 @@ def test_torchrun_two_gloo_ranks_write_the_single_process_rows(tiny_run):
     import subprocess
     import sys
     common.save_checkpoint(tiny_run, 30, build_model(common.model_config(common.load_run(tiny_run)), 30))
-    llc.main(["--ckpt", str(tiny_run), *CLI, "--out=single.jsonl"])
+    llc.main(["--ckpt", str(tiny_run), *CLI, "--out=single.jsonl", "--device=cpu"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     conf = tiny_run / "llc_conf.py"  # torchrun's argparse would take `--n=32` for an abbreviation of its own options
     conf.write_text("".join(f"{a[2:].split('=')[0]} = {a.split('=')[1]}\n" for a in CLI))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(os.path.dirname(llc.__file__), "llc.py"), str(conf), "--ckpt", str(tiny_run),
-           "--out=multi.jsonl", "--steps=0,10"]
+           "--device=cpu", "--out=multi.jsonl", "--steps=0,10"]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)  # half the checkpoints ...
     cmd[-1] = "--steps=0,10,20,30"
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # ... then resume
