@@ -272,6 +272,12 @@ def bench_sgld(cfg, device, model, log):
                                    num_draws=cfg["modes_steps"] * 10, num_burnin=0, batch_size=cfg["batch"],
                                    seed=cfg["seed"], device=dev, chain_mode="native", cuda_graph=graph, **hp)
             modes[f"native, cuda_graph={graph}"] = C * cfg["modes_steps"] * 10 / out["sample_time"]
+        for kb in (4, 16):  # checkpoints batched into one computation (here copies of the one checkpoint)
+            outs = llc.estimate_llc(llc.run_loss_fn(model, task), [params] * kb, (xs, ys), num_chains=C,
+                                    num_draws=cfg["modes_steps"] * 10, num_burnin=0, batch_size=cfg["batch"],
+                                    seed=cfg["seed"], device=dev, chain_mode="native", cuda_graph=True, **hp)
+            modes[f"native, cuda_graph, {kb} checkpoints batched"] = (kb * C * cfg["modes_steps"] * 10
+                                                                      / outs[0]["sample_time"])
         keep = torch.backends.cuda.matmul.allow_tf32
         for on in (False, True):  # TF32's effect on the estimate: same seed, same chains' data and noise
             torch.backends.cuda.matmul.allow_tf32 = on

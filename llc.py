@@ -29,8 +29,8 @@ from torch.func import functional_call, grad, vmap
 import common
 from common import release_memory, tune_malloc
 from icl_grad import icl_loss_and_grads
-from sgld import (ChainBatches, _as_tuple, _graph_step, _tmap, ess_rhat, make_generators, mean_loss, noise_key,
-                  select_params, sgld_coefficients, sgld_update_torch, sgld_update_triton, triton)
+from sgld import (ChainBatches, _as_tuple, _graph_step, _tmap, chain_summary, make_generators, mean_loss,
+                  noise_key, select_params, sgld_coefficients, sgld_update_torch, sgld_update_triton, triton)
 
 # ------------------------------------------------------------------------------------------- the estimator
 class AllChainsDivergedError(RuntimeError):
@@ -70,7 +70,10 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
                  batch_size=None, seed=0, include=None, exclude=None, per_token=False, device=None, n=None,
                  update_backend="auto", chain_mode="auto", cuda_graph=False, workers=None, grad_chunk=256,
                  progress=None):
-    """Estimate the LLC at `params` (dict name -> tensor, the point w*).
+    """Estimate the LLC at `params` (dict name -> tensor, the point w*), or at each of a list of such dicts (the
+    checkpoints of one run) in one batched computation: then a list of results, each the same as that checkpoint's
+    own estimate would be (the same minibatches, noise and L(w*) set: common random numbers), up to float rounding
+    in the batched products (bit-identical in native_loop).
 
     loss_fn(params, batch) -> mean loss over the batch (a K-vector when per_token; the gradient is of its
     mean); write it with torch.func.functional_call for an nn.Module. data: a tuple of tensors (fixed set of
@@ -79,28 +82,34 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
     update_backend: auto (triton on CUDA, xla on XLA, else torch), torch, triton, xla.
     chain_mode: how the chains' gradients are computed, see pick_chain_mode and CHAIN_MODES; "native" and
     "native_loop" need loss_fn.batched_grad(params (C, ...), batch (C, B, ...)) -> (loss (C,[K]), grads (C, ...)),
-    which run_loss_fn provides for the regression transformer. All modes give the same chains up to float
-    rounding. cuda_graph: capture one SGLD step (gradient, fused update, noise key) in a CUDA graph and replay
-    it (CUDA, native mode, triton update). native_loop (CPU) only: `workers` threads compute different chains at
-    once, each op single-threaded (default torch.get_num_threads(); 2 workers measured 1.9x one on 2 cores, where
-    2 intra-op threads gain ~1.3x), and each chain's batch is processed `grad_chunk` rows at a time (default 256:
-    activations stay in L2 cache; measured 1.3x over a whole 1024-row batch); neither changes a chain's
-    arithmetic beyond the order of one sum. `progress`: a label; when set, prints progress with ETA to stderr.
-    Same seed => identical result (for a given chain_mode, grad_chunk and device; any number of workers)."""
+    which run_loss_fn provides for the regression transformer (checked against autograd at w* first). All modes
+    give the same chains up to float rounding. cuda_graph: capture one SGLD step (gradient, fused update, noise
+    key) in a CUDA graph and replay it (CUDA, native mode, triton update). native_loop (CPU) only: `workers`
+    threads compute different chains at once, each op single-threaded (default torch.get_num_threads(); 2 workers
+    measured 1.7-1.9x one on 2 cores, where 2 intra-op threads gain ~1.4x), and each chain's batch is processed
+    `grad_chunk` rows at a time (default 256: activations stay in L2 cache; measured 1.3x over a whole 1024-row
+    batch); neither changes a chain's arithmetic beyond the order of one sum. `progress`: a label; when set,
+    prints progress with ETA to stderr. Same seed => identical result (for a given chain_mode, grad_chunk and
+    device; any number of workers). Raises AllChainsDivergedError when every chain of a checkpoint diverged."""
     t_start = time.time()
     if not (epsilon > 0 and nbeta > 0 and gamma >= 0):
         raise ValueError(f"need epsilon > 0, nbeta > 0, gamma >= 0; got {epsilon}, {nbeta}, {gamma}")
     if num_chains < 1 or num_draws < 1 or num_burnin < 0:
         raise ValueError(f"need num_chains, num_draws >= 1, num_burnin >= 0; got {num_chains}, {num_draws}, "
                          f"{num_burnin}")
-    device = torch.device(device) if device is not None else next(iter(params.values())).device
-    names = select_params(list(params), include, exclude)
-    w_star = {k: v.detach().to(device) for k, v in params.items()}
-    for k, v in w_star.items():
-        if not torch.isfinite(v).all():
-            raise ValueError(f"parameter {k!r} of w* has non-finite values")
-    frozen = {k: v for k, v in w_star.items() if k not in names}
-    (g_data, g_noise, g_init, _), seeds = make_generators(seed, device)
+    many = isinstance(params, (list, tuple))
+    group = list(params) if many else [params]
+    if not group or any(set(p) != set(group[0]) or any(p[k].shape != group[0][k].shape for k in p) for p in group):
+        raise ValueError("a list of checkpoints needs at least one, all with the same parameter names and shapes")
+    device = torch.device(device) if device is not None else next(iter(group[0].values())).device
+    names = select_params(list(group[0]), include, exclude)
+    w_stars = [{k: v.detach().to(device) for k, v in p.items()} for p in group]
+    for w_star in w_stars:
+        for k, v in w_star.items():
+            if not torch.isfinite(v).all():
+                raise ValueError(f"parameter {k!r} of w* has non-finite values")
+    w_star, Kc = w_stars[0], len(w_stars)  # (shapes and sizes; Kc checkpoints)
+    (g_data, g_noise, _, _), seeds = make_generators(seed, device)
 
     stream = callable(data)
     if stream:
@@ -116,12 +125,15 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
         B, n = int(batch_size or rows), rows
         if B > n:
             raise ValueError(f"batch_size={B} is larger than the dataset (n={n})")
-    init_loss = mean_loss(loss_fn, w_star, data, n, B, g_init, device)
-    if init_loss.dim() != int(per_token):
-        raise ValueError(f"loss_fn returned shape {tuple(init_loss.shape)}; expected a "
-                         f"{'vector (per_token=True)' if per_token else 'scalar (per_token=False)'}")
-    if not torch.isfinite(init_loss).all():
-        raise ValueError(f"L(w*) is not finite ({init_loss.tolist()}): the checkpoint itself is broken")
+    init_losses = []
+    for w in w_stars:  # every checkpoint's L(w*) on the same rows: a fresh copy of the L(w*) generator each
+        g_init = make_generators(seed, device)[0][2]
+        init_losses.append(mean_loss(loss_fn, w, data, n, B, g_init, device))
+        if init_losses[-1].dim() != int(per_token):
+            raise ValueError(f"loss_fn returned shape {tuple(init_losses[-1].shape)}; expected a "
+                             f"{'vector (per_token=True)' if per_token else 'scalar (per_token=False)'}")
+        if not torch.isfinite(init_losses[-1]).all():
+            raise ValueError(f"L(w*) is not finite ({init_losses[-1].tolist()}): the checkpoint itself is broken")
 
     if update_backend == "auto":
         update_backend = ("triton" if device.type == "cuda" and triton is not None
@@ -139,21 +151,26 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
     if cuda_graph and not (device.type == "cuda" and chain_mode == "native" and update_backend == "triton"):
         raise ValueError("cuda_graph needs device cuda, chain_mode 'native' and the triton update")
     if chain_mode.startswith("native"):  # 8 rows of the data (the L(w*) generator is done with)
-        verify_batched_grad(loss_fn, w_star, names, _tmap(lambda x: x.to(device), data(g_init, 8)) if stream
-                            else tuple(x[:8] for x in data))
+        for w in w_stars:
+            verify_batched_grad(loss_fn, w, names, _tmap(lambda x: x.to(device), data(g_init, 8)) if stream
+                                else tuple(x[:8] for x in data))
 
-    C = num_chains
-    W0 = torch.cat([w_star[k].reshape(-1) for k in names])
-    W = W0.repeat(C, 1)  # (C, P): all chains' sampled parameters in one flat buffer
+    C, CT = num_chains, Kc * num_chains  # chains per checkpoint; in all (checkpoint-major: row g*C + c)
+    W0 = torch.stack([torch.cat([w[k].reshape(-1) for k in names]) for w in w_stars])  # (Kc, P)
+    W = W0.repeat_interleave(C, 0)  # (CT, P): all chains' sampled parameters in one flat buffer
+    W0 = W0[0] if Kc == 1 else W0
     sizes = [w_star[k].numel() for k in names]
+    frozen = {k: torch.stack([w[k] for w in w_stars]).repeat_interleave(C, 0)  # (CT, ...): each chain's w*
+              for k in w_star if k not in names}
     a, b, c = sgld_coefficients(epsilon, gamma, nbeta)
     key = torch.tensor([noise_key(seeds[1], 0)], dtype=torch.int64, device=device)  # + 1 per step
 
-    def objective(w, batch):
+    def objective(w, fz, batch):
         """One chain: the named parameters are views into its row w (P,), so grad() returns a flat (P,)
-        gradient (split's backward is a single cat) and vmap a (C, P) one: no per-parameter copies."""
+        gradient (split's backward is a single cat) and vmap a (C, P) one: no per-parameter copies. fz: the
+        chain's frozen parameters."""
         sel = {k: p.view(w_star[k].shape) for k, p in zip(names, torch.split(w, sizes))}
-        loss = loss_fn({**frozen, **sel}, batch)
+        loss = loss_fn({**fz, **sel}, batch)
         return loss.mean(), loss.detach()
 
     def native_rows(lo, hi, batch, chunk=None):
@@ -162,7 +179,7 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
         G_ = hi - lo
         p = {k: W[lo:hi, o - s:o].view(G_, *w_star[k].shape)
              for k, s, o in zip(names, sizes, np.cumsum(sizes).tolist())}
-        p.update({k: v.expand(G_, *v.shape) for k, v in frozen.items()})
+        p.update({k: v[lo:hi] for k, v in frozen.items()})
         flat, loss = 0, 0
         for r in range(0, B, chunk or B):
             m = min(chunk or B, B - r)
@@ -175,21 +192,22 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
 
     pool, n_threads = None, torch.get_num_threads()  # native_loop on CPU: the chain workers; torch's threads
     if chain_mode == "vmap":
-        grad_fn = vmap(grad(objective, has_aux=True))
+        grad_fn = lambda W, batch: vmap(grad(objective, has_aux=True))(W, frozen, batch)  # noqa: E731
     elif chain_mode == "loop":
         one = grad(objective, has_aux=True)
 
         def grad_fn(W, batch):
-            out = [one(W[i], _tmap(lambda x: x[i], batch)) for i in range(C)]
+            out = [one(W[i], {k: v[i] for k, v in frozen.items()}, _tmap(lambda x: x[i], batch))
+                   for i in range(CT)]
             return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
     elif chain_mode == "native":
-        grad_fn = lambda W, batch: native_rows(0, C, _as_tuple(batch))  # noqa: E731
+        grad_fn = lambda W, batch: native_rows(0, CT, _as_tuple(batch))  # noqa: E731
     else:
         chunk = int(grad_chunk or 0) if device.type == "cpu" else 0
         if chunk < 0:
             raise ValueError(f"grad_chunk must be >= 0 (0: the whole batch at once); got {grad_chunk}")
         cpu = device.type == "cpu"
-        workers = min(C, int(workers or torch.get_num_threads())) if cpu else 1
+        workers = min(CT, int(workers or torch.get_num_threads())) if cpu else 1
         pool = ThreadPoolExecutor(workers) if workers > 1 else None
         if cpu and n_threads != 1:  # each chain's ops single-threaded, whichever thread: same chains for any workers
             torch.set_num_threads(1)
@@ -201,7 +219,7 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
 
         def grad_fn(W, batch):
             batch = _as_tuple(batch)
-            out = list((pool.map if pool else map)(lambda i: chain(i, batch), range(C)))
+            out = list((pool.map if pool else map)(lambda i: chain(i, batch), range(CT)))
             return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
     def sgld_step(batch):
@@ -210,26 +228,29 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
         if update_backend == "triton":
             sgld_update_triton(W, W0, G, a, b, c, key)
             key.add_(1)
-        else:
-            noise = torch.randn(W.shape, generator=g_noise, device=g_noise.device, dtype=W.dtype)
+        else:  # one checkpoint's worth of noise, repeated for every checkpoint (as in the kernel)
+            noise = torch.randn((C, W.shape[1]), generator=g_noise, device=g_noise.device, dtype=W.dtype)
             sgld_update_torch(W, W0, G, noise.to(device), a, b, c)
         return loss
 
     batches = ChainBatches(data, C, B, g_data, device)
+    if Kc > 1:  # every checkpoint's chain c gets chain c's minibatch
+        single = batches
+        batches = lambda: _tmap(lambda x: x.repeat(Kc, *[1] * (x.dim() - 1)), single())  # noqa: E731
     t_sample = time.time()  # the SGLD loop, graph capture included
     step, first = sgld_step, None
     if cuda_graph:  # the static buffers are filled with step 0's batch, which step 0 then uses
         first = batches()
         step = _graph_step(sgld_step, first, W, key)
     total = num_burnin + num_draws
-    trace = torch.empty((C, total) + tuple(init_loss.shape), device=device, dtype=W.dtype)  # burn-in cut at the end
+    trace = torch.empty((CT, total) + tuple(init_losses[0].shape), device=device, dtype=W.dtype)  # burn-in cut later
     t_dev = torch.zeros(1, dtype=torch.int64, device=device)  # XLA: a device-side index keeps one graph per step
-    alive = torch.ones(C, dtype=torch.bool, device=device)
+    alive = torch.ones(CT, dtype=torch.bool, device=device)
     every = max(1, total // 10)
     try:
         for t in range(total):
             loss = step(first if t == 0 and first is not None else batches())  # pre-step loss of every chain
-            alive &= torch.isfinite(loss.reshape(C, -1)).all(1)  # (burn-in losses count: a NaN chain is lost)
+            alive &= torch.isfinite(loss.reshape(CT, -1)).all(1)  # (burn-in losses count: a NaN chain is lost)
             if update_backend == "xla":
                 trace.index_copy_(1, t_dev, loss.unsqueeze(1))
                 t_dev.add_(1)
@@ -250,33 +271,23 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
         if torch.get_num_threads() != n_threads:  # restored (set_num_threads also sets torch's global default)
             torch.set_num_threads(n_threads)
     tr = trace[:, num_burnin:].double().cpu().numpy()  # the one read-back
-    sample_time = time.time() - t_sample
-    L0 = init_loss.cpu().numpy()
-    bad = ~alive.cpu().numpy() | ~np.isfinite(tr.reshape(C, -1)).all(1)
-    ok = np.flatnonzero(~bad)
-    if len(ok) == 0:
+    sample_time, alive = time.time() - t_sample, alive.cpu().numpy()
+    settings = dict(epsilon=epsilon, gamma=gamma, nbeta=nbeta, num_chains=C, num_draws=num_draws,
+                    num_burnin=num_burnin, batch_size=B, seed=seed, n=n, data_mode="stream" if stream else "fixed",
+                    num_params=W.shape[1], update_backend=update_backend, chain_mode=chain_mode,
+                    cuda_graph=bool(cuda_graph), checkpoints_batched=Kc,
+                    sample_time=sample_time)  # the SGLD loop (chain-steps/s = CT * (burn-in + draws) / sample_time)
+    results = [chain_summary(tr[g * C:(g + 1) * C], init_losses[g].cpu().numpy(), alive[g * C:(g + 1) * C], nbeta,
+                             per_token) for g in range(Kc)]
+    lost = [g for g, r in enumerate(results) if r is None]
+    if lost:
         raise AllChainsDivergedError(
-            f"all {C} SGLD chains diverged (non-finite loss) with epsilon={epsilon}, nbeta={nbeta}, "
-            f"gamma={gamma}: lower epsilon (or nbeta), or check that w* is near a minimum")
-    loss_trace = tr.mean(-1) if per_token else tr  # (C, T): per-token losses averaged over tokens
-    per_chain = nbeta * (loss_trace.mean(1) - float(L0.mean()))
-    per_chain[bad] = np.nan
-    ess, rhat, var = ess_rhat(loss_trace[ok])
-    out = dict(llc_mean=float(per_chain[ok].mean()),
-               llc_std=float(per_chain[ok].std(ddof=1)) if len(ok) > 1 else 0.0,
-               llc_se=float(nbeta * math.sqrt(var / ess)), llc_per_chain=per_chain.tolist(),
-               loss_trace=torch.from_numpy(loss_trace), init_loss=float(L0.mean()),
-               nan_chains=np.flatnonzero(bad).tolist(), rhat=rhat, ess=ess,
-               epsilon=epsilon, gamma=gamma, nbeta=nbeta, num_chains=C, num_draws=num_draws,
-               num_burnin=num_burnin, batch_size=B, seed=seed, n=n, data_mode="stream" if stream else "fixed",
-               num_params=W.shape[1], update_backend=update_backend, chain_mode=chain_mode,
-               cuda_graph=bool(cuda_graph))
-    if per_token:
-        out["llc_per_token"] = (nbeta * (tr[ok].mean((0, 1)) - L0)).tolist()
-        out["init_loss_per_token"] = L0.tolist()
-    out["sample_time"] = sample_time  # the SGLD loop alone (chain-steps/s = C * (burn-in + draws) / sample_time)
-    out["wall_time"] = time.time() - t_start
-    return out
+            f"all {C} SGLD chains diverged (non-finite loss) with epsilon={epsilon}, nbeta={nbeta}, gamma={gamma}"
+            f"{f' at checkpoint(s) {lost} of the {Kc}' if many else ''}: lower epsilon (or nbeta), or check that "
+            "w* is near a minimum")
+    for r in results:
+        r.update(settings, wall_time=time.time() - t_start)
+    return results if many else results[0]
 
 
 # --------------------------------------------------------------------------------------- the command line
@@ -284,7 +295,7 @@ DEFAULTS = dict(  # quick CPU setting for tiny demo runs; configs/llc_v1.py and 
     ckpt="", steps="", out="llc.jsonl", epsilon=3e-4, gamma=6.0, nbeta=60.0, num_chains=4, num_draws=100,
     num_burnin=50, batch_size=32, n=4096, data_mode="stream", seed=0, per_token=False, include="", exclude="",
     device="", update_backend="auto", chain_mode="auto", cuda_graph=False, tf32=False, threads=0, grad_chunk=256,
-    trace_points=100,
+    ckpt_batch=1, trace_points=100,
     calibrate=False, calib_steps="",
     calib_epsilon="3e-4,1e-3,3e-3", calib_nbeta="20,60,200", calib_gamma="6,60")
 RUN_KEYS = ("epsilon", "gamma", "nbeta", "num_chains", "num_draws", "num_burnin", "batch_size", "seed", "n",
@@ -342,11 +353,14 @@ def llc_row(step, res, trace_points):
 
 
 def _estimate_at(cfg, out_dir, step, task, dataset, device, **over):
-    model = common.load_model(out_dir, step).to(device)
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    """estimate_llc at one checkpoint, or at a list of them batched (then a list of results)."""
+    steps = step if isinstance(step, list) else [step]
+    models = [common.load_model(out_dir, s).to(device) for s in steps]
+    params = [{k: v.detach() for k, v in m.named_parameters()} for m in models]
     s = {**cfg, **over}
     return estimate_llc(
-        run_loss_fn(model, task, s["per_token"]), params, dataset if dataset is not None else run_sampler(task),
+        run_loss_fn(models[0], task, s["per_token"]), params if isinstance(step, list) else params[0],
+        dataset if dataset is not None else run_sampler(task),
         epsilon=s["epsilon"], gamma=s["gamma"], nbeta=s["nbeta"], num_chains=s["num_chains"],
         num_draws=s["num_draws"], num_burnin=s["num_burnin"], batch_size=s["batch_size"], seed=s["seed"],
         include=s["include"] or None, exclude=s["exclude"] or None, per_token=s["per_token"], device=device,
@@ -457,6 +471,22 @@ def main(argv=None):
             torch.set_num_threads(n_threads)
 
 
+def _rows(cfg, out_dir, steps, task, dataset, device):
+    """The llc.jsonl rows of a group of checkpoints, estimated in one batched computation. When every chain of one
+    of them diverged, each is estimated alone instead: the others keep their estimates, the failure is recorded
+    (llc_mean null, so that a rerun does not repeat a known failure)."""
+    base = lambda s: {"step": s, **{k: cfg[k] for k in RUN_KEYS}}  # noqa: E731
+    try:
+        res = _estimate_at(cfg, out_dir, steps if len(steps) > 1 else steps[0], task, dataset, device)
+    except AllChainsDivergedError as err:
+        if len(steps) > 1:
+            return [row for s in steps for row in _rows(cfg, out_dir, [s], task, dataset, device)]
+        print(f"llc.py: step {steps[0]}: {err}", file=sys.stderr)
+        return [{**base(steps[0]), "llc_mean": None, "nan_chains": list(range(cfg["num_chains"])), "error": str(err)}]
+    return [{**base(s), **llc_row(s, r, cfg["trace_points"])}
+            for s, r in zip(steps, res if len(steps) > 1 else [res])]
+
+
 def _main(cfg, out_dir, dist, rank, world):
     if cfg["device"]:
         device = torch.device(cfg["device"])
@@ -490,39 +520,37 @@ def _main(cfg, out_dir, dist, rank, world):
     if cfg["calibrate"]:
         calibrate(cfg, out_dir, steps, task, dataset, device)
         return
-    t0, failed, mine = time.time(), 0, todo[rank::world]
-    for i in range(math.ceil(len(todo) / world)):
+    kb = max(1, int(cfg["ckpt_batch"]))
+    groups = [todo[i:i + kb] for i in range(0, len(todo), kb)]  # each one batched computation
+    t0, failed, mine = time.time(), 0, groups[rank::world]
+    for i in range(math.ceil(len(groups) / world)):
         payload = None
         if i < len(mine):
-            step = mine[i]
-            row = {"step": step, **{k: cfg[k] for k in RUN_KEYS}}
             try:
-                row.update(llc_row(step, _estimate_at(cfg, out_dir, step, task, dataset, device), cfg["trace_points"]))
-            except AllChainsDivergedError as err:  # recorded, so that a rerun does not repeat a known failure
-                print(f"llc.py: step {step}: {err}", file=sys.stderr)
-                row.update(llc_mean=None, nan_chains=list(range(cfg["num_chains"])), error=str(err))
+                payload = _rows(cfg, out_dir, mine[i], task, dataset, device)
             except Exception as err:  # noqa: BLE001  tell the other ranks, then fail
                 if dist is None:
                     raise
-                row = {"fatal": f"rank {rank}, step {step}: {type(err).__name__}: {err}"}
-            payload = row
+                payload = [{"fatal": f"rank {rank}, step(s) {mine[i]}: {type(err).__name__}: {err}"}]
             release_memory()
         got = [payload]
         if dist is not None:
             got = [None] * world
             dist.all_gather_object(got, payload)
-        rows = sorted((r for r in got if r is not None and "fatal" not in r), key=lambda r: r["step"])
+        got = [r for p in got if p is not None for r in p]
+        rows = sorted((r for r in got if "fatal" not in r), key=lambda r: r["step"])
         if rank == 0:
             for row in rows:
                 common.append_jsonl(path, row)
                 failed += row.get("llc_mean") is None
-        fatal = [r["fatal"] for r in got if r is not None and "fatal" in r]
+        fatal = [r["fatal"] for r in got if "fatal" in r]
         if fatal:
             raise SystemExit("llc.py: " + "; ".join(fatal))
-        el, done = time.time() - t0, min((i + 1) * world, len(todo))
+        el, done = time.time() - t0, sum(len(g) for g in groups[:(i + 1) * world])
         if rank == 0:
-            print(f"llc.py: step(s) {[r['step'] for r in rows]} [{done}/{len(todo)}] llc={[r['llc_mean'] for r in rows]} "
-                  f"{el / done:.1f}s/ckpt ETA {el / done * (len(todo) - done):.0f}s", file=sys.stderr)
+            print(f"llc.py: step(s) {[r['step'] for r in rows]} [{done}/{len(todo)}] "
+                  f"llc={[r['llc_mean'] for r in rows]} {el / done:.1f}s/ckpt ETA {el / done * (len(todo) - done):.0f}s",
+                  file=sys.stderr)
     if failed:
         raise SystemExit(f"llc.py: all chains diverged at {failed} checkpoint(s); rows written with llc_mean=null")
 

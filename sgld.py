@@ -18,17 +18,19 @@ except ImportError:
 
 if triton is not None:
     @triton.jit
-    def _sgld_kernel(w_ptr, w0_ptr, g_ptr, key_ptr, P, a, b, c, BLOCK: tl.constexpr):
-        """W[ch, j] <- W - a*G - b*(W - W0[j]) + c*randn: one read/write of W, the noise is never stored. The
-        Philox key is read from device memory, so a captured CUDA graph can advance it (key_ptr += 1)."""
+    def _sgld_kernel(w_ptr, w0_ptr, g_ptr, key_ptr, P, CG, a, b, c, BLOCK: tl.constexpr):
+        """W[ch, j] <- W - a*G - b*(W - W0[ch // CG, j]) + c*randn: one read/write of W, the noise is never stored.
+        Chains come in groups of CG sharing a row of W0 (a checkpoint); chain ch draws the noise of chain ch % CG
+        of a single-checkpoint run (common random numbers across checkpoints). The Philox key is read from device
+        memory, so a captured CUDA graph can advance it (key_ptr += 1)."""
         chain = tl.program_id(1).to(tl.int64)
         j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = j < P
-        idx = chain * P + j  # also the Philox counter: unique per (chain, element)
+        idx = chain * P + j
         w = tl.load(w_ptr + idx, mask=mask)
-        w0 = tl.load(w0_ptr + j, mask=mask)
+        w0 = tl.load(w0_ptr + (chain // CG) * P + j, mask=mask)
         g = tl.load(g_ptr + idx, mask=mask)
-        z = tl.randn(tl.load(key_ptr), idx)
+        z = tl.randn(tl.load(key_ptr), (chain % CG) * P + j)  # the Philox counter: unique per (chain, element)
         tl.store(w_ptr + idx, w - a * g - b * (w - w0) + c * z, mask=mask)
 
 
@@ -39,7 +41,12 @@ def sgld_coefficients(epsilon, gamma, nbeta):
 
 
 def sgld_update_torch(W, W0, G, noise, a, b, c):
-    """Reference update (CPU/XLA path and test oracle); same arithmetic order as the kernel."""
+    """Reference update (CPU/XLA path and test oracle); same arithmetic order as the kernel. W0: (P,), or one row
+    per group of chains (R, P); noise: (C, P), or one group's (C / R, P), repeated for every group."""
+    if W0.dim() == 2 and W0.shape[0] > 1:
+        W0 = W0.repeat_interleave(W.shape[0] // W0.shape[0], 0)
+    if noise.shape[0] != W.shape[0]:
+        noise = noise.repeat(W.shape[0] // noise.shape[0], 1)
     W.copy_(W - a * G - b * (W - W0) + c * noise)
 
 
@@ -49,8 +56,9 @@ def noise_key(seed, step):
 
 
 def sgld_update_triton(W, W0, G, a, b, c, key, block=1024):
-    """Fused update of all chains, W (C, P) in place. `key`: an int, or a one-element int64 tensor on W's device
-    (read by the kernel at run time). Runs on CPU tensors under TRITON_INTERPRET=1 (tests)."""
+    """Fused update of all chains, W (C, P) in place; W0 (P,) or one row per group of chains (R, P). `key`: an int,
+    or a one-element int64 tensor on W's device (read by the kernel at run time). Runs on CPU tensors under
+    TRITON_INTERPRET=1 (tests)."""
     if triton is None:
         raise RuntimeError("update_backend='triton' needs the triton package")
     if not W.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -59,7 +67,9 @@ def sgld_update_triton(W, W0, G, a, b, c, key, block=1024):
     if not torch.is_tensor(key):
         key = torch.tensor([key], dtype=torch.int64, device=W.device)
     C, P = W.shape
-    _sgld_kernel[(triton.cdiv(P, block), C)](W, W0, G, key, P, float(a), float(b), float(c), BLOCK=block)
+    R = W0.shape[0] if W0.dim() == 2 else 1
+    assert W0.shape[-1] == P and C % R == 0
+    _sgld_kernel[(triton.cdiv(P, block), C)](W, W0, G, key, P, C // R, float(a), float(b), float(c), BLOCK=block)
 
 
 # ----------------------------------------------------------------------------------- parameter restriction
@@ -168,6 +178,29 @@ def ess_rhat(x):
     tau = -1 + 2 * np.minimum.accumulate(pairs[:max(k, 1)]).sum()
     ess = C * T / max(tau, 1 / np.log10(max(C * T, 10)))
     return float(ess), rhat, float(var_plus)
+
+
+def chain_summary(tr, L0, alive, nbeta, per_token):
+    """The LLC estimate and its diagnostics from one checkpoint's post-burn-in losses tr (C, T[, K]) (float64),
+    L(w*) L0 and the chains that never produced a non-finite loss; None when every chain diverged."""
+    C = tr.shape[0]
+    bad = ~alive | ~np.isfinite(tr.reshape(C, -1)).all(1)
+    ok = np.flatnonzero(~bad)
+    if len(ok) == 0:
+        return None
+    loss_trace = tr.mean(-1) if per_token else tr  # (C, T): per-token losses averaged over tokens
+    per_chain = nbeta * (loss_trace.mean(1) - float(L0.mean()))
+    per_chain[bad] = np.nan
+    ess, rhat, var = ess_rhat(loss_trace[ok])
+    out = dict(llc_mean=float(per_chain[ok].mean()),
+               llc_std=float(per_chain[ok].std(ddof=1)) if len(ok) > 1 else 0.0,
+               llc_se=float(nbeta * math.sqrt(var / ess)), llc_per_chain=per_chain.tolist(),
+               loss_trace=torch.from_numpy(loss_trace), init_loss=float(L0.mean()),
+               nan_chains=np.flatnonzero(bad).tolist(), rhat=rhat, ess=ess)
+    if per_token:
+        out["llc_per_token"] = (nbeta * (tr[ok].mean((0, 1)) - L0)).tolist()
+        out["init_loss_per_token"] = L0.tolist()
+    return out
 
 
 def _as_tuple(batch):

@@ -104,6 +104,15 @@ def test_triton_kernel_matches_oracle_and_noise_is_standard_normal():
     assert off.abs().max().item() < 5 / math.sqrt(P), "noise correlated across chains or steps"
     # the same key reproduces the same noise
     torch.testing.assert_close(_kernel_step(W, W0, G, (a, b, c), sgld.noise_key(7, 1)), z[1].float() * c + det)
+    # two checkpoints (rows of W0) of 2 chains each: each chain pulled to its own row; chain 2 + c draws chain c's noise
+    W0s = torch.stack([W0, -W0])
+    det2 = W.clone()
+    sgld.sgld_update_torch(det2, W0s, G, torch.zeros(2, P, device=KDEV), a, b, c)
+    torch.testing.assert_close(det2[2:], W[2:] - a * G[2:] - b * (W[2:] + W0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_kernel_step(W, W0s, G, (a, b, 0.0), 123), det2, rtol=0, atol=1e-6)
+    z2 = _kernel_step(W, W0s, G, (a, b, c), sgld.noise_key(7, 0)) - det2
+    torch.testing.assert_close(z2[2:], z2[:2], rtol=0, atol=1e-5)
+    assert (z2[1] - z2[0]).abs().max() > 0.1
 
 
 @pytest.mark.skipif(sgld.triton is None, reason="triton not installed")
@@ -372,6 +381,27 @@ def test_cli_writes_one_row_per_checkpoint_and_resumes_after_a_torn_line(tiny_ru
         llc.main(["--ckpt", str(tiny_run), *CLI, "--epsilon=1e-2"])
 
 
+def test_cli_checkpoint_batches_write_the_one_at_a_time_rows(tiny_run):
+    """--ckpt_batch=2 estimates checkpoints two at a time: the same rows as one at a time (native_loop on CPU:
+    bit-identical); a checkpoint whose chains all diverge inside a batch is redone alone and recorded as a failure,
+    without costing its batch-mate its estimate."""
+    model = common.load_model(tiny_run, 20)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(300)
+    common.save_checkpoint(tiny_run, 30, model)
+    with pytest.raises(SystemExit, match="diverged at 1 checkpoint"):
+        llc.main(["--ckpt", str(tiny_run), *CLI, "--out=one.jsonl"])
+    with pytest.raises(SystemExit, match="diverged at 1 checkpoint"):
+        llc.main(["--ckpt", str(tiny_run), *CLI, "--out=two.jsonl", "--ckpt_batch=2"])
+    drop = {"wall_time", "sample_time", "checkpoints_batched"}
+    one, two = (common.read_jsonl(tiny_run / f) for f in ("one.jsonl", "two.jsonl"))
+    assert [r["step"] for r in two] == [0, 10, 20, 30] and two[3]["llc_mean"] is None and "error" in two[3]
+    assert [r.get("checkpoints_batched") for r in two] == [2, 2, 1, None]  # 20 was redone alone, 30 failed
+    for a, b in zip(one, two):
+        assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+
+
 def test_cli_subset_restriction_and_missing_steps(tiny_run):
     llc.main(["--ckpt", str(tiny_run), *CLI, "--steps=10", "--include=blocks.**", "--exclude", "**.bias",
               "--out=rllc.jsonl", "--per_token"])
@@ -473,6 +503,34 @@ def test_native_modes_refuse_a_stale_hand_derived_gradient():
             llc.estimate_llc(llc.run_loss_fn(model, task), params, llc.run_sampler(task), chain_mode=mode, **kw)
     assert llc.estimate_llc(llc.run_loss_fn(model, task), params, llc.run_sampler(task), chain_mode="loop",
                             **kw)["chain_mode"] == "loop"
+
+
+@pytest.mark.parametrize("mode,include", [("native_loop", None), ("native", None), ("vmap", "blocks.1.**")])
+def test_checkpoints_batched_into_one_computation_give_their_own_estimates(mode, include):
+    """A list of checkpoints (their own frozen parameters too) in one batched computation: each result equals that
+    checkpoint's own estimate (same minibatches, noise and L(w*) set); a checkpoint whose chains all diverge is
+    named in the error."""
+    task = Task()
+    models = [build_model(ICLConfig(d_model=16, d_mlp=16), s) for s in range(3)]
+    ps = [{k: v.detach() for k, v in m.named_parameters()} for m in models]
+    kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=3, num_draws=5, num_burnin=2, batch_size=16, n=64,
+              seed=4, chain_mode=mode, include=include)
+    loss_fn = llc.run_loss_fn(models[0], task)
+    many = llc.estimate_llc(loss_fn, ps, llc.run_sampler(task), **kw)
+    assert len(many) == 3 and all(r["checkpoints_batched"] == 3 for r in many)
+    for p, r in zip(ps, many):
+        own = llc.estimate_llc(loss_fn, p, llc.run_sampler(task), **kw)
+        assert own["checkpoints_batched"] == 1 and r["init_loss"] == own["init_loss"]
+        torch.testing.assert_close(r["loss_trace"], own["loss_trace"], rtol=1e-5, atol=1e-6)
+        if mode == "native_loop":  # one chain at a time: the very same arithmetic
+            assert torch.equal(r["loss_trace"], own["loss_trace"])
+    assert len({r["llc_mean"] for r in many}) == 3  # three different checkpoints
+    if include is None:
+        with pytest.raises(llc.AllChainsDivergedError, match=r"checkpoint\(s\) \[1\] of the 3"):
+            llc.estimate_llc(loss_fn, [ps[0], {k: 300 * v for k, v in ps[1].items()}, ps[2]], llc.run_sampler(task),
+                             **kw)
+    with pytest.raises(ValueError, match="same parameter names and shapes"):
+        llc.estimate_llc(loss_fn, [ps[0], {"w": torch.zeros(2)}], llc.run_sampler(task), **kw)
 
 
 def test_cpu_chain_workers_are_bit_identical_and_row_chunks_change_only_rounding():
