@@ -18,7 +18,7 @@ On CUDA the whole SGLD step can be captured in a CUDA graph (--cuda_graph); --tf
     torchrun --standalone --nproc_per_node=4 llc.py configs/llc_v2.py --ckpt out/run   # checkpoints across ranks
 (Under torchrun give `n` in a config file: torchrun's own parser takes `--n=...` for an abbreviation of its options.)
 """
-import json, math, os, sys, time
+import math, os, sys, time
 from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads crawl under load
@@ -368,55 +368,6 @@ def _estimate_at(cfg, out_dir, step, task, dataset, device, **over):
         cuda_graph=s["cuda_graph"], grad_chunk=s["grad_chunk"], progress=over.get("label"))
 
 
-def calibrate(cfg, out_dir, steps, task, dataset, device):
-    """Grid over epsilon x nbeta x gamma on a few checkpoints: a JSON table + per-chain LLC trace figures."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    floats = lambda s: [float(v) for v in s.split(",")]
-    E, NB, GA = floats(cfg["calib_epsilon"]), floats(cfg["calib_nbeta"]), floats(cfg["calib_gamma"])
-    csteps = ([int(s) for s in cfg["calib_steps"].split(",")] if cfg["calib_steps"]
-              else sorted({steps[min(1, len(steps) - 1)], steps[len(steps) // 2], steps[-1]}))
-    table, fig_dir = [], os.path.join(out_dir, "llc_calibration")
-    os.makedirs(fig_dir, exist_ok=True)
-    for step in csteps:
-        for g in GA:
-            fig, axes = plt.subplots(len(E), len(NB), figsize=(max(3.2 * len(NB), 6), 2.4 * len(E) + 0.6),
-                                     squeeze=False)
-            for i, e in enumerate(E):
-                for j, nb in enumerate(NB):
-                    ax, row = axes[i][j], dict(step=step, epsilon=e, nbeta=nb, gamma=g)
-                    try:
-                        res = _estimate_at(cfg, out_dir, step, task, dataset, device, epsilon=e, nbeta=nb,
-                                           gamma=g, label=f"calibrate step {step} eps={e} nbeta={nb} gamma={g}")
-                        row.update({k: res[k] for k in ("llc_mean", "llc_std", "llc_se", "rhat", "nan_chains")})
-                        for k, r in enumerate(res["loss_trace"].numpy()):  # per-draw LLC, running mean bold
-                            llc_t = nb * (r - res["init_loss"])
-                            ax.plot(llc_t, lw=0.5, alpha=0.4, color=f"C{k}")
-                            ax.plot(np.cumsum(llc_t) / np.arange(1, len(llc_t) + 1), lw=1.5, color=f"C{k}")
-                        ax.set_title(f"eps={e:g} nb={nb:g}: {res['llc_mean']:.1f}±{res['llc_se']:.1f}",
-                                     fontsize=8)
-                    except AllChainsDivergedError as err:
-                        row.update(llc_mean=None, error=str(err))
-                        ax.set_title(f"eps={e:g} nb={nb:g}: all diverged", fontsize=8)
-                    table.append({k: _finite(v) for k, v in row.items()})
-            fig.suptitle(f"step {step}, gamma={g:g}: nbeta*(L_t - L(w*)) per chain (bold: running mean)",
-                         fontsize=9)
-            fig.tight_layout()
-            path = os.path.join(fig_dir, f"step_{step:07d}_gamma_{g:g}.png")
-            fig.savefig(path + ".tmp.png", dpi=80)
-            os.replace(path + ".tmp.png", path)
-            plt.close(fig)
-    common.atomic_write(os.path.join(out_dir, "llc_calibration.json"), json.dumps(table, indent=1))
-    print(f"{'step':>8} {'eps':>8} {'nbeta':>7} {'gamma':>7} {'llc':>9} {'se':>7} {'std':>7} {'rhat':>6} nan")
-    for r in table:
-        fmt = lambda v, f: format(v, f) if v is not None else "-"
-        print(f"{r['step']:>8} {r['epsilon']:>8g} {r['nbeta']:>7g} {r['gamma']:>7g} {fmt(r['llc_mean'], '9.2f')} "
-              f"{fmt(r.get('llc_se'), '7.2f')} {fmt(r.get('llc_std'), '7.2f')} {fmt(r.get('rhat'), '6.3f')} "
-              f"{len(r.get('nan_chains') or [])}")
-    return table
-
-
 def _plan(cfg, out_dir, path):
     """(all requested steps, the steps still to do), or (None, a SystemExit message) when a checkpoint is missing
     or the output file holds rows made with other settings."""
@@ -518,7 +469,14 @@ def _main(cfg, out_dir, dist, rank, world):
         (_, _, _, g_set), _ = make_generators(cfg["seed"], device)
         dataset = run_sampler(task)(g_set, cfg["n"])
     if cfg["calibrate"]:
-        calibrate(cfg, out_dir, steps, task, dataset, device)
+        from calibrate import calibrate
+
+        def estimate(step, **over):
+            try:
+                return _estimate_at(cfg, out_dir, step, task, dataset, device, **over)
+            except AllChainsDivergedError:
+                return None
+        calibrate(cfg, out_dir, steps, estimate)
         return
     kb = max(1, int(cfg["ckpt_batch"]))
     groups = [todo[i:i + kb] for i in range(0, len(todo), kb)]  # each one batched computation
