@@ -15,6 +15,7 @@ On CUDA the whole SGLD step can be captured in a CUDA graph (--cuda_graph); --tf
     python llc.py configs/llc_v1.py --ckpt out/run --steps=100,1000 --num_chains=4
     python llc.py --ckpt out/run --include='blocks.0.**' --out=llc_block0.jsonl   # restricted LLC
     python llc.py --ckpt out/run --calibrate                      # eps x nbeta x gamma grid + trace plots
+    python llc.py configs/llc_v1.py --ckpt out/run --ckpt_batch=16   # GPU: 16 checkpoints in one computation
     torchrun --standalone --nproc_per_node=4 llc.py configs/llc_v2.py --ckpt out/run   # checkpoints across ranks
 (Under torchrun give `n` in a config file: torchrun's own parser takes `--n=...` for an abbreviation of its options.)
 """

@@ -572,7 +572,7 @@ def test_cuda_graph_replays_the_eager_chains():
 # ------------------------------------------------------------------- torchrun: checkpoints across ranks
 def test_torchrun_two_gloo_ranks_write_the_single_process_rows(tiny_run):
     """2 CPU ranks (gloo) split 4 checkpoints and rank 0 writes them: the same rows (same numbers, same order)
-    as one process; a second torchrun resumes (nothing left to do)."""
+    as one process; a second torchrun resumes with the two left batched into one computation."""
     import subprocess
     import sys
     common.save_checkpoint(tiny_run, 30, build_model(common.model_config(common.load_run(tiny_run)), 30))
@@ -584,11 +584,11 @@ def test_torchrun_two_gloo_ranks_write_the_single_process_rows(tiny_run):
            os.path.join(os.path.dirname(llc.__file__), "llc.py"), str(conf), "--ckpt", str(tiny_run),
            "--device=cpu", "--out=multi.jsonl", "--steps=0,10"]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)  # half the checkpoints ...
-    cmd[-1] = "--steps=0,10,20,30"
+    cmd[-1:] = ["--steps=0,10,20,30", "--ckpt_batch=2"]  # the two left as one batch, on rank 0
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # ... then resume
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 checkpoint(s) to do, 2 already" in proc.stderr
-    timing = {"wall_time", "sample_time"}
+    timing = {"wall_time", "sample_time", "checkpoints_batched"}
     single, multi = (common.read_jsonl(tiny_run / f) for f in ("single.jsonl", "multi.jsonl"))
     assert [r["step"] for r in multi] == [0, 10, 20, 30]
     for a, b in zip(single, multi):
