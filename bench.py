@@ -16,6 +16,7 @@ Sections (--sections, comma separated):
           batch 1024, 8 chains: ours (llc.estimate_llc, auto mode) vs a plain one-chain-at-a-time nn.Module
           autograd loop vs devinterp 1.3.2 (estimate_learning_coeff_with_summary, run by the python of a separate
           virtual environment: --devinterp_python or $DEVINTERP_PYTHON, default /work/venvs/devinterp/bin/python;
+          or, with --devinterp_path=<folder> ($DEVINTERP_PATH), devinterp's source put on this python's path;
           the column is skipped with a message when it is absent). All three sample the same fixed data set
           (shuffled minibatches) from the same checkpoint and L(w*); the runs are interleaved over --rounds rounds
           (different seeds) so that load changes hit all of them alike, and their LLCs are compared within
@@ -50,6 +51,7 @@ DEFAULTS = dict(
     chains=8, batch=1024, burnin=20, draws=60, rounds=2, n=32768, epsilon=1e-3, gamma=6.0, nbeta=60.0, seed=0,
     modes_steps=4, train_steps=300, train_batch=256, mem_ckpts=50, mem_draws=2,
     devinterp_python=os.environ.get("DEVINTERP_PYTHON", "/work/venvs/devinterp/bin/python"),
+    devinterp_path=os.environ.get("DEVINTERP_PATH", ""),
     cuda_graph=True, tf32=False, md="", json="")
 QUICK = dict(chains=2, batch=64, burnin=2, draws=4, rounds=1, n=512, modes_steps=2, train_steps=20,
              train_batch=32, mem_ckpts=5, mem_draws=1)

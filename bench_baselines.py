@@ -108,11 +108,17 @@ def devinterp_worker(spec_path, out_path):
 def run_devinterp(cfg, device, sd, xs, ys, L0, seed, threads):
     """devinterp's estimate_learning_coeff_with_summary in its own environment: (result dict, None) or (None, why
     it was skipped)."""
-    py = cfg["devinterp_python"]
+    py, path = cfg["devinterp_python"], cfg["devinterp_path"]
+    if path:  # devinterp's source on this python's path (machines that cannot pip install; see .ci/peers)
+        py = py if py and os.path.exists(py) else sys.executable
+        path = os.path.abspath(path)
     if not (py and os.path.exists(py)):
         return None, f"devinterp skipped: no python at {py!r} (set --devinterp_python or $DEVINTERP_PYTHON)"
+    env = {**os.environ, **common.tune_malloc(), "OMP_NUM_THREADS": str(threads)}
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH")) if p)
     probe = subprocess.run([py, "-c", "import devinterp, torch; print(torch.__version__)"], capture_output=True,
-                           text=True)
+                           text=True, env=env)
     if probe.returncode != 0:
         return None, f"devinterp skipped: {py} cannot import devinterp ({probe.stderr.strip()[-200:]})"
     with tempfile.TemporaryDirectory(prefix="bench_devinterp_") as tmp:
@@ -121,7 +127,6 @@ def run_devinterp(cfg, device, sd, xs, ys, L0, seed, threads):
                     burnin=cfg["burnin"], draws=cfg["draws"], batch=cfg["batch"], seed=seed,
                     threads=threads, device=str(device))
         torch.save(spec, os.path.join(tmp, "spec.pt"))
-        env = {**os.environ, **common.tune_malloc(), "OMP_NUM_THREADS": str(threads)}
         proc = subprocess.run([py, os.path.join(HERE, "bench_baselines.py"), os.path.join(tmp, "spec.pt")],
                               env=env, cwd=HERE, capture_output=True, text=True)
         if proc.returncode != 0:

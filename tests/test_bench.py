@@ -66,6 +66,18 @@ def test_devinterp_column_runs_in_its_own_environment(l2h4_run, capsys):
     assert t["devinterp@1"]["version"] == "1.3.2"
 
 
+PEERS = os.path.join(os.path.dirname(bench.__file__), "peers")
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(PEERS, "devinterp")), reason="no peers/ folder (.ci/peers makes it)")
+def test_devinterp_column_from_its_source_on_this_python(l2h4_run):
+    """The GPU machine's way (no pip there): devinterp's source folder on the path of the running python."""
+    res = bench.main(["--quick", "--sections=sgld", f"--ckpt={l2h4_run}", "--draws=3", "--burnin=1", "--threads=1",
+                      "--devinterp_python=/nonexistent/python", f"--devinterp_path={PEERS}"])
+    t = res["sgld"]["table"]
+    assert t["devinterp@1"]["chain_steps_per_s"] > 0 and t["devinterp@1"]["version"] == "1.3.2"
+
+
 def test_llc_sweep_memory_does_not_grow_with_the_number_of_checkpoints(tmp_path):
     """Peak RSS of llc.py over 50 checkpoints is within 1.5x of that over one (it holds one checkpoint and its
     chains at a time; the rows go to the file)."""
