@@ -3,7 +3,6 @@
 running mean (<run>/llc_calibration/). Healthy settings: running means that flatten, R-hat near 1, no diverged
 chains, an LLC that changes little when epsilon is halved."""
 import json
-import math
 import os
 
 import numpy as np
@@ -43,8 +42,7 @@ def calibrate(cfg, out_dir, steps, estimate):
                             ax.plot(np.cumsum(llc_t) / np.arange(1, len(llc_t) + 1), lw=1.5, color=f"C{k}")
                         ax.set_title(f"eps={e:g} nb={nb:g}: {res['llc_mean']:.1f}±{res['llc_se']:.1f}",
                                      fontsize=8)
-                    table.append({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                  for k, v in row.items()})
+                    table.append({k: common.finite(v) for k, v in row.items()})
             fig.suptitle(f"step {step}, gamma={g:g}: nbeta*(L_t - L(w*)) per chain (bold: running mean)",
                          fontsize=9)
             fig.tight_layout()

@@ -115,6 +115,13 @@ def atomic_write(path, data) -> None:
         raise
 
 
+def finite(x):
+    """NaN/inf -> None (also inside lists), so that rows are strict JSON."""
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return None if isinstance(x, float) and not np.isfinite(x) else x
+
+
 def append_jsonl(path, row: dict) -> None:
     """Append one JSON object as one line, fsynced. A torn last line (a kill mid-write) is cut off first."""
     path = Path(path)

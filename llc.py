@@ -56,8 +56,11 @@ def pick_chain_mode(loss_fn, device, batch_rows, num_params):
 def verify_batched_grad(loss_fn, params, names, batch, rtol=1e-3):
     """A hand-derived gradient (loss_fn.batched_grad) must match autograd's of loss_fn at w* on a small batch: it
     would silently go stale if the model's code changed, so the native modes check it once per estimate."""
+    def mean_loss_and_loss(q):
+        loss = loss_fn(q, batch)
+        return loss.mean(), loss.detach()
     loss_h, g_h = loss_fn.batched_grad({k: v[None] for k, v in params.items()}, tuple(x[None] for x in batch))
-    g_a, loss_a = grad(lambda q: (lambda l: (l.mean(), l.detach()))(loss_fn(q, batch)), has_aux=True)(params)
+    g_a, loss_a = grad(mean_loss_and_loss, has_aux=True)(params)
     errs = {k: float((g_h[k][0] - g_a[k]).abs().max() / g_a[k].abs().max().clamp_min(1e-12)) for k in names}
     errs["(loss)"] = float((loss_h[0] - loss_a).abs().max() / loss_a.abs().max().clamp_min(1e-12))
     bad = {k: e for k, e in errs.items() if not e <= rtol}
@@ -110,7 +113,7 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
             if not torch.isfinite(v).all():
                 raise ValueError(f"parameter {k!r} of w* has non-finite values")
     w_star, Kc = w_stars[0], len(w_stars)  # (shapes and sizes; Kc checkpoints)
-    (g_data, g_noise, _, _), seeds = make_generators(seed, device)
+    (g_data, g_noise, g_init, _), seeds = make_generators(seed, device)
 
     stream = callable(data)
     if stream:
@@ -127,8 +130,8 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
         if B > n:
             raise ValueError(f"batch_size={B} is larger than the dataset (n={n})")
     init_losses = []
-    for w in w_stars:  # every checkpoint's L(w*) on the same rows: a fresh copy of the L(w*) generator each
-        g_init = make_generators(seed, device)[0][2]
+    for w in w_stars:  # every checkpoint's L(w*) on the same rows: the L(w*) generator restarted for each
+        g_init.manual_seed(seeds[2])
         init_losses.append(mean_loss(loss_fn, w, data, n, B, g_init, device))
         if init_losses[-1].dim() != int(per_token):
             raise ValueError(f"loss_fn returned shape {tuple(init_losses[-1].shape)}; expected a "
@@ -151,18 +154,17 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
         raise ValueError(f"chain_mode={chain_mode!r} needs a loss_fn with a batched_grad (see run_loss_fn)")
     if cuda_graph and not (device.type == "cuda" and chain_mode == "native" and update_backend == "triton"):
         raise ValueError("cuda_graph needs device cuda, chain_mode 'native' and the triton update")
-    if chain_mode.startswith("native"):  # 8 rows of the data (the L(w*) generator is done with)
+    if chain_mode.startswith("native"):  # on 8 rows of the data (the L(w*) generator is done with)
+        rows8 = _tmap(lambda x: x.to(device), data(g_init, 8)) if stream else tuple(x[:8] for x in data)
         for w in w_stars:
-            verify_batched_grad(loss_fn, w, names, _tmap(lambda x: x.to(device), data(g_init, 8)) if stream
-                                else tuple(x[:8] for x in data))
+            verify_batched_grad(loss_fn, w, names, rows8)
 
     C, CT = num_chains, Kc * num_chains  # chains per checkpoint; in all (checkpoint-major: row g*C + c)
-    W0 = torch.stack([torch.cat([w[k].reshape(-1) for k in names]) for w in w_stars])  # (Kc, P)
+    W0 = torch.stack([torch.cat([w[k].reshape(-1) for k in names]) for w in w_stars])  # (Kc, P): a row per w*
     W = W0.repeat_interleave(C, 0)  # (CT, P): all chains' sampled parameters in one flat buffer
-    W0 = W0[0] if Kc == 1 else W0
     sizes = [w_star[k].numel() for k in names]
-    frozen = {k: torch.stack([w[k] for w in w_stars]).repeat_interleave(C, 0)  # (CT, ...): each chain's w*
-              for k in w_star if k not in names}
+    frozen = {k: torch.stack([w[k] for w in w_stars])[:, None].expand(Kc, C, *w_star[k].shape)
+              .reshape(CT, *w_star[k].shape) for k in w_star if k not in names}  # each chain's (a view when Kc = 1)
     a, b, c = sgld_coefficients(epsilon, gamma, nbeta)
     key = torch.tensor([noise_key(seeds[1], 0)], dtype=torch.int64, device=device)  # + 1 per step
 
@@ -193,7 +195,8 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
 
     pool, n_threads = None, torch.get_num_threads()  # native_loop on CPU: the chain workers; torch's threads
     if chain_mode == "vmap":
-        grad_fn = lambda W, batch: vmap(grad(objective, has_aux=True))(W, frozen, batch)  # noqa: E731
+        vgrad = vmap(grad(objective, has_aux=True))
+        grad_fn = lambda W, batch: vgrad(W, frozen, batch)  # noqa: E731
     elif chain_mode == "loop":
         one = grad(objective, has_aux=True)
 
@@ -204,23 +207,19 @@ def estimate_llc(loss_fn, params, data, *, epsilon, gamma, nbeta, num_chains=8, 
     elif chain_mode == "native":
         grad_fn = lambda W, batch: native_rows(0, CT, _as_tuple(batch))  # noqa: E731
     else:
-        chunk = int(grad_chunk or 0) if device.type == "cpu" else 0
+        cpu = device.type == "cpu"
+        chunk = int(grad_chunk or 0) if cpu else 0
         if chunk < 0:
             raise ValueError(f"grad_chunk must be >= 0 (0: the whole batch at once); got {grad_chunk}")
-        cpu = device.type == "cpu"
         workers = min(CT, int(workers or torch.get_num_threads())) if cpu else 1
-        pool = ThreadPoolExecutor(workers) if workers > 1 else None
         if cpu and n_threads != 1:  # each chain's ops single-threaded, whichever thread: same chains for any workers
             torch.set_num_threads(1)
-
-        def chain(i, batch):
-            if pool is not None:
-                torch.set_num_threads(1)  # the setting is per thread: the workers, not the ops, share the cores
-            return native_rows(i, i + 1, batch, chunk)
+        if workers > 1:  # (the thread setting is per thread: each worker sets its own, once)
+            pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
 
         def grad_fn(W, batch):
             batch = _as_tuple(batch)
-            out = list((pool.map if pool else map)(lambda i: chain(i, batch), range(CT)))
+            out = list((pool.map if pool else map)(lambda i: native_rows(i, i + 1, batch, chunk), range(CT)))
             return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
     def sgld_step(batch):
@@ -303,13 +302,6 @@ RUN_KEYS = ("epsilon", "gamma", "nbeta", "num_chains", "num_draws", "num_burnin"
             "data_mode", "per_token", "include", "exclude")  # a resumed file must agree on all of these
 
 
-def _finite(x):
-    """NaN/inf -> None, so that rows are strict JSON."""
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
 class RunLoss:
     """The run's training loss as a function of (params, (inputs, targets)), for estimate_llc; any task with the
     common interface (data.Task, lm_data.LMTask): model_input, loss, loss_per_token. For the regression
@@ -350,17 +342,16 @@ def llc_row(step, res, trace_points):
     binned = [[float(r[lo:hi].mean()) for lo, hi in zip(edges[:-1], edges[1:])] for r in tr]
     row = {"step": step, **{k: v for k, v in res.items() if k != "loss_trace"}}
     row.update(loss_trace=binned, trace_draws=edges[1:].tolist())
-    return {k: _finite(v) for k, v in row.items()}
+    return {k: common.finite(v) for k, v in row.items()}
 
 
-def _estimate_at(cfg, out_dir, step, task, dataset, device, **over):
-    """estimate_llc at one checkpoint, or at a list of them batched (then a list of results)."""
-    steps = step if isinstance(step, list) else [step]
+def _estimate_at(cfg, out_dir, steps, task, dataset, device, **over):
+    """estimate_llc at a list of checkpoints, batched into one computation: a list of results."""
     models = [common.load_model(out_dir, s).to(device) for s in steps]
     params = [{k: v.detach() for k, v in m.named_parameters()} for m in models]
     s = {**cfg, **over}
     return estimate_llc(
-        run_loss_fn(models[0], task, s["per_token"]), params if isinstance(step, list) else params[0],
+        run_loss_fn(models[0], task, s["per_token"]), params,
         dataset if dataset is not None else run_sampler(task),
         epsilon=s["epsilon"], gamma=s["gamma"], nbeta=s["nbeta"], num_chains=s["num_chains"],
         num_draws=s["num_draws"], num_burnin=s["num_burnin"], batch_size=s["batch_size"], seed=s["seed"],
@@ -429,14 +420,13 @@ def _rows(cfg, out_dir, steps, task, dataset, device):
     (llc_mean null, so that a rerun does not repeat a known failure)."""
     base = lambda s: {"step": s, **{k: cfg[k] for k in RUN_KEYS}}  # noqa: E731
     try:
-        res = _estimate_at(cfg, out_dir, steps if len(steps) > 1 else steps[0], task, dataset, device)
+        res = _estimate_at(cfg, out_dir, steps, task, dataset, device)
     except AllChainsDivergedError as err:
         if len(steps) > 1:
             return [row for s in steps for row in _rows(cfg, out_dir, [s], task, dataset, device)]
         print(f"llc.py: step {steps[0]}: {err}", file=sys.stderr)
         return [{**base(steps[0]), "llc_mean": None, "nan_chains": list(range(cfg["num_chains"])), "error": str(err)}]
-    return [{**base(s), **llc_row(s, r, cfg["trace_points"])}
-            for s, r in zip(steps, res if len(steps) > 1 else [res])]
+    return [{**base(s), **llc_row(s, r, cfg["trace_points"])} for s, r in zip(steps, res)]
 
 
 def _main(cfg, out_dir, dist, rank, world):
@@ -474,7 +464,7 @@ def _main(cfg, out_dir, dist, rank, world):
 
         def estimate(step, **over):
             try:
-                return _estimate_at(cfg, out_dir, step, task, dataset, device, **over)
+                return _estimate_at(cfg, out_dir, [step], task, dataset, device, **over)[0]
             except AllChainsDivergedError:
                 return None
         calibrate(cfg, out_dir, steps, estimate)
@@ -508,8 +498,8 @@ def _main(cfg, out_dir, dist, rank, world):
         el, done = time.time() - t0, sum(len(g) for g in groups[:(i + 1) * world])
         if rank == 0:
             print(f"llc.py: step(s) {[r['step'] for r in rows]} [{done}/{len(todo)}] "
-                  f"llc={[r['llc_mean'] for r in rows]} {el / done:.1f}s/ckpt ETA {el / done * (len(todo) - done):.0f}s",
-                  file=sys.stderr)
+                  f"llc={[r['llc_mean'] for r in rows]} {el / done:.1f}s/ckpt "
+                  f"ETA {el / done * (len(todo) - done):.0f}s", file=sys.stderr)
     if failed:
         raise SystemExit(f"llc.py: all chains diverged at {failed} checkpoint(s); rows written with llc_mean=null")
 

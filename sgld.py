@@ -42,12 +42,11 @@ def sgld_coefficients(epsilon, gamma, nbeta):
 
 def sgld_update_torch(W, W0, G, noise, a, b, c):
     """Reference update (CPU/XLA path and test oracle); same arithmetic order as the kernel. W0: (P,), or one row
-    per group of chains (R, P); noise: (C, P), or one group's (C / R, P), repeated for every group."""
-    if W0.dim() == 2 and W0.shape[0] > 1:
-        W0 = W0.repeat_interleave(W.shape[0] // W0.shape[0], 0)
-    if noise.shape[0] != W.shape[0]:
-        noise = noise.repeat(W.shape[0] // noise.shape[0], 1)
-    W.copy_(W - a * G - b * (W - W0) + c * noise)
+    per group of chains (R, P); noise: (C, P), or one group's (C / R, P), used by every group. Broadcast views over
+    (R, C / R, P): nothing is repeated in memory."""
+    R, P = (W0.shape[0] if W0.dim() == 2 else 1), W.shape[1]
+    Wg, z = W.view(R, -1, P), noise.view(-1, P) if noise.shape[0] != W.shape[0] else noise.view(R, -1, P)
+    Wg.copy_(Wg - a * G.view(R, -1, P) - b * (Wg - W0.view(R, 1, P)) + c * z)
 
 
 def noise_key(seed, step):
