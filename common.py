@@ -1,17 +1,17 @@
-"""What several scripts share: the config parser, atomic file writes, JSON lines, checkpoint I/O.
+"""What the scripts share, and nothing project-specific: the command line, atomic files, JSON lines, checkpoint
+files and progress lines. Imports no other module of the project, so every module may import it.
 
-Each piece lives here once so train.py, llc.py and analyze.py agree on the on-disk formats:
-  <out_dir>/config.json                                  the run's resolved config (flat dict)
-  <out_dir>/log.jsonl, llc.jsonl, ...                    one flat JSON object per line, "step" first
-  <out_dir>/checkpoints/step_{step:07d}.safetensors      model parameters only, named_parameters() names
-  <out_dir>/checkpoints/step_{step:07d}.state.pt         optimiser state, for resuming training only
-"""
+On disk: <out_dir>/config.json (the run's resolved config), <out_dir>/*.jsonl (flat rows, "step" first),
+<out_dir>/checkpoints/step_{step:07d}.safetensors (parameters) and .state.pt (optimiser state, for resuming)."""
 import ast
+import difflib
 import io
 import json
 import os
+import re
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -20,9 +20,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-
-from data import Task
-from model import ICLConfig, LMConfig, make_model
 
 
 class ConfigError(ValueError):
@@ -33,20 +30,23 @@ class CheckpointError(RuntimeError):
     """A missing, truncated or corrupt checkpoint file."""
 
 
-# ----------------------------------------------------------------------------------------- config
-def configure(defaults: dict, argv) -> dict:
-    """nanoGPT-style configuration: `script.py [config.py ...] [--key=value | --key value | --flag ...]`.
+# ---------------------------------------------------------------------------------------- the command line
+def configure(defaults: dict, argv, choices=None, positional=False):
+    """nanoGPT-style: `[config.py ...] [--key=value | --key value | --flag ...]`, later sources win.
 
-    A config file is plain Python assignments; later sources win. Every key must already exist in
-    `defaults`, and values keep the default's type (an int is accepted where a float is expected). A bare
-    `--flag` sets a boolean key to True; the value of a string key is taken verbatim (`--steps=5` stays "5").
-    """
-    cfg, args, i = dict(defaults), list(argv), 0
+    Keys must exist in `defaults`; values keep the default's type (an int is taken for a float); `choices` maps a
+    key to its allowed values. A bare argument not ending in .py is a positional (returned) if `positional`."""
+    cfg, args, rest, i = dict(defaults), list(argv), [], 0
     while i < len(args):
         arg, i = args[i], i + 1
         if not arg.startswith("--"):
-            for key, val in _read_config_file(arg).items():
-                _set(cfg, defaults, key, val, f"config file {arg}")
+            if arg.endswith(".py"):
+                for key, val in read_config_file(arg).items():
+                    _set(cfg, defaults, key, val, f"config file {arg}")
+            elif positional:
+                rest.append(arg)
+            else:
+                raise ConfigError(f"unexpected argument {arg!r} (config files end in .py; options are --key=value)")
             continue
         key, sep, raw = arg[2:].partition("=")
         if not sep:
@@ -56,35 +56,36 @@ def configure(defaults: dict, argv) -> dict:
                 raw, i = args[i], i + 1
             else:
                 raise ConfigError(f"expected --key=value or --key value, got {arg!r}")
-        if isinstance(defaults.get(key), str):
-            val = raw
-        else:
-            try:
-                val = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                val = raw  # reported as a type error by _set
+        try:
+            val = raw if isinstance(defaults.get(key), str) else ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            val = raw  # reported as a type error by _set
         _set(cfg, defaults, key, val, f"argument {arg}")
-    return cfg
+    for key, allowed in (choices or {}).items():
+        if cfg[key] not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {cfg[key]!r}")
+    return (cfg, rest) if positional else cfg
 
 
-def _read_config_file(arg) -> dict:
-    path = Path(arg)
+def read_config_file(path) -> dict:
+    """The assignments of a plain-Python config file (names starting with _ , functions and modules left out)."""
+    path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {arg}")
-    ns = {}
+        raise ConfigError(f"config file not found: {path}")
+    ns = {"__file__": str(path)}
     try:
         exec(compile(path.read_text(), str(path), "exec"), ns)
     except Exception as e:
-        raise ConfigError(f"config file {arg} failed to run: {e!r}") from e
+        raise ConfigError(f"config file {path} failed to run: {e!r}") from e
     return {k: v for k, v in ns.items()
             if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
 
 
 def _set(cfg, defaults, key, val, where):
     if key not in defaults:
-        close = [k for k in defaults if k.startswith(key[:3])]
-        raise ConfigError(f"unknown config key {key!r} in {where}" + (f" (did you mean {close}?)" if close else "")
-                          + f"; valid keys: {sorted(defaults)}")
+        close = difflib.get_close_matches(key, defaults, n=3)
+        raise ConfigError(f"unknown option {key!r} in {where}" + (f"; did you mean {', '.join(close)}?" if close
+                                                                   else "; see --help"))
     want = type(defaults[key])
     if want is float and type(val) is int:
         val = float(val)
@@ -93,14 +94,74 @@ def _set(cfg, defaults, key, val, where):
     cfg[key] = val
 
 
+def option_help(defaults: dict, *sources) -> str:
+    """One line per option: --key=default and the comment written beside its default in the source files."""
+    notes = {}
+    for src in sources:
+        for line in Path(src).read_text().splitlines():
+            m = re.match(r"\s*(\w+)\s*=.*?#\s*(.+)$", line)
+            if m and m[1] in defaults:
+                notes.setdefault(m[1], m[2].strip())
+    width = max(len(f"--{k}={v!r}") for k, v in defaults.items())
+    return "\n".join(f"  {f'--{k}={v!r}':<{width}}  {notes.get(k, '')}".rstrip() for k, v in defaults.items())
+
+
+def parse_args(prog, doc, defaults, argv, *, sources=(), choices=None, positional=False):
+    """configure() for a script's main: --help prints the docstring and every option; a bad option is one line on
+    stderr and exit code 2, before anything is written."""
+    argv = list(argv)
+    if {"-h", "--help"} & set(argv):
+        print(f"{doc.strip()}\n\nOptions (config files: plain Python assignments of these names):\n"
+              f"{option_help(defaults, *sources)}")
+        raise SystemExit(0)
+    try:
+        return configure(defaults, argv, choices, positional)
+    except ConfigError as e:
+        fail(prog, e)
+
+
+def fail(prog, msg):
+    """A usage error: one line on stderr, exit code 2."""
+    print(f"{prog}: {str(msg).splitlines()[0] if str(msg) else msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def derive_seed(*keys: int) -> int:
     """An independent 63-bit seed for a named random stream, e.g. (seed, rank, step): no overlap between streams."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-# ------------------------------------------------------------------------------------------ files
+class Progress:
+    """Progress lines with rate and ETA on stderr, at most every `every` seconds and at the end."""
+
+    def __init__(self, label, total, unit="it", every=10.0):
+        self.label, self.total, self.unit, self.every = label, total, unit, every
+        self.t0 = self.last = time.time()
+
+    def update(self, done, note="", force=False):
+        now = time.time()
+        if not (force or done >= self.total or now - self.last >= self.every):
+            return
+        self.last, el = now, now - self.t0
+        rate = done / el if el > 0 else float("inf")
+        eta = (self.total - done) / rate if done and rate > 0 else float("nan")
+        print(f"{self.label}: {done}/{self.total} {self.unit}, {rate:.3g} {self.unit}/s, elapsed {fmt_time(el)}, "
+              f"ETA {fmt_time(eta)}{' | ' + note if note else ''}", file=sys.stderr, flush=True)
+
+
+def fmt_time(sec):
+    if not np.isfinite(sec):
+        return "?"
+    return f"{sec / 3600:.1f}h" if sec >= 3600 else f"{sec / 60:.1f}m" if sec >= 60 else f"{sec:.0f}s"
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- files
 def atomic_write(path, data) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers see the old or the new file, never half."""
+    """Write a temp file in the same folder, fsync, rename: readers see the old or the new file, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -125,7 +186,6 @@ def finite(x):
 def append_jsonl(path, row: dict) -> None:
     """Append one JSON object as one line, fsynced. A torn last line (a kill mid-write) is cut off first."""
     path = Path(path)
-    line = json.dumps(row, allow_nan=True) + "\n"
     with open(path, "ab+") as f:
         size = f.tell()
         if size > 0:
@@ -134,7 +194,7 @@ def append_jsonl(path, row: dict) -> None:
                 f.seek(0)
                 f.truncate(f.read().rfind(b"\n") + 1)
                 warnings.warn(f"{path}: dropped an incomplete last line")
-        f.write(line.encode())
+        f.write((json.dumps(row, allow_nan=True) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
 
@@ -146,16 +206,15 @@ def read_jsonl(path) -> list:
         return []
     rows = []
     for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            warnings.warn(f"{path}:{i + 1}: skipping an incomplete line")
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                warnings.warn(f"{path}:{i + 1}: skipping an incomplete line")
     return rows
 
 
-# ------------------------------------------------------------------------------------ checkpoints
+# ------------------------------------------------------------------------------------------ checkpoints
 def ckpt_path(out_dir, step: int, state: bool = False) -> Path:
     return Path(out_dir) / "checkpoints" / f"step_{step:07d}.{'state.pt' if state else 'safetensors'}"
 
@@ -202,42 +261,10 @@ def load_run(out_dir) -> dict:
     return json.loads(path.read_text())
 
 
-def model_config(cfg: dict):
-    """ICLConfig for a regression run, LMConfig for a language-model run (cfg["task"] == "lm")."""
-    kind = LMConfig if cfg.get("task", "regression") == "lm" else ICLConfig
-    return kind(**{k: cfg[k] for k in kind.__dataclass_fields__ if k in cfg})
-
-
-def run_task(cfg):
-    """The data distribution a run was trained on (cfg: a config dict or a run directory): a data.Task, or for
-    task = "lm" an lm_data.LMTask (same interface: sample, model_input, loss, eval_data, metrics)."""
-    cfg = cfg if isinstance(cfg, dict) else load_run(cfg)
-    if cfg.get("task", "regression") == "lm":
-        import lm_data  # imports this module: imported here, not at the top
-        return lm_data.LMTask(lm_data.data_dir_for(cfg), cfg["n_ctx"], cfg["vocab_size"])
-    return Task(cfg["D"], cfg["K"], cfg["sigma2"], cfg["num_tasks"], cfg["task_seed"])
-
-
-def load_model(out_dir, step: int):
-    """The run's model with the parameters of checkpoint `step`, on CPU, in eval mode."""
-    model = make_model(model_config(load_run(out_dir)))
-    params = load_params(out_dir, step)
-    missing = set(dict(model.named_parameters())) ^ set(params)
-    if missing:
-        raise CheckpointError(f"{ckpt_path(out_dir, step)} does not match the run's model: {sorted(missing)}")
-    model.load_state_dict(params, strict=False)  # strict=False only because buffers are not saved
-    return model.eval()
-
-
-def progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
+# ------------------------------------------------------------------------------------------------ memory
 def tune_malloc():
-    """glibc only: keep freed blocks of up to 32 MB in the heap instead of unmapping them at every free, so large
-    CPU tensors are not page-faulted in again at every step (measured ~7% faster SGLD on CPU at batch 1024). Peak
-    memory is unchanged; memory is returned to the OS at exit. Called by the command line, not by the library.
-    Returns the equivalent environment variables (for subprocesses)."""
+    """glibc: keep freed blocks up to 32 MB in the heap, so large CPU tensors are not page-faulted in again at every
+    step. Called by the command lines, not the library. Returns the same settings as environment variables."""
     env = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
            "MALLOC_TOP_PAD_": str(64 << 20)}
     libc = _libc()
@@ -257,10 +284,7 @@ def _libc():
 
 
 def release_memory():
-    """Give the heap's free memory back to the OS (glibc malloc_trim): called between checkpoints, so that with
-    tune_malloc's settings a long sweep's memory does not creep up through fragmentation."""
+    """Give the heap's free memory back to the OS (glibc malloc_trim), e.g. between checkpoints of a sweep."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
-
-

@@ -1,23 +1,40 @@
-"""In-context linear regression: task sampling, token layout, readout, baselines and metrics.
+"""The task table, and the in-context linear regression task: sampling, token layout, readout, baselines, metrics.
 
-Spec: ../shared/spec/regression.md §1, §2, §7, §8. A sequence draws a task w ~ N(0, I_D) (or one of M
-fixed tasks), inputs x_k ~ N(0, I_D) and targets y_k = w.x_k + eps_k with noise *variance* sigma2.
-Tokens alternate x-token [0, x] and y-token [y, 0...0]; the prediction for y_k is channel 0 of the model
-output at the x_k position, so it sees only the k-1 earlier pairs. Every random draw takes an explicit
-torch.Generator: same seed, same numbers.
-"""
+`TASKS` holds, per task, everything the scripts need: config defaults, model, data, the hand-derived gradient,
+evaluator, figures and stage names; scripts look a run's task up there and nowhere else. Every random draw
+takes an explicit torch.Generator: same seed, same numbers."""
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
-from model import weight_norm
+import common
+import lm_data
+from icl_grad import icl_loss_and_grads
+from model import ICLConfig, LMConfig, build_model as _seeded, weight_norm
 
 OOD_SCALES = (3, 5, 10, 100)
 
 
+DEFAULTS = dict(  # the regression task's config keys (train.py adds them to its own)
+    D=4,              # input dimension; tokens have D+1 channels
+    K=8,              # (x, y) pairs per context
+    sigma2=0.125,     # noise variance of y = w.x + eps
+    num_tasks=0,      # size M of the task prior; 0 = infinite (a fresh task per sequence)
+    task_seed=0,      # draws the M tasks of a finite prior
+    d_mlp=64,         # MLP width of the regression transformer
+)
+
+
 class Task:
     """The training distribution of a run: D, K, sigma2 and the task prior (M = num_tasks, 0 = infinite)."""
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg["D"], cfg["K"], cfg["sigma2"], cfg["num_tasks"], cfg["task_seed"])
 
     def __init__(self, D=4, K=8, sigma2=0.125, num_tasks=0, task_seed=0):
         self.D, self.K, self.sigma2, self.num_tasks = D, K, sigma2, num_tasks
@@ -25,9 +42,11 @@ class Task:
         if num_tasks > 0:  # the finite prior: M tasks drawn once, then sampled uniformly with replacement
             self.tasks = torch.randn(num_tasks, D, generator=torch.Generator().manual_seed(task_seed))
 
-    def sample(self, gen, batch_size, device="cpu"):
-        """A fresh batch (xs, ys); `gen` must live on `device`."""
-        b = sample_batch(gen, batch_size, self.D, self.K, self.sigma2, self.tasks, device)
+    batched_grad = staticmethod(icl_loss_and_grads)  # the hand-derived gradient of loss for stacked chains
+
+    def sample(self, gen, batch_size, device=None):
+        """A fresh batch (xs, ys), drawn on the generator's device."""
+        b = sample_batch(gen, batch_size, self.D, self.K, self.sigma2, self.tasks, device or gen.device)
         return b["xs"], b["ys"]
 
     def eval_batch(self, seed, batch_size):
@@ -39,7 +58,7 @@ class Task:
         """Mean squared error of the readout: the training loss and the loss the LLC is measured on."""
         return F.mse_loss(readout(out), ys)
 
-    # the interface train.py and llc.py use for every task (lm_data.LMTask has the same methods)
+    # the interface every task offers (lm_data.LMTask too)
     @staticmethod
     def model_input(xs, ys):
         """What the model is called on for a sampled batch: the interleaved tokens."""
@@ -57,6 +76,8 @@ class Task:
         return batch
 
     def metrics(self, model, batch):
+        dev = next(model.parameters()).device
+        batch = {k: {b: t.to(dev) for b, t in v.items()} if isinstance(v, dict) else v.to(dev) for k, v in batch.items()}
         return regression_metrics(model, batch, self.sigma2, self.tasks, batch.get("baselines"))
 
 
@@ -164,3 +185,74 @@ def regression_metrics(model, batch, sigma2, tasks=None, baselines=None):
         m[f"ood_tasks/{g}"] = F.mse_loss(predict(xs, y_g), y_g).item()
     m["weight_norm"] = weight_norm(model.parameters())
     return m
+
+
+# ---------------------------------------------------------------------------------------- the task table
+@dataclass(frozen=True)
+class TaskKind:
+    """One task: everything train.py, llc.py and analyze.py need to know about it."""
+    defaults: dict           # its own config keys and their defaults (train.py adds them to its own)
+    model_config: type       # the model's config dataclass (its build() makes the model), filled from the run config
+    task: type               # the data: from_config(cfg) -> sample, model_input, loss, eval_data, metrics, ...
+    prepare: Callable | None  # run config -> None: one-off data preparation before training
+    evaluator: str           # analyze.py's per-checkpoint evaluator (named: analyze.py and plots.py import matplotlib)
+    figures: str             # plots.py's figure set
+    stage_prefix: str        # stage names: LR1, LR2, ... / LM1, ...
+
+
+TASKS = {
+    "regression": TaskKind(DEFAULTS, ICLConfig, Task, None, "regression_evaluator", "regression_figures", "LR"),
+    "lm": TaskKind(lm_data.DEFAULTS, LMConfig, lm_data.LMTask, lm_data.prepare_for, "lm_evaluator", "lm_figures", "LM"),
+}
+
+
+def kind(cfg) -> TaskKind:
+    """The table row of a run config (a dict, or a run directory)."""
+    cfg = cfg if isinstance(cfg, dict) else common.load_run(cfg)
+    name = cfg.get("task", "regression")
+    if name not in TASKS:
+        raise common.ConfigError(f"task must be one of {', '.join(TASKS)}; got {name!r}")
+    return TASKS[name]
+
+
+def model_config(cfg):
+    mc = kind(cfg).model_config
+    return mc(**{k: cfg[k] for k in mc.__dataclass_fields__ if k in cfg})
+
+
+def build_model(cfg, seed):
+    """The run config's model with the seeded initial weights of the reference code."""
+    return _seeded(model_config(cfg), seed)
+
+
+def task_for(cfg):
+    """The data distribution of a run (a config dict or a run directory)."""
+    cfg = cfg if isinstance(cfg, dict) else common.load_run(cfg)
+    return kind(cfg).task.from_config(cfg)
+
+
+def load_model(out_dir, step: int):
+    """The run's model with the parameters of checkpoint `step`, on CPU, in eval mode."""
+    model = model_config(common.load_run(out_dir)).build()
+    params = common.load_params(out_dir, step)
+    missing = set(dict(model.named_parameters())) ^ set(params)
+    if missing:
+        raise common.CheckpointError(f"{common.ckpt_path(out_dir, step)} does not match the run's model: "
+                                     f"{sorted(missing)}")
+    model.load_state_dict(params, strict=False)  # strict=False only because buffers are not saved
+    return model.eval()
+
+
+class RunLoss:
+    """A task's loss as loss_fn(params, (inputs, targets)) for the LLC estimator, with the task's hand-derived
+    batched gradient when it has one (the estimator uses it only after checking it against autograd)."""
+
+    def __init__(self, model, task, per_token=False):
+        self.model, self.task, self.per_token = model, task, per_token
+        self.batched_grad = None
+        if getattr(task, "batched_grad", None) is not None:
+            self.batched_grad = lambda p, batch: task.batched_grad(model.cfg, p, *batch, per_token=per_token)
+
+    def __call__(self, params, batch):
+        out = functional_call(self.model, params, (self.task.model_input(*batch),))
+        return (self.task.loss_per_token if self.per_token else self.task.loss)(out, batch[1])

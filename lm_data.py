@@ -1,20 +1,17 @@
-"""Language-model data: corpora, the byte-level BPE tokenizer, packed token files and the LM task
-(language.md §1-2). Downloads of the paper's tokenizer, data and checkpoints are in lm_hub.py.
+"""Language-model data: corpora, the byte-level BPE tokenizer, packed token files, the LM task, and the import of
+published checkpoints into a run folder (language.md §1-2 of the spec).
 
-A prepared data folder holds:
-  tokenizer.json      byte-level BPE (HF `tokenizers`); id vocab_size-1 = <|endoftext|> (BOS, EOS, separator)
-  train.bin, test.bin packed rows: uint16, shape (rows, n_ctx), BOS first; documents joined by EOS, running
-                      across row boundaries (TransformerLens tokenize_and_concatenate with add_bos_token)
-  words.txt           the training split's words, most frequent first (an offline word list for n-gram scores)
-  meta.json           sizes, corpus and tokenizer provenance, unigram entropy; written last (marks completion)
-The held-out split is a set of whole documents (seeded), disjoint from training; the tokenizer is trained on
-the training split only.
+A prepared data folder holds tokenizer.json (id vocab_size-1 = <|endoftext|>, BOS/EOS), train.bin and test.bin
+(uint16 rows of n_ctx tokens, BOS first, documents joined by EOS), words.txt (an offline word list) and meta.json
+(written last: marks completion). The test split is whole documents; the tokenizer never sees them.
 
     python lm_data.py prepare configs/lm_tiny.py          # train.py does this by itself when needed
     python lm_data.py stats data/python-v5000-ctx128
+    python lm_data.py import georgeyw/L2W256-3m-rr --steps=0,100,900 --out_dir=out/L2W256-paper
 """
 import ast
 import functools
+import io
 import json
 import os
 import re
@@ -29,10 +26,20 @@ import torch
 import torch.nn.functional as F
 
 import common
-from lm_hub import PAPER_TOKENIZER, hub_download
+import lm_eval
+from lm_hub import PAPER_TOKENIZER, from_transformer_lens, hub_download
+from model import LMConfig, weight_norm
 
 ROOT = Path(__file__).resolve().parent
 EOT = "<|endoftext|>"
+DEFAULTS = dict(  # the language model's data keys (train.py adds them to its own)
+    corpus="python",    # python (CPython's bundled docs, no download) | kjv (Debian bible-kjv) | a folder of text
+    tokenizer="train",  # train (byte-level BPE on the training split) | a tokenizer.json | hub (the paper's)
+    data_dir="",        # tokenizer + packed tokens; "" = data/<corpus>-v<vocab_size>-ctx<n_ctx> in the repository
+    vocab_size=5000,    # id vocab_size-1 = <|endoftext|> (BOS/EOS)
+    n_ctx=1024,         # tokens per packed row (the model sees n_ctx-1 inputs per row)
+    test_frac=0.05,     # held-out share of the documents (test loss and every LM evaluation)
+)
 
 
 # --------------------------------------------------------------------------------------------- corpora
@@ -150,7 +157,7 @@ def train_tokenizer(texts, vocab_size=5000):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[], show_progress=False)
+                                  special_tokens=[], show_progress=True)
     tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens([EOT])
     return tok
@@ -182,8 +189,10 @@ def pack(tok, docs, n_ctx, path, batch_docs=256):
     dropped) and prepend BOS: a uint16 (rows, n_ctx) file. Returns (rows, tokens in the stream)."""
     eos, width = tok.token_to_id(EOT), n_ctx - 1
     tmp, rows, carry, seen = Path(str(path) + ".tmp"), 0, np.zeros(0, np.uint16), 0
+    bar = common.Progress(f"packing {Path(path).name}", len(docs), "docs")
     with open(tmp, "wb") as f:
         for i in range(0, len(docs), batch_docs):
+            bar.update(i)
             encoded = tok.encode_batch(docs[i:i + batch_docs])
             ids = [np.append(np.asarray(e.ids, np.uint16), np.uint16(eos)) for e in encoded]
             stream = np.concatenate([carry, *ids])
@@ -255,6 +264,7 @@ def prepare(data_dir, corpus="python", vocab_size=5000, n_ctx=1024, test_frac=0.
     docs = load_corpus(corpus)
     train_ids, test_ids = split_documents(docs, test_frac, seed)
     train_docs, test_docs = [docs[i] for i in train_ids], [docs[i] for i in test_ids]
+    progress(f"tokenizer: {tokenizer} ({len(train_docs)} training documents, {sum(map(len, train_docs)):,} characters)")
     tok = get_tokenizer(tokenizer, train_docs, vocab_size)
     data_dir.mkdir(parents=True, exist_ok=True)
     common.atomic_write(data_dir / "tokenizer.json", tok.to_str())
@@ -264,8 +274,7 @@ def prepare(data_dir, corpus="python", vocab_size=5000, n_ctx=1024, test_frac=0.
         splits[name] = {"docs": len(part), "chars": sum(map(len, part)), "tokens": seen, "rows": rows}
     if splits["train"]["rows"] == 0 or splits["test"]["rows"] == 0:
         raise ValueError(f"corpus {corpus!r} is too small for rows of {n_ctx} tokens: {splits}")
-    from lm_eval import words_from_texts
-    common.atomic_write(data_dir / "words.txt", "\n".join(w[1:] for w in words_from_texts(train_docs)) + "\n")
+    common.atomic_write(data_dir / "words.txt", "\n".join(w[1:] for w in lm_eval.words_from_texts(train_docs)) + "\n")
     meta = {**want, "bos": vocab_size - 1, "eos": vocab_size - 1, "dtype": "uint16",
             "space_id": tok.token_to_id("Ġ"), "splits": splits, "test_doc_ids": test_ids,
             "python": sys.version.split()[0] if corpus == "python" else None}
@@ -292,6 +301,12 @@ class LMTask:
     cross-entropy over batch x positions (the training loss and the LLC's loss); loss_per_token -> (n_ctx-1,);
     eval_data(seed, n) -> the first n held-out rows (unshuffled, as the paper); metrics(model, rows) -> dict."""
 
+    batched_grad = None  # no hand-derived gradient: the LLC uses autograd
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(data_dir_for(cfg), cfg["n_ctx"], cfg["vocab_size"])
+
     def __init__(self, data_dir, n_ctx=None, vocab_size=None):
         self.data_dir = Path(data_dir)
         self.meta = read_meta(data_dir)
@@ -302,10 +317,10 @@ class LMTask:
                                          f"{key}={want}")
         self.train, self.test = open_rows(data_dir, "train"), open_rows(data_dir, "test")
 
-    def sample(self, gen, batch_size, device="cpu"):
-        """Rows drawn uniformly with replacement from the training split by `gen` (any device)."""
+    def sample(self, gen, batch_size, device=None):
+        """Rows drawn uniformly with replacement from the training split by `gen`, on its device (or `device`)."""
         idx = torch.randint(len(self.train), (batch_size,), generator=gen, device=gen.device).cpu().numpy()
-        rows = torch.from_numpy(self.train[idx].astype(np.int64)).to(device)
+        rows = torch.from_numpy(self.train[idx].astype(np.int64)).to(device or gen.device)
         return rows[:, :-1], rows[:, 1:]
 
     @staticmethod
@@ -325,9 +340,7 @@ class LMTask:
 
     @staticmethod
     def metrics(model, rows):
-        from lm_eval import eval_row
-        from model import weight_norm
-        return {**eval_row(model, rows), "weight_norm": weight_norm(model.parameters())}
+        return {**lm_eval.eval_row(model, rows), "weight_norm": weight_norm(model.parameters())}
 
     def tokenizer(self):
         return load_tokenizer(self.data_dir / "tokenizer.json")
@@ -337,34 +350,84 @@ class LMTask:
 
     def bigram_table(self):
         """P(next | current) on the training split (lm_eval.bigram_table), cached as bigram.npz."""
-        from lm_eval import bigram_table
         path = self.data_dir / "bigram.npz"
         if not path.exists():
-            import io
             buf = io.BytesIO()
-            np.savez(buf, **bigram_table(self.train, self.vocab_size))
+            np.savez(buf, **lm_eval.bigram_table(self.train, self.vocab_size))
             common.atomic_write(path, buf.getvalue())
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
 
 
+# ------------------------------------------------------------------------- published checkpoints
+def import_checkpoints(repo, steps, out_dir, cfg, *, pattern="checkpoint_{step:07d}.pth", revision="main",
+                       base_url=None, cache_dir=None, keep_download=False):
+    """Download published TransformerLens checkpoints and convert each once into this project's run format
+    (out_dir/config.json + checkpoints/step_*.safetensors), so llc.py and analyze.py read them like a run of
+    train.py. The .pth files are opened with torch.load(weights_only=True): no pickled code runs."""
+    out_dir = Path(out_dir)
+    common.atomic_write(out_dir / "config.json", json.dumps(cfg, indent=1))
+    mcfg = LMConfig(**{k: cfg[k] for k in LMConfig.__dataclass_fields__ if k in cfg})
+    for step in steps:
+        if step in common.list_checkpoints(out_dir):
+            continue
+        path = hub_download(repo, pattern.format(step=step), revision, base_url=base_url, cache_dir=cache_dir)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(sd, dict) and "embed.W_E" not in sd and key in sd:
+                sd = sd[key]
+        model = mcfg.build()
+        params = from_transformer_lens(sd)
+        missing = set(dict(model.named_parameters())) ^ set(params)
+        if missing:
+            raise common.CheckpointError(f"{path} does not match the configured model: {sorted(missing)}")
+        model.load_state_dict(params, strict=False)
+        common.save_checkpoint(out_dir, step, model)
+        if not keep_download:
+            path.unlink()
+        common.progress(f"imported step {step} -> {common.ckpt_path(out_dir, step)}")
+    return out_dir
+
+
+
 # --------------------------------------------------------------------------------------- command line
+PAPER_CONFIG = ROOT / "configs" / "L2W256.py"
+
+
 def main(argv):
     import argparse
-    import train
     ap = argparse.ArgumentParser(prog="lm_data.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare", help="build the data folder of a training config")
-    p.add_argument("config", nargs="*", help="config files and --key=value overrides, as for train.py")
+    p = sub.add_parser("prepare", help="build the data folder of a training config (its data keys)")
+    p.add_argument("config", nargs="*", help="config files and --key=value overrides of the data keys")
     p = sub.add_parser("stats", help="print a data folder's meta.json")
     p.add_argument("data_dir")
+    p = sub.add_parser("import", help="convert published TransformerLens checkpoints into a run folder")
+    p.add_argument("repo")
+    p.add_argument("--steps", required=True, help="comma-separated, or start:stop:step")
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--data_dir", default="", help="the LM data folder the run's evaluations should read")
+    p.add_argument("--pattern", default="checkpoint_{step:07d}.pth")
+    p.add_argument("--config", default=str(PAPER_CONFIG), help="the run's training config (model sizes, data)")
+    p.add_argument("--revision", default="main")
+    p.add_argument("--base_url", default=None)
+    p.add_argument("--cache_dir", default=None)
     a, rest = ap.parse_known_args(argv)
     if rest and a.cmd != "prepare":
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    if a.cmd == "prepare":
-        prepare_for(common.configure(train.DEFAULTS, a.config + rest))
-    else:
+    if a.cmd == "prepare":  # a training config holds more than the data keys: only those are read here
+        files = [x for x in a.config + rest if not x.startswith("--")]
+        known = {k: v for f in files for k, v in common.read_config_file(f).items() if k in DEFAULTS}
+        cfg = common.configure({**DEFAULTS, **known}, [x for x in a.config + rest if x.startswith("--")])
+        prepare_for(cfg)
+    elif a.cmd == "stats":
         print(json.dumps({k: v for k, v in read_meta(a.data_dir).items() if k != "test_doc_ids"}, indent=1))
+    else:
+        lo, _, hi = a.steps.partition(":")
+        steps = (list(range(*(int(x) for x in a.steps.split(":")))) if hi else [int(x) for x in a.steps.split(",")])
+        cfg = {**DEFAULTS, **common.read_config_file(a.config), "out_dir": a.out_dir, "data_dir": a.data_dir}
+        import_checkpoints(a.repo, steps, a.out_dir, cfg, pattern=a.pattern, revision=a.revision,
+                           base_url=a.base_url, cache_dir=a.cache_dir)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,19 @@
-"""Model-hub access: resumable, hash-checked downloads of the paper's published tokenizer, data shards and
-checkpoints, and the TransformerLens <-> LMTransformer weight conversion that turns those checkpoints into a run
-folder (language.md Part 2). Kept apart from lm_data.py because it is the only code that touches the network
-and the only code that knows TransformerLens' parameter names.
+"""Model-hub access, the project's only network code: resumable, hash-checked downloads (the paper's tokenizer,
+data shards, checkpoints) and the TransformerLens <-> LMTransformer state-dict conversion. Imports nothing from
+the project; `python lm_data.py import` turns downloaded checkpoints into a run folder.
 
-    python lm_hub.py download datasets/georgeyw/dsir-pile-100k data/train-00000-of-00001.parquet
-    python lm_hub.py import georgeyw/L2W256-3m-rr --steps=0,100,900 --out_dir=out/L2W256-paper \\
-        --data_dir=data/python-v5000-ctx1024
+    python lm_hub.py download datasets/georgeyw/dsir-pile-100k train-100k.jsonl
 """
 import hashlib
-import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
-
-import torch
-
-import common
 
 HUB_URL = os.environ.get("LM_HUB_URL", "https://huggingface.co")
 HUB_CACHE = Path(os.environ.get("LM_HUB_CACHE", Path.home() / ".cache" / "icl-landscape" / "hub"))
 PAPER_TOKENIZER = "georgeyw/TinyStories-tokenizer-5k"
-PAPER_CONFIG = Path(__file__).resolve().parent / "configs" / "L2W256.py"
 
 
 # ------------------------------------------------------------------------------------------ hub downloads
@@ -74,15 +66,22 @@ def hub_download(repo, filename, revision="main", *, base_url=None, cache_dir=No
                 with open(part, "r+b" if start else "wb") as f:
                     f.seek(start)
                     f.truncate()
+                    shown, t0 = time.time(), time.time()
                     for block in r.iter_content(chunk):
                         f.write(block)
+                        if time.time() - shown >= 10:  # byte progress with rate and ETA
+                            shown, done = time.time(), f.tell()
+                            rate = (done - start) / (shown - t0)
+                            left = f", ETA {(total - done) / rate:.0f}s" if total and rate > 0 else ""
+                            print(f"{filename}: {done / 1e6:,.1f}/{(total or 0) / 1e6:,.1f} MB, {rate / 1e6:.2f} MB/s"
+                                  f"{left}", file=sys.stderr, flush=True)
             break
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
             got = part.stat().st_size if part.exists() else 0
             if attempt == retries:
                 raise HubError(f"download of {url} was interrupted after {got:,} bytes ({e.__class__.__name__}); "
                                f"run again to resume from {part}") from e
-            common.progress(f"download of {url} interrupted after {got:,} bytes; resuming")
+            print(f"download of {url} interrupted after {got:,} bytes; resuming", file=sys.stderr)
     got = part.stat().st_size
     for want, what in ((total, "the server's length"), (size, "the expected size")):
         if want is not None and want >= 0 and got != want:
@@ -102,7 +101,7 @@ def hub_download(repo, filename, revision="main", *, base_url=None, cache_dir=No
     return dest
 
 
-# ------------------------------------------------------------------------------ the paper's checkpoints
+# ------------------------------------------------------------------- TransformerLens state dicts
 def from_transformer_lens(sd):
     """A TransformerLens HookedTransformer state dict (the paper's checkpoint_*.pth) -> LMTransformer names."""
     out = {"embed.weight": sd["embed.W_E"], "pos_embed": sd["pos_embed.W_pos"],
@@ -142,74 +141,24 @@ def to_transformer_lens(params, n_head):
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def import_checkpoints(repo, steps, out_dir, cfg, *, pattern="checkpoint_{step:07d}.pth", revision="main",
-                       base_url=None, cache_dir=None, keep_download=False):
-    """Download published TransformerLens checkpoints and convert each once into this project's run format
-    (out_dir/config.json + checkpoints/step_*.safetensors), so llc.py and analyze.py read them like a run of
-    train.py. The .pth files are opened with torch.load(weights_only=True): no pickled code runs."""
-    from model import LMConfig, LMTransformer
-    out_dir = Path(out_dir)
-    common.atomic_write(out_dir / "config.json", json.dumps(cfg, indent=1))
-    mcfg = common.model_config(cfg)
-    assert isinstance(mcfg, LMConfig), "import_checkpoints needs an LM config (task = 'lm')"
-    for step in steps:
-        if step in common.list_checkpoints(out_dir):
-            continue
-        path = hub_download(repo, pattern.format(step=step), revision, base_url=base_url, cache_dir=cache_dir)
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("model", "state_dict", "model_state_dict"):
-            if isinstance(sd, dict) and "embed.W_E" not in sd and key in sd:
-                sd = sd[key]
-        model = LMTransformer(mcfg)
-        params = from_transformer_lens(sd)
-        missing = set(dict(model.named_parameters())) ^ set(params)
-        if missing:
-            raise common.CheckpointError(f"{path} does not match the configured model: {sorted(missing)}")
-        model.load_state_dict(params, strict=False)
-        common.save_checkpoint(out_dir, step, model)
-        if not keep_download:
-            path.unlink()
-        common.progress(f"imported step {step} -> {common.ckpt_path(out_dir, step)}")
-    return out_dir
-
-
 # --------------------------------------------------------------------------------------- command line
 def main(argv):
     import argparse
-    import train
     ap = argparse.ArgumentParser(prog="lm_hub.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, what in (("download", "fetch files from a model hub into the cache"),
-                       ("import", "convert published TransformerLens checkpoints into a run folder")):
-        p = sub.add_parser(name, help=what)
-        p.add_argument("repo")
-        p.add_argument("--revision", default="main")
-        p.add_argument("--base_url", default=None, help=f"default {HUB_URL} (env LM_HUB_URL)")
-        p.add_argument("--cache_dir", default=None, help=f"default {HUB_CACHE} (env LM_HUB_CACHE)")
-    sub.choices["download"].add_argument("files", nargs="+")
-    p = sub.choices["import"]
-    p.add_argument("--steps", required=True, help="comma-separated, or start:stop:step")
-    p.add_argument("--out_dir", required=True)
-    p.add_argument("--data_dir", default="", help="the LM data folder the run's evaluations should read")
-    p.add_argument("--pattern", default="checkpoint_{step:07d}.pth")
-    p.add_argument("--config", default=str(PAPER_CONFIG))
+    p = sub.add_parser("download", help="fetch files from a model hub into the cache")
+    p.add_argument("repo")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--revision", default="main")
+    p.add_argument("--base_url", default=None, help=f"default {HUB_URL} (env LM_HUB_URL)")
+    p.add_argument("--cache_dir", default=None, help=f"default {HUB_CACHE} (env LM_HUB_CACHE)")
     a = ap.parse_args(argv)
-    if a.cmd == "download":
-        for f in a.files:
-            print(hub_download(a.repo, f, a.revision, base_url=a.base_url, cache_dir=a.cache_dir))
-    else:
-        if ":" in a.steps:
-            lo, hi, st = (int(x) for x in a.steps.split(":"))
-            steps = list(range(lo, hi, st))
-        else:
-            steps = [int(s) for s in a.steps.split(",")]
-        cfg = common.configure(train.DEFAULTS, [a.config, f"--out_dir={a.out_dir}", f"--data_dir={a.data_dir}"])
-        import_checkpoints(a.repo, steps, a.out_dir, cfg, pattern=a.pattern, revision=a.revision,
-                           base_url=a.base_url, cache_dir=a.cache_dir)
+    for f in a.files:
+        print(hub_download(a.repo, f, a.revision, base_url=a.base_url, cache_dir=a.cache_dir))
 
 
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (HubError, FileNotFoundError, ValueError, RuntimeError) as e:  # ConfigError is a ValueError
+    except (HubError, OSError) as e:
         sys.exit(f"lm_hub.py: {e}")

@@ -1,14 +1,6 @@
-"""The paper's two models, written to be read in one sitting: the in-context linear regression transformer
-(L2H4, `ICLTransformer`) and the attention-only language model (L2W256, `LMTransformer`, at the bottom).
-
-Faithful to timaeus-research/icl (see ../shared/spec/regression.md §3-4): pre-LN blocks with a final LN,
-a learned absolute position table, qkv and output projections without bias, a ReLU MLP with bias, an
-unembedding LN + Linear(d -> D+1), and the *doubled residual*: each layer maps x <- 2x + attn + mlp.
-Module creation order matches the reference so `build_model(cfg, seed)` reproduces its initial weights.
-
-Attention is a hand-written masked softmax (not SDPA) so that `torch.func.vmap` over stacked SGLD chains
-has a batching rule for every op.
-"""
+"""The paper's two models: the in-context regression transformer (L2H4, `ICLTransformer`) and the attention-only
+language model (L2W256, `LMTransformer`). Module creation order follows the reference code, so `build_model(cfg,
+seed)` gives its initial weights; attention is a plain masked softmax so that torch.func.vmap covers every op."""
 import math
 from dataclasses import dataclass
 
@@ -24,6 +16,9 @@ class ICLConfig:
     n_head: int = 4
     d_model: int = 64
     d_mlp: int = 64
+
+    def build(self):
+        return ICLTransformer(self)
 
 
 class Attention(nn.Module):
@@ -78,15 +73,9 @@ class ICLTransformer(nn.Module):
 
 
 def build_model(cfg, seed: int) -> nn.Module:
-    """Seed, then build on CPU in the reference's module order: the paper's exact initial weights.
-    `cfg` is an ICLConfig (regression) or an LMConfig (language model)."""
+    """Seed, then build on CPU in the reference's module order: the paper's exact initial weights."""
     torch.manual_seed(seed)
-    return make_model(cfg)
-
-
-def make_model(cfg) -> nn.Module:
-    """The model class that belongs to a config dataclass (no seeding)."""
-    return LMTransformer(cfg) if isinstance(cfg, LMConfig) else ICLTransformer(cfg)
+    return cfg.build()
 
 
 def weight_norm(params) -> float:
@@ -104,6 +93,9 @@ class LMConfig:
     n_head: int = 8
     d_model: int = 256
     init_std: float = -1.0  # < 0: TransformerLens' "gpt2" init, 0.8 / sqrt(d_model) (= 0.05 at d_model 256)
+
+    def build(self):
+        return LMTransformer(self)
 
 
 class LMAttention(nn.Module):
@@ -163,18 +155,19 @@ class LMTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, tokens, positions=True, return_attention=False):
-        x, patterns = self.residual(tokens, positions)
+        x, patterns = self.residual(tokens, positions, keep_patterns=return_attention)
         logits = self.unembed(self.ln_final(x))
         return (logits, patterns) if return_attention else logits
 
-    def residual(self, tokens, positions=True):
+    def residual(self, tokens, positions=True, keep_patterns=True):
         """The residual stream entering the final LN, and the attention pattern of every layer (no unembedding:
-        the cheap path for head scores)."""
+        the cheap path for head scores). Patterns not kept are freed layer by layer (B x H x T x T each)."""
         T = tokens.shape[-1]
         x = self.embed(tokens)
         pos = self.pos_embed[:T] if positions else None
         patterns = []
         for block in self.blocks:
             x, att = block(x, pos)
-            patterns.append(att)
+            if keep_patterns:
+                patterns.append(att)
         return x, patterns

@@ -1,14 +1,20 @@
-"""The SGLD sampler's parts, used by llc.estimate_llc: the update of all chains' flat parameter buffer (a fused
-Triton kernel with in-kernel Philox noise on CUDA, torch elsewhere), the parameters a restricted LLC samples, the
-chains' minibatches, L(w*), the convergence diagnostics, and the CUDA-graph capture of one step."""
+"""The local learning coefficient estimator: localised SGLD chains of one or several checkpoints, batched.
+
+lambda_hat = n*beta * (E[L_batch(w)] - L(w*)) over chains localised at w* (Lau et al. 2023). All chains' sampled
+parameters live in one flat buffer W (chains, P), moved by one fused update (Triton on CUDA, torch elsewhere)."""
 import math
 import os
 import re
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.func import grad, vmap
 
-from common import derive_seed
+from common import Progress, derive_seed
 
 try:  # optional: CPU-only installs use the torch update
     import triton
@@ -16,13 +22,50 @@ try:  # optional: CPU-only installs use the torch update
 except ImportError:
     triton = None
 
+
+class AllChainsDivergedError(RuntimeError):
+    """Every chain of a checkpoint produced a non-finite loss: the sampler settings are unstable there."""
+
+
+@dataclass
+class Settings:
+    """The estimator's settings; estimate_llc(..., **settings) takes these names."""
+    epsilon: float                  # step size
+    gamma: float                    # localisation strength (pull towards w*)
+    nbeta: float                    # n * inverse temperature
+    num_chains: int = 8
+    num_draws: int = 500
+    num_burnin: int = 0
+    batch_size: int | None = None   # rows per chain and step (fixed data: default all rows)
+    seed: int = 0
+    n: int | None = None            # stream: rows for L(w*) (default 16 x batch_size)
+    include: object = None          # restricted LLC: glob patterns of the sampled parameters (default all) ...
+    exclude: object = None          # ... minus these; the others stay at w*
+    per_token: bool = False         # loss_fn returns a vector of per-token losses (the gradient is of its mean)
+    device: object = None           # default: the device of the parameters
+    update_backend: str = "auto"    # auto (triton on CUDA, xla on XLA, else torch) | torch | triton | xla
+    chain_mode: str = "auto"        # how the chains' gradients are computed: auto or a key of GRADIENTS
+    cuda_graph: bool = False        # capture one SGLD step in a CUDA graph (CUDA, native, triton)
+    workers: int | None = None      # native_loop on CPU: chain worker threads (default torch's thread count)
+    grad_chunk: int = 256           # native_loop on CPU: rows per gradient pass (0: the whole batch)
+    progress: str | None = None     # a label: progress lines with rate and ETA on stderr
+
+    def __post_init__(self):
+        if not (self.epsilon > 0 and self.nbeta > 0 and self.gamma >= 0):
+            raise ValueError(f"need epsilon > 0, nbeta > 0, gamma >= 0; got {self.epsilon}, {self.nbeta}, {self.gamma}")
+        if self.num_chains < 1 or self.num_draws < 1 or self.num_burnin < 0:
+            raise ValueError(f"need num_chains, num_draws >= 1, num_burnin >= 0; got {self.num_chains}, "
+                             f"{self.num_draws}, {self.num_burnin}")
+        if self.grad_chunk is None or self.grad_chunk < 0:
+            raise ValueError(f"grad_chunk must be >= 0 (0: the whole batch at once); got {self.grad_chunk}")
+
+
+# ----------------------------------------------------------------------------------------------- the update
 if triton is not None:
     @triton.jit
     def _sgld_kernel(w_ptr, w0_ptr, g_ptr, key_ptr, P, CG, a, b, c, BLOCK: tl.constexpr):
-        """W[ch, j] <- W - a*G - b*(W - W0[ch // CG, j]) + c*randn: one read/write of W, the noise is never stored.
-        Chains come in groups of CG sharing a row of W0 (a checkpoint); chain ch draws the noise of chain ch % CG
-        of a single-checkpoint run (common random numbers across checkpoints). The Philox key is read from device
-        memory, so a captured CUDA graph can advance it (key_ptr += 1)."""
+        """W[ch] <- W - a*G - b*(W - W0[ch // CG]) + c*randn, the noise never stored. Chain ch draws the noise of
+        chain ch % CG (common random numbers across checkpoints); the key is read from memory (CUDA graphs)."""
         chain = tl.program_id(1).to(tl.int64)
         j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = j < P
@@ -34,34 +77,31 @@ if triton is not None:
         tl.store(w_ptr + idx, w - a * g - b * (w - w0) + c * z, mask=mask)
 
 
-# ----------------------------------------------------------------------------------------------- the update
 def sgld_coefficients(epsilon, gamma, nbeta):
     """w <- w - (eps/2)[nbeta g + gamma (w - w*)] + sqrt(eps) xi  ==  w - a g - b (w - w*) + c xi."""
     return epsilon * nbeta / 2, epsilon * gamma / 2, math.sqrt(epsilon)
 
 
 def sgld_update_torch(W, W0, G, noise, a, b, c):
-    """Reference update (CPU/XLA path and test oracle); same arithmetic order as the kernel. W0: (P,), or one row
-    per group of chains (R, P); noise: (C, P), or one group's (C / R, P), used by every group. Broadcast views over
-    (R, C / R, P): nothing is repeated in memory."""
+    """The update in torch (CPU/XLA, and the kernel's oracle), in the kernel's order. W0: (P,) or a row per group
+    of chains (R, P); noise: (C, P), or one group's (C / R, P) used by every group."""
     R, P = (W0.shape[0] if W0.dim() == 2 else 1), W.shape[1]
     Wg, z = W.view(R, -1, P), noise.view(-1, P) if noise.shape[0] != W.shape[0] else noise.view(R, -1, P)
     Wg.copy_(Wg - a * G.view(R, -1, P) - b * (Wg - W0.view(R, 1, P)) + c * z)
 
 
 def noise_key(seed, step):
-    """Philox key for one step: seed in the high word, step in the low word, so no two (seed, step) collide."""
+    """Philox key for one step: seed in the high word, step in the low word."""
     return ((int(seed) & 0x7FFFFFFF) << 32) | (int(step) & 0xFFFFFFFF)
 
 
 def sgld_update_triton(W, W0, G, a, b, c, key, block=1024):
-    """Fused update of all chains, W (C, P) in place; W0 (P,) or one row per group of chains (R, P). `key`: an int,
-    or a one-element int64 tensor on W's device (read by the kernel at run time). Runs on CPU tensors under
-    TRITON_INTERPRET=1 (tests)."""
+    """The fused update of all chains in place; `key` an int or a one-element int64 tensor on W's device. CPU
+    tensors need TRITON_INTERPRET=1 set before this module is imported."""
     if triton is None:
         raise RuntimeError("update_backend='triton' needs the triton package")
     if not W.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("the Triton update on CPU tensors needs TRITON_INTERPRET=1 set before importing llc")
+        raise RuntimeError("the Triton update on CPU tensors needs TRITON_INTERPRET=1 set before importing sgld")
     assert W.is_contiguous() and G.is_contiguous() and W0.is_contiguous() and W.shape == G.shape
     if not torch.is_tensor(key):
         key = torch.tensor([key], dtype=torch.int64, device=W.device)
@@ -71,7 +111,32 @@ def sgld_update_triton(W, W0, G, a, b, c, key, block=1024):
     _sgld_kernel[(triton.cdiv(P, block), C)](W, W0, G, key, P, C // R, float(a), float(b), float(c), BLOCK=block)
 
 
-# ----------------------------------------------------------------------------------- parameter restriction
+_TRITON_CHECKED = {}
+
+
+def triton_update_ok(device) -> bool:
+    """Once per device: the kernel against the torch update, the noise-free part to float rounding and the noise's
+    mean and variance within 6 standard errors. On a mismatch: one warning, and the torch update is used."""
+    if str(device) not in _TRITON_CHECKED:
+        gen = torch.Generator().manual_seed(0)
+        C, P = 4, 4099
+        W, G, W0 = (torch.randn(*s, generator=gen).to(device) for s in ((C, P), (C, P), (P,)))
+        want, got = W.clone(), W.clone()
+        sgld_update_torch(want, W0, G, torch.zeros_like(W), 0.01, 0.02, 0.1)
+        sgld_update_triton(got, W0, G, 0.01, 0.02, 0.0, key=123)
+        why = None if torch.allclose(got, want, rtol=1e-5, atol=1e-6) else "the noise-free update differs"
+        z = W.clone()
+        sgld_update_triton(z, W0, G, 0.01, 0.02, 1.0, key=124)
+        z = (z - want).double()
+        if why is None and not (abs(z.mean()) < 6 / math.sqrt(z.numel()) and abs(z.var() - 1) < 6 * math.sqrt(2 / z.numel())):
+            why = f"the noise has mean {float(z.mean()):.4f}, variance {float(z.var()):.4f}"
+        if why:
+            warnings.warn(f"the Triton SGLD update failed its check on {device} ({why}): using the torch update")
+        _TRITON_CHECKED[str(device)] = why is None
+    return _TRITON_CHECKED[str(device)]
+
+
+# -------------------------------------------------------------------------------------- what is sampled
 def _glob(pattern):
     """`*` matches within one dotted segment, `**` across segments; anchored at both ends."""
     parts = re.split(r"(\*\*|\*)", pattern)
@@ -79,9 +144,7 @@ def _glob(pattern):
 
 
 def _patterns(x):
-    if not x:
-        return []
-    return [p.strip() for p in (x.split(",") if isinstance(x, str) else x) if p.strip()]
+    return [p.strip() for p in (x.split(",") if isinstance(x, str) else x) if p.strip()] if x else []
 
 
 def select_params(names, include=None, exclude=None):
@@ -91,70 +154,384 @@ def select_params(names, include=None, exclude=None):
     for p, r in regs.items():
         if not any(r.fullmatch(n) for n in names):
             raise ValueError(f"parameter pattern {p!r} matches no parameter; names are: {', '.join(names)}")
-    sel = [n for n in names if any(regs[p].fullmatch(n) for p in inc)
-           and not any(regs[p].fullmatch(n) for p in exc)]
+    sel = [n for n in names if any(regs[p].fullmatch(n) for p in inc) and not any(regs[p].fullmatch(n) for p in exc)]
     if not sel:
         raise ValueError(f"include={inc} / exclude={exc} leave no parameter to sample")
     return sel
 
 
-# -------------------------------------------------------------------------------------------- data streams
+class Chains:
+    """All chains of all checkpoints (checkpoint-major: chain c of checkpoint g is row g*C + c): the flat buffer W
+    of the sampled parameters, W0 a row per checkpoint, and each chain's frozen parameters (views, no copies)."""
+
+    def __init__(self, w_stars, names, C):
+        w = w_stars[0]
+        self.names, self.shapes, self.sizes = names, [w[k].shape for k in names], [w[k].numel() for k in names]
+        self.K, self.C, self.CT = len(w_stars), C, len(w_stars) * C
+        self.W0 = torch.stack([torch.cat([p[k].reshape(-1) for k in names]) for p in w_stars])  # (K, P)
+        self.W = self.W0.repeat_interleave(C, 0)  # (CT, P)
+        self.frozen = {k: torch.stack([p[k] for p in w_stars])[:, None].expand(self.K, C, *w[k].shape)
+                       .reshape(self.CT, *w[k].shape) for k in w if k not in names}
+
+    def params(self, w, lo=None, hi=None):
+        """Named parameters of one chain (w: its row (P,), frozen row lo) or of rows lo:hi of W (stacked)."""
+        if hi is None:
+            fz = {k: v[lo] for k, v in self.frozen.items()}
+            return {**fz, **{k: p.view(s) for k, p, s in zip(self.names, torch.split(w, self.sizes), self.shapes)}}
+        ends = np.cumsum(self.sizes).tolist()
+        out = {k: w[lo:hi, e - s:e].view(hi - lo, *sh) for k, s, e, sh in zip(self.names, self.sizes, ends, self.shapes)}
+        return {**out, **{k: v[lo:hi] for k, v in self.frozen.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------- data
 def make_generators(seed, device):
-    """Independent generators (data order, noise, L(w*) set, fixed dataset) from one seed; streams of
-    neighbouring seeds never overlap. XLA devices draw on the CPU."""
+    """Independent generators (data order, noise, L(w*) set, fixed dataset) from one seed. XLA draws on the CPU."""
     dev = torch.device(device)
     gdev = dev if dev.type in ("cpu", "cuda") else torch.device("cpu")
     seeds = [derive_seed(seed, 0x11C, i) for i in range(4)]
     return [torch.Generator(gdev).manual_seed(s) for s in seeds], seeds
 
 
-def _tmap(f, batch):
-    return tuple(f(x) for x in batch) if isinstance(batch, (tuple, list)) else f(batch)
+def _tuple(batch):
+    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
-class ChainBatches:
-    """Per-chain minibatches (C, B, ...). Fixed dataset: each chain walks its own permutation of the rows,
-    reshuffled every epoch (one argsort of a (C, n) uniform draw, no per-chain loop). Stream: one call
-    sample(gen, C*B) split into C consecutive chunks (chain c gets rows c*B:(c+1)*B)."""
+class FixedData:
+    """A fixed set of rows: each chain walks its own permutation, reshuffled every epoch; L(w*) over every row."""
 
-    def __init__(self, data, C, B, gen, device):
-        self.data, self.C, self.B, self.gen, self.device = data, C, B, gen, device
-        self.perm, self.pos = None, 0
+    def __init__(self, rows, device):
+        self.rows = tuple(x.to(device) for x in _tuple(rows))
+        self.n = self.rows[0].shape[0]
+        if any(x.shape[0] != self.n for x in self.rows):
+            raise ValueError(f"fixed dataset: all tensors need the same number of rows, got "
+                             f"{[x.shape[0] for x in self.rows]}")
+        self.perm = self.pos = None
 
-    def __call__(self):
-        C, B = self.C, self.B
-        if callable(self.data):
-            out = self.data(self.gen, C * B)
-            return _tmap(lambda x: x.to(self.device).reshape(C, B, *x.shape[1:]), out)
-        n = self.data[0].shape[0]
-        if B == n:  # full batch: every chain sees the whole set, no shuffling needed
-            return tuple(x.expand(C, *x.shape) for x in self.data)
-        if self.perm is None or self.pos + B > n:  # kept on the generator's device: on XLA the host slices it
-            u = torch.rand(C, n, generator=self.gen, device=self.gen.device)
-            self.perm, self.pos = torch.argsort(u, dim=1), 0
-        idx = self.perm[:, self.pos:self.pos + B].to(self.device)
+    def head(self, m, gen):
+        return tuple(x[:m] for x in self.rows)
+
+    def chunks(self, m, gen):
+        return (tuple(x[i:i + m] for x in self.rows) for i in range(0, self.n, m))
+
+    def next(self, C, B, gen):
+        if B == self.n:  # full batch: every chain sees the whole set
+            return tuple(x.expand(C, *x.shape) for x in self.rows)
+        if self.perm is None or self.pos + B > self.n:  # on the generator's device: on XLA the host slices it
+            self.perm, self.pos = torch.argsort(torch.rand(C, self.n, generator=gen, device=gen.device), dim=1), 0
+        idx = self.perm[:, self.pos:self.pos + B].to(self.rows[0].device)
         self.pos += B
-        return tuple(x[idx] for x in self.data)
+        return tuple(x[idx] for x in self.rows)
+
+
+class StreamData:
+    """Fresh rows from sample(generator, m) at every step (chain c takes rows c*B:(c+1)*B of one draw); L(w*) on a
+    seeded sample of n rows."""
+
+    def __init__(self, sample, n, device):
+        self.sample, self.n, self.device = sample, n, device
+
+    def draw(self, m, gen):
+        return tuple(x.to(self.device) for x in _tuple(self.sample(gen, m)))
+
+    def head(self, m, gen):
+        return self.draw(m, gen)
+
+    def chunks(self, m, gen):
+        return (self.draw(min(m, self.n - i), gen) for i in range(0, self.n, m))
+
+    def next(self, C, B, gen):
+        return tuple(x.reshape(C, B, *x.shape[1:]) for x in self.draw(C * B, gen))
 
 
 @torch.no_grad()
-def mean_loss(loss_fn, params, data, n, chunk, gen, device):
-    """L(w*) over the whole fixed set, or over a seeded sample of n rows of the stream (chunks weighted by
-    size). Accumulated in float64 on the device."""
-    total, done = 0.0, 0
-    while done < n:
-        m = min(chunk, n - done)
-        batch = (_tmap(lambda x: x.to(device), data(gen, m)) if callable(data)
-                 else tuple(x[done:done + m] for x in data))
-        total = total + loss_fn(params, batch).double() * m
-        done += m
-    return total / n
+def mean_loss(loss_fn, params, data, chunk, gen):
+    """L(w*): the mean loss over data's L(w*) rows in chunks (weighted by size), accumulated in float64."""
+    total = 0.0
+    for batch in data.chunks(chunk, gen):
+        total = total + loss_fn(params, batch).double() * batch[0].shape[0]
+    return total / data.n
 
 
-# ----------------------------------------------------------------------------------------- diagnostics
+# ----------------------------------------------------------------------------- the chains' gradients
+def vmap_grad(loss_fn, chains, s):
+    """torch.func: grad vmapped over the chains (frozen parameters as vmapped inputs)."""
+    def objective(w, fz, batch):
+        sel = {k: p.view(sh) for k, p, sh in zip(chains.names, torch.split(w, chains.sizes), chains.shapes)}
+        loss = loss_fn({**fz, **sel}, batch)
+        return loss.mean(), loss.detach()
+    g = vmap(grad(objective, has_aux=True))
+    return lambda W, batch: g(W, chains.frozen, batch)
+
+
+def loop_grad(loss_fn, chains, s):
+    """torch.func: one chain at a time (CPU, large problems: activations stay in cache). The parameters are views
+    of the chain's row w, so grad returns a flat (P,) gradient."""
+    def objective(w, i, batch):
+        loss = loss_fn(chains.params(w, i), batch)
+        return loss.mean(), loss.detach()
+    one = grad(objective, has_aux=True)
+
+    def grad_fn(W, batch):
+        out = [one(W[i], i, tuple(x[i] for x in batch)) for i in range(chains.CT)]
+        return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
+    return grad_fn
+
+
+def _native_rows(loss_fn, chains, W, lo, hi, batch, chunk):
+    """loss_fn.batched_grad for chains lo:hi, flattened to (hi-lo, P); with `chunk`, averaged over row chunks."""
+    p, B = chains.params(W, lo, hi), batch[0].shape[1]
+    flat, loss = 0, 0
+    for r in range(0, B, chunk or B):
+        m = min(chunk or B, B - r)
+        lc, grads = loss_fn.batched_grad(p, tuple(x[lo:hi, r:r + m] for x in batch))
+        gc = torch.cat([grads[k].reshape(hi - lo, -1) for k in chains.names], 1)
+        if m == B:
+            return gc, lc
+        flat, loss = flat + gc * (m / B), loss + lc * (m / B)
+    return flat, loss
+
+
+def native_grad(loss_fn, chains, s):
+    """The loss's hand-derived gradient, every chain in one batched computation (GPU/TPU)."""
+    return lambda W, batch: _native_rows(loss_fn, chains, W, 0, chains.CT, batch, 0)
+
+
+def native_loop_grad(loss_fn, chains, s):
+    """The hand-derived gradient one chain at a time on `workers` threads, each single-threaded, in cache-sized
+    row chunks (CPU): the same chains for any number of workers."""
+    cpu = chains.W.device.type == "cpu"
+    workers = min(chains.CT, int(s.workers or torch.get_num_threads())) if cpu else 1
+    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
+    chunk = s.grad_chunk if cpu else 0
+
+    def grad_fn(W, batch):
+        rows = (pool.map if pool else map)(lambda i: _native_rows(loss_fn, chains, W, i, i + 1, batch, chunk),
+                                           range(chains.CT))
+        out = list(rows)
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+    grad_fn.close = pool.shutdown if pool else None
+    return grad_fn
+
+
+GRADIENTS = {"vmap": vmap_grad, "loop": loop_grad, "native": native_grad, "native_loop": native_loop_grad}
+CHAIN_MODES = ("auto", *GRADIENTS)
+
+
+def pick_chain_mode(loss_fn, device, batch_rows, num_params):
+    """auto's choice: the hand-derived gradient where the loss has one (one chain at a time on CPU), else
+    torch.func: vmap, but a loop over chains on CPU for big problems (activations fall out of cache)."""
+    cpu = torch.device(device).type == "cpu"
+    if getattr(loss_fn, "batched_grad", None) is not None:
+        return "native_loop" if cpu else "native"
+    return "loop" if cpu and batch_rows * num_params >= 1e7 else "vmap"
+
+
+def batched_grad_mismatch(loss_fn, params, names, batch, rtol=1e-3):
+    """None when loss_fn.batched_grad matches autograd of loss_fn at w* on `batch`, else the relative errors: a
+    hand-derived gradient goes stale when the model's code is edited."""
+    def mean_and_loss(q):
+        loss = loss_fn(q, batch)
+        return loss.mean(), loss.detach()
+    try:
+        loss_h, g_h = loss_fn.batched_grad({k: v[None] for k, v in params.items()}, tuple(x[None] for x in batch))
+        g_a, loss_a = grad(mean_and_loss, has_aux=True)(params)
+        errs = {k: float((g_h[k][0] - g_a[k]).abs().max() / g_a[k].abs().max().clamp_min(1e-12)) for k in names}
+        errs["(loss)"] = float((loss_h[0] - loss_a).abs().max() / loss_a.abs().max().clamp_min(1e-12))
+    except Exception as e:  # noqa: BLE001  (a model whose shapes no longer fit the derivation)
+        return {"error": f"{type(e).__name__}: {e}"}
+    bad = {k: round(e, 6) for k, e in errs.items() if not e <= rtol}
+    return bad or None
+
+
+def choose_gradient(loss_fn, w_stars, chains, data, s, gen, device):
+    """The chain mode: explicit, or auto; a hand-derived gradient only after it matched autograd at every w*.
+    auto falls back to autograd with one warning; an explicit native mode raises."""
+    mode = s.chain_mode
+    if mode == "auto":
+        mode = pick_chain_mode(loss_fn, device, s.batch_size, chains.W.shape[1])
+    if mode not in GRADIENTS:
+        raise ValueError(f"unknown chain_mode {mode!r} ({', '.join(CHAIN_MODES)})")
+    if mode.startswith("native"):
+        if getattr(loss_fn, "batched_grad", None) is None:
+            raise ValueError(f"chain_mode={mode!r} needs a loss_fn with a batched_grad (data.RunLoss has one for "
+                             "the regression task)")
+        rows = data.head(8, gen)
+        bad = next(filter(None, (batched_grad_mismatch(loss_fn, w, chains.names, rows) for w in w_stars)), None)
+        if bad and s.chain_mode == "auto":
+            mode = pick_chain_mode(None, device, s.batch_size, chains.W.shape[1])
+            warnings.warn(f"the hand-derived gradient disagrees with autograd ({bad}): has the model's code "
+                          f"changed? Using chain_mode={mode!r} (autograd); set chain_mode to silence this")
+        elif bad:
+            raise ValueError(f"the hand-derived gradient (batched_grad) disagrees with autograd at w* (relative errors "
+                             f"{bad}): has the model's code changed? Use chain_mode='loop' or 'vmap', or update "
+                             "icl_grad.py")
+    return mode
+
+
+def cuda_graph_step(step, first, W, key):
+    """sgld_step captured in a CUDA graph on static batch buffers, once checked against the eager step (on a
+    mismatch: one warning, eager steps). W and the noise key are restored, so the chains start where they would."""
+    static = tuple(x.clone() for x in first)
+    W_keep, key_keep = W.clone(), key.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(static)
+    torch.cuda.current_stream().wait_stream(side)
+    W.copy_(W_keep)
+    key.copy_(key_keep)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step(static)
+
+    def replay(batch):
+        for s_, x in zip(static, batch):
+            s_.copy_(x)
+        graph.replay()
+        return loss
+    W.copy_(W_keep), key.copy_(key_keep)
+    eager_loss, eager_W = step(first).clone(), W.clone()
+    W.copy_(W_keep), key.copy_(key_keep)
+    ok = torch.allclose(replay(first), eager_loss, rtol=1e-5, atol=1e-6) and torch.allclose(W, eager_W, rtol=1e-5,
+                                                                                              atol=1e-6)
+    W.copy_(W_keep), key.copy_(key_keep)
+    if not ok:
+        warnings.warn("the CUDA-graph SGLD step does not replay the eager step: running eager steps")
+    return replay if ok else step
+
+
+# --------------------------------------------------------------------------------------------- the loop
+def sample(step, next_batch, total, CT, shape, W, xla, progress):
+    """The SGLD loop: every step's pre-step losses of all chains into an on-device trace (read back once), and which
+    chains stayed finite (burn-in included)."""
+    trace = torch.empty((CT, total) + tuple(shape), device=W.device, dtype=W.dtype)
+    alive = torch.ones(CT, dtype=torch.bool, device=W.device)
+    t_dev = torch.zeros(1, dtype=torch.int64, device=W.device)  # XLA: a device-side index keeps one graph per step
+    if xla:
+        import torch_xla.core.xla_model as xm  # optional dependency (TPU)
+    for t in range(total):
+        loss = step(next_batch())
+        alive &= torch.isfinite(loss.reshape(CT, -1)).all(1)
+        if xla:
+            trace.index_copy_(1, t_dev, loss.unsqueeze(1))
+            t_dev.add_(1)
+            xm.mark_step()
+        else:
+            trace[:, t] = loss
+        if progress is not None:
+            progress.update(t + 1)
+    return trace, alive
+
+
+def estimate_llc(loss_fn, params, data, **settings):
+    """The LLC at `params` (name -> tensor: w*), or at each of a list of such dicts in one batched computation (then a
+    list of results, each equal to that checkpoint's own estimate: common random numbers). loss_fn(params, batch) ->
+    mean loss; data: a tuple of tensors (fixed set) or sample(generator, m) -> batch (stream). See Settings."""
+    s, t_start = Settings(**settings), time.time()
+    many = isinstance(params, (list, tuple))
+    group = list(params) if many else [params]
+    if not group or any(set(p) != set(group[0]) or any(p[k].shape != group[0][k].shape for k in p) for p in group):
+        raise ValueError("a list of checkpoints needs at least one, all with the same parameter names and shapes")
+    device = torch.device(s.device) if s.device is not None else next(iter(group[0].values())).device
+    w_stars = [{k: v.detach().to(device) for k, v in p.items()} for p in group]
+    for w in w_stars:
+        bad = [k for k, v in w.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"parameter {bad[0]!r} of w* has non-finite values")
+    (g_data, g_noise, g_init, _), seeds = make_generators(s.seed, device)
+    if callable(data):
+        if not s.batch_size:
+            raise ValueError("a stream `data` (a sample callable) needs batch_size")
+        data = StreamData(data, int(s.n or 16 * s.batch_size), device)
+    else:
+        data = FixedData(data, device)
+        if s.n is not None and s.n != data.n:
+            raise ValueError(f"fixed dataset: n={s.n} but the tensors have {data.n} rows")
+        s.batch_size = int(s.batch_size or data.n)
+        if s.batch_size > data.n:
+            raise ValueError(f"batch_size={s.batch_size} is larger than the dataset (n={data.n})")
+    s.n = data.n
+    L0 = []
+    for w in w_stars:  # every checkpoint's L(w*) on the same rows
+        g_init.manual_seed(seeds[2])
+        L0.append(mean_loss(loss_fn, w, data, s.batch_size, g_init))
+        if L0[-1].dim() != int(s.per_token):
+            raise ValueError(f"loss_fn returned shape {tuple(L0[-1].shape)}; expected a "
+                             f"{'vector (per_token=True)' if s.per_token else 'scalar (per_token=False)'}")
+        if not torch.isfinite(L0[-1]).all():
+            raise ValueError(f"L(w*) is not finite ({L0[-1].tolist()}): the checkpoint itself is broken")
+
+    chains = Chains(w_stars, select_params(list(w_stars[0]), s.include, s.exclude), s.num_chains)
+    mode = choose_gradient(loss_fn, w_stars, chains, data, s, g_init, device)
+    backend = s.update_backend
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton is not None else "xla" if device.type == "xla" else "torch"
+    if backend not in ("torch", "triton", "xla"):
+        raise ValueError(f"unknown update_backend {backend!r} (auto, torch, triton, xla)")
+    if backend == "triton" and s.update_backend == "auto" and not triton_update_ok(device):
+        backend = "torch"
+    if s.cuda_graph and not (device.type == "cuda" and mode == "native" and backend == "triton"):
+        raise ValueError("cuda_graph needs device cuda, chain_mode 'native' and the triton update")
+
+    grad_fn, threads = GRADIENTS[mode](loss_fn, chains, s), torch.get_num_threads()
+    if mode == "native_loop" and device.type == "cpu":  # each chain single-threaded, whichever worker runs it
+        torch.set_num_threads(1)
+    W, W0, C, K = chains.W, chains.W0, s.num_chains, chains.K
+    a, b, c = sgld_coefficients(s.epsilon, s.gamma, s.nbeta)
+    key = torch.tensor([noise_key(seeds[1], 0)], dtype=torch.int64, device=device)
+
+    def sgld_step(batch):
+        """Every chain's gradient at its pre-step point, then the update; returns the pre-step losses."""
+        G, loss = grad_fn(W, batch)
+        if backend == "triton":
+            sgld_update_triton(W, W0, G, a, b, c, key)
+            key.add_(1)
+        else:  # one checkpoint's worth of noise, used by every checkpoint (as in the kernel)
+            noise = torch.randn((C, W.shape[1]), generator=g_noise, device=g_noise.device, dtype=W.dtype)
+            sgld_update_torch(W, W0, G, noise.to(device), a, b, c)
+        return loss
+
+    def next_batch():  # every checkpoint's chain c gets chain c's minibatch
+        batch = data.next(C, s.batch_size, g_data)
+        return batch if K == 1 else tuple(x.repeat(K, *[1] * (x.dim() - 1)) for x in batch)
+
+    total, t_sample = s.num_burnin + s.num_draws, time.time()
+    step, batches = sgld_step, next_batch
+    if s.cuda_graph:  # step 0's batch fills the static buffers; step 0 then uses it
+        first = [next_batch()]
+        step = cuda_graph_step(sgld_step, first[0], W, key)
+        batches = lambda: first.pop() if first else next_batch()  # noqa: E731
+    bar = Progress(s.progress, total, "SGLD steps") if s.progress else None
+    try:
+        trace, alive = sample(step, batches, total, chains.CT, L0[0].shape, W, backend == "xla", bar)
+    finally:
+        if getattr(grad_fn, "close", None):
+            grad_fn.close()
+        torch.set_num_threads(threads)
+    tr, alive = trace[:, s.num_burnin:].double().cpu().numpy(), alive.cpu().numpy()  # the one read-back
+    info = dict(epsilon=s.epsilon, gamma=s.gamma, nbeta=s.nbeta, num_chains=C, num_draws=s.num_draws,
+                num_burnin=s.num_burnin, batch_size=s.batch_size, seed=s.seed, n=s.n,
+                data_mode="stream" if isinstance(data, StreamData) else "fixed", num_params=W.shape[1],
+                update_backend=backend, chain_mode=mode, cuda_graph=bool(s.cuda_graph), checkpoints_batched=K,
+                sample_time=time.time() - t_sample)  # the SGLD loop: chain-steps/s = K*C*(burn-in + draws)/sample_time
+    results = [chain_summary(tr[g * C:(g + 1) * C], L0[g].cpu().numpy(), alive[g * C:(g + 1) * C], s.nbeta,
+                             s.per_token) for g in range(K)]
+    lost = [g for g, r in enumerate(results) if r is None]
+    if lost:
+        raise AllChainsDivergedError(
+            f"all {C} SGLD chains diverged (non-finite loss) with epsilon={s.epsilon}, nbeta={s.nbeta}, "
+            f"gamma={s.gamma}{f' at checkpoint(s) {lost} of the {K}' if many else ''}: lower epsilon (or nbeta), "
+            "or check that w* is near a minimum")
+    for r in results:
+        r.update(info, wall_time=time.time() - t_start)
+    return results if many else results[0]
+
+
+# ---------------------------------------------------------------------------------------------- diagnostics
 def ess_rhat(x):
-    """Multi-chain effective sample size (Geyer initial monotone sequence on the chain-averaged
-    autocorrelation, as in Stan), split-R-hat, and the pooled variance estimate, for x of shape (C, T)."""
+    """Multi-chain effective sample size (Geyer's initial monotone sequence, as in Stan), split-R-hat and the pooled
+    variance, for x of shape (C, T)."""
     C, T = x.shape
     if T < 4:
         return float(C * T), float("nan"), float(x.var()) if x.size > 1 else 0.0
@@ -180,8 +557,8 @@ def ess_rhat(x):
 
 
 def chain_summary(tr, L0, alive, nbeta, per_token):
-    """The LLC estimate and its diagnostics from one checkpoint's post-burn-in losses tr (C, T[, K]) (float64),
-    L(w*) L0 and the chains that never produced a non-finite loss; None when every chain diverged."""
+    """The estimate and its diagnostics from one checkpoint's post-burn-in losses tr (C, T[, K]), L(w*) and the
+    chains that stayed finite; None when every chain diverged."""
     C = tr.shape[0]
     bad = ~alive | ~np.isfinite(tr.reshape(C, -1)).all(1)
     ok = np.flatnonzero(~bad)
@@ -200,34 +577,3 @@ def chain_summary(tr, L0, alive, nbeta, per_token):
         out["llc_per_token"] = (nbeta * (tr[ok].mean((0, 1)) - L0)).tolist()
         out["init_loss_per_token"] = L0.tolist()
     return out
-
-
-def _as_tuple(batch):
-    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-
-
-def _graph_step(sgld_step, first_batch, W, key):
-    """Capture sgld_step (forward, backward, fused update, key += 1) in a CUDA graph on static batch buffers.
-    Returns step(batch): copy the batch into the static buffers, replay, return the static loss buffer (valid
-    until the next replay; the caller copies it into the trace). Warm-up runs happen on a side stream, and W and
-    the noise key are restored afterwards, so the captured chains start exactly where the eager ones would."""
-    static = tuple(x.clone() for x in _as_tuple(first_batch))
-    W_keep, key_keep = W.clone(), key.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            sgld_step(static)
-    torch.cuda.current_stream().wait_stream(side)
-    W.copy_(W_keep)
-    key.copy_(key_keep)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = sgld_step(static)
-
-    def step(batch):
-        for s, x in zip(static, _as_tuple(batch)):
-            s.copy_(x)
-        graph.replay()
-        return loss
-    return step

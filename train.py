@@ -1,18 +1,14 @@
 """Train the paper's in-context linear regression transformer, or its attention-only language model.
 
-    python train.py                                   # the CPU demo (configs/tiny.py)
-    python train.py configs/L2H4.py --seed=3          # the paper's run (regression.md §5)
+    python train.py                                   # the CPU demo (these defaults = configs/tiny.py)
+    python train.py configs/L2H4.py --seed=3          # the paper's run: 500k steps
     python train.py configs/L2H4.py --stop_at=40292   # its first 40k steps, schedule unchanged
     torchrun --nproc_per_node=2 train.py configs/tiny.py   # DDP; the global batch is split across ranks
     python train.py configs/lm_tiny.py                # the language-model CPU demo (task = "lm")
-    python train.py configs/L2W256.py                 # the paper's language model (language.md §2)
 
-The two settings differ only behind the task object (data.Task or lm_data.LMTask, from common.run_task):
-task.sample -> a batch, task.loss(model(task.model_input(batch)), targets), task.metrics at checkpoints.
-
-Re-running the same command resumes from the last complete checkpoint, bit-identically on CPU: the data
-of step t are drawn from a generator seeded by (seed, rank, t), so only the weights and Adam's moments
-need saving. Outputs: see common.py.
+The task (data.TASKS[task]) supplies the data, the loss and the checkpoint metrics. Re-running the same
+command resumes from the last complete checkpoint, bit-identically on CPU (step t's data come from a generator
+seeded by (seed, rank, t)).
 """
 import copy
 import json
@@ -26,54 +22,39 @@ import numpy as np
 import torch
 
 import common
-from model import build_model
+import data
 
-# ----------------------------------------------------------------------------- defaults (the paper)
-out_dir = "out/L2H4-s0"
+# ------------------------------------------------------------------------- defaults: the CPU demo (configs/tiny.py)
+out_dir = "out/tiny"    # run folder: config.json, log.jsonl, checkpoints/
 seed = 0                # model init (torch.manual_seed) and the training data stream
-task = "regression"     # regression | lm (the language model; configs/L2W256.py, configs/lm_tiny.py)
-# regression task
-D = 4
-K = 8
-sigma2 = 0.125          # noise variance (std = sqrt(sigma2))
-num_tasks = 0           # size M of the task prior; 0 = infinite (a fresh task per sequence)
-task_seed = 0           # draws the M tasks of a finite prior
-# model
-n_layer = 2
-n_head = 4
-d_model = 64
-d_mlp = 64
-# language model (task = "lm"; n_layer, n_head, d_model above; attention only, no MLP): lm_data.py, lm_eval.py
-corpus = "python"       # python (CPython's bundled docs, no download) | kjv (Debian bible-kjv) | a folder of text
-tokenizer = "train"     # train (byte-level BPE on the training split) | a tokenizer.json | hub (the paper's)
-data_dir = ""           # tokenizer + packed tokens; "" = data/<corpus>-v<vocab_size>-ctx<n_ctx> in the repository
-vocab_size = 5000       # id vocab_size-1 = <|endoftext|> (BOS/EOS)
-n_ctx = 1024            # tokens per packed row (the model sees n_ctx-1 inputs per row)
-test_frac = 0.05        # held-out share of the documents (test loss and every LM evaluation)
-# optimisation: Adam(0.9, 0.999, 1e-8), no weight decay, one-cycle triangle peaking at max_steps/2 - 1
-optimizer = "adam"      # adam | adamw (decoupled weight decay, the language model's)
-weight_decay = 0.0
-lr_schedule = "onecycle"  # onecycle (the regression recipe) | constant (the language model's)
-lr = 3e-3
-batch_size = 256
-max_steps = 500_000
+task = "regression"     # a key of data.TASKS: regression | lm (the language model)
+n_layer = 2             # transformer layers
+n_head = 4              # attention heads per layer
+d_model = 64            # residual stream width
+optimizer = "adam"      # adam | adamw (decoupled weight decay, the language model's); betas 0.9/0.999, eps 1e-8
+weight_decay = 0.0      # weight decay (adamw)
+lr_schedule = "onecycle"  # onecycle (triangle peaking at max_steps/2 - 1, the regression recipe) | constant
+lr = 3e-3               # peak learning rate
+batch_size = 256        # sequences per step (all ranks together)
+micro_batch = 0         # sequences per forward/backward (gradients accumulated; bounds CPU memory); 0 = the batch
+max_steps = 2000        # schedule length (the paper: 500,000)
 stop_at = -1            # stop after this step (>= 0) while the schedule keeps its full length
-# checkpoints at int(logspace(0, log10 N, n_log)) U int(linspace(0, N, n_lin)) U every ckpt_every, N = max_steps
-n_log = 100
-n_lin = 100
-ckpt_every = 0
-# logging and evaluation
-log_interval = 100
-eval_batch_size = 1024
-eval_seed = 0
-# system
+n_log = 50              # checkpoints: int(logspace(0, log10 max_steps, n_log)) ...
+n_lin = 20              # ... U int(linspace(0, max_steps, n_lin)) ...
+ckpt_every = 0          # ... U every ckpt_every-th step (0: none), plus the last step
+log_interval = 50       # steps between training-loss rows in log.jsonl
+eval_batch_size = 1024  # sequences (rows) of the fixed eval set, evaluated at every checkpoint
+eval_seed = 0           # seeds the eval set
 device = "auto"         # auto | cpu | cuda | xla
-compile = False
-tf32 = False
+compile = False         # torch.compile the model
+tf32 = False            # allow TF32 matmuls on CUDA
 # ---------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
-RESUME_MAY_CHANGE = {"stop_at", "device", "compile", "tf32", "log_interval"}
-CHOICES = {"task": ("regression", "lm"), "optimizer": ("adam", "adamw"), "lr_schedule": ("onecycle", "constant")}
+for _kind in data.TASKS.values():  # each task's own keys (data.py: D, K, ...; lm_data.py: corpus, ...)
+    DEFAULTS.update(_kind.defaults)
+SOURCES = [__file__, *dict.fromkeys(sys.modules[k.task.__module__].__file__ for k in data.TASKS.values())]  # --help
+RESUME_MAY_CHANGE = {"stop_at", "device", "compile", "tf32", "log_interval", "micro_batch"}
+CHOICES = {"task": tuple(data.TASKS), "optimizer": ("adam", "adamw"), "lr_schedule": ("onecycle", "constant")}
 
 
 def lr_at(step, peak, total):
@@ -131,10 +112,7 @@ def train(cfg: dict) -> dict:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     if cfg["batch_size"] % world:
         raise common.ConfigError(f"batch_size {cfg['batch_size']} is not divisible by the {world} ranks")
-    for key, allowed in CHOICES.items():
-        if cfg[key] not in allowed:
-            raise common.ConfigError(f"{key} must be one of {allowed}, got {cfg[key]!r}")
-    master = rank == 0
+    master, kind = rank == 0, data.kind(cfg)
     out, N = cfg["out_dir"], cfg["max_steps"]
     dev = pick_device(cfg["device"])
     if cfg["tf32"]:
@@ -149,16 +127,14 @@ def train(cfg: dict) -> dict:
         if diff:
             raise common.ConfigError(f"{out} holds a run with a different config (saved vs now: {diff}); "
                                      "use another out_dir or delete this one")
-    elif master:
+    if kind.prepare is not None and master:
+        kind.prepare(cfg)  # e.g. the language model's tokenizer + packed token files, once per data folder
+    if master and not os.path.exists(cfg_path):
         common.atomic_write(cfg_path, json.dumps(cfg, indent=1))
-
-    if cfg["task"] == "lm" and master:
-        import lm_data
-        lm_data.prepare_for(cfg)  # tokenizer + packed token files, once per data folder
     if ddp:
         torch.distributed.barrier()
-    task = common.run_task(cfg)
-    model = build_model(common.model_config(cfg), cfg["seed"])
+    task = data.task_for(cfg)
+    model = data.build_model(cfg, cfg["seed"])
     start, params, state = find_resume_step(out)
     if start is not None:
         model.load_state_dict(params, strict=False)
@@ -185,20 +161,24 @@ def train(cfg: dict) -> dict:
     eval_data = task.eval_data(common.derive_seed(cfg["eval_seed"], 1), cfg["eval_batch_size"])
     gen = torch.Generator(device=dev if dev.type in ("cpu", "cuda") else "cpu")
     local_bs = cfg["batch_size"] // world
-    last = cfg["stop_at"] if cfg["stop_at"] >= 0 else N - 1
-    row, t0, t_last, steps_since = {}, time.time(), time.time(), 0
-    for step in range(start, min(last, N - 1) + 1):
+    micro = cfg["micro_batch"] if 0 < cfg["micro_batch"] < local_bs else local_bs
+    last = min(cfg["stop_at"] if cfg["stop_at"] >= 0 else N - 1, N - 1)
+    bar = common.Progress("train", last + 1 - start, "steps")
+    row, t_last, steps_since = {}, time.time(), 0
+    for step in range(start, last + 1):
         gen.manual_seed(common.derive_seed(cfg["seed"], rank, step))
-        xs, ys = task.sample(gen, local_bs, gen.device)
-        xs, ys = xs.to(dev), ys.to(dev)
-        loss = task.loss(fwd(task.model_input(xs, ys)), ys)
+        xs, ys = (x.to(dev) for x in task.sample(gen, local_bs))
         for g in opt.param_groups:
             g["lr"] = lr_for(cfg, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for i in range(0, local_bs, micro):  # gradient accumulation: the same mean-loss gradient as one pass
+            x, y = xs[i:i + micro], ys[i:i + micro]
+            loss_i = task.loss(fwd(task.model_input(x, y)), y) * (len(y) / local_bs)
+            loss_i.backward()
+            loss = loss_i.detach() if i == 0 else loss + loss_i.detach()
         opt.step()
         if dev.type == "xla":
-            import torch_xla.core.xla_model as xm
+            import torch_xla.core.xla_model as xm  # optional dependency (TPU)
             xm.mark_step()
         steps_since += 1
         if master and step % cfg["log_interval"] == 0:
@@ -214,32 +194,24 @@ def train(cfg: dict) -> dict:
             # drops and writes again (the other order could lose the row of the checkpoint it resumes from)
             common.append_jsonl(os.path.join(out, "log.jsonl"), row)
             common.save_checkpoint(out, step, model, {"optimizer": _cpu(opt.state_dict()), "step": step})
-            done, todo = step + 1 - start, last + 1 - start
-            eta = (time.time() - t0) / done * (todo - done)
-            common.progress(f"step {step:>7d}/{last} | test loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
-                            f"{1 / step_time:.0f} steps/s | ETA {_fmt(eta)}")
+            bar.update(step + 1 - start, f"step {step}: test loss {row['loss']:.4f}, lr {row['lr']:.2e}", force=True)
             t_last, steps_since = time.time(), 0
+        elif master:
+            bar.update(step + 1 - start, f"step {step}")
     if ddp:  # the master may still be writing: no rank tears its connections down before all are done
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if master:
-        common.progress(f"done: {out} (config.json, log.jsonl, checkpoints/) in {_fmt(time.time() - t0)}")
+        common.progress(f"done: {out} (config.json, log.jsonl, checkpoints/) in {common.fmt_time(time.time() - bar.t0)}")
     return row
 
 
 def evaluate(model, batch, task):
-    """Metrics on the fixed eval data, computed on CPU (checkpoints are rare; keeps XLA graphs small), except
-    the language model's on CUDA (token rows, a tensor), which would take minutes on the host."""
-    dev = next(model.parameters()).device
-    if dev.type == "cuda" and torch.is_tensor(batch):
-        return task.metrics(model, batch.to(dev))
-    if dev.type == "xla":  # a CPU copy: model.cpu() / .to(xla) would replace the parameters the optimizer holds
+    """The task's checkpoint metrics on the fixed eval data, on the model's device (XLA: on a CPU copy, which keeps
+    the XLA graphs small; model.cpu() would replace the parameters the optimizer holds)."""
+    if next(model.parameters()).device.type == "xla":
         return task.metrics(copy.deepcopy(model).cpu(), batch)
-    model.cpu()
-    try:
-        return task.metrics(model, batch)
-    finally:
-        model.to(dev)
+    return task.metrics(model, batch)
 
 
 def _move_optimizer_state(opt, dev):
@@ -259,21 +231,16 @@ def _cpu(obj):
     return obj
 
 
-def _fmt(sec):
-    return f"{sec / 3600:.1f}h" if sec > 3600 else f"{sec / 60:.1f}m" if sec > 60 else f"{sec:.0f}s"
-
-
 def main(argv):
     if not argv:
-        argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")]
-        common.progress(f"no config given: running the CPU demo {argv[0]}")
-    try:
-        cfg = common.configure(DEFAULTS, argv)
-    except common.ConfigError as e:
-        sys.exit(f"config error: {e}")
+        common.progress("no config given: running the CPU demo (the defaults, as configs/tiny.py)")
+    cfg = common.parse_args("train.py", __doc__, DEFAULTS, argv, sources=SOURCES, choices=CHOICES)
     if cfg["device"] == "cpu" or (cfg["device"] == "auto" and not torch.cuda.is_available()):
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))  # tiny models: 1 thread is fastest
-    train(cfg)
+    try:
+        train(cfg)
+    except (common.ConfigError, FileNotFoundError) as e:
+        common.fail("train.py", e)
 
 
 if __name__ == "__main__":

@@ -14,3 +14,4 @@ batch_size = 256
 max_steps = 500_000
 n_log = 100
 n_lin = 100
+log_interval = 100
