@@ -1,24 +1,10 @@
-"""Analyse training runs: per-checkpoint metrics, essential dynamics, stages, figures and a report.
-
-    python analyze.py out/tiny                              # outputs in out/tiny
-    python analyze.py out/s0 out/s1 out/s2 --out=out/seeds  # seeds: mean ± std, outputs in --out (default: the first)
-    python analyze.py out/tiny --eval_size=2048 --threads=2  # --key=value overrides of DEFAULTS, as for llc.py
-Every bare argument is a run directory, except a .py file, which is a config file of key = value lines.
-Per run (cached, only new checkpoints are evaluated): analysis.jsonl (a row per checkpoint), ed_outputs.f32 (the
-raw outputs on the fixed ED batch, a float32 row per checkpoint) and analysis_meta.json (the settings; changing
-them recomputes everything). Into the output directory: stages.json, summary.json, report.md, figures/*.png
-(plots.py). Several runs share one stage detection (on the mean curve over their common steps) and one PCA
-(each run centred on its own mean). Without llc.jsonl the stages come from the test loss; llc.jsonl rows whose
-chains all diverged (llc_mean null) are left out; both with a warning, also in summary.json.
-A language-model run (config task "lm", language.md §4-5) gets its own per-checkpoint evaluations
-(lm_evaluator: per-position, bigram, n-gram, ICL, per-head previous-token / prefix-matching and K-composition
-scores), essential dynamics on true-token logits and its own figures (plots.lm_figures); the --lm_* sizes default
-to a few seconds per checkpoint on a CPU (the paper: 10,000 each).
-Quicker on a CPU: --eval_size=2048; --hessian_probes=0 --lanczos_iters=0 skip the Hessian.
-Specs: ../shared/spec/regression.md §8-9, llc-and-ed.md §3-5.
-"""
-import json, math, os, sys, time, warnings
+"""Analyse training runs: evaluate every checkpoint (cached), detect the developmental stages on the LLC (or the
+test loss), compute the essential dynamics, and write stages.json, summary.json, report.md and figures/. What is
+measured and drawn comes from the run's task: data.kind(cfg) names an evaluator here and a figure set in plots."""
+import json, math, os, sys, warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,119 +12,45 @@ from torch.func import functional_call
 
 import common
 import data
+import lm_eval
 import plots
+import stages
 from model import weight_norm
-from stages import detect_stages
 
-REFERENCE = Path(__file__).resolve().parent.parent / "shared" / "reference" / "paper_v1_seedmean.csv"
+USAGE = """
+    python analyze.py out/tiny                              # outputs in out/tiny
+    python analyze.py out/s0 out/s1 out/s2 --out=out/seeds  # seeds: mean ± std, one stage detection, one PCA
+    python analyze.py out/tiny --eval_size=2048 --hessian_probes=0 --lanczos_iters=0   # quicker on a CPU
+Bare arguments are run directories (a .py file is a config file). Cached per run: analysis.jsonl (a row per
+checkpoint), ed_outputs.f32 (the ED features) and analysis_meta.json (changed settings re-evaluate everything)."""
+REFERENCE = Path(__file__).resolve().parent / "reference" / "paper_v1_seedmean.csv"
 
-
-# --------------------------------------------------------------------------------- essential dynamics
-def gram(mats, rows=None, cols=None, mem_bytes=2 ** 28):
-    """G = X X^T in float64, X the row-wise stack of mats[i][rows[i]] (arrays or np.memmaps of equal width),
-    summed over column chunks so only an (N x chunk) slab is ever in memory: any number of features."""
-    rows = [np.arange(len(m)) for m in mats] if rows is None else rows
-    N = sum(len(r) for r in rows)
-    cols = np.arange(mats[0].shape[1]) if cols is None else np.asarray(cols)
-    chunk, G = max(1, mem_bytes // (8 * N)), np.zeros((N, N))
-    for i in range(0, len(cols), chunk):
-        c = cols[i:i + chunk]
-        Xc = np.concatenate([np.asarray(m[np.ix_(r, c)], dtype=np.float64) for m, r in zip(mats, rows)])
-        G += Xc @ Xc.T
-    return G
-
-
-def pca_from_gram(G, k=4, groups=None):
-    """Centred PCA from a Gram matrix (llc-and-ed.md §3.2): G_c = J G J, J = I - 11^T/N; scores U sqrt(L).
-    With `groups` (a label per row, e.g. the run) each group is centred on its own mean, so that several
-    seeds share one basis of their development rather than of their differences. Signs are fixed so that
-    the last row's score is >= 0. Returns (scores (N, k), explained-variance ratios)."""
-    g = np.zeros(len(G)) if groups is None else np.asarray(groups)
-    Gc = np.array(G, dtype=np.float64)
-    for lab in np.unique(g):  # J G J in O(N^2): subtract each group's mean row, then its mean column
-        i = g == lab
-        Gc[i] -= Gc[i].mean(0)
-        Gc[:, i] -= Gc[:, i].mean(1, keepdims=True)
-    lam, U = np.linalg.eigh(Gc)
-    lam, U = lam[::-1].clip(0), U[:, ::-1]
-    scores = U[:, :k] * np.sqrt(lam[:k])
-    scores *= np.where(scores[-1] < 0, -1.0, 1.0)
-    return scores, lam[:k] / (lam.sum() or 1.0)
-
-
-def smooth_variable_sigma(y, sigmas, truncate=4.0):
-    """Gaussian smoothing along axis 0 with a width per output point (llc-and-ed.md §3.3): output i is the
-    centre value of a reflect-mode Gaussian filter of width sigmas[i] on the window i ± int(truncate*sigma+0.5)
-    clipped to the array (so reflection happens only at the array ends). Weights sum to 1."""
-    y, sigmas = np.asarray(y, float), np.asarray(sigmas, float)
-    if len(sigmas) != len(y):
-        raise ValueError(f"need one sigma per point: {len(sigmas)} sigmas for {len(y)} points")
-    if (sigmas < 0).any():
-        raise ValueError(f"sigmas must be >= 0, got min {sigmas.min()}")
-    out = np.empty_like(y)
-    for i, s in enumerate(sigmas):
-        r = int(truncate * s + 0.5)
-        lo, hi = max(0, i - r), min(len(y), i + r + 1)
-        k = np.arange(-r, r + 1)
-        w = np.exp(-0.5 * (k / max(s, 1e-12)) ** 2)
-        idx = (i - lo + k) % (2 * (hi - lo))  # reflect about the window edges: d c b a | a b c d | d c b a
-        idx = np.where(idx >= hi - lo, 2 * (hi - lo) - 1 - idx, idx)
-        out[i] = np.tensordot(w / w.sum(), y[lo + idx], axes=1)
-    return out
-
-
-def osculating_circles(c):
-    """Centres and radii of the osculating circles of a 2-D curve c (N, 2) at t = 1..N-2 (central differences,
-    llc-and-ed.md §3.4). The centres trace the evolute; its cusps mark turns of the trajectory."""
-    d1, d2 = (c[2:] - c[:-2]) / 2, c[2:] - 2 * c[1:-1] + c[:-2]
-    cross = d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0]
-    speed = np.linalg.norm(d1, axis=1) + 1e-300
-    radius = 1.0 / (np.abs(cross) / speed ** 3 + 1e-12)
-    tangent = d1 / speed[:, None]
-    normal = np.stack([-tangent[:, 1], tangent[:, 0]], 1) * np.where(cross >= 0, 1.0, -1.0)[:, None]
-    return c[1:-1] + radius[:, None] * normal, radius
-
-
-def cusp_candidates(curve, skip=8, top=3):
-    """Checkpoint indices of the sharpest evolute cusps and of the sharpest points of a 2-D curve (N, 2).
-
-    Cusps: among every `skip`-th osculating centre, the smallest centre displacement per unit displacement
-    of the curve itself (llc-and-ed.md §3.4 uses the bare centre displacement; dividing by the curve's own
-    step keeps a trajectory that has not started moving from counting as a cusp). Sharp points: the smallest
-    radii. Indices refer to rows of `curve`."""
-    centres, radii = osculating_circles(curve)
-    idx = np.arange(0, len(centres), skip)
-    moved = np.linalg.norm(np.diff(curve[1:-1][idx], axis=0), axis=1)
-    ratio = np.linalg.norm(np.diff(centres[idx], axis=0), axis=1) / np.maximum(moved, 1e-300)
-    return dict(cusps=[int(idx[i]) + 1 for i in np.argsort(ratio)[:top]],
-                sharp=[int(i) + 1 for i in np.argsort(radii)[:top]])
-
-
-def essential_dynamics(runs, mats, steps, sigma_max, ycols=None, k=4):
-    """Joint PCA of all runs' output trajectories (common steps), the variant on the columns `ycols` only (the
-    regression's y-predictions; None: no variant), smoothing, evolutes of the first run's smoothed PC pairs and
-    their cusps (as steps)."""
-    keep = set(steps)
-    sel = [np.array([r["ed_row"] for r in rows if r["step"] in keep]) for rows in runs]
-    groups = np.repeat(np.arange(len(sel)), [len(s) for s in sel])
-    k = min(k, len(groups))
-    scores, evr = pca_from_gram(gram(mats, sel), k, groups)
-    n, cuts = len(steps), np.cumsum([len(s) for s in sel])[:-1]
-    scores_y, evr_y = (None, np.zeros(0)) if ycols is None else pca_from_gram(gram(mats, sel, cols=ycols), k, groups)
-    smax = sigma_max if sigma_max >= 0 else 300 * n / 5000
-    smoothed = [smooth_variable_sigma(s, np.linspace(0.1, max(0.1, smax), n)) for s in np.split(scores, cuts)]
-    skip = 8 if n >= 80 else max(1, n // 10)
-    cusps, evolutes = {}, {}
-    for i, j in [(0, 1), (0, 2), (1, 2)]:
-        if max(i, j) < scores.shape[1] and n >= 3:
-            pair = f"PC{i + 1}-PC{j + 1}"
-            evolutes[pair] = osculating_circles(smoothed[0][:, [i, j]])[0]
-            if n >= 3 + skip:
-                c = cusp_candidates(smoothed[0][:, [i, j]], skip=skip)
-                cusps[pair] = {key: [steps[t] for t in v] for key, v in c.items()}
-    return dict(scores=np.split(scores, cuts), smoothed=smoothed, evr=evr, evr_y=evr_y, cusps=cusps,
-                evolutes=evolutes, scores_y=None if scores_y is None else np.split(scores_y, cuts),
-                steps=np.array(steps))
+STAGE_RULE = dict(  # stages.detect_stages' thresholds
+    alpha=0.05,            # significance level of a stage boundary (two-sided, Bonferroni over the candidates)
+    slope_frac=0.1,        # boundary candidates: local minima of |slope| below this fraction of its maximum
+    min_change_frac=0.05,  # a stage must change the smoothed curve by more than this fraction of its range
+    min_log_len=0.25,      # a stage must last at least this long in log(t+1)
+    flat_frac=0.05,        # a stage changing by less than this fraction of the range is typed Other
+)
+DEFAULTS = dict(  # the options, --key=value; a value keeps the default's type
+    out="",               # output directory (default: the first run directory)
+    eval_size=8192,       # eval-set sequences for the metrics
+    eval_seed=0,          # seeds the eval set (ED/Hessian batch: seed+1)
+    ed_batch=1024,        # sequences in the fixed ED batch
+    hessian_batch=-1,     # first sequences of the ED batch used (-1: 1024 on a GPU, 256 on a CPU)
+    hessian_probes=2,     # Hutchinson probes (0: no trace)
+    lanczos_iters=10,     # Lanczos iterations (0: no eigenvalues)
+    top_eigs=3,           # top Hessian eigenvalues reported
+    chunk=-1,             # sequences per forward pass (0: the whole batch; -1: 256 on a CPU, 0 on a GPU)
+    ed_sigma_max=-1.0,    # end of the smoothing-σ ramp (-1: 300·N/5000)
+    lm_rows=256,          # LM: held-out rows evaluated (the paper: 10,000 x 1,024 tokens)
+    lm_ed=256,            # LM: ED features, one true-token logit per row (at most lm_rows; the paper: 10,000)
+    lm_head_seqs=200,     # LM: synthetic sequences per head score (the paper: 10,000)
+    lm_bigram_seqs=256,   # LM: positions for the bigram score and entropy (the paper: 5,000 / 10,000)
+    lm_ngrams=1000,       # LM: n-gram sequences per n = 2, 3, 4
+    threads=0,            # torch threads (0: torch's default)
+    device="",            # evaluation device (default: cuda if available, else cpu)
+    **STAGE_RULE)
 
 
 # ------------------------------------------------------------------------------------------- Hessian
@@ -184,42 +96,28 @@ def lanczos_top(hvp, n, iters, k, gen):
 
 
 # ------------------------------------------------------------------------------ per-checkpoint analysis
-def structure_stats(params, n_layer):
-    """LN collapse (fraction of |gamma| < 0.1 per LN), embedding spectra sigma^2/sum and the effective
-    unembedding (the final LN's affine folded into output row 0): regression.md §8.2."""
-    lns = {f"b{i + 1}-{k}": f"blocks.{i}.layer_norms.{j}"
-           for i in range(n_layer) for j, k in enumerate(("attn", "mlp"))}
-    lns["unembed"] = "unembedding.0"
-    row = {f"ln_collapse/{n}": float((params[p + ".weight"].abs() < 0.1).float().mean()) for n, p in lns.items()}
-    for name, key in (("tok_spec", "token_embedding.weight"), ("pos_spec", "postn_embedding.weight")):
-        s2 = torch.linalg.svdvals(params[key].double()) ** 2
-        row[name] = (s2 / s2.sum()).tolist()
-    gamma, beta = params["unembedding.0.weight"], params["unembedding.0.bias"]
-    W, b = params["unembedding.1.weight"], params["unembedding.1.bias"]
-    row["unembed_w"] = (gamma * W[0]).tolist()
-    row["unembed_b"] = float(W[0] @ beta + b[0])
-    return row
+@dataclass
+class Evaluator:
+    """A task's analysis of one run (made by the function data.kind(cfg).evaluator names): what is measured at
+    each checkpoint, and what the summary, the ED variant and the loss/LLC figure take from the task."""
+    meta: dict           # the cache's settings (changing them re-evaluates every checkpoint); width: ED features
+    setup: Callable      # () -> evaluate(model) -> (metrics, ED features); called once, only if there is work
+    summary_keys: tuple  # the metrics reported at each stage's first and last checkpoint
+    ed_cols: np.ndarray | None = None    # the ED variant's feature columns (regression: the y-predictions)
+    reference: np.ndarray | None = None  # the paper's seed-mean curves, overlaid on the loss/LLC figure
+    final: bool = False  # summary.json gets "final": each metric's mean at the last checkpoint
 
 
-class Chunked(torch.nn.Module):
-    """`model` applied to `chunk` sequences at a time (0: all at once); the same parameters. On a CPU small
-    chunks keep the activations in cache."""
-
-    def __init__(self, model, chunk):
-        super().__init__()
-        self.model, self.chunk = model, chunk
-
-    def forward(self, x):
-        return torch.cat([self.model(c) for c in x.split(self.chunk)]) if self.chunk else self.model(x)
-
-
-def evaluate_run(out_dir, opt):
-    """Evaluate every checkpoint not yet in out_dir/analysis.jsonl; returns (rows sorted by step, ED memmap).
-    The cache logic is shared; what is measured comes from regression_evaluator or lm_evaluator."""
-    out_dir = Path(out_dir)
+def evaluator(out_dir, opt) -> Evaluator:
+    """The run's Evaluator, from the function its task names."""
     cfg = common.load_run(out_dir)
     dev = torch.device(opt["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
-    meta, setup = (lm_evaluator if cfg.get("task") == "lm" else regression_evaluator)(out_dir, cfg, opt, dev)
+    return globals()[data.kind(cfg).evaluator](out_dir, cfg, opt, dev)
+
+
+def evaluate_run(out_dir, ev):
+    """Evaluate every checkpoint not yet in out_dir/analysis.jsonl; returns (rows sorted by step, ED memmap)."""
+    out_dir, meta = Path(out_dir), ev.meta
     cache, ed_path, meta_path = (out_dir / f for f in ("analysis.jsonl", "ed_outputs.f32", "analysis_meta.json"))
     stale = meta_path.exists() and json.loads(meta_path.read_text()) != meta
     rows = [] if stale else common.read_jsonl(cache)
@@ -235,51 +133,51 @@ def evaluate_run(out_dir, opt):
     done = {r["step"] for r in rows}
     todo = [s for s in common.list_checkpoints(out_dir) if s not in done]
     if todo:
-        evaluate, t0 = setup(), time.time()  # the once-per-run state (eval sets, baselines, n-gram lists)
-        for i, step in enumerate(todo):
+        evaluate = ev.setup()  # the once-per-run state (eval sets, baselines, n-gram lists)
+        progress = common.Progress(f"analyze {out_dir.name}", len(todo), "ckpt")
+        for i, step in enumerate(todo, 1):
             try:
-                model = common.load_model(out_dir, step).to(dev)
+                model = data.load_model(out_dir, step)
             except common.CheckpointError as e:
                 warnings.warn(f"skipping step {step}: {e}")
-                continue
-            metrics, feats = evaluate(model)
-            row = {"step": step, **metrics, "ed_row": len(rows)}
-            with open(ed_path, "ab") as f:
-                f.write(np.asarray(feats, dtype=np.float32).ravel().tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            common.append_jsonl(cache, row)
-            rows.append(row)
-            el = time.time() - t0
-            print(f"\ranalyze {out_dir.name}: step {step} [{i + 1}/{len(todo)}] {el / (i + 1):.1f}s/ckpt "
-                  f"ETA {el / (i + 1) * (len(todo) - i - 1):.0f}s   ", end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
+            else:
+                metrics, feats = evaluate(model)
+                row = {"step": step, **metrics, "ed_row": len(rows)}
+                with open(ed_path, "ab") as f:
+                    f.write(np.asarray(feats, dtype=np.float32).ravel().tobytes())
+                    f.flush()
+                    os.fsync(f.fileno())
+                common.append_jsonl(cache, row)
+                rows.append(row)
+            progress.update(i, note=f"step {step}")
     X = np.memmap(ed_path, dtype=np.float32, mode="r").reshape(-1, meta["width"]) if rows else None
     return sorted(rows, key=lambda r: r["step"]), X
 
 
 def regression_evaluator(out_dir, cfg, opt, dev):
-    """(cache settings, setup): setup() returns model -> (metrics, ED features). Behavioural metrics on the eval
-    set, structure statistics, Hessian trace / top eigenvalues, and the full outputs on the fixed ED batch."""
+    """Behavioural metrics on the eval set, structure statistics, Hessian trace / top eigenvalues; the ED features
+    are the full outputs on the fixed ED batch (its variant: the y-predictions only)."""
     hb = opt["hessian_batch"] if opt["hessian_batch"] > 0 else 1024 if dev.type == "cuda" else 256
     chunk = opt["chunk"] if opt["chunk"] >= 0 else 0 if dev.type == "cuda" else 256
     meta = {k: opt[k] for k in ("eval_size", "eval_seed", "ed_batch", "hessian_probes", "lanczos_iters",
                                 "top_eigs")}
-    meta.update(hessian_batch=min(hb, opt["ed_batch"]), width=opt["ed_batch"] * 2 * cfg["K"] * (cfg["D"] + 1))
+    B, T, C = opt["ed_batch"], 2 * cfg["K"], cfg["D"] + 1
+    meta.update(hessian_batch=min(hb, B), width=B * T * C)
 
     def setup():
-        task = common.run_task(out_dir)
+        task = data.task_for(cfg)
         batch = {k: v.to(dev) for k, v in task.eval_batch(opt["eval_seed"], opt["eval_size"]).items()}
         base = data.regression_baselines(batch, task.sigma2, task.tasks)  # model-independent: once per run
-        ed = {k: v.to(dev) for k, v in task.eval_batch(opt["eval_seed"] + 1, opt["ed_batch"]).items()}
+        ed = {k: v.to(dev) for k, v in task.eval_batch(opt["eval_seed"] + 1, B).items()}
         tokens, hb = data.to_tokens(ed["xs"], ed["ys"]), meta["hessian_batch"]
 
         def evaluate(model):
+            model = model.to(dev)
             params = {k: v.detach().cpu() for k, v in model.named_parameters()}
             row = {**data.regression_metrics(Chunked(model, chunk), batch, task.sigma2, task.tasks, baselines=base),
                    **structure_stats(params, cfg["n_layer"])}
             if opt["hessian_probes"] > 0 or opt["lanczos_iters"] > 0:
-                hvp, n = make_hvp(model, lambda o: data.Task.loss(o, ed["ys"][:hb]), tokens[:hb])
+                hvp, n = make_hvp(model, lambda o: task.loss(o, ed["ys"][:hb]), tokens[:hb])
                 gen = torch.Generator().manual_seed(opt["eval_seed"])
                 if opt["hessian_probes"] > 0:
                     tr, probes = hutchinson_trace(hvp, n, opt["hessian_probes"], gen)
@@ -290,15 +188,19 @@ def regression_evaluator(out_dir, cfg, opt, dev):
             with torch.no_grad():
                 return row, Chunked(model, chunk)(tokens).float().cpu().numpy()
         return evaluate
-    return meta, setup
+    h = max(cfg["K"] // 2, 1)
+    paper = cfg["K"] == 8 and cfg.get("max_steps") == 500_000  # the step axes agree with the reference's
+    return Evaluator(meta, setup, ("loss", "delta_ridge", "pred_norm", f"icl_1_{h}", "weight_norm",
+                                   "ln_collapse/unembed", "hessian_trace"),
+                     ed_cols=np.arange(B * T * C).reshape(B, T, C)[:, 0::2, 0].ravel(),
+                     reference=np.genfromtxt(REFERENCE, delimiter=",", names=True) if paper else None)
 
 
 def lm_evaluator(out_dir, cfg, opt, dev):
-    """regression_evaluator for a language-model run (language.md §4): per-position, position-ablated, bigram,
-    n-gram and ICL scores, per-head previous-token / prefix-matching scores, K-composition (layer 0 -> 1),
-    positional and weight norms; the ED features are the true-token logits (lm_eval.true_token_logits). CPU."""
-    import lm_eval
-    task = common.run_task(out_dir)
+    """Per-position, position-ablated, bigram, n-gram and ICL scores, per-head previous-token / prefix-matching
+    scores, K-composition (layer 0 -> 1), positional and weight norms; the ED features are the true-token logits
+    (lm_eval.true_token_logits). On the CPU."""
+    task = data.task_for(cfg)
     meta = {k: opt[k] for k in ("eval_seed", "lm_rows", "lm_ed", "lm_head_seqs", "lm_bigram_seqs",
                                 "lm_ngrams")}
     tokens = task.eval_data(opt["eval_seed"], opt["lm_rows"])
@@ -329,7 +231,36 @@ def lm_evaluator(out_dir, cfg, opt, dev):
                        weight_norm=float(weight_norm(model.parameters())))
             return row, lm_eval.true_token_logits(model, tokens, meta["width"], seed).numpy()
         return evaluate
-    return meta, setup
+    return Evaluator(meta, setup, ("loss", "loss_pos_ablated", "icl", "bigram", "ngram/3", "weight_norm"), final=True)
+
+
+def structure_stats(params, n_layer):
+    """LN collapse (fraction of |gamma| < 0.1 per LN), embedding spectra sigma^2/sum and the effective
+    unembedding (the final LN's affine folded into output row 0)."""
+    lns = {f"b{i + 1}-{k}": f"blocks.{i}.layer_norms.{j}"
+           for i in range(n_layer) for j, k in enumerate(("attn", "mlp"))}
+    lns["unembed"] = "unembedding.0"
+    row = {f"ln_collapse/{n}": float((params[p + ".weight"].abs() < 0.1).float().mean()) for n, p in lns.items()}
+    for name, key in (("tok_spec", "token_embedding.weight"), ("pos_spec", "postn_embedding.weight")):
+        s2 = torch.linalg.svdvals(params[key].double()) ** 2
+        row[name] = (s2 / s2.sum()).tolist()
+    gamma, beta = params["unembedding.0.weight"], params["unembedding.0.bias"]
+    W, b = params["unembedding.1.weight"], params["unembedding.1.bias"]
+    row["unembed_w"] = (gamma * W[0]).tolist()
+    row["unembed_b"] = float(W[0] @ beta + b[0])
+    return row
+
+
+class Chunked(torch.nn.Module):
+    """`model` applied to `chunk` sequences at a time (0: all at once); the same parameters. On a CPU small
+    chunks keep the activations in cache."""
+
+    def __init__(self, model, chunk):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, x):
+        return torch.cat([self.model(c) for c in x.split(self.chunk)]) if self.chunk else self.model(x)
 
 
 def read_llc(out_dir):
@@ -362,14 +293,9 @@ def tables(runs, steps, keys=None):
 
 
 # ------------------------------------------------------------------------------------ summary and main
-LM_SUMMARY_KEYS = ("loss", "loss_pos_ablated", "icl", "bigram", "ngram/3", "weight_norm")
-SUMMARY_KEYS = ("loss", "delta_ridge", "pred_norm", "icl_1_{h}", "weight_norm", "ln_collapse/unembed",
-                "hessian_trace")
-
-
-def stage_changes(det, steps, M, llc_steps, L, K, keys=SUMMARY_KEYS):
+def stage_changes(det, steps, M, llc_steps, L, keys):
     """For each stage, the seed-mean value of each metric (`keys`) at its first and last checkpoint."""
-    series = [(k.format(h=max(K // 2, 1)), steps, M) for k in keys] + [("llc_mean", llc_steps, L)]
+    series = [(k, steps, M) for k in keys] + [("llc_mean", llc_steps, L)]
     out = []
     for s in det["stages"]:
         ch = {}
@@ -383,62 +309,36 @@ def stage_changes(det, steps, M, llc_steps, L, K, keys=SUMMARY_KEYS):
     return out
 
 
-STAGE_RULE = dict(alpha=0.05, slope_frac=0.1, min_change_frac=0.05, min_log_len=0.25, flat_frac=0.05)
-DEFAULTS = dict(  # the options, --key=value; a value keeps the default's type
-    out="",               # output directory (default: the first run directory)
-    eval_size=8192,       # eval-set sequences for the metrics
-    eval_seed=0,          # seeds the eval set (ED/Hessian batch: seed+1)
-    ed_batch=1024,        # sequences in the fixed ED batch
-    hessian_batch=-1,     # first sequences of the ED batch used (-1: 1024 on a GPU, 256 on a CPU)
-    hessian_probes=2,     # Hutchinson probes (0: no trace)
-    lanczos_iters=10,     # Lanczos iterations (0: no eigenvalues)
-    top_eigs=3,           # top Hessian eigenvalues reported
-    chunk=-1,             # sequences per forward pass (0: the whole batch; -1: 256 on a CPU, 0 on a GPU)
-    ed_sigma_max=-1.0,    # end of the smoothing-σ ramp (-1: 300·N/5000)
-    lm_rows=256,          # LM: held-out rows evaluated (the paper: 10,000 x 1,024 tokens)
-    lm_ed=256,            # LM: ED features, one true-token logit per row (at most lm_rows; the paper: 10,000)
-    lm_head_seqs=200,     # LM: synthetic sequences per head score (the paper: 10,000)
-    lm_bigram_seqs=256,   # LM: positions for the bigram score and entropy (the paper: 5,000 / 10,000)
-    lm_ngrams=1000,       # LM: n-gram sequences per n = 2, 3, 4
-    threads=0,            # torch threads (0: torch's default)
-    device="",            # evaluation device (default: cuda if available, else cpu)
-    **STAGE_RULE)         # the stage rule's thresholds, see detect_stages
-
-
-def split_runs(argv):
-    """(run directories, the rest for common.configure). configure reads every bare argument as a config file;
-    here a bare argument is a run directory unless it ends in .py, or is the value of a preceding `--key`
-    written without `=` (as configure reads it: any key but a boolean one takes the next argument)."""
-    runs, rest = [], []
-    for arg in argv:
-        prev = rest[-1] if rest else ""
-        value = prev.startswith("--") and "=" not in prev and not isinstance(DEFAULTS.get(prev[2:]), bool)
-        (rest if arg.startswith("--") or arg.endswith(".py") or value else runs).append(arg)
-    return runs, rest
+def parse(argv):
+    """(options, run directories) from the command line. A usage error, or an argument that is not a run with
+    checkpoints, is one line on stderr and exit code 2, before anything is written."""
+    opt, run_dirs = common.parse_args("analyze.py", __doc__ + "\n" + USAGE, DEFAULTS, argv, sources=[__file__],
+                                      positional=True)
+    if not run_dirs:
+        common.fail("analyze.py", "give one or more run directories: python analyze.py out/<run> [--key=value ...]")
+    for d in run_dirs:
+        try:
+            data.kind(common.load_run(d))
+        except (OSError, ValueError) as e:  # no or a bad config.json, an unknown task
+            common.fail("analyze.py", e)
+        if not common.list_checkpoints(d):
+            common.fail("analyze.py", f"no checkpoints in {d}/checkpoints")
+    return opt, run_dirs
 
 
 def main(argv=None):
-    """Analyse the runs named in argv (see the module docstring); returns the summary also written to
-    <out>/summary.json. A bad option raises common.ConfigError before any work starts."""
-    argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):  # configure has no help of its own; argparse used to give one here
-        options = "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items())
-        print(f"{__doc__}\nOptions (DEFAULTS; comments in analyze.py):\n{options}")
-        return None
-    run_dirs, rest = split_runs(argv)
-    opt = common.configure(DEFAULTS, rest)
-    if not run_dirs:
-        raise common.ConfigError("give one or more run directories: python analyze.py out/<run> [--key=value ...]")
+    """Analyse the runs named in argv (see USAGE); returns the summary also written to <out>/summary.json."""
+    opt, run_dirs = parse(sys.argv[1:] if argv is None else argv)
     if opt["threads"] > 0:
         torch.set_num_threads(opt["threads"])
     out = Path(opt["out"] or run_dirs[0])
-    evals = [evaluate_run(d, opt) for d in run_dirs]
-    runs, mats = [r for r, _ in evals], [m for _, m in evals]
+    evs = [evaluator(d, opt) for d in run_dirs]
+    runs, mats = zip(*[evaluate_run(d, ev) for d, ev in zip(run_dirs, evs)])
     empty = [d for d, r in zip(run_dirs, runs) if not r]
     if empty:
-        raise SystemExit(f"analyze.py: no checkpoints in {empty}")
-    cfg, warn = common.load_run(run_dirs[0]), []
-    lm = cfg.get("task") == "lm"
+        common.fail("analyze.py", f"no readable checkpoints in {empty}")
+    cfg, ev, warn = common.load_run(run_dirs[0]), evs[0], []
+    kind = data.kind(cfg)
     steps = sorted(set.intersection(*[{r["step"] for r in rows} for rows in runs]))
     llcs, diverged = zip(*[read_llc(d) for d in run_dirs])
     for d, bad in zip(run_dirs, diverged):
@@ -457,31 +357,23 @@ def main(argv=None):
         sig_steps, sig, se, llc_steps = steps, np.nanmean(table(runs, "loss", steps), 0), None, []
     for w in warn:
         warnings.warn(w)
-    det = detect_stages(sig_steps, sig, se, **{k: opt[k] for k in STAGE_RULE})
+    det = stages.detect_stages(sig_steps, sig, se, prefix=kind.stage_prefix, **{k: opt[k] for k in STAGE_RULE})
     det["signal"] = "llc" if llc_steps else "loss"
     common.atomic_write(out / "stages.json", json.dumps(det, indent=1))
-    if lm:
-        ed = essential_dynamics(runs, mats, steps, opt["ed_sigma_max"])
-    else:
-        B, T, C = opt["ed_batch"], 2 * cfg["K"], cfg["D"] + 1
-        ycols = np.arange(B * T * C).reshape(B, T, C)[:, 0::2, 0].ravel()
-        ed = essential_dynamics(runs, mats, steps, opt["ed_sigma_max"], ycols)
-    ref = None
-    if not lm and cfg["K"] == 8 and cfg.get("max_steps") == 500_000 and REFERENCE.exists():
-        ref = np.genfromtxt(REFERENCE, delimiter=",", names=True)
+    ed = stages.essential_dynamics(runs, mats, steps, opt["ed_sigma_max"], ev.ed_cols)
     M = tables(runs, steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of all-NaN columns (missing metrics)
-        figs = (plots.lm_figures if lm else plots.all_figures)(out / "figures", steps, M, llc_steps, L, llcs[0],
-                                                               diverged[0], det, ed, cfg, ref)
-        stages = stage_changes(det, steps, M, llc_steps, L, cfg["K"], LM_SUMMARY_KEYS if lm else SUMMARY_KEYS)
+        figs = getattr(plots, kind.figures)(out / "figures", steps, M, llc_steps, L, llcs[0], diverged[0], det, ed,
+                                            cfg, ev.reference)
+        changes = stage_changes(det, steps, M, llc_steps, L, ev.summary_keys)
     summary = dict(runs=[str(d) for d in run_dirs], signal=det["signal"], warnings=warn, n_checkpoints=len(steps),
-                   boundaries=det["boundaries"], stages=stages, detector=dict(params=det["params"], gp=det["gp"]),
+                   boundaries=det["boundaries"], stages=changes, detector=dict(params=det["params"], gp=det["gp"]),
                    llc_diverged_steps=list(diverged),
                    essential_dynamics=dict(explained_variance=ed["evr"].tolist(),
                                            explained_variance_y=ed["evr_y"].tolist(), cusps=ed["cusps"]),
                    figures=[str(f.relative_to(out)) for f in figs])
-    if lm:
+    if ev.final:
         last = {k: v[:, -1].mean() for k, v in M.items() if v.ndim == 2}
         summary["final"] = {k: float(v) for k, v in last.items() if math.isfinite(v)}
     common.atomic_write(out / "summary.json", json.dumps(summary, indent=1))
@@ -494,5 +386,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (common.ConfigError, FileNotFoundError) as e:  # bad options, or a run directory that is not a run
-        sys.exit(f"analyze.py: {e}")
+    except (common.ConfigError, FileNotFoundError) as e:  # e.g. a task's data folder that is missing
+        common.fail("analyze.py", e)

@@ -13,7 +13,7 @@ from torch.func import functional_call
 
 import common
 import lm_data
-from icl_grad import icl_loss_and_grads
+from fast import icl_loss_and_grads
 from model import ICLConfig, LMConfig, build_model as _seeded, weight_norm
 
 OOD_SCALES = (3, 5, 10, 100)

@@ -13,13 +13,24 @@ import torch.nn.functional as F
 
 # positions at which the paper stores the per-token test loss (language.md §4.1)
 EVAL_POSITIONS = (0, 1, 2, 3, 4, 5, 6, 7, 10, 20, 30, 50, 100, 200, 300, 500, 1000)
+CHUNK_BYTES = 2 ** 28  # activation memory per forward pass of an evaluation: the rows per pass follow from it
+
+
+def rows_per_pass(model, T, patterns=False):
+    """Rows per forward pass whose activations fit CHUNK_BYTES: logits and their softmax (B x T x V, a few) or, for
+    the patterns of every layer (no unembedding), B x H x T x T per layer; memory bounded whatever the rows."""
+    c = model.cfg
+    per_row = 4 * T * ((2 + c.n_layer) * c.n_head * T + 4 * c.d_model if patterns else
+                       3 * c.vocab_size + 2 * c.n_head * T)
+    return max(1, CHUNK_BYTES // per_row)
 
 
 # ------------------------------------------------------------------------------------------- test loss
 @torch.no_grad()
-def per_position_loss(model, tokens, batch_size=32, positions=True):
+def per_position_loss(model, tokens, batch_size=None, positions=True):
     """(T-1,) mean next-token NLL at each index k over the rows. positions=False: the position-ablated loss."""
     total = torch.zeros(tokens.shape[1] - 1, dtype=torch.float64)
+    batch_size = batch_size or rows_per_pass(model, tokens.shape[1])
     for i in range(0, len(tokens), batch_size):
         rows = tokens[i:i + batch_size]
         logits = model(rows[:, :-1], positions=positions)
@@ -28,7 +39,7 @@ def per_position_loss(model, tokens, batch_size=32, positions=True):
     return total / len(tokens)
 
 
-def position_ablated_loss(model, tokens, batch_size=32):
+def position_ablated_loss(model, tokens, batch_size=None):
     """Per-position loss with the positional embedding zeroed (marks LM2, when the model starts using position)."""
     return per_position_loss(model, tokens, batch_size, positions=False)
 
@@ -45,7 +56,7 @@ def icl_score(per_pos):
     return float(per_pos[late] - per_pos[early])
 
 
-def eval_row(model, tokens, batch_size=32):
+def eval_row(model, tokens, batch_size=None):
     """The cheap metrics logged at every training checkpoint, as a flat dict: loss (mean over all predicted
     positions), loss/k at the paper's positions, loss_pos_ablated (mean), icl (late minus early loss)."""
     pp = per_position_loss(model, tokens, batch_size)
@@ -101,11 +112,12 @@ def bigram_entropy(table, tokens, n=10000, seed=0):
 
 
 @torch.no_grad()
-def bigram_score(model, tokens, table, n_seq=5000, seed=0, batch_size=32):
+def bigram_score(model, tokens, table, n_seq=5000, seed=0, batch_size=None):
     """Mean cross-entropy H(B[c], softmax(logits at idx)) over the first n_seq rows, one uniform position idx in
     [1, T-1] per row, c = the token at idx. Bounded below by `bigram_entropy`; falls in LM1, then rises."""
     n, idx = _sample_positions(tokens, n_seq, seed)
     V, total, used = model.cfg.vocab_size, 0.0, 0
+    batch_size = batch_size or rows_per_pass(model, tokens.shape[1])
     for i in range(0, n, batch_size):
         rows, j = tokens[i:min(i + batch_size, n)], idx[i:min(i + batch_size, n)]
         logp = model(rows).log_softmax(-1)[torch.arange(len(rows)), j].double()  # (b, V)
@@ -209,9 +221,10 @@ def prefix_matching_score(pattern, first, second):
 
 
 @torch.no_grad()
-def head_scores(model, tokens, score_fn, *args, batch_size=250):
+def head_scores(model, tokens, score_fn, *args, batch_size=None):
     """(n_layer, n_head) score_fn(pattern, *args) averaged over the rows of `tokens` (args: per-row tensors)."""
     total = None
+    batch_size = batch_size or rows_per_pass(model, tokens.shape[1], patterns=True)
     for i in range(0, len(tokens), batch_size):
         _, patterns = model.residual(tokens[i:i + batch_size])
         s = torch.stack([score_fn(p, *(a[i:i + batch_size] for a in args)) for p in patterns]) * len(patterns[0])
@@ -259,12 +272,12 @@ def k_composition_scores(model, src=0, dst=1):
 
 # ---------------------------------------------------------------------------------- essential dynamics
 @torch.no_grad()
-def true_token_logits(model, tokens, n=10000, seed=0, batch_size=32):
+def true_token_logits(model, tokens, n=10000, seed=0, batch_size=None):
     """(n,) the raw logit of the true next token at one random position in [0, T-2] of each of the first n
     rows: the per-checkpoint feature vector of essential dynamics (language.md §4.9)."""
     n = min(n, len(tokens))
     idx = torch.from_numpy(np.random.default_rng(seed).integers(0, tokens.shape[1] - 1, size=n))
-    out = []
+    out, batch_size = [], batch_size or rows_per_pass(model, tokens.shape[1])
     for i in range(0, n, batch_size):
         rows, j = tokens[i:min(i + batch_size, n)], idx[i:min(i + batch_size, n)]
         b = torch.arange(len(rows))

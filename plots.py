@@ -1,9 +1,6 @@
-"""The figures and the report of analyze.py: functions of arrays and dicts, each writing one file atomically.
-
-Metric tables are dicts {key: array (runs, steps[, width])}, NaN where a value is missing; several runs are drawn
-as mean ± std. `det` is analyze.detect_stages' result, `ed` analyze.essential_dynamics'. matplotlib is imported
-here only, with the headless Agg backend.
-"""
+"""The figures and the report of analyze.py: a figure set per task (data.kind(cfg).figures names it), each figure
+a function of metric tables {key: array (runs, steps[, width])} (several runs: mean ± std), stages.detect_stages'
+and stages.essential_dynamics' results; one file written atomically. matplotlib (headless Agg) is imported here only."""
 import io
 import math
 from pathlib import Path
@@ -12,7 +9,6 @@ import matplotlib
 import numpy as np
 
 import common
-import data
 
 matplotlib.use("Agg")  # figures are only ever written to files
 import matplotlib.pyplot as plt  # noqa: E402
@@ -30,12 +26,12 @@ FIGURES = ("1_loss_llc.png", "2_essential_dynamics.png", "3_behaviour.png", "4_s
            "5_llc_diagnostics.png")
 
 
-def all_figures(fig_dir, steps, M, llc_steps, L, llc_rows, diverged, det, ed, cfg, ref=None):
-    """Every figure into fig_dir; returns their paths. llc_rows: the first run's llc.jsonl rows (for the
-    traces), diverged: its steps without an estimate."""
+def regression_figures(fig_dir, steps, M, llc_steps, L, llc_rows, diverged, det, ed, cfg, ref=None):
+    """The regression run's figures into fig_dir; returns their paths. llc_rows: the first run's llc.jsonl rows
+    (for the traces), diverged: its steps without an estimate, ref: the paper's curves or None."""
     paths = [Path(fig_dir) / f for f in FIGURES]
     loss_llc(paths[0], steps, M, llc_steps, L, det, cfg["D"] + cfg["sigma2"], ref)
-    essential_dynamics(paths[1], ed, det)
+    essential_dynamics(paths[1], ed, det, "all outputs (B×2K×(D+1))", "y-predictions only (B×K)")
     behaviour(paths[2], steps, M, det, cfg["K"])
     structure(paths[3], steps, M, det)
     llc_diagnostics(paths[4], llc_steps, L, llc_rows, diverged, det)
@@ -100,8 +96,8 @@ def _save(fig, path):
 def loss_llc(path, steps, M, llc_steps, L, det, zero_loss, ref=None, loss_label="test loss (MSE)",
              zero_label="zero predictor D+σ²"):
     """The paper's first figure: test loss and LLC over log-steps, stages shaded, the GP fit the stages were
-    detected on (±2 posterior sd); the paper's seed-mean curves (`ref`, a structured array with step, loss_mean,
-    llc_mean) overlaid when given (only where the step axes agree: K=8 on the 500k schedule)."""
+    detected on (±2 posterior sd); the paper's seed-mean curves overlaid when given (`ref`, a structured array
+    with step, loss_mean and llc_mean)."""
     fig, (a, b) = _axes(2, 1, "Test loss and local learning coefficient", w=8, h=3.2)
     _band(a, steps, M["loss"], label="test loss (eval set)")
     a.axhline(zero_loss, color="grey", ls=":", lw=1, label=zero_label)
@@ -136,9 +132,9 @@ def _trajectory(ax, runs_scores, steps, stages, i, j, evr, label=False):
     ax.set_xlabel(f"PC{i + 1} ({100 * evr[i]:.1f}%)"), ax.set_ylabel(f"PC{j + 1} ({100 * evr[j]:.1f}%)")
 
 
-def essential_dynamics(path, ed, det):
+def essential_dynamics(path, ed, det, features, features_y=None):
     """PC pairs coloured by stage with the evolute and cusps of the first run (grey: the unsmoothed scores),
-    explained variance, PCs over time, and the y-prediction-only variant."""
+    explained variance, PCs over time, and the variant on a subset of the features (`features_y`, if any)."""
     fig, ax = _axes(2, 3, "Essential dynamics of the model outputs (PCA over checkpoints)")
     k, stages, steps = ed["scores"][0].shape[1], det["stages"], ed["steps"]
     for p, (i, j) in enumerate([(0, 1), (0, 2), (1, 2)]):
@@ -160,10 +156,9 @@ def essential_dynamics(path, ed, det):
         ax[p].set_xlim(xl), ax[p].set_ylim(yl)  # the evolute runs off to infinity on straight stretches
     n = np.arange(1, len(ed["evr"]) + 1)
     y = ed["scores_y"] is not None
-    ax[3].bar(n - 0.2 * y, 100 * ed["evr"], 0.8 - 0.4 * y,
-              label="all outputs (B×2K×(D+1))" if y else "true-token logits")
+    ax[3].bar(n - 0.2 * y, 100 * ed["evr"], 0.8 - 0.4 * y, label=features)
     if y:
-        ax[3].bar(n + 0.2, 100 * ed["evr_y"], 0.4, label="y-predictions only (B×K)")
+        ax[3].bar(n + 0.2, 100 * ed["evr_y"], 0.4, label=features_y)
     ax[3].set_xlabel("principal component"), ax[3].set_ylabel("explained variance (%)")
     ax[3].set_xticks(n)
     for c in range(min(k, 3)):
@@ -173,7 +168,7 @@ def essential_dynamics(path, ed, det):
         ax[5].axis("off")
     elif ed["scores_y"][0].shape[1] >= 2:
         _trajectory(ax[5], ed["scores_y"], steps, stages, 0, 1, ed["evr_y"])
-        ax[5].set_title("y-predictions only (unsmoothed)", fontsize=9)
+        ax[5].set_title(f"{features_y}, unsmoothed", fontsize=9)
     _save(fig, path)
 
 
@@ -192,9 +187,9 @@ def behaviour(path, steps, M, det, K):
     _time_axis(ax[2], st, "E[(ŷ − ŷ_baseline)²]", logy=True)
     _band(ax[3], steps, M["pred_norm"], label="E[ŷ²]")
     _time_axis(ax[3], st, "prediction norm E[ŷ²]")
-    for g in data.OOD_SCALES:
-        _band(ax[4], steps, M[f"ood_inputs/{g}"] / g ** 2, label=f"inputs ×{g}")
-        _band(ax[5], steps, M[f"ood_tasks/{g}"] / g ** 2, label=f"tasks ×{g}")
+    for g in sorted((k.split("/")[1] for k in M if k.startswith("ood_inputs/")), key=float):  # the OOD scales
+        _band(ax[4], steps, M[f"ood_inputs/{g}"] / float(g) ** 2, label=f"inputs ×{g}")
+        _band(ax[5], steps, M[f"ood_tasks/{g}"] / float(g) ** 2, label=f"tasks ×{g}")
     _time_axis(ax[4], st, "OOD loss / g²  (x → g·x)", logy=True)
     _time_axis(ax[5], st, "OOD loss / g²  (w → g·w)", logy=True)
     _save(fig, path)
@@ -276,11 +271,11 @@ LM_FIGURES = ("1_loss_llc.png", "2_essential_dynamics.png", "3_lm_behaviour.png"
 
 
 def lm_figures(fig_dir, steps, M, llc_steps, L, llc_rows, diverged, det, ed, cfg, ref=None):
-    """all_figures for a language-model run (language.md §4): the behaviour and head-score panels differ."""
+    """regression_figures for a language-model run: the behaviour and head-score panels differ."""
     paths = [Path(fig_dir) / f for f in LM_FIGURES]
     loss_llc(paths[0], steps, M, llc_steps, L, det, math.log(cfg["vocab_size"]), loss_label="test loss (nats)",
              zero_label="uniform ln V")
-    essential_dynamics(paths[1], ed, det)
+    essential_dynamics(paths[1], ed, det, "true-token logits")
     lm_behaviour(paths[2], steps, M, det)
     head_scores(paths[3], steps, M, det)
     llc_diagnostics(paths[4], llc_steps, L, llc_rows, diverged, det)

@@ -3,7 +3,6 @@
 lambda_hat = n*beta * (E[L_batch(w)] - L(w*)) over chains localised at w* (Lau et al. 2023). All chains' sampled
 parameters live in one flat buffer W (chains, P), moved by one fused update (Triton on CUDA, torch elsewhere)."""
 import math
-import os
 import re
 import time
 import warnings
@@ -15,12 +14,7 @@ import torch
 from torch.func import grad, vmap
 
 from common import Progress, derive_seed
-
-try:  # optional: CPU-only installs use the torch update
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from fast import batched_grad_mismatch, noise_key, sgld_update_torch, sgld_update_triton, triton, triton_update_ok
 
 
 class AllChainsDivergedError(RuntimeError):
@@ -60,83 +54,12 @@ class Settings:
             raise ValueError(f"grad_chunk must be >= 0 (0: the whole batch at once); got {self.grad_chunk}")
 
 
-# ----------------------------------------------------------------------------------------------- the update
-if triton is not None:
-    @triton.jit
-    def _sgld_kernel(w_ptr, w0_ptr, g_ptr, key_ptr, P, CG, a, b, c, BLOCK: tl.constexpr):
-        """W[ch] <- W - a*G - b*(W - W0[ch // CG]) + c*randn, the noise never stored. Chain ch draws the noise of
-        chain ch % CG (common random numbers across checkpoints); the key is read from memory (CUDA graphs)."""
-        chain = tl.program_id(1).to(tl.int64)
-        j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = j < P
-        idx = chain * P + j
-        w = tl.load(w_ptr + idx, mask=mask)
-        w0 = tl.load(w0_ptr + (chain // CG) * P + j, mask=mask)
-        g = tl.load(g_ptr + idx, mask=mask)
-        z = tl.randn(tl.load(key_ptr), (chain % CG) * P + j)  # the Philox counter: unique per (chain, element)
-        tl.store(w_ptr + idx, w - a * g - b * (w - w0) + c * z, mask=mask)
-
-
+# -------------------------------------------------------------------------------------- what is sampled
 def sgld_coefficients(epsilon, gamma, nbeta):
     """w <- w - (eps/2)[nbeta g + gamma (w - w*)] + sqrt(eps) xi  ==  w - a g - b (w - w*) + c xi."""
     return epsilon * nbeta / 2, epsilon * gamma / 2, math.sqrt(epsilon)
 
 
-def sgld_update_torch(W, W0, G, noise, a, b, c):
-    """The update in torch (CPU/XLA, and the kernel's oracle), in the kernel's order. W0: (P,) or a row per group
-    of chains (R, P); noise: (C, P), or one group's (C / R, P) used by every group."""
-    R, P = (W0.shape[0] if W0.dim() == 2 else 1), W.shape[1]
-    Wg, z = W.view(R, -1, P), noise.view(-1, P) if noise.shape[0] != W.shape[0] else noise.view(R, -1, P)
-    Wg.copy_(Wg - a * G.view(R, -1, P) - b * (Wg - W0.view(R, 1, P)) + c * z)
-
-
-def noise_key(seed, step):
-    """Philox key for one step: seed in the high word, step in the low word."""
-    return ((int(seed) & 0x7FFFFFFF) << 32) | (int(step) & 0xFFFFFFFF)
-
-
-def sgld_update_triton(W, W0, G, a, b, c, key, block=1024):
-    """The fused update of all chains in place; `key` an int or a one-element int64 tensor on W's device. CPU
-    tensors need TRITON_INTERPRET=1 set before this module is imported."""
-    if triton is None:
-        raise RuntimeError("update_backend='triton' needs the triton package")
-    if not W.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("the Triton update on CPU tensors needs TRITON_INTERPRET=1 set before importing sgld")
-    assert W.is_contiguous() and G.is_contiguous() and W0.is_contiguous() and W.shape == G.shape
-    if not torch.is_tensor(key):
-        key = torch.tensor([key], dtype=torch.int64, device=W.device)
-    C, P = W.shape
-    R = W0.shape[0] if W0.dim() == 2 else 1
-    assert W0.shape[-1] == P and C % R == 0
-    _sgld_kernel[(triton.cdiv(P, block), C)](W, W0, G, key, P, C // R, float(a), float(b), float(c), BLOCK=block)
-
-
-_TRITON_CHECKED = {}
-
-
-def triton_update_ok(device) -> bool:
-    """Once per device: the kernel against the torch update, the noise-free part to float rounding and the noise's
-    mean and variance within 6 standard errors. On a mismatch: one warning, and the torch update is used."""
-    if str(device) not in _TRITON_CHECKED:
-        gen = torch.Generator().manual_seed(0)
-        C, P = 4, 4099
-        W, G, W0 = (torch.randn(*s, generator=gen).to(device) for s in ((C, P), (C, P), (P,)))
-        want, got = W.clone(), W.clone()
-        sgld_update_torch(want, W0, G, torch.zeros_like(W), 0.01, 0.02, 0.1)
-        sgld_update_triton(got, W0, G, 0.01, 0.02, 0.0, key=123)
-        why = None if torch.allclose(got, want, rtol=1e-5, atol=1e-6) else "the noise-free update differs"
-        z = W.clone()
-        sgld_update_triton(z, W0, G, 0.01, 0.02, 1.0, key=124)
-        z = (z - want).double()
-        if why is None and not (abs(z.mean()) < 6 / math.sqrt(z.numel()) and abs(z.var() - 1) < 6 * math.sqrt(2 / z.numel())):
-            why = f"the noise has mean {float(z.mean()):.4f}, variance {float(z.var()):.4f}"
-        if why:
-            warnings.warn(f"the Triton SGLD update failed its check on {device} ({why}): using the torch update")
-        _TRITON_CHECKED[str(device)] = why is None
-    return _TRITON_CHECKED[str(device)]
-
-
-# -------------------------------------------------------------------------------------- what is sampled
 def _glob(pattern):
     """`*` matches within one dotted segment, `**` across segments; anchored at both ends."""
     parts = re.split(r"(\*\*|\*)", pattern)
@@ -173,14 +96,10 @@ class Chains:
         self.frozen = {k: torch.stack([p[k] for p in w_stars])[:, None].expand(self.K, C, *w[k].shape)
                        .reshape(self.CT, *w[k].shape) for k in w if k not in names}
 
-    def params(self, w, lo=None, hi=None):
-        """Named parameters of one chain (w: its row (P,), frozen row lo) or of rows lo:hi of W (stacked)."""
-        if hi is None:
-            fz = {k: v[lo] for k, v in self.frozen.items()}
-            return {**fz, **{k: p.view(s) for k, p, s in zip(self.names, torch.split(w, self.sizes), self.shapes)}}
-        ends = np.cumsum(self.sizes).tolist()
-        out = {k: w[lo:hi, e - s:e].view(hi - lo, *sh) for k, s, e, sh in zip(self.names, self.sizes, ends, self.shapes)}
-        return {**out, **{k: v[lo:hi] for k, v in self.frozen.items()}}
+    def view(self, w, fz):
+        """Named parameters: views of the flat row(s) w, (P,) or (G, P) (so grad gives a flat gradient), and fz."""
+        parts = torch.split(w, self.sizes, dim=-1)
+        return {**fz, **{k: p.view(*w.shape[:-1], *sh) for k, p, sh in zip(self.names, parts, self.shapes)}}
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -207,9 +126,6 @@ class FixedData:
                              f"{[x.shape[0] for x in self.rows]}")
         self.perm = self.pos = None
 
-    def head(self, m, gen):
-        return tuple(x[:m] for x in self.rows)
-
     def chunks(self, m, gen):
         return (tuple(x[i:i + m] for x in self.rows) for i in range(0, self.n, m))
 
@@ -233,9 +149,6 @@ class StreamData:
     def draw(self, m, gen):
         return tuple(x.to(self.device) for x in _tuple(self.sample(gen, m)))
 
-    def head(self, m, gen):
-        return self.draw(m, gen)
-
     def chunks(self, m, gen):
         return (self.draw(min(m, self.n - i), gen) for i in range(0, self.n, m))
 
@@ -256,18 +169,16 @@ def mean_loss(loss_fn, params, data, chunk, gen):
 def vmap_grad(loss_fn, chains, s):
     """torch.func: grad vmapped over the chains (frozen parameters as vmapped inputs)."""
     def objective(w, fz, batch):
-        sel = {k: p.view(sh) for k, p, sh in zip(chains.names, torch.split(w, chains.sizes), chains.shapes)}
-        loss = loss_fn({**fz, **sel}, batch)
+        loss = loss_fn(chains.view(w, fz), batch)
         return loss.mean(), loss.detach()
     g = vmap(grad(objective, has_aux=True))
     return lambda W, batch: g(W, chains.frozen, batch)
 
 
 def loop_grad(loss_fn, chains, s):
-    """torch.func: one chain at a time (CPU, large problems: activations stay in cache). The parameters are views
-    of the chain's row w, so grad returns a flat (P,) gradient."""
+    """torch.func: one chain at a time (CPU, large problems: activations stay in cache)."""
     def objective(w, i, batch):
-        loss = loss_fn(chains.params(w, i), batch)
+        loss = loss_fn(chains.view(w, {k: v[i] for k, v in chains.frozen.items()}), batch)
         return loss.mean(), loss.detach()
     one = grad(objective, has_aux=True)
 
@@ -279,7 +190,7 @@ def loop_grad(loss_fn, chains, s):
 
 def _native_rows(loss_fn, chains, W, lo, hi, batch, chunk):
     """loss_fn.batched_grad for chains lo:hi, flattened to (hi-lo, P); with `chunk`, averaged over row chunks."""
-    p, B = chains.params(W, lo, hi), batch[0].shape[1]
+    p, B = chains.view(W[lo:hi], {k: v[lo:hi] for k, v in chains.frozen.items()}), batch[0].shape[1]
     flat, loss = 0, 0
     for r in range(0, B, chunk or B):
         m = min(chunk or B, B - r)
@@ -326,23 +237,6 @@ def pick_chain_mode(loss_fn, device, batch_rows, num_params):
     return "loop" if cpu and batch_rows * num_params >= 1e7 else "vmap"
 
 
-def batched_grad_mismatch(loss_fn, params, names, batch, rtol=1e-3):
-    """None when loss_fn.batched_grad matches autograd of loss_fn at w* on `batch`, else the relative errors: a
-    hand-derived gradient goes stale when the model's code is edited."""
-    def mean_and_loss(q):
-        loss = loss_fn(q, batch)
-        return loss.mean(), loss.detach()
-    try:
-        loss_h, g_h = loss_fn.batched_grad({k: v[None] for k, v in params.items()}, tuple(x[None] for x in batch))
-        g_a, loss_a = grad(mean_and_loss, has_aux=True)(params)
-        errs = {k: float((g_h[k][0] - g_a[k]).abs().max() / g_a[k].abs().max().clamp_min(1e-12)) for k in names}
-        errs["(loss)"] = float((loss_h[0] - loss_a).abs().max() / loss_a.abs().max().clamp_min(1e-12))
-    except Exception as e:  # noqa: BLE001  (a model whose shapes no longer fit the derivation)
-        return {"error": f"{type(e).__name__}: {e}"}
-    bad = {k: round(e, 6) for k, e in errs.items() if not e <= rtol}
-    return bad or None
-
-
 def choose_gradient(loss_fn, w_stars, chains, data, s, gen, device):
     """The chain mode: explicit, or auto; a hand-derived gradient only after it matched autograd at every w*.
     auto falls back to autograd with one warning; an explicit native mode raises."""
@@ -355,7 +249,7 @@ def choose_gradient(loss_fn, w_stars, chains, data, s, gen, device):
         if getattr(loss_fn, "batched_grad", None) is None:
             raise ValueError(f"chain_mode={mode!r} needs a loss_fn with a batched_grad (data.RunLoss has one for "
                              "the regression task)")
-        rows = data.head(8, gen)
+        rows = next(iter(data.chunks(8, gen)))
         bad = next(filter(None, (batched_grad_mismatch(loss_fn, w, chains.names, rows) for w in w_stars)), None)
         if bad and s.chain_mode == "auto":
             mode = pick_chain_mode(None, device, s.batch_size, chains.W.shape[1])
@@ -364,7 +258,7 @@ def choose_gradient(loss_fn, w_stars, chains, data, s, gen, device):
         elif bad:
             raise ValueError(f"the hand-derived gradient (batched_grad) disagrees with autograd at w* (relative errors "
                              f"{bad}): has the model's code changed? Use chain_mode='loop' or 'vmap', or update "
-                             "icl_grad.py")
+                             "fast.py")
     return mode
 
 
@@ -386,15 +280,13 @@ def cuda_graph_step(step, first, W, key):
         loss = step(static)
 
     def replay(batch):
-        for s_, x in zip(static, batch):
-            s_.copy_(x)
+        [s_.copy_(x) for s_, x in zip(static, batch)]
         graph.replay()
         return loss
     W.copy_(W_keep), key.copy_(key_keep)
     eager_loss, eager_W = step(first).clone(), W.clone()
     W.copy_(W_keep), key.copy_(key_keep)
-    ok = torch.allclose(replay(first), eager_loss, rtol=1e-5, atol=1e-6) and torch.allclose(W, eager_W, rtol=1e-5,
-                                                                                              atol=1e-6)
+    ok = all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in ((replay(first), eager_loss), (W, eager_W)))
     W.copy_(W_keep), key.copy_(key_keep)
     if not ok:
         warnings.warn("the CUDA-graph SGLD step does not replay the eager step: running eager steps")

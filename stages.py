@@ -1,5 +1,6 @@
-"""Stage detection on a developmental curve (llc-and-ed.md §4): a GP smoother in log-time, its slope and
-the significance rule of `detect_stages`. Pure numpy/torch functions, no I/O; used by analyze.py."""
+"""The developmental-stage math: stage detection on a curve over training steps (a GP smoother in log-time and a
+significance rule on its slope) and essential dynamics (PCA of output trajectories, smoothing, evolute cusps).
+Pure numpy/torch functions, no I/O and no project imports; analyze.py feeds them and plots.py draws them."""
 import math
 from statistics import NormalDist
 
@@ -8,14 +9,12 @@ import torch
 
 
 def gp_fit(t, y, se=None, starts=(0.3, 1.0, 3.0)):
-    """GP regression of a curve y over training steps t, returning the posterior (mean, covariance, hp) at t.
-
-    Kernel amp² exp(-(u - u')² / 2 ls²) on u = log(t + t0): t0 = 1 is log(t+1); a larger t0 compresses the early
-    steps (one stationary lengthscale cannot fit both a flat start and sharp transitions). Noise variance of
-    point i: (c·se_i)² + floor² (floor² alone without `se`); c rescales the reported standard errors, which are
-    estimates themselves (with common random numbers across checkpoints they overstate the scatter). ls, amp,
-    floor, c and t0 ∈ [1, max t] by maximum marginal likelihood on y standardised (torch L-BFGS, float64, one
-    start per lengthscale in `starts`)."""
+    """GP regression of a curve y over training steps t: the posterior (mean, covariance, hyperparameters) at t.
+    Kernel amp² exp(-(u - u')² / 2 ls²) on u = log(t + t0); noise variance of point i (c·se_i)² + floor²; all of
+    ls, amp, floor, c, t0 by maximum marginal likelihood (L-BFGS, float64, one start per lengthscale in `starts`)."""
+    # t0 = 1 is log(t+1); a larger t0 compresses the early steps (one stationary lengthscale cannot fit both a flat
+    # start and sharp transitions). c rescales the standard errors, estimates themselves (with common random
+    # numbers across checkpoints they overstate the scatter). Fitted on y standardised.
     f64 = dict(dtype=torch.float64)
     t, y = torch.as_tensor(np.asarray(t, float), **f64), np.asarray(y, float)
     mu, sd = y.mean(), y.std() or 1.0
@@ -83,27 +82,26 @@ def flank_peaks(a, i):
 
 
 def detect_stages(steps, values, se=None, alpha=0.05, slope_frac=0.1, min_change_frac=0.05, min_log_len=0.25,
-                  flat_frac=0.05, max_fit=400):
-    """Stage boundaries from a curve over training steps (llc-and-ed.md §4), automatically.
-
-    1. Smooth with `gp_fit` (standard errors `se`, e.g. llc_se, as heteroscedastic noise; at most `max_fit`
-       checkpoints, evenly in x = log(t+1)); slope s = dm/dx at the checkpoints and its posterior covariance.
-    2. Candidates: interior local minima of |s| below slope_frac * max|s| (plateaus and critical points in
-       log-time; the paper: |s| < 8 ~ 0.065 max).
-    3. Significance at level alpha, two-sided, Bonferroni over the candidates: z = Phi^-1(1 - alpha/(2 n_cand)).
-       A candidate stays if on each flank (`flank_peaks`) the peak |s| exceeds |s| at the candidate by more
-       than z posterior standard deviations of their difference (a dip in the slope, not a wiggle of noise).
-       A flank running into an end of the curve is exempt where the curve is flat at the candidate (|s| within
-       z sd of 0); if it stays flat to the end, the boundary moves back to where it became flat. So a curve
-       that stops moving has a boundary where it stops (the paper's LR4/LR5, a saturated loss), one that keeps
-       moving, however slowly, has none (a sigmoid still rising at the end).
-    4. Stages must differ: from the start to the first boundary and between consecutive boundaries the smoothed
-       curve must change by more than max(min_change_frac * range, z * posterior sd of the change), over at
-       least min_log_len in x; otherwise the first boundary (against the start), or the one of the pair with
-       the larger |s|, is dropped, and the check repeats. The last stage may be flat (the paper's LR5).
-    5. Types from the smoothed change over each stage: A rising, B falling by more than flat_frac * range and
-       z posterior sd, else Other.
-    """
+                  flat_frac=0.05, max_fit=400, prefix="LR"):
+    """Stage boundaries of a curve over training steps (`se`: its standard errors, e.g. llc_se): the significant
+    minima of the smoothed curve's slope in log(t+1). Stages are named f"{prefix}1", ... and typed A (rising),
+    B (falling) or Other (flat). The rule is written out step by step in the comments below."""
+    # 1. Smooth with `gp_fit` (`se` as heteroscedastic noise; at most `max_fit` checkpoints, evenly in
+    #    x = log(t+1)); slope s = dm/dx at the checkpoints and its posterior covariance.
+    # 2. Candidates: interior local minima of |s| below slope_frac * max|s| (plateaus and critical points in
+    #    log-time).
+    # 3. Significance at level alpha, two-sided, Bonferroni over the candidates: z = Phi^-1(1 - alpha/(2 n_cand)).
+    #    A candidate stays if on each flank (`flank_peaks`) the peak |s| exceeds |s| at the candidate by more than
+    #    z posterior sd of their difference (a dip in the slope, not a wiggle of noise). A flank running into an
+    #    end of the curve is exempt where the curve is flat at the candidate (|s| within z sd of 0); if it stays
+    #    flat to the end, the boundary moves back to where it became flat. So a curve that stops moving has a
+    #    boundary where it stops (a saturated loss), one that keeps moving, however slowly, has none.
+    # 4. Stages must differ: from the start to the first boundary and between consecutive boundaries the smoothed
+    #    curve must change by more than max(min_change_frac * range, z * posterior sd of the change), over at
+    #    least min_log_len in x; otherwise the first boundary (against the start), or the one of the pair with
+    #    the larger |s|, is dropped, and the check repeats. The last stage may be flat.
+    # 5. Types from the smoothed change over each stage: A rising, B falling by more than flat_frac * range and
+    #    z posterior sd, else Other.
     steps, values = np.asarray(steps, float), np.asarray(values, float)
     se = np.full(len(steps), np.nan) if se is None else np.asarray(se, float)
     keep = np.flatnonzero(np.isfinite(values))
@@ -151,8 +149,112 @@ def detect_stages(steps, values, se=None, alpha=0.05, slope_frac=0.1, min_change
     for j, (i0, i1) in enumerate(zip(edges[:-1], edges[1:])):
         dv, thr = float(m[i1] - m[i0]), max(flat_frac * np.ptp(m), z * sd(C, i0, i1) if hp else 0.0)
         kind = "A" if dv > thr else "B" if dv < -thr else "Other"
-        stages.append(dict(name=f"LR{j + 1}", start=int(steps[i0]), end=int(steps[i1]), type=kind, change=dv))
+        stages.append(dict(name=f"{prefix}{j + 1}", start=int(steps[i0]), end=int(steps[i1]), type=kind, change=dv))
     return dict(boundaries=[int(steps[i]) for i in cand], stages=stages, candidates=[int(steps[i]) for i in minima],
                 smoothed=np.asarray(m).tolist(), smoothed_sd=sd_m.tolist(), steps=steps.astype(int).tolist(), gp=hp,
                 params=dict(alpha=alpha, slope_frac=slope_frac, min_change_frac=min_change_frac,
                             min_log_len=min_log_len, flat_frac=flat_frac, heteroscedastic=se is not None))
+
+
+# --------------------------------------------------------------------------------- essential dynamics
+def gram(mats, rows=None, cols=None, mem_bytes=2 ** 28):
+    """G = X X^T in float64, X the row-wise stack of mats[i][rows[i]] (arrays or np.memmaps of equal width),
+    summed over column chunks so only an (N x chunk) slab is ever in memory: any number of features."""
+    rows = [np.arange(len(m)) for m in mats] if rows is None else rows
+    N = sum(len(r) for r in rows)
+    cols = np.arange(mats[0].shape[1]) if cols is None else np.asarray(cols)
+    chunk, G = max(1, mem_bytes // (8 * N)), np.zeros((N, N))
+    for i in range(0, len(cols), chunk):
+        c = cols[i:i + chunk]
+        Xc = np.concatenate([np.asarray(m[np.ix_(r, c)], dtype=np.float64) for m, r in zip(mats, rows)])
+        G += Xc @ Xc.T
+    return G
+
+
+def pca_from_gram(G, k=4, groups=None):
+    """Centred PCA from a Gram matrix (G_c = J G J): (scores U sqrt(L) (N, k), explained-variance ratios), signs
+    such that the last row's scores are >= 0. With `groups` (a label per row, e.g. the run) each group is centred
+    on its own mean, so that several seeds share one basis of their development rather than of their differences."""
+    g = np.zeros(len(G)) if groups is None else np.asarray(groups)
+    Gc = np.array(G, dtype=np.float64)
+    for lab in np.unique(g):  # J G J in O(N^2): subtract each group's mean row, then its mean column
+        i = g == lab
+        Gc[i] -= Gc[i].mean(0)
+        Gc[:, i] -= Gc[:, i].mean(1, keepdims=True)
+    lam, U = np.linalg.eigh(Gc)
+    lam, U = lam[::-1].clip(0), U[:, ::-1]
+    scores = U[:, :k] * np.sqrt(lam[:k])
+    scores *= np.where(scores[-1] < 0, -1.0, 1.0)
+    return scores, lam[:k] / (lam.sum() or 1.0)
+
+
+def smooth_variable_sigma(y, sigmas, truncate=4.0):
+    """Gaussian smoothing along axis 0 with a width per output point: output i is the centre value of a
+    reflect-mode Gaussian filter of width sigmas[i] on the window i ± int(truncate*sigma+0.5) clipped to the
+    array (so reflection happens only at the array ends). Weights sum to 1."""
+    y, sigmas = np.asarray(y, float), np.asarray(sigmas, float)
+    if len(sigmas) != len(y):
+        raise ValueError(f"need one sigma per point: {len(sigmas)} sigmas for {len(y)} points")
+    if (sigmas < 0).any():
+        raise ValueError(f"sigmas must be >= 0, got min {sigmas.min()}")
+    out = np.empty_like(y)
+    for i, s in enumerate(sigmas):
+        r = int(truncate * s + 0.5)
+        lo, hi = max(0, i - r), min(len(y), i + r + 1)
+        k = np.arange(-r, r + 1)
+        w = np.exp(-0.5 * (k / max(s, 1e-12)) ** 2)
+        idx = (i - lo + k) % (2 * (hi - lo))  # reflect about the window edges: d c b a | a b c d | d c b a
+        idx = np.where(idx >= hi - lo, 2 * (hi - lo) - 1 - idx, idx)
+        out[i] = np.tensordot(w / w.sum(), y[lo + idx], axes=1)
+    return out
+
+
+def osculating_circles(c):
+    """Centres and radii of the osculating circles of a 2-D curve c (N, 2) at t = 1..N-2 (central differences).
+    The centres trace the evolute; its cusps mark turns of the trajectory."""
+    d1, d2 = (c[2:] - c[:-2]) / 2, c[2:] - 2 * c[1:-1] + c[:-2]
+    cross = d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0]
+    speed = np.linalg.norm(d1, axis=1) + 1e-300
+    radius = 1.0 / (np.abs(cross) / speed ** 3 + 1e-12)
+    tangent = d1 / speed[:, None]
+    normal = np.stack([-tangent[:, 1], tangent[:, 0]], 1) * np.where(cross >= 0, 1.0, -1.0)[:, None]
+    return c[1:-1] + radius[:, None] * normal, radius
+
+
+def cusp_candidates(curve, skip=8, top=3):
+    """Rows of a 2-D curve (N, 2) at the sharpest evolute cusps (among every `skip`-th osculating centre, the
+    smallest centre displacement per unit displacement of the curve, so a trajectory that has not started moving
+    does not count as a cusp) and at its sharpest points (the smallest radii)."""
+    centres, radii = osculating_circles(curve)
+    idx = np.arange(0, len(centres), skip)
+    moved = np.linalg.norm(np.diff(curve[1:-1][idx], axis=0), axis=1)
+    ratio = np.linalg.norm(np.diff(centres[idx], axis=0), axis=1) / np.maximum(moved, 1e-300)
+    return dict(cusps=[int(idx[i]) + 1 for i in np.argsort(ratio)[:top]],
+                sharp=[int(i) + 1 for i in np.argsort(radii)[:top]])
+
+
+def essential_dynamics(runs, mats, steps, sigma_max, ycols=None, k=4):
+    """Joint PCA of all runs' output trajectories (rows: their ed_row at the common `steps`; mats: their outputs),
+    the variant on the feature columns `ycols` only (None: no variant), smoothing, and the evolutes of the first
+    run's smoothed PC pairs with their cusps (as steps)."""
+    keep = set(steps)
+    sel = [np.array([r["ed_row"] for r in rows if r["step"] in keep]) for rows in runs]
+    groups = np.repeat(np.arange(len(sel)), [len(s) for s in sel])
+    k = min(k, len(groups))
+    scores, evr = pca_from_gram(gram(mats, sel), k, groups)
+    n, cuts = len(steps), np.cumsum([len(s) for s in sel])[:-1]
+    scores_y, evr_y = (None, np.zeros(0)) if ycols is None else pca_from_gram(gram(mats, sel, cols=ycols), k, groups)
+    smax = sigma_max if sigma_max >= 0 else 300 * n / 5000
+    smoothed = [smooth_variable_sigma(s, np.linspace(0.1, max(0.1, smax), n)) for s in np.split(scores, cuts)]
+    skip = 8 if n >= 80 else max(1, n // 10)
+    cusps, evolutes = {}, {}
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        if max(i, j) < scores.shape[1] and n >= 3:
+            pair = f"PC{i + 1}-PC{j + 1}"
+            evolutes[pair] = osculating_circles(smoothed[0][:, [i, j]])[0]
+            if n >= 3 + skip:
+                c = cusp_candidates(smoothed[0][:, [i, j]], skip=skip)
+                cusps[pair] = {key: [steps[t] for t in v] for key, v in c.items()}
+    return dict(scores=np.split(scores, cuts), smoothed=smoothed, evr=evr, evr_y=evr_y, cusps=cusps,
+                evolutes=evolutes, scores_y=None if scores_y is None else np.split(scores_y, cuts),
+                steps=np.array(steps))

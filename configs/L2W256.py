@@ -26,3 +26,4 @@ n_log = 0
 n_lin = 0
 log_interval = 10
 eval_batch_size = 320
+micro_batch = 4        # sequences per forward/backward: bounds CPU memory (~150 MB each at n_ctx 1024); GPU: 0 (all)

@@ -1,4 +1,5 @@
-"""analyze.py: stage detection, Gram-matrix PCA, smoothing, osculating circles, Hessian tools, the command line, end to end."""
+"""analyze.py and stages.py: stage detection, Gram-matrix PCA, smoothing, osculating circles, Hessian tools, the task
+table, the command line, end to end."""
 import json
 import math
 import struct
@@ -15,6 +16,7 @@ import analyze
 import plots
 import stages
 import common
+import data
 import train
 
 
@@ -95,7 +97,7 @@ def reference_curve(reference_dir):
     return ref["step"], ref["llc_mean"], ref["llc_std"] / math.sqrt(5)
 
 
-PAPER_BOUNDARIES = np.log1p([1_000, 40_000, 126_000, 320_000])  # regression.md §9.1
+PAPER_BOUNDARIES = np.log1p([1_000, 40_000, 126_000, 320_000])  # the paper's LR1-LR5 boundaries
 
 
 def test_stages_on_the_paper_llc_curve(reference_dir):
@@ -150,6 +152,14 @@ def test_stages_degenerate_inputs():
     assert det["boundaries"] == [] and det["stages"][0]["type"] == "Other"
 
 
+def test_stage_names_take_the_prefix(reference_dir):
+    """LR1, LR2, ... by default; the prefix a task gives (LM for the language model) otherwise."""
+    steps, llc, se = reference_curve(reference_dir)
+    assert [s["name"] for s in stages.detect_stages(steps, llc, se)["stages"]] == [f"LR{j}" for j in range(1, 6)]
+    det = stages.detect_stages(steps, llc, se, prefix="LM")
+    assert [s["name"] for s in det["stages"]] == [f"LM{j}" for j in range(1, 6)]
+
+
 # ------------------------------------------------------------------------------------ essential dynamics
 def test_streaming_gram_pca_equals_svd_of_stacked_data(tmp_path):
     rng = np.random.default_rng(0)
@@ -162,10 +172,10 @@ def test_streaming_gram_pca_equals_svd_of_stacked_data(tmp_path):
     mm = np.memmap(path, dtype=np.float32, mode="r").reshape(N, F)
     # two "runs" (row subsets, one permuted) and a tiny memory budget: many column chunks
     rows = [np.arange(0, 12)[::-1], np.arange(12, N)]
-    G = analyze.gram([mm, mm], rows, mem_bytes=8 * N * 97)
+    G = stages.gram([mm, mm], rows, mem_bytes=8 * N * 97)
     Xs = np.concatenate([X[r] for r in rows]).astype(np.float64)
     np.testing.assert_allclose(G, Xs @ Xs.T, rtol=1e-10)
-    scores, evr = analyze.pca_from_gram(G, k=4)
+    scores, evr = stages.pca_from_gram(G, k=4)
     Xc = Xs - Xs.mean(0)
     U, S, _ = np.linalg.svd(Xc, full_matrices=False)
     ref = U[:, :4] * S[:4]
@@ -175,14 +185,14 @@ def test_streaming_gram_pca_equals_svd_of_stacked_data(tmp_path):
     np.testing.assert_allclose(evr, S[:4] ** 2 / (S ** 2).sum(), rtol=1e-8)
     # several runs: each centred on its own mean, one shared basis
     groups = np.repeat([0, 1], [len(r) for r in rows])
-    scores_g, evr_g = analyze.pca_from_gram(G, k=3, groups=groups)
+    scores_g, evr_g = stages.pca_from_gram(G, k=3, groups=groups)
     Xg = np.concatenate([Xs[groups == g] - Xs[groups == g].mean(0) for g in (0, 1)])
     U, S, _ = np.linalg.svd(Xg, full_matrices=False)
     np.testing.assert_allclose(np.abs(scores_g), np.abs(U[:, :3] * S[:3]), atol=1e-6 * S[0])
     np.testing.assert_allclose(evr_g, S[:3] ** 2 / (S ** 2).sum(), rtol=1e-8)
     cols = np.arange(0, F, 7)  # the y-only variant: a column subset
     Xy = X[:, cols].astype(np.float64)
-    np.testing.assert_allclose(analyze.gram([mm], cols=cols, mem_bytes=800), Xy @ Xy.T, rtol=1e-10)
+    np.testing.assert_allclose(stages.gram([mm], cols=cols, mem_bytes=800), Xy @ Xy.T, rtol=1e-10)
 
 
 @pytest.mark.parametrize("direction", [1, -1])
@@ -190,7 +200,7 @@ def test_osculating_circle_of_a_circle(direction):
     centre, R, n = np.array([1.0, -2.0]), 3.0, 400
     t = direction * np.linspace(0, 2 * np.pi, n, endpoint=False) + 0.3
     c = centre + R * np.stack([np.cos(t), np.sin(t)], 1)
-    centres, radii = analyze.osculating_circles(c)
+    centres, radii = stages.osculating_circles(c)
     assert centres.shape == (n - 2, 2)
     # central differences on a sampled circle give R (1 + cos h)/2: 6e-5 relative at h = 2π/400
     np.testing.assert_allclose(radii, R, rtol=1e-4)
@@ -204,15 +214,15 @@ def test_evolute_cusps_of_an_ellipse_are_at_its_vertices():
     t = 2 * np.pi * np.arange(n) / n + 0.05
     c = np.stack([3 * np.cos(t), np.sin(t)], 1)
     vertices = np.round((np.pi / 2 * np.arange(1, 5) - 0.05) * n / (2 * np.pi)).astype(int)  # t = π/2 .. 2π
-    out = analyze.cusp_candidates(c, skip=1, top=4)
+    out = stages.cusp_candidates(c, skip=1, top=4)
     assert np.abs(np.sort(out["cusps"]) - vertices).max() <= 2, (out, vertices)
-    out = analyze.cusp_candidates(c, skip=1, top=2)
+    out = stages.cusp_candidates(c, skip=1, top=2)
     assert np.abs(np.sort(out["sharp"]) - vertices[[1, 3]]).max() <= 1, (out, vertices)
     # the criterion is geometric: the same ellipse traversed at a varying speed has the same cusps
     t2 = 2 * np.pi * (np.arange(n) / n) ** 1.3 + 0.05
     c2 = np.stack([3 * np.cos(t2), np.sin(t2)], 1)
     v2 = [int(np.argmin(np.abs(t2 - v))) for v in np.pi / 2 * np.arange(1, 5)]
-    assert np.abs(np.sort(analyze.cusp_candidates(c2, skip=1, top=4)["cusps"]) - v2).max() <= 2, v2
+    assert np.abs(np.sort(stages.cusp_candidates(c2, skip=1, top=4)["cusps"]) - v2).max() <= 2, v2
 
 
 def test_variable_sigma_smoother():
@@ -220,21 +230,21 @@ def test_variable_sigma_smoother():
     n = 200
     sig = np.linspace(0.1, 30, n)
     # weights sum to 1: constants are preserved, also at the ends and with several channels
-    np.testing.assert_allclose(analyze.smooth_variable_sigma(np.full((n, 3), 2.5), sig), 2.5, rtol=1e-12)
+    np.testing.assert_allclose(stages.smooth_variable_sigma(np.full((n, 3), 2.5), sig), 2.5, rtol=1e-12)
     y = rng.standard_normal(n)
-    np.testing.assert_array_equal(analyze.smooth_variable_sigma(y, np.zeros(n)), y)  # sigma 0: identity
+    np.testing.assert_array_equal(stages.smooth_variable_sigma(y, np.zeros(n)), y)  # sigma 0: identity
     # constant sigma: a reflect-mode ('symmetric' padding) convolution with the normalised Gaussian
     s, r = 2.5, int(4 * 2.5 + 0.5)
     w = np.exp(-0.5 * (np.arange(-r, r + 1) / s) ** 2)
     ref = np.convolve(np.pad(y, r, mode="symmetric"), w / w.sum(), mode="valid")
-    np.testing.assert_allclose(analyze.smooth_variable_sigma(y, np.full(n, s)), ref, atol=1e-12)
+    np.testing.assert_allclose(stages.smooth_variable_sigma(y, np.full(n, s)), ref, atol=1e-12)
     # symmetric kernel: a straight line is unchanged away from the ends
-    line = analyze.smooth_variable_sigma(np.arange(n, dtype=float), np.full(n, 3.0))
+    line = stages.smooth_variable_sigma(np.arange(n, dtype=float), np.full(n, 3.0))
     np.testing.assert_allclose(line[15:-15], np.arange(n)[15:-15], atol=1e-9)
     with pytest.raises(ValueError, match="one sigma per point"):
-        analyze.smooth_variable_sigma(y, sig[:-1])
+        stages.smooth_variable_sigma(y, sig[:-1])
     with pytest.raises(ValueError, match=">= 0"):
-        analyze.smooth_variable_sigma(y, -sig)
+        stages.smooth_variable_sigma(y, -sig)
 
 
 # ------------------------------------------------------------------------------------------ Hessian
@@ -329,28 +339,83 @@ FIGURES = ["1_loss_llc.png", "2_essential_dynamics.png", "3_behaviour.png", "4_s
            "5_llc_diagnostics.png"]
 
 
-def test_command_line_runs_options_and_errors(tmp_path):
-    """Bare arguments are run directories, .py files are config files, `--key value` keeps its value; bad
-    options fail before any work, naming the key (and as a one-line message from the command line)."""
+def fake_run(path, cfg=None):
+    """A folder that passes as a run on the command line: config.json and one (empty) checkpoint file."""
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(cfg or {}))
+    common.ckpt_path(path, 0).touch()
+    return str(path)
+
+
+def one_line_exit(capsys, argv):
+    """analyze.main(argv) must exit with code 2 and one line on stderr; returns that line."""
+    with pytest.raises(SystemExit) as e:
+        analyze.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def test_command_line_runs_options_and_errors(tmp_path, capsys):
+    """Bare arguments are run directories, .py files are config files, `--key value` keeps its value; bad options,
+    no run directory or one that is not a run fail with one line and exit code 2, before anything is written."""
     fast = tmp_path / "fast.py"
     fast.write_text("eval_size = 64\n")
-    runs, rest = analyze.split_runs(["out/s0", "--out", "out/seeds", "out/s1", str(fast), "--chunk", "0",
-                                     "--device=cpu"])
-    assert runs == ["out/s0", "out/s1"]
-    opt = common.configure(analyze.DEFAULTS, rest)
+    s0, s1 = fake_run(tmp_path / "s0"), fake_run(tmp_path / "s1")
+    opt, runs = analyze.parse([s0, "--out", "out/seeds", s1, str(fast), "--chunk", "0", "--device=cpu"])
+    assert runs == [s0, s1]
     assert (opt["out"], opt["eval_size"], opt["chunk"], opt["device"]) == ("out/seeds", 64, 0, "cpu")
-    nowhere = str(tmp_path / "nowhere")
-    with pytest.raises(common.ConfigError, match="unknown config key 'eval_sise'"):
-        analyze.main([nowhere, "--eval_sise=64"])
-    with pytest.raises(common.ConfigError, match="eval_size must be int"):
-        analyze.main([nowhere, "--eval_size=lots"])
-    with pytest.raises(common.ConfigError, match="run directories"):
-        analyze.main(["--eval_size=64"])
+    nowhere, bare, nockpt = tmp_path / "nowhere", tmp_path / "bare", tmp_path / "nockpt"
+    bare.mkdir(), nockpt.mkdir()
+    (nockpt / "config.json").write_text("{}")
+    odd = fake_run(tmp_path / "odd", {"task": "vision"})
+    before = sorted(tmp_path.rglob("*"))
+    assert "unknown option 'eval_sise'" in one_line_exit(capsys, [s0, "--eval_sise=64"])
+    assert "eval_size must be int" in one_line_exit(capsys, [s0, "--eval_size=lots"])
+    assert one_line_exit(capsys, [s0, "--alpha=high"]) == ("analyze.py: alpha must be float, got str 'high' in "
+                                                           "argument --alpha=high")
+    assert "run directories" in one_line_exit(capsys, ["--eval_size=64"])
+    for d in (nowhere, bare):
+        assert "not a training run" in one_line_exit(capsys, [s0, str(d)])
+    assert "no checkpoints" in one_line_exit(capsys, [str(nockpt)])
+    assert "task must be one of" in one_line_exit(capsys, [odd])
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_help_lists_every_option_and_a_misspelt_option_exits_2(tmp_path):
+    """`python analyze.py --help` exits 0 and lists every option with its default and a one-line meaning;
+    `--eval_sise=3` exits 2 with one line on stderr (naming the option and its likely spelling), writing nothing."""
     from conftest import ROOT
-    r = subprocess.run([sys.executable, str(ROOT / "analyze.py"), nowhere, "--alpha=high"], capture_output=True,
-                       text=True)
-    assert r.returncode == 1 and r.stderr.strip() == ("analyze.py: alpha must be float, got str 'high' in "
-                                                      "argument --alpha=high")
+    r = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for key, val in analyze.DEFAULTS.items():
+        line = next((ln for ln in lines if ln.strip().startswith(f"--{key}={val!r} ")), None)
+        assert line is not None and len(line.split(f"--{key}={val!r}", 1)[1].strip()) > 10, (key, line)
+    run = fake_run(tmp_path / "run")
+    before = sorted(tmp_path.rglob("*"))
+    r = subprocess.run([sys.executable, str(ROOT / "analyze.py"), run, "--eval_sise=3"], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "eval_sise" in r.stderr and "eval_size" in r.stderr and r.stdout == ""
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_each_task_names_an_evaluator_and_a_figure_set():
+    """data.TASKS names functions that exist here and in plots; the regression evaluator brings the ED variant's
+    columns (the y-predictions), its summary keys, and the in-repo paper curves only for K=8 on the 500k schedule."""
+    for name, kind in data.TASKS.items():
+        assert callable(getattr(analyze, kind.evaluator)) and callable(getattr(plots, kind.figures)), name
+    assert analyze.REFERENCE.resolve().is_relative_to(analyze.Path(analyze.__file__).resolve().parent)
+    opt = dict(analyze.DEFAULTS, ed_batch=3)
+    cfg = dict(K=8, D=4, max_steps=500_000)
+    ev = analyze.regression_evaluator(None, cfg, opt, torch.device("cpu"))
+    assert ev.meta["width"] == 3 * 16 * 5 and not ev.final and "icl_1_4" in ev.summary_keys
+    feats = np.arange(ev.meta["width"]).reshape(3, 16, 5)
+    np.testing.assert_array_equal(ev.ed_cols, feats[:, 0::2, 0].ravel())  # channel 0 at the x tokens
+    assert len(ev.reference) == 190 and ev.reference["step"][-1] == 499_999
+    assert {"llc_mean", "loss_mean"} <= set(ev.reference.dtype.names)
+    assert analyze.regression_evaluator(None, dict(cfg, max_steps=60), opt, torch.device("cpu")).reference is None
 
 
 @pytest.mark.slow
@@ -383,6 +448,7 @@ def test_end_to_end_two_seeds_cache_and_fallback(tmp_path):
     assert len(ev) == 4 and 0 < sum(ev) <= 1 + 1e-9 and ev == sorted(ev, reverse=True)
     assert json.loads((out / "stages.json").read_text())["boundaries"] == disk["boundaries"]
     assert "| LR1 |" in (out / "report.md").read_text()
+    assert [s["name"] for s in st] == [f"LR{j + 1}" for j in range(len(st))]
     rows = common.read_jsonl(out / "analysis.jsonl")
     assert len(rows) == len(steps) and {"hessian_trace", "hessian_eigs", "ln_collapse/unembed", "tok_spec",
                                         "unembed_w", "loss/8", "pred_norm"} <= set(rows[0])
@@ -435,6 +501,9 @@ def test_lm_demo_pipeline_train_llc_analyze(tmp_path):
         w, h = png_size(out / "figures" / f)
         assert w > 200 and h > 200
     assert len(summary["essential_dynamics"]["explained_variance"]) >= 2
+    names = [s["name"] for s in summary["stages"]]
+    assert names == [f"LM{j + 1}" for j in range(len(names))] and names
+    assert [s["name"] for s in json.loads((out / "stages.json").read_text())["stages"]] == names
     rows = common.read_jsonl(out / "analysis.jsonl")
     assert [r["step"] for r in rows] == steps
     heads = [f"{k}/L{a}H{b}" for k in ("prev_token", "prefix") for a in range(2) for b in range(2)]

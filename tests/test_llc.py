@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -13,9 +14,12 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import common
+import data
+import fast
 import llc
 import sgld
-from data import Task, to_tokens
+from data import RunLoss, Task, to_tokens
+from fast import icl_loss_and_grads
 from model import ICLConfig, build_model
 
 NBETA_1000 = 1000 / math.log(1000)  # devinterp's known-answer nbeta: n / ln n with n = 1000
@@ -72,27 +76,27 @@ def test_oracle_update_is_the_closed_form():
     # by hand for one entry: 1 - 0.005 * (50*0.2 + 3*0.5) + 0.1*1 = 1.0425
     assert math.isclose(want[0, 0].item(), 1.0425, rel_tol=1e-6)
     Wt = W.clone()
-    sgld.sgld_update_torch(Wt, W0, G, xi, *sgld.sgld_coefficients(eps, gamma, nbeta))
+    fast.sgld_update_torch(Wt, W0, G, xi, *sgld.sgld_coefficients(eps, gamma, nbeta))
     torch.testing.assert_close(Wt, want, rtol=1e-6, atol=1e-7)
 
 
 def _kernel_step(W, W0, G, coeffs, key, block=4096):
     W = W.clone()
-    sgld.sgld_update_triton(W, W0, G, *coeffs, key=key, block=block)
+    fast.sgld_update_triton(W, W0, G, *coeffs, key=key, block=block)
     return W
 
 
-@pytest.mark.skipif(sgld.triton is None, reason="triton not installed")
+@pytest.mark.skipif(fast.triton is None, reason="triton not installed")
 def test_triton_kernel_matches_oracle_and_noise_is_standard_normal():
     gen = torch.Generator().manual_seed(0)
     C, P = 4, 10_007  # P not a multiple of the block: the masked tail is exercised
     W, G, W0 = (torch.randn(*s, generator=gen).to(KDEV) for s in ((C, P), (C, P), (P,)))
     a, b, c = sgld.sgld_coefficients(1e-3, 6.0, 60.0)
     det = W.clone()
-    sgld.sgld_update_torch(det, W0, G, torch.zeros_like(W), a, b, c)
+    fast.sgld_update_torch(det, W0, G, torch.zeros_like(W), a, b, c)
     torch.testing.assert_close(_kernel_step(W, W0, G, (a, b, 0.0), 123), det, rtol=0, atol=1e-6)
     # noise: the kernel's result minus the deterministic part, over 3 steps (keys) x C chains x P
-    z = torch.stack([(_kernel_step(W, W0, G, (a, b, c), sgld.noise_key(7, t)) - det) / c for t in range(3)])
+    z = torch.stack([(_kernel_step(W, W0, G, (a, b, c), fast.noise_key(7, t)) - det) / c for t in range(3)])
     z = z.double()
     N = z.numel()
     assert abs(z.mean().item()) < 5 / math.sqrt(N)
@@ -103,19 +107,19 @@ def test_triton_kernel_matches_oracle_and_noise_is_standard_normal():
     off = corr[~torch.eye(len(flat), dtype=torch.bool)]
     assert off.abs().max().item() < 5 / math.sqrt(P), "noise correlated across chains or steps"
     # the same key reproduces the same noise
-    torch.testing.assert_close(_kernel_step(W, W0, G, (a, b, c), sgld.noise_key(7, 1)), z[1].float() * c + det)
+    torch.testing.assert_close(_kernel_step(W, W0, G, (a, b, c), fast.noise_key(7, 1)), z[1].float() * c + det)
     # two checkpoints (rows of W0) of 2 chains each: each chain pulled to its own row; chain 2 + c draws chain c's noise
     W0s = torch.stack([W0, -W0])
     det2 = W.clone()
-    sgld.sgld_update_torch(det2, W0s, G, torch.zeros(2, P, device=KDEV), a, b, c)
+    fast.sgld_update_torch(det2, W0s, G, torch.zeros(2, P, device=KDEV), a, b, c)
     torch.testing.assert_close(det2[2:], W[2:] - a * G[2:] - b * (W[2:] + W0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(_kernel_step(W, W0s, G, (a, b, 0.0), 123), det2, rtol=0, atol=1e-6)
-    z2 = _kernel_step(W, W0s, G, (a, b, c), sgld.noise_key(7, 0)) - det2
+    z2 = _kernel_step(W, W0s, G, (a, b, c), fast.noise_key(7, 0)) - det2
     torch.testing.assert_close(z2[2:], z2[:2], rtol=0, atol=1e-5)
     assert (z2[1] - z2[0]).abs().max() > 0.1
 
 
-@pytest.mark.skipif(sgld.triton is None, reason="triton not installed")
+@pytest.mark.skipif(fast.triton is None, reason="triton not installed")
 def test_triton_backend_runs_in_the_estimator():
     r = run(quad_loss, {"w": torch.zeros(3, device=KDEV)}, num_chains=2, num_draws=6, num_burnin=2,
             update_backend="triton")
@@ -312,7 +316,7 @@ def test_batched_chains_match_a_one_chain_at_a_time_loop(mode):
     hp = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0)
     (g_data, g_noise, _, _), _ = sgld.make_generators(seed, "cpu")
     if mode == "stream":
-        data = llc.run_sampler(task)
+        data = task.sample
 
         def next_batches(t):
             xs, ys = data(g_data, C * B)
@@ -329,7 +333,7 @@ def test_batched_chains_match_a_one_chain_at_a_time_loop(mode):
             return data[0][idx], data[1][idx]
     ref = _reference_loop(model, lambda mod, bt: task.loss(mod(to_tokens(*bt)), bt[1]), params, next_batches, C,
                           steps, burnin, g_noise=g_noise, **hp)
-    r = llc.estimate_llc(llc.run_loss_fn(model, task), params, data, num_chains=C, num_draws=steps - burnin,
+    r = llc.estimate_llc(RunLoss(model, task), params, data, num_chains=C, num_draws=steps - burnin,
                          num_burnin=burnin, batch_size=B, seed=seed, n=64 if mode == "stream" else None, **hp)
     torch.testing.assert_close(r["loss_trace"].float(), ref, rtol=2e-5, atol=2e-6)
     assert r["nan_chains"] == []
@@ -339,8 +343,8 @@ def test_per_token_llc_averages_to_the_llc():
     model, task = build_model(ICLConfig(d_model=16, d_mlp=16), 0), Task()
     params = {k: v.detach() for k, v in model.named_parameters()}
     kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=2, num_draws=8, batch_size=16, n=64, seed=3)
-    whole = llc.estimate_llc(llc.run_loss_fn(model, task), params, llc.run_sampler(task), **kw)
-    tok = llc.estimate_llc(llc.run_loss_fn(model, task, per_token=True), params, llc.run_sampler(task),
+    whole = llc.estimate_llc(RunLoss(model, task), params, task.sample, **kw)
+    tok = llc.estimate_llc(RunLoss(model, task, per_token=True), params, task.sample,
                            per_token=True, **kw)
     assert len(tok["llc_per_token"]) == task.K
     assert math.isclose(np.mean(tok["llc_per_token"]), tok["llc_mean"], rel_tol=1e-9)
@@ -354,15 +358,15 @@ def tiny_run(tmp_path):
     cfg = dict(D=4, K=4, sigma2=0.125, num_tasks=0, task_seed=0, n_layer=1, n_head=2, d_model=8, d_mlp=8, seed=0)
     common.atomic_write(tmp_path / "config.json", json.dumps(cfg))
     for step in (0, 10, 20):
-        common.save_checkpoint(tmp_path, step, build_model(common.model_config(cfg), step))
+        common.save_checkpoint(tmp_path, step, data.build_model(cfg, step))
     return tmp_path
 
 
 CLI = ["--num_chains=2", "--num_draws=6", "--num_burnin=2", "--batch_size=8", "--n=32", "--trace_points=4"]
 
 
-def test_cli_writes_one_row_per_checkpoint_and_resumes_after_a_torn_line(tiny_run):
-    llc.main(["--ckpt", str(tiny_run), *CLI])
+def test_cli_writes_one_row_per_checkpoint_and_resumes_after_a_torn_line(tiny_run, capsys):
+    llc.main([str(tiny_run), *CLI])  # the run directory positionally, as for analyze.py
     path = tiny_run / "llc.jsonl"
     rows = common.read_jsonl(path)
     assert [r["step"] for r in rows] == [0, 10, 20]
@@ -377,15 +381,17 @@ def test_cli_writes_one_row_per_checkpoint_and_resumes_after_a_torn_line(tiny_ru
     assert all(json.loads(line) for line in path.read_text().splitlines())  # no torn or duplicate row left
     llc.main(["--ckpt", str(tiny_run), *CLI])  # all done: nothing appended
     assert len(common.read_jsonl(path)) == 3
-    with pytest.raises(SystemExit, match="epsilon"):  # other settings would mix two estimators in one file
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # other settings would mix two estimators in one file
         llc.main(["--ckpt", str(tiny_run), *CLI, "--epsilon=1e-2"])
+    assert e.value.code == 2 and "epsilon=0.0003" in capsys.readouterr().err
 
 
 def test_cli_checkpoint_batches_write_the_one_at_a_time_rows(tiny_run):
     """--ckpt_batch=2 estimates checkpoints two at a time: the same rows as one at a time (native_loop on CPU:
     bit-identical); a checkpoint whose chains all diverge inside a batch is redone alone and recorded as a failure,
     without costing its batch-mate its estimate."""
-    model = common.load_model(tiny_run, 20)
+    model = data.load_model(tiny_run, 20)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(300)
@@ -402,13 +408,14 @@ def test_cli_checkpoint_batches_write_the_one_at_a_time_rows(tiny_run):
         assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
 
 
-def test_cli_subset_restriction_and_missing_steps(tiny_run):
+def test_cli_subset_restriction_and_missing_steps(tiny_run, capsys):
     llc.main(["--ckpt", str(tiny_run), *CLI, "--steps=10", "--include=blocks.**", "--exclude", "**.bias",
               "--out=rllc.jsonl", "--per_token"])
     (row,) = common.read_jsonl(tiny_run / "rllc.jsonl")
     assert row["step"] == 10 and row["include"] == "blocks.**" and len(row["llc_per_token"]) == 4
-    with pytest.raises(SystemExit, match="no checkpoint for step"):
+    with pytest.raises(SystemExit) as e:
         llc.main(["--ckpt", str(tiny_run), *CLI, "--steps=10,15"])
+    assert e.value.code == 2 and "no checkpoint for step(s) [15]" in capsys.readouterr().err
 
 
 def test_cli_calibrate_writes_a_table_and_trace_figures(tiny_run, capsys):
@@ -442,7 +449,7 @@ def test_native_gradient_matches_autograd_on_the_module(G, per_token):
     xs, ys = task.sample(torch.Generator().manual_seed(1), G * 7)
     xs, ys = xs.view(G, 7, 5, 4), ys.view(G, 7, 5)
     stk = _stacked(params, G)
-    loss, grads = llc.icl_loss_and_grads(cfg, stk, xs, ys, per_token=per_token)
+    loss, grads = icl_loss_and_grads(cfg, stk, xs, ys, per_token=per_token)
     assert loss.shape == ((G, 5) if per_token else (G,))
     for c in range(G):
         pc = {k: v[c].clone().requires_grad_() for k, v in stk.items()}
@@ -462,8 +469,8 @@ def test_slicing_the_last_block_changes_nothing(G):
     stk = _stacked({k: v.detach() for k, v in model.named_parameters()}, G, seed=2)
     xs, ys = task.sample(torch.Generator().manual_seed(3), G * 16)
     xs, ys = xs.view(G, 16, 8, 4), ys.view(G, 16, 8)
-    l1, g1 = llc.icl_loss_and_grads(model.cfg, stk, xs, ys, slice_last=True)
-    l0, g0 = llc.icl_loss_and_grads(model.cfg, stk, xs, ys, slice_last=False)
+    l1, g1 = icl_loss_and_grads(model.cfg, stk, xs, ys, slice_last=True)
+    l0, g0 = icl_loss_and_grads(model.cfg, stk, xs, ys, slice_last=False)
     assert torch.equal(l1, l0)
     assert set(g1) == set(g0) == set(stk)
     for k in g0:
@@ -476,11 +483,11 @@ def test_chain_modes_give_the_same_chains(include):
     params = {k: v.detach() for k, v in model.named_parameters()}
     kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=3, num_draws=5, num_burnin=2, batch_size=16, n=64,
               seed=4, include=include)
-    loss_fn = llc.run_loss_fn(model, task)
-    assert llc.pick_chain_mode(loss_fn, "cpu", 16, 10) == "native_loop"
-    assert llc.pick_chain_mode(lambda p, b: 0, "cpu", 1024, 52_000) == "loop"
-    assert llc.pick_chain_mode(lambda p, b: 0, "cpu", 1000, 30) == "vmap"
-    runs = {m: llc.estimate_llc(loss_fn, params, llc.run_sampler(task), chain_mode=m, **kw)
+    loss_fn = RunLoss(model, task)
+    assert sgld.pick_chain_mode(loss_fn, "cpu", 16, 10) == "native_loop"
+    assert sgld.pick_chain_mode(lambda p, b: 0, "cpu", 1024, 52_000) == "loop"
+    assert sgld.pick_chain_mode(lambda p, b: 0, "cpu", 1000, 30) == "vmap"
+    runs = {m: llc.estimate_llc(loss_fn, params, task.sample, chain_mode=m, **kw)
             for m in ("native", "native_loop", "loop", "vmap")}
     assert runs["native"]["chain_mode"] == "native" and runs["vmap"]["num_params"] == runs["native"]["num_params"]
     for m, r in runs.items():
@@ -491,18 +498,50 @@ def test_chain_modes_give_the_same_chains(include):
 
 
 def test_native_modes_refuse_a_stale_hand_derived_gradient():
-    """A model whose code no longer matches icl_grad.py (here: its output doubled) is caught by the native modes'
-    check against autograd, with a message that says what to do; the autograd modes still run."""
+    """A model whose code no longer matches fast.py (here: its output doubled) fails the check against autograd:
+    an explicit native mode raises with what to do; auto warns once and runs the autograd chains instead."""
     model, task = build_model(ICLConfig(d_model=16, d_mlp=16), 0), Task()
     params = {k: v.detach() for k, v in model.named_parameters()}
     kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=2, num_draws=2, batch_size=8, n=32, seed=0)
-    llc.estimate_llc(llc.run_loss_fn(model, task), params, llc.run_sampler(task), chain_mode="native", **kw)
+    assert llc.estimate_llc(RunLoss(model, task), params, task.sample, **kw)["chain_mode"] == "native_loop"
     model.forward = lambda tokens: 2 * type(model).forward(model, tokens)
     for mode in ("native", "native_loop"):
         with pytest.raises(ValueError, match="disagrees with autograd.*chain_mode='loop'"):
-            llc.estimate_llc(llc.run_loss_fn(model, task), params, llc.run_sampler(task), chain_mode=mode, **kw)
-    assert llc.estimate_llc(llc.run_loss_fn(model, task), params, llc.run_sampler(task), chain_mode="loop",
-                            **kw)["chain_mode"] == "loop"
+            llc.estimate_llc(RunLoss(model, task), params, task.sample, chain_mode=mode, **kw)
+    with pytest.warns(UserWarning, match="disagrees with autograd.*chain_mode='vmap'") as rec:
+        auto = llc.estimate_llc(RunLoss(model, task), params, task.sample, **kw)
+    assert len([w for w in rec if "autograd" in str(w.message)]) == 1
+    vm = llc.estimate_llc(RunLoss(model, task), params, task.sample, chain_mode="vmap", **kw)
+    assert auto["chain_mode"] == "vmap" and torch.equal(auto["loss_trace"], vm["loss_trace"])
+
+
+def test_a_forked_model_falls_back_to_autograd_in_llc_py(tmp_path, monkeypatch, recwarn):
+    """The most common fork: edit model.py (here the MLP branch scaled by 1.5) and rerun llc.py. The hand-derived
+    gradient fails its check, llc.py warns once and completes, and its row equals --chain_mode=loop's."""
+    import model as model_py
+    cfg = dict(task="regression", D=4, K=8, sigma2=0.125, num_tasks=0, task_seed=0, n_layer=2, n_head=4, d_model=64,
+               d_mlp=64, seed=0)  # the L2H4 model: at batch 256, auto's autograd choice on a CPU is the loop
+    common.atomic_write(tmp_path / "config.json", json.dumps(cfg))
+    common.save_checkpoint(tmp_path, 5, data.build_model(cfg, 0))
+    block_forward = model_py.Block.forward
+
+    def forked(self, x):
+        y = x + self.attention(self.layer_norms[0](x))
+        return y + 1.5 * self.compute(self.layer_norms[1](y))
+    monkeypatch.setattr(model_py.Block, "forward", forked)
+    assert model_py.Block.forward is not block_forward
+    cli = ["--num_chains=2", "--num_draws=3", "--num_burnin=1", "--batch_size=256", "--n=512", "--device=cpu"]
+    llc.main([str(tmp_path), *cli, "--out=auto.jsonl"])
+    warned = [w for w in recwarn if "hand-derived gradient disagrees" in str(w.message)]
+    assert len(warned) == 1 and "chain_mode='loop'" in str(warned[0].message)
+    llc.main([str(tmp_path), *cli, "--out=loop.jsonl", "--chain_mode=loop"])
+    (auto,), (loop,) = (common.read_jsonl(tmp_path / f) for f in ("auto.jsonl", "loop.jsonl"))
+    timing = {"wall_time", "sample_time"}
+    assert auto["chain_mode"] == "loop" and auto["llc_mean"] is not None
+    assert {k: v for k, v in auto.items() if k not in timing} == {k: v for k, v in loop.items() if k not in timing}
+    monkeypatch.setattr(model_py.Block, "forward", block_forward)  # the real model: the fast path again
+    llc.main([str(tmp_path), *cli, "--out=native.jsonl"])
+    assert common.read_jsonl(tmp_path / "native.jsonl")[0]["chain_mode"] == "native_loop"
 
 
 @pytest.mark.parametrize("mode,include", [("native_loop", None), ("native", None), ("vmap", "blocks.1.**")])
@@ -515,11 +554,11 @@ def test_checkpoints_batched_into_one_computation_give_their_own_estimates(mode,
     ps = [{k: v.detach() for k, v in m.named_parameters()} for m in models]
     kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=3, num_draws=5, num_burnin=2, batch_size=16, n=64,
               seed=4, chain_mode=mode, include=include)
-    loss_fn = llc.run_loss_fn(models[0], task)
-    many = llc.estimate_llc(loss_fn, ps, llc.run_sampler(task), **kw)
+    loss_fn = RunLoss(models[0], task)
+    many = llc.estimate_llc(loss_fn, ps, task.sample, **kw)
     assert len(many) == 3 and all(r["checkpoints_batched"] == 3 for r in many)
     for p, r in zip(ps, many):
-        own = llc.estimate_llc(loss_fn, p, llc.run_sampler(task), **kw)
+        own = llc.estimate_llc(loss_fn, p, task.sample, **kw)
         assert own["checkpoints_batched"] == 1 and r["init_loss"] == own["init_loss"]
         torch.testing.assert_close(r["loss_trace"], own["loss_trace"], rtol=1e-5, atol=1e-6)
         if mode == "native_loop":  # one chain at a time: the very same arithmetic
@@ -527,10 +566,10 @@ def test_checkpoints_batched_into_one_computation_give_their_own_estimates(mode,
     assert len({r["llc_mean"] for r in many}) == 3  # three different checkpoints
     if include is None:
         with pytest.raises(llc.AllChainsDivergedError, match=r"checkpoint\(s\) \[1\] of the 3"):
-            llc.estimate_llc(loss_fn, [ps[0], {k: 300 * v for k, v in ps[1].items()}, ps[2]], llc.run_sampler(task),
+            llc.estimate_llc(loss_fn, [ps[0], {k: 300 * v for k, v in ps[1].items()}, ps[2]], task.sample,
                              **kw)
     with pytest.raises(ValueError, match="same parameter names and shapes"):
-        llc.estimate_llc(loss_fn, [ps[0], {"w": torch.zeros(2)}], llc.run_sampler(task), **kw)
+        llc.estimate_llc(loss_fn, [ps[0], {"w": torch.zeros(2)}], task.sample, **kw)
 
 
 def test_cpu_chain_workers_are_bit_identical_and_row_chunks_change_only_rounding():
@@ -540,8 +579,8 @@ def test_cpu_chain_workers_are_bit_identical_and_row_chunks_change_only_rounding
     params = {k: v.detach() for k, v in model.named_parameters()}
     kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=3, num_draws=6, num_burnin=2, batch_size=24, n=96,
               seed=7, chain_mode="native_loop")
-    loss_fn = llc.run_loss_fn(model, task)
-    run = lambda **o: llc.estimate_llc(loss_fn, params, llc.run_sampler(task), **kw, **o)["loss_trace"]  # noqa
+    loss_fn = RunLoss(model, task)
+    run = lambda **o: llc.estimate_llc(loss_fn, params, task.sample, **kw, **o)["loss_trace"]  # noqa
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # torch's own setting must not leak into one chain's arithmetic
     try:
@@ -557,14 +596,14 @@ def test_cpu_chain_workers_are_bit_identical_and_row_chunks_change_only_rounding
         run(grad_chunk=-1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or sgld.triton is None, reason="needs CUDA and triton")
+@pytest.mark.skipif(not torch.cuda.is_available() or fast.triton is None, reason="needs CUDA and triton")
 def test_cuda_graph_replays_the_eager_chains():
     model, task = build_model(ICLConfig(), 0), Task()
     params = {k: v.detach().cuda() for k, v in model.named_parameters()}
     kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=4, num_draws=20, num_burnin=5, batch_size=64, n=256,
               seed=5, device="cuda", chain_mode="native")
-    eager = llc.estimate_llc(llc.run_loss_fn(model.cuda(), task), params, llc.run_sampler(task), **kw)
-    graph = llc.estimate_llc(llc.run_loss_fn(model.cuda(), task), params, llc.run_sampler(task), cuda_graph=True, **kw)
+    eager = llc.estimate_llc(RunLoss(model.cuda(), task), params, task.sample, **kw)
+    graph = llc.estimate_llc(RunLoss(model.cuda(), task), params, task.sample, cuda_graph=True, **kw)
     assert graph["cuda_graph"] and eager["update_backend"] == "triton"
     torch.testing.assert_close(graph["loss_trace"], eager["loss_trace"], rtol=1e-6, atol=0)
 
@@ -575,7 +614,7 @@ def test_torchrun_two_gloo_ranks_write_the_single_process_rows(tiny_run):
     as one process; a second torchrun resumes with the two left batched into one computation."""
     import subprocess
     import sys
-    common.save_checkpoint(tiny_run, 30, build_model(common.model_config(common.load_run(tiny_run)), 30))
+    common.save_checkpoint(tiny_run, 30, data.build_model(common.load_run(tiny_run), 30))
     llc.main(["--ckpt", str(tiny_run), *CLI, "--out=single.jsonl", "--device=cpu"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     conf = tiny_run / "llc_conf.py"  # torchrun's argparse would take `--n=32` for an abbreviation of its own options
@@ -593,3 +632,37 @@ def test_torchrun_two_gloo_ranks_write_the_single_process_rows(tiny_run):
     assert [r["step"] for r in multi] == [0, 10, 20, 30]
     for a, b in zip(single, multi):
         assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+
+
+@pytest.mark.skipif(fast.triton is None, reason="triton not installed")
+def test_triton_update_checks_itself_and_a_broken_kernel_falls_back(monkeypatch):
+    """Before its first use on a device the kernel is compared with the torch update (the noise-free part exactly,
+    the noise's mean and variance statistically); a kernel that disagrees is reported once and not used."""
+    monkeypatch.setattr(fast, "_TRITON_CHECKED", {})
+    assert fast.triton_update_ok(KDEV)
+    real = fast.sgld_update_triton
+    for broken in (lambda W, W0, G, a, b, c, key: real(W, W0, G, a * 1.01, b, c, key),  # a wrong drift
+                   lambda W, W0, G, a, b, c, key: real(W, W0, G, a, b, 1.2 * c, key)):  # noise variance 1.44
+        monkeypatch.setattr(fast, "_TRITON_CHECKED", {})
+        monkeypatch.setattr(fast, "sgld_update_triton", broken)
+        with pytest.warns(UserWarning, match="Triton SGLD update failed its check"):
+            assert not fast.triton_update_ok(KDEV)
+        assert not fast.triton_update_ok(KDEV)  # checked once per device
+
+
+def test_cli_help_and_bad_options(tiny_run, capsys):
+    """--help lists every option with its default and meaning; a misspelt key or a bad value is one line on
+    stderr, exit code 2, and nothing is written."""
+    with pytest.raises(SystemExit) as e:
+        llc.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(f"--{k}=" in out for k in llc.DEFAULTS)
+    assert re.search(r"--epsilon=0.0003 +SGLD step size", out)
+    for bad, msg in ((["--epsilonn=1e-3"], "did you mean epsilon"), (["--num_chains=two"], "num_chains must be int"),
+                     (["--chain_mode=fast"], "chain_mode must be one of"), ([], "give the run directory"),
+                     ([str(tiny_run / "nope")], "is not a training run")):
+        with pytest.raises(SystemExit) as e:
+            llc.main(([str(tiny_run)] if bad and bad[0].startswith("--") else []) + bad)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and err.count("\n") == 1, (bad, err)
+    assert not (tiny_run / "llc.jsonl").exists()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 import common
+import data
 import lm_data
 import lm_eval
 import lm_hub
@@ -320,19 +321,19 @@ def test_import_published_checkpoints(hub, tmp_path, lm_dir):
     H, url = hub
     cfg = common.configure(train.DEFAULTS, [str(ROOT / "configs" / "L2W256.py"), f"--out_dir={tmp_path / 'run'}",
                                             f"--data_dir={lm_dir}", f"--n_ctx={CTX}", "--d_model=16", "--n_head=2"])
-    models = {s: build_model(common.model_config(cfg), s) for s in (0, 100)}
+    models = {s: data.build_model(cfg, s) for s in (0, 100)}
     for s, m in models.items():
         buf = io.BytesIO()
         params = {k: v.detach() for k, v in m.named_parameters()}
         torch.save({"model": lm_hub.to_transformer_lens(params, 2)}, buf)
         H.files[f"/o/L2/resolve/main/checkpoint_{s:07d}.pth"] = buf.getvalue()
     H.cut.add("/o/L2/resolve/main/checkpoint_0000100.pth")
-    out = lm_hub.import_checkpoints("o/L2", [0, 100], tmp_path / "run", cfg, base_url=url, cache_dir=tmp_path / "c")
+    out = lm_data.import_checkpoints("o/L2", [0, 100], tmp_path / "run", cfg, base_url=url, cache_dir=tmp_path / "c")
     assert common.list_checkpoints(out) == [0, 100]
     tokens = torch.randint(0, 5000, (2, CTX))
     for s, m in models.items():
-        torch.testing.assert_close(common.load_model(out, s)(tokens), m(tokens))
-    assert isinstance(common.run_task(out), lm_data.LMTask)
+        torch.testing.assert_close(data.load_model(out, s)(tokens), m(tokens))
+    assert isinstance(data.task_for(out), lm_data.LMTask)
     assert not list((tmp_path / "c").rglob("*.pth"))  # converted once, download dropped
 
 
@@ -466,7 +467,7 @@ def test_lm_tiny_resumes_bit_identically(lm_dir, tmp_path):
     rows = common.read_jsonl(tmp_path / "cut" / "log.jsonl")
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(13))
     cfg = common.load_run(tmp_path / "ref")
-    assert cfg["task"] == "lm" and isinstance(common.load_model(tmp_path / "ref", 12), LMTransformer)
+    assert cfg["task"] == "lm" and isinstance(data.load_model(tmp_path / "ref", 12), LMTransformer)
 
 
 @pytest.mark.slow

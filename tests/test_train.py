@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import data
 import train
 from conftest import ROOT
 
@@ -50,7 +51,7 @@ def test_configure_errors(tmp_path):
     assert cfg["lr"] == 1.0 and isinstance(cfg["lr"], float) and cfg["out_dir"] == "out/x" and cfg["compile"]
     assert cfg["seed"] == 3 and cfg["tf32"] is True
     assert common.configure(d, ["--out_dir=123"])["out_dir"] == "123"  # string keys are taken verbatim
-    with pytest.raises(common.ConfigError, match="unknown config key 'lrr'"):
+    with pytest.raises(common.ConfigError, match="unknown option 'lrr'.*did you mean lr"):
         common.configure(d, ["--lrr=1"])
     with pytest.raises(common.ConfigError, match="batch_size must be int"):
         common.configure(d, ["--batch_size=1.5"])
@@ -58,7 +59,7 @@ def test_configure_errors(tmp_path):
         common.configure(d, ["--seed"])
     bad = tmp_path / "bad.py"
     bad.write_text("lr = 1e-3\nwarmup = 5\n")
-    with pytest.raises(common.ConfigError, match=f"unknown config key 'warmup' in config file {bad}"):
+    with pytest.raises(common.ConfigError, match=f"unknown option 'warmup' in config file {bad}"):
         common.configure(d, [str(bad)])
     # every shipped config parses
     for f in ["L2H4.py", "L2H4K16.py", "L2H4M64.py", "tiny.py", "L2W256.py", "lm_tiny.py"]:
@@ -69,8 +70,33 @@ def test_configure_errors(tmp_path):
 
 def test_cli_reports_config_errors_before_work(tmp_path):
     r = run_train([*SMALL, f"--out_dir={tmp_path}/r", "--max_step=3"])
-    assert r.returncode != 0 and "unknown config key 'max_step'" in r.stderr
+    assert r.returncode == 2 and "unknown option 'max_step'" in r.stderr and r.stderr.count("\n") == 1
+    r = run_train([*SMALL, f"--out_dir={tmp_path}/r", "--optimizer=sgd"])
+    assert r.returncode == 2 and "optimizer must be one of adam, adamw" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "r").exists()
+    r = run_train(["--help"])
+    assert r.returncode == 0 and all(f"--{k}=" in r.stdout for k in train.DEFAULTS)
+    assert "--K=8" in r.stdout and "pairs per context" in r.stdout and "--corpus='python'" in r.stdout
+
+
+def test_flags_without_a_config_file_mean_the_demo():
+    """No config file: the defaults are the CPU demo's (configs/tiny.py), never the paper's 500k-step run."""
+    cfg = common.configure(train.DEFAULTS, ["--device=cpu"])
+    tiny = common.read_config_file(ROOT / "configs" / "tiny.py")
+    assert cfg["max_steps"] == 2000 and all(cfg[k] == v for k, v in tiny.items())
+
+
+def test_micro_batches_give_the_whole_batch_gradient(tmp_path):
+    """Gradient accumulation over micro-batches (memory) trains the same model as whole batches, up to rounding."""
+    runs = {}
+    for m in (0, 8):
+        cfg = common.configure(train.DEFAULTS, [*SMALL, f"--out_dir={tmp_path}/m{m}", "--stop_at=3",
+                                                f"--micro_batch={m}"])
+        train.train(cfg)
+        runs[m] = _final_params(tmp_path / f"m{m}")
+    assert any(not torch.equal(runs[0][k], runs[8][k]) for k in runs[0])  # the accumulation really ran
+    for k in runs[0]:
+        torch.testing.assert_close(runs[8][k], runs[0][k], rtol=1e-4, atol=1e-6)
 
 
 def _final_params(out):
@@ -117,8 +143,8 @@ def test_corrupt_checkpoint(tmp_path):
     # resuming skips the broken file, with a warning, and rewrites it
     with pytest.warns(UserWarning, match="truncated or corrupt"):
         train.train({**cfg, "stop_at": 40})
-    assert common.load_params(out, steps[-1]).keys() == common.load_model(out, 0).state_dict().keys() - {
-        k for k, _ in common.load_model(out, 0).named_buffers()}
+    assert common.load_params(out, steps[-1]).keys() == data.load_model(out, 0).state_dict().keys() - {
+        k for k, _ in data.load_model(out, 0).named_buffers()}
 
 
 def test_resume_refuses_a_different_config(tmp_path):
@@ -132,7 +158,7 @@ def test_checkpoint_holds_parameters_only(tmp_path):
     cfg = common.configure(train.DEFAULTS, [*SMALL, f"--out_dir={tmp_path}", "--stop_at=3"])
     train.train(cfg)
     params = common.load_params(tmp_path, 3)
-    model = common.load_model(tmp_path, 3)
+    model = data.load_model(tmp_path, 3)
     assert set(params) == {k for k, _ in model.named_parameters()}
     assert json.loads((tmp_path / "config.json").read_text())["d_model"] == 16
     rows = common.read_jsonl(tmp_path / "log.jsonl")

@@ -1,13 +1,18 @@
-"""The regression transformer's loss and gradients for a stack of parameter sets, derived by hand.
-
-The SGLD hot path (llc.py, chain_mode "native"/"native_loop"): G chains' forward and backward as a few bmm's
-over the chain dimension instead of autograd through G separate graphs, and the last block evaluated only at
-the rows and the output channel the loss reads. Mathematically identical to model.ICLTransformer +
-data.Task.loss under autograd (tests/test_llc.py checks losses and gradients against it).
-"""
+"""The fast paths, each checked against its plain counterpart before use: the regression transformer's loss and
+gradient for stacked chains derived by hand (vs autograd), and the fused Triton SGLD update (vs the torch update).
+Imports nothing from the project; sgld.py falls back to the plain paths, with a warning, when a check fails."""
 import math
+import os
+import warnings
 
 import torch
+from torch.func import grad
+
+try:  # optional: CPU-only installs use the torch update
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 _aten = torch.ops.aten
 LN_EPS = 1e-5  # nn.LayerNorm's default, as in model.py
@@ -174,3 +179,90 @@ def icl_loss_and_grads(cfg, p, xs, ys, per_token=False, slice_last=True):
     g["postn_embedding.weight"] = torch.zeros_like(p["postn_embedding.weight"])  # (G, d, 2K_cfg): T columns used
     g["postn_embedding.weight"][:, :, :T] = tr(dx.view(G, B, T, d).sum(1))
     return loss, g
+
+
+# --------------------------------------------------------------------------- the fused SGLD update
+if triton is not None:
+    @triton.jit
+    def _sgld_kernel(w_ptr, w0_ptr, g_ptr, key_ptr, P, CG, a, b, c, BLOCK: tl.constexpr):
+        """W[ch] <- W - a*G - b*(W - W0[ch // CG]) + c*randn, the noise never stored. Chain ch draws the noise of
+        chain ch % CG (common random numbers across checkpoints); the key is read from memory (CUDA graphs)."""
+        chain = tl.program_id(1).to(tl.int64)
+        j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = j < P
+        idx = chain * P + j
+        w = tl.load(w_ptr + idx, mask=mask)
+        w0 = tl.load(w0_ptr + (chain // CG) * P + j, mask=mask)
+        g = tl.load(g_ptr + idx, mask=mask)
+        z = tl.randn(tl.load(key_ptr), (chain % CG) * P + j)  # the Philox counter: unique per (chain, element)
+        tl.store(w_ptr + idx, w - a * g - b * (w - w0) + c * z, mask=mask)
+
+
+def sgld_update_torch(W, W0, G, noise, a, b, c):
+    """The update in torch (CPU/XLA, and the kernel's oracle), in the kernel's order. W0: (P,) or a row per group
+    of chains (R, P); noise: (C, P), or one group's (C / R, P) used by every group."""
+    R, P = (W0.shape[0] if W0.dim() == 2 else 1), W.shape[1]
+    Wg, z = W.view(R, -1, P), noise.view(-1, P) if noise.shape[0] != W.shape[0] else noise.view(R, -1, P)
+    Wg.copy_(Wg - a * G.view(R, -1, P) - b * (Wg - W0.view(R, 1, P)) + c * z)
+
+
+def noise_key(seed, step):
+    """Philox key for one step: seed in the high word, step in the low word."""
+    return ((int(seed) & 0x7FFFFFFF) << 32) | (int(step) & 0xFFFFFFFF)
+
+
+def sgld_update_triton(W, W0, G, a, b, c, key, block=1024):
+    """The fused update of all chains in place; `key` an int or a one-element int64 tensor on W's device. CPU
+    tensors need TRITON_INTERPRET=1 set before this module is imported."""
+    if triton is None:
+        raise RuntimeError("update_backend='triton' needs the triton package")
+    if not W.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the Triton update on CPU tensors needs TRITON_INTERPRET=1 set before importing sgld")
+    assert W.is_contiguous() and G.is_contiguous() and W0.is_contiguous() and W.shape == G.shape
+    if not torch.is_tensor(key):
+        key = torch.tensor([key], dtype=torch.int64, device=W.device)
+    C, P = W.shape
+    R = W0.shape[0] if W0.dim() == 2 else 1
+    assert W0.shape[-1] == P and C % R == 0
+    _sgld_kernel[(triton.cdiv(P, block), C)](W, W0, G, key, P, C // R, float(a), float(b), float(c), BLOCK=block)
+
+
+_TRITON_CHECKED = {}
+
+
+def triton_update_ok(device) -> bool:
+    """Once per device: the kernel against the torch update, the noise-free part to float rounding and the noise's
+    mean and variance within 6 standard errors. On a mismatch: one warning, and the torch update is used."""
+    if str(device) not in _TRITON_CHECKED:
+        gen = torch.Generator().manual_seed(0)
+        W, G, W0 = (torch.randn(*s, generator=gen).to(device) for s in ((4, 4099), (4, 4099), (4099,)))
+        want, got, z = W.clone(), W.clone(), W.clone()
+        sgld_update_torch(want, W0, G, torch.zeros_like(W), 0.01, 0.02, 0.1)
+        sgld_update_triton(got, W0, G, 0.01, 0.02, 0.0, key=123)
+        sgld_update_triton(z, W0, G, 0.01, 0.02, 1.0, key=124)
+        z, se = (z - want).double(), 1 / math.sqrt(W.numel())
+        why = (None if torch.allclose(got, want, rtol=1e-5, atol=1e-6) else "the noise-free update differs") or (
+            None if abs(z.mean()) < 6 * se and abs(z.var() - 1) < 6 * math.sqrt(2) * se else
+            f"the noise has mean {float(z.mean()):.4f}, variance {float(z.var()):.4f}")
+        if why:
+            warnings.warn(f"the Triton SGLD update failed its check on {device} ({why}): using the torch update")
+        _TRITON_CHECKED[str(device)] = why is None
+    return _TRITON_CHECKED[str(device)]
+
+
+# -------------------------------------------------------------------- the hand-derived gradient's check
+def batched_grad_mismatch(loss_fn, params, names, batch, rtol=1e-3):
+    """None when loss_fn.batched_grad matches autograd of loss_fn at w* on `batch`, else the relative errors: a
+    hand-derived gradient goes stale when the model's code is edited."""
+    def mean_and_loss(q):
+        loss = loss_fn(q, batch)
+        return loss.mean(), loss.detach()
+    try:
+        loss_h, g_h = loss_fn.batched_grad({k: v[None] for k, v in params.items()}, tuple(x[None] for x in batch))
+        g_a, loss_a = grad(mean_and_loss, has_aux=True)(params)
+        errs = {k: float((g_h[k][0] - g_a[k]).abs().max() / g_a[k].abs().max().clamp_min(1e-12)) for k in names}
+        errs["(loss)"] = float((loss_h[0] - loss_a).abs().max() / loss_a.abs().max().clamp_min(1e-12))
+    except Exception as e:  # noqa: BLE001  (a model whose shapes no longer fit the derivation)
+        return {"error": f"{type(e).__name__}: {e}"}
+    bad = {k: round(e, 6) for k, e in errs.items() if not e <= rtol}
+    return bad or None
