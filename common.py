@@ -1,8 +1,6 @@
-"""What the scripts share, and nothing project-specific: the command line, atomic files, JSON lines, checkpoint
-files and progress lines. Imports no other module of the project, so every module may import it.
-
-On disk: <out_dir>/config.json (the run's resolved config), <out_dir>/*.jsonl (flat rows, "step" first),
-<out_dir>/checkpoints/step_{step:07d}.safetensors (parameters) and .state.pt (optimiser state, for resuming)."""
+"""What the scripts share, nothing project-specific (it imports no project module): the command line, atomic files,
+JSON lines, checkpoint files (<run>/checkpoints/step_{step:07d}.safetensors, .state.pt for resuming), progress
+lines with ETA, and malloc settings."""
 import ast
 import difflib
 import io
@@ -32,10 +30,9 @@ class CheckpointError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------- the command line
 def configure(defaults: dict, argv, choices=None, positional=False):
-    """nanoGPT-style: `[config.py ...] [--key=value | --key value | --flag ...]`, later sources win.
-
-    Keys must exist in `defaults`; values keep the default's type (an int is taken for a float); `choices` maps a
-    key to its allowed values. A bare argument not ending in .py is a positional (returned) if `positional`."""
+    """nanoGPT-style `[config.py ...] [--key=value | --key value | --flag ...]`, later sources win: keys must exist in
+    `defaults`, values keep the default's type (an int is taken for a float), `choices` lists allowed values; a bare
+    argument not ending in .py is a positional (returned with the config) if `positional`, else an error."""
     cfg, args, rest, i = dict(defaults), list(argv), [], 0
     while i < len(args):
         arg, i = args[i], i + 1

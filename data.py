@@ -1,8 +1,6 @@
-"""The task table, and the in-context linear regression task: sampling, token layout, readout, baselines, metrics.
-
-`TASKS` holds, per task, everything the scripts need: config defaults, model, data, the hand-derived gradient,
-evaluator, figures and stage names; scripts look a run's task up there and nowhere else. Every random draw
-takes an explicit torch.Generator: same seed, same numbers."""
+"""The task table (`TASKS`: per task its config defaults, model, data, evaluator, figures and stage names; the
+scripts look a run's task up there and nowhere else) and the in-context linear regression task: sampling, token
+layout, readout, Bayes baselines and metrics. Every random draw takes an explicit torch.Generator."""
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -153,14 +151,9 @@ def regression_baselines(batch, sigma2, tasks=None):
 
 @torch.no_grad()
 def regression_metrics(model, batch, sigma2, tasks=None, baselines=None):
-    """The behavioural metrics of the paper (regression.md §8.1) on one fixed batch, as a flat dict.
-
-    loss, loss/k (k = 1..K), delta_ridge / delta_dmmse (mean squared distance to the baselines'
-    predictions; with M = infinite dMMSE is ridge), pred_norm = E[yhat^2], ICL scores
-    icl_1_{K/2} = l_{K/2} - l_1 and icl_{K/2}_K = l_K - l_{K/2} (K=8: the paper's l4-l1, l8-l4),
-    ood_inputs/g (x -> g x, same w) and ood_tasks/g (x fixed, w -> g w), and the global weight norm.
-    `baselines`: regression_baselines(batch, sigma2, tasks), precomputed (else computed here).
-    """
+    """The paper's behavioural metrics on one fixed batch, as a flat dict (the keys are listed in the README):
+    losses per position, distances to the Bayes baselines (`baselines`, else computed here), prediction norm, ICL
+    scores, out-of-distribution losses and the weight norm."""
     xs, ys, noise = batch["xs"], batch["ys"], batch["noise"]
     K = xs.shape[1]
 
@@ -195,7 +188,7 @@ class TaskKind:
     model_config: type       # the model's config dataclass (its build() makes the model), filled from the run config
     task: type               # the data: from_config(cfg) -> sample, model_input, loss, eval_data, metrics, ...
     prepare: Callable | None  # run config -> None: one-off data preparation before training
-    evaluator: str           # analyze.py's per-checkpoint evaluator (named: analyze.py and plots.py import matplotlib)
+    evaluator: str           # analyze.py's per-checkpoint evaluator (by name: train.py and llc.py never load analysis code)
     figures: str             # plots.py's figure set
     stage_prefix: str        # stage names: LR1, LR2, ... / LM1, ...
 

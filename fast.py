@@ -69,16 +69,9 @@ def _heads_wgrad(X, A):
 
 
 def icl_loss_and_grads(cfg, p, xs, ys, per_token=False, slice_last=True):
-    """Loss and exact gradients of model.ICLTransformer + data.Task.loss for G chains at once, written out by hand.
-
-    p: parameter name -> (G, *shape) (a chain's row may be a view into the flat SGLD buffer, or an expanded
-    frozen tensor); xs (G, B, K, D), ys (G, B, K). Returns (loss (G,) or per token (G, K), grads name -> (G, *shape)),
-    the gradient always of the mean loss. Every matrix product is a bmm over the chain dimension, so G chains are
-    a few large products instead of G x (many small ones); on CPU call it with G = 1 per chain (cache-friendlier).
-    Attention works head-major ((J, G, rows, dh) per-head projections), so no activation is ever permuted.
-    With slice_last the last block computes queries, attention output, MLP and unembedding only at the K x-token
-    rows (the loss reads nothing else) and the unembedding only for output channel 0: the same loss and gradients,
-    about 1/6 fewer FLOPs. Tested against autograd on the nn.Module (tests/test_llc.py)."""
+    """(loss (G,) or per token (G, K), grads name -> (G, *shape) of the mean loss) of model.ICLTransformer +
+    data.Task.loss for G stacked parameter sets p, xs (G, B, K, D), ys (G, B, K): every product a bmm over the chains,
+    attention head-major; with slice_last the last block only at the rows and output channel the loss reads."""
     G, B, K, D = xs.shape
     T, d, H, nl = 2 * K, cfg.d_model, cfg.n_head, cfg.n_layer
     dh, N, M = d // H, B * 2 * K, B * K

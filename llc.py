@@ -1,12 +1,6 @@
-"""Estimate the local learning coefficient (LLC) at every checkpoint of a run: one row per checkpoint appended to
-<run>/llc.jsonl, resumable. The estimator itself is sgld.estimate_llc (re-exported here).
-
-    python llc.py out/tiny                                       # quick CPU settings, every checkpoint
-    python llc.py configs/llc_v1.py out/L2H4-s0 --steps=984,9375  # the paper's sampler at two checkpoints
-    python llc.py out/tiny --include='blocks.0.**' --out=llc_block0.jsonl   # restricted LLC
-    python llc.py out/tiny --calibrate                           # epsilon x nbeta x gamma grid + trace figures
-    torchrun --standalone --nproc_per_node=4 llc.py configs/llc_v2.py out/L2H4-s0   # checkpoints across ranks
-"""
+"""Estimate the local learning coefficient (LLC) at every checkpoint of a run, one row per checkpoint appended
+to <run>/llc.jsonl, resumable; under torchrun the checkpoints are shared out across ranks. The estimator itself
+is sgld.estimate_llc (re-exported here)."""
 import json
 import math
 import os
@@ -21,6 +15,14 @@ import common
 import data
 from sgld import CHAIN_MODES, AllChainsDivergedError, Settings, estimate_llc, make_generators  # noqa: F401
 
+USAGE = """
+
+    python llc.py out/tiny                                       # quick CPU settings, every checkpoint
+    python llc.py configs/llc_v1.py out/L2H4-s0 --steps=984,9375  # the paper's sampler at two checkpoints
+    python llc.py out/tiny --include='blocks.0.**' --out=llc_block0.jsonl   # restricted LLC
+    python llc.py out/tiny --calibrate                           # epsilon x nbeta x gamma grid + trace figures
+    torchrun --standalone --nproc_per_node=4 llc.py configs/llc_v2.py out/L2H4-s0   # checkpoints across ranks
+"""
 DEFAULTS = dict(  # the quick CPU setting for the demo runs; configs/llc_v1.py and llc_v2.py hold the paper's
     ckpt="",                # the run directory (or give it positionally)
     steps="",               # comma-separated checkpoint steps (default: every checkpoint)
@@ -232,7 +234,7 @@ def pick_device(cfg, rank, world):
 def main(argv=None):
     """The command line (see the module docstring). Under torchrun every rank estimates its share of the
     checkpoints on its own device (gloo, Python objects only); the rows equal a single process's."""
-    cfg, runs = common.parse_args("llc.py", __doc__, DEFAULTS, sys.argv[1:] if argv is None else argv,
+    cfg, runs = common.parse_args("llc.py", __doc__ + USAGE, DEFAULTS, sys.argv[1:] if argv is None else argv,
                                   sources=[__file__], choices=CHOICES, positional=True)
     if runs and cfg["ckpt"] or len(runs) > 1:
         common.fail("llc.py", f"give one run directory (got {runs + [cfg['ckpt']] * bool(cfg['ckpt'])})")

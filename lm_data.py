@@ -1,14 +1,6 @@
-"""Language-model data: corpora, the byte-level BPE tokenizer, packed token files, the LM task, and the import of
-published checkpoints into a run folder (language.md §1-2 of the spec).
-
-A prepared data folder holds tokenizer.json (id vocab_size-1 = <|endoftext|>, BOS/EOS), train.bin and test.bin
-(uint16 rows of n_ctx tokens, BOS first, documents joined by EOS), words.txt (an offline word list) and meta.json
-(written last: marks completion). The test split is whole documents; the tokenizer never sees them.
-
-    python lm_data.py prepare configs/lm_tiny.py          # train.py does this by itself when needed
-    python lm_data.py stats data/python-v5000-ctx128
-    python lm_data.py import georgeyw/L2W256-3m-rr --steps=0,100,900 --out_dir=out/L2W256-paper
-"""
+"""Language-model data: corpora, the byte-level BPE tokenizer, packed token files (tokenizer.json, train.bin and
+test.bin of uint16 rows, BOS first, words.txt, meta.json written last), the LM task, and the import of published
+checkpoints into a run folder. The test split is whole documents the tokenizer never sees."""
 import ast
 import functools
 import io
@@ -30,6 +22,12 @@ import lm_eval
 from lm_hub import PAPER_TOKENIZER, from_transformer_lens, hub_download
 from model import LMConfig, weight_norm
 
+USAGE = """
+
+    python lm_data.py prepare configs/lm_tiny.py          # train.py does this by itself when needed
+    python lm_data.py stats data/python-v5000-ctx128
+    python lm_data.py import georgeyw/L2W256-3m-rr --steps=0,100,900 --out_dir=out/L2W256-paper
+"""
 ROOT = Path(__file__).resolve().parent
 EOT = "<|endoftext|>"
 DEFAULTS = dict(  # the language model's data keys (train.py adds them to its own)
@@ -295,11 +293,8 @@ def prepare_for(cfg):
 
 # ---------------------------------------------------------------------------------------------- the task
 class LMTask:
-    """The data distribution of an LM run, with the same interface as data.Task:
-    sample(gen, B, device) -> (inputs, targets), both (B, n_ctx-1) int64 (a row without its last / first
-    token); model_input(inputs, targets) -> the model's argument; loss(logits, targets) -> mean next-token
-    cross-entropy over batch x positions (the training loss and the LLC's loss); loss_per_token -> (n_ctx-1,);
-    eval_data(seed, n) -> the first n held-out rows (unshuffled, as the paper); metrics(model, rows) -> dict."""
+    """The data of an LM run, with data.Task's interface: sample -> (inputs, targets), rows without their last /
+    first token; loss: mean next-token cross-entropy (training and LLC); eval_data: the first held-out rows."""
 
     batched_grad = None  # no hand-derived gradient: the LLC uses autograd
 
@@ -396,7 +391,8 @@ PAPER_CONFIG = ROOT / "configs" / "L2W256.py"
 
 def main(argv):
     import argparse
-    ap = argparse.ArgumentParser(prog="lm_data.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="lm_data.py", description=__doc__ + USAGE,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="build the data folder of a training config (its data keys)")
     p.add_argument("config", nargs="*", help="config files and --key=value overrides of the data keys")

@@ -1,11 +1,6 @@
-"""Evaluations of the language model (language.md §4), as pure functions of a model and token tensors.
-
-`tokens` is always an int64 tensor (N, T) of packed rows (BOS first), e.g. `LMTask.eval_data(0, N)`; the model
-is an `LMTransformer`: logits = model(tokens); model(tokens, positions=False) drops the shortformer positions;
-model.residual(tokens) -> (residual stream, attention patterns per layer) skips the unembedding. Every random
-choice takes a seed, so the same positions and synthetic sequences are used at every checkpoint. Per-token
-loss index k is the NLL of token k+1 given tokens 0..k (k = 0 is the prediction made from BOS).
-"""
+"""Evaluations of the language model, as pure functions of an LMTransformer and int64 token rows (N, T), BOS
+first, in memory-bounded passes. Every random choice takes a seed (the same positions and synthetic sequences at
+every checkpoint); loss index k is the NLL of token k+1 given tokens 0..k."""
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -1,9 +1,6 @@
 """Model-hub access, the project's only network code: resumable, hash-checked downloads (the paper's tokenizer,
-data shards, checkpoints) and the TransformerLens <-> LMTransformer state-dict conversion. Imports nothing from
-the project; `python lm_data.py import` turns downloaded checkpoints into a run folder.
-
-    python lm_hub.py download datasets/georgeyw/dsir-pile-100k train-100k.jsonl
-"""
+data shards, checkpoints) and the TransformerLens <-> LMTransformer state-dict conversion. Imports nothing from the
+project. Usage: python lm_hub.py download <repo> <file> ... (`python lm_data.py import` makes a run folder)."""
 import hashlib
 import os
 import re
@@ -28,10 +25,9 @@ def hub_url(repo, filename, revision="main", base_url=None):
 
 def hub_download(repo, filename, revision="main", *, base_url=None, cache_dir=None, sha256=None, size=None,
                  retries=3, timeout=60, chunk=1 << 16):
-    """Fetch one file into the cache (cache_dir/repo/revision/filename) and return its path; a cached file is
-    returned without network access. An interrupted transfer leaves <file>.part and is resumed with an HTTP
-    Range request (here, up to `retries` times, or by the next call). The result must match `size` and
-    `sha256` when given, and the server's ETag when it is a sha256 (as the hub sends for LFS files)."""
+    """One file into the cache (cache_dir/repo/revision/filename), its path returned; a cached file needs no network.
+    An interrupted transfer leaves <file>.part, resumed with a Range request (here or by the next call); the result
+    must match `size` and `sha256` when given, and the server's ETag when it is a sha256."""
     import requests
     url = hub_url(repo, filename, revision, base_url)
     dest = Path(cache_dir or HUB_CACHE) / repo / revision / filename

@@ -130,13 +130,9 @@ class LMBlock(nn.Module):
 
 
 class LMTransformer(nn.Module):
-    """tokens (B, T) int64 -> next-token logits (B, T, vocab_size).
-
-    Pre-LN, attention only, a final LN; untied embedding and unembedding (with bias). Shortformer positions:
-    the learned table `pos_embed` (n_ctx, d) is added after each block's LN to the query and key inputs and
-    never to the residual stream. `forward(tokens, positions=False)` drops it (the position-ablated loss);
-    `return_attention=True` also returns the attention patterns, a list of (B, H, T, T) per layer.
-    """
+    """tokens (B, T) int64 -> logits (B, T, vocab): pre-LN, attention only, untied embeddings; shortformer positions
+    (pos_embed added to the query and key inputs only, never the residual stream). positions=False drops them (the
+    position-ablated loss); return_attention=True also returns each layer's (B, H, T, T) pattern."""
 
     def __init__(self, cfg: LMConfig):
         super().__init__()

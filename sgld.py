@@ -1,7 +1,6 @@
-"""The local learning coefficient estimator: localised SGLD chains of one or several checkpoints, batched.
-
-lambda_hat = n*beta * (E[L_batch(w)] - L(w*)) over chains localised at w* (Lau et al. 2023). All chains' sampled
-parameters live in one flat buffer W (chains, P), moved by one fused update (Triton on CUDA, torch elsewhere)."""
+"""The local learning coefficient estimator, lambda_hat = n*beta * (E[L_batch(w)] - L(w*)) over SGLD chains localised
+at w* (Lau et al. 2023), for one or several checkpoints at once: all chains' sampled parameters in one flat buffer
+W (chains, P), moved by one fused update; each step's losses stay on the device until the end."""
 import math
 import re
 import time

@@ -1,15 +1,6 @@
-"""Train the paper's in-context linear regression transformer, or its attention-only language model.
-
-    python train.py                                   # the CPU demo (these defaults = configs/tiny.py)
-    python train.py configs/L2H4.py --seed=3          # the paper's run: 500k steps
-    python train.py configs/L2H4.py --stop_at=40292   # its first 40k steps, schedule unchanged
-    torchrun --nproc_per_node=2 train.py configs/tiny.py   # DDP; the global batch is split across ranks
-    python train.py configs/lm_tiny.py                # the language-model CPU demo (task = "lm")
-
-The task (data.TASKS[task]) supplies the data, the loss and the checkpoint metrics. Re-running the same
-command resumes from the last complete checkpoint, bit-identically on CPU (step t's data come from a generator
-seeded by (seed, rank, t)).
-"""
+"""Train the paper's in-context linear regression transformer (L2H4) or its attention-only language model
+(L2W256): config -> training loop -> safetensors checkpoints + log.jsonl. The run's task (data.TASKS) supplies data,
+loss and checkpoint metrics; rerunning a command resumes it, bit-identically on CPU."""
 import copy
 import json
 import os
@@ -53,6 +44,14 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 for _kind in data.TASKS.values():  # each task's own keys (data.py: D, K, ...; lm_data.py: corpus, ...)
     DEFAULTS.update(_kind.defaults)
 SOURCES = [__file__, *dict.fromkeys(sys.modules[k.task.__module__].__file__ for k in data.TASKS.values())]  # --help
+USAGE = """
+
+    python train.py                                   # the CPU demo (these defaults = configs/tiny.py)
+    python train.py configs/L2H4.py --seed=3          # the paper's run: 500k steps
+    python train.py configs/L2H4.py --stop_at=40292   # its first 40k steps, schedule unchanged
+    torchrun --nproc_per_node=2 train.py configs/tiny.py   # DDP; the global batch is split across ranks
+    python train.py configs/lm_tiny.py                # the language-model CPU demo (task = "lm")
+"""
 RESUME_MAY_CHANGE = {"stop_at", "device", "compile", "tf32", "log_interval", "micro_batch"}
 CHOICES = {"task": tuple(data.TASKS), "optimizer": ("adam", "adamw"), "lr_schedule": ("onecycle", "constant")}
 
@@ -234,7 +233,7 @@ def _cpu(obj):
 def main(argv):
     if not argv:
         common.progress("no config given: running the CPU demo (the defaults, as configs/tiny.py)")
-    cfg = common.parse_args("train.py", __doc__, DEFAULTS, argv, sources=SOURCES, choices=CHOICES)
+    cfg = common.parse_args("train.py", __doc__ + USAGE, DEFAULTS, argv, sources=SOURCES, choices=CHOICES)
     if cfg["device"] == "cpu" or (cfg["device"] == "auto" and not torch.cuda.is_available()):
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))  # tiny models: 1 thread is fastest
     try:
