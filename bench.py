@@ -1,32 +1,6 @@
-"""Side-by-side throughput of the LLC sampler and of training, against simple baselines and the peer library.
-
-    python bench.py                          # CPU: all sections, sgld at 1 thread and at all cores (~15 min)
-    python bench.py --quick                  # a smoke run (seconds; numbers are not meaningful)
-    python bench.py --device=cuda            # the GPU measurement, one command (~3-5 min): peak, train, sgld
-                                             # with 100 burn-in + 400 draws x 2 rounds (devinterp if installed)
-    python bench.py --sections=sgld --ckpt=out/tiny --step=2842 --draws=200
-    python bench.py --md=notes/README_bench.md --json=bench.json
-
-Sections (--sections, comma separated):
-  peak    fp32 matmul peak of this device (a large square matmul, best of 5): the yardstick for FLOP rates.
-  train   training steps/s of the L2H4 model at batch 256: train.py's own loop (train.train, checkpoint and eval
-          cost removed by differencing two runs) vs a plain nn.Module + Adam loop, vs the plain loop with llc.py's
-          hand-written gradient (what train.py could use).
-  sgld    SGLD chain-steps/s on an L2H4 checkpoint at the v2 hyperparameters (eps 1e-3, gamma 6, nbeta 60),
-          batch 1024, 8 chains: ours (llc.estimate_llc, auto mode) vs a plain one-chain-at-a-time nn.Module
-          autograd loop vs devinterp 1.3.2 (estimate_learning_coeff_with_summary, run by the python of a separate
-          virtual environment: --devinterp_python or $DEVINTERP_PYTHON, default /work/venvs/devinterp/bin/python;
-          or, with --devinterp_path=<folder> ($DEVINTERP_PATH), devinterp's source put on this python's path;
-          the column is skipped with a message when it is absent). All three sample the same fixed data set
-          (shuffled minibatches) from the same checkpoint and L(w*); the runs are interleaved over --rounds rounds
-          (different seeds) so that load changes hit all of them alike, and their LLCs are compared within
-          standard errors (chain-level: std over chains / sqrt(chains)). Each at every --threads count (default
-          "1,all"): ours spreads its chains over that many worker threads, the others get that many intra-op
-          threads. Also every chain_mode of ours, briefly.
-  memory  peak RSS of an llc.py sweep over 50 checkpoints vs over one (separate processes).
-The checkpoint is --ckpt/--step, else the model trained by the train section (train.py's run, `--train_steps`).
-FLOPs are counted analytically (matrix products only; checked against torch's FlopCounterMode in the tests).
-"""
+"""Throughput of the LLC sampler (sgld: ours vs a plain loop vs devinterp) and of training (train: train.py vs plain
+loops) on this machine, side by side in one run, rounds interleaved so that load changes hit all alike; also peak
+(fp32 matmul yardstick) and memory (llc.py sweep RSS). --quick and --device=cuda preset some defaults (QUICK, CUDA)."""
 import json
 import math
 import os
@@ -40,30 +14,50 @@ import numpy as np
 import torch
 
 import common
-import llc
-from bench_baselines import plain_chains, run_devinterp, sync
-from data import Task, to_tokens
+import data
+import sgld
+from fast import icl_loss_and_grads
 from model import ICLConfig, build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DEVINTERP_PY = os.environ.get("DEVINTERP_PYTHON", "/work/venvs/devinterp/bin/python")
 DEFAULTS = dict(
-    device="cpu", sections="peak,train,sgld,memory", quick=False, ckpt="", step=-1, threads="1,all",
-    chains=8, batch=1024, burnin=20, draws=60, rounds=2, n=32768, epsilon=1e-3, gamma=6.0, nbeta=60.0, seed=0,
-    modes_steps=4, train_steps=300, train_batch=256, mem_ckpts=50, mem_draws=2,
-    devinterp_python=os.environ.get("DEVINTERP_PYTHON", "/work/venvs/devinterp/bin/python"),
-    devinterp_path=os.environ.get("DEVINTERP_PATH", ""),
-    cuda_graph=True, tf32=False, md="", json="")
-QUICK = dict(chains=2, batch=64, burnin=2, draws=4, rounds=1, n=512, modes_steps=2, train_steps=20,
+    device="cpu",                       # cpu | cuda (the GPU run: more SGLD/train steps, no memory section)
+    sections="peak,train,sgld,memory",  # comma-separated: peak, train, sgld, memory
+    quick=False,                        # a smoke run in seconds: tiny sizes, the numbers mean nothing
+    ckpt="",                            # run folder of the sgld/memory checkpoint (default: the train section's model)
+    step=-1,                            # its checkpoint step (-1: the last)
+    threads="1,all",                    # sgld CPU thread counts (ours: chain workers, others: intra-op); rest: first
+    chains=8,                           # SGLD chains
+    batch=1024,                         # SGLD rows per chain and step
+    burnin=20,                          # SGLD burn-in steps per chain
+    draws=60,                           # SGLD draws per chain
+    rounds=2,                           # interleaved rounds of train and sgld (sgld seeds seed, seed+1, ...)
+    n=32768,                            # rows of the fixed data set all SGLD samplers share
+    epsilon=1e-3,                       # SGLD step size (v2 hyperparameters)
+    gamma=6.0,                          # SGLD localisation strength
+    nbeta=60.0,                         # SGLD n * inverse temperature
+    seed=0,                             # data set and first round's chains
+    modes_steps=4,                      # SGLD steps per chain in the chain-mode line
+    train_steps=300,                    # S: train.py's time = (S+1)-step run minus 3-step run, over S-2 steps
+    train_batch=256,                    # training batch size
+    mem_ckpts=50,                       # checkpoints in the memory section's sweep
+    mem_draws=2,                        # SGLD draws per checkpoint in that sweep
+    devinterp_python=DEVINTERP_PY,      # python of devinterp's own venv ($DEVINTERP_PYTHON)
+    devinterp_path=os.environ.get("DEVINTERP_PATH", ""),  # or: devinterp's source, on this python (.ci/peers)
+    cuda_graph=True,                    # ours on CUDA: one SGLD step captured in a CUDA graph
+    tf32=False,                         # allow TF32 matmuls
+    md="",                              # also write the report to this Markdown file
+    json="",                            # and the raw results to this JSON file
+)
+QUICK = dict(chains=2, batch=64, burnin=2, draws=4, rounds=1, n=512, modes_steps=2, train_steps=200,
              train_batch=32, mem_ckpts=5, mem_draws=1)
-CUDA = dict(sections="peak,train,sgld", burnin=100, draws=400, train_steps=1000, modes_steps=20)  # GPU defaults
+CUDA = dict(sections="peak,train,sgld", burnin=100, draws=400, train_steps=1000, modes_steps=20)
 
 
-# ------------------------------------------------------------------------------------------ FLOP counts
 def icl_flops(cfg, batch, sliced=False, backward=True):
-    """Matrix-product FLOPs (2 per multiply-add) of the regression transformer on `batch` sequences: forward
-    only, or forward + backward (every product twice more, except the embedding, whose input needs no
-    gradient). sliced: llc.icl_loss_and_grads' count (last block's queries, attention output and MLP at the K
-    x-token rows only; unembedding at those rows and output channel 0 only); else the nn.Module's."""
+    """Matrix-product FLOPs of the regression transformer on `batch` sequences, forward (+ backward: twice more, but
+    not the embedding's input). sliced: the hand-derived gradient's (last block, unembedding at the K x-rows only)."""
     K, d, H, F, V, L = cfg.K, cfg.d_model, cfg.n_head, cfg.d_mlp, cfg.D + 1, cfg.n_layer
     T, dh = 2 * K, d // H
 
@@ -71,115 +65,196 @@ def icl_flops(cfg, batch, sliced=False, backward=True):
         return T * d * 2 * d + tq * d * d + 2 * H * tq * T * dh + tq * d * d + 2 * tq * d * F
 
     emb = T * V * d
-    body = (L - 1) * block(T) + block(K if sliced else T)
-    unemb = K * d if sliced else T * d * V
-    fwd = 2 * (emb + body + unemb)
-    total = 3 * fwd - 2 * emb if backward else fwd
-    return total * batch
+    fwd = 2 * (emb + (L - 1) * block(T) + block(K if sliced else T) + (K * d if sliced else T * d * V))
+    return (3 * fwd - 2 * emb if backward else fwd) * batch
 
 
-# ------------------------------------------------------------------------------------------- utilities
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(on, fn, *args, **kw):
+    """(fn's result, its wall time in seconds, the work on device `on` included)."""
+    sync(on)
+    t = time.perf_counter()
+    out = fn(*args, **kw)
+    sync(on)
+    return out, time.perf_counter() - t
+
+
 def measure_peak(device, quick=False):
     n = 512 if quick else (8192 if torch.device(device).type == "cuda" else 2048)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    times = [timed(device, torch.mm, a, b)[1] for _ in range(7)]  # 2 warm-ups, then the best of 5
+    return 2 * n ** 3 / min(times[2:])
 
 
 def machine_line(device):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if torch.device(device).type == "cuda":
-        dev = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    else:
-        dev = f"CPU with {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
-    load = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "?"
-    return f"{time.strftime('%Y-%m-%d %H:%M')} on {cpu} ({os.cpu_count()} cores visible); {dev}; load average {load}"
+    info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+               platform.processor() or platform.machine())
+    dev = (torch.cuda.get_device_name() if torch.device(device).type == "cuda"
+           else f"CPU with {torch.get_num_threads()} torch thread(s)")
+    return (f"{time.strftime('%Y-%m-%d %H:%M')} on {cpu} ({os.cpu_count()} cores visible); {dev}, torch "
+            f"{torch.__version__}; load average {os.getloadavg()[0]:.2f}")
 
 
 # -------------------------------------------------------------------------------------------- training
 def bench_train(cfg, device, log):
-    """steps/s of train.py's loop and of plain loops at the same model and batch, interleaved over --rounds
-    rounds. train.py: two runs of train.train on fresh folders per round (stop_at = 1 and stop_at = S, with
-    checkpoints only at steps 0, 1 and S); the difference of their wall times over S - 1 steps removes start-up,
-    evaluation and checkpoint cost."""
-    import train
-    S, bs = cfg["train_steps"], cfg["train_batch"]
-    tmp = tempfile.mkdtemp(prefix="bench_train_")
-    # max_steps = S + 1 with n_log = n_lin = 1: checkpoints only at steps 0, 1 and S (the last one is the trained
-    # model the sgld section uses when no --ckpt is given)
-    base = [f"--max_steps={S + 1}", "--n_log=1", "--n_lin=1", "--eval_batch_size=64", "--log_interval=1000000000",
-            f"--batch_size={bs}", f"--device={device}"]
+    """Steps/s of train.py (subprocesses; an (S+1)-step run minus a 3-step run, both with checkpoints and evals at
+    steps 0, 1 and the last, leaves S-2 bare steps) and of plain loops at the same model and batch."""
+    S, bs, tmp = cfg["train_steps"], cfg["train_batch"], tempfile.mkdtemp(prefix="bench_train_")
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
-    def train_py(stop, name):
-        out = os.path.join(tmp, name)
-        tcfg = common.configure(train.DEFAULTS, base + [f"--out_dir={out}", f"--stop_at={stop}"])
-        sync(device)
-        t = time.perf_counter()
-        train.train(tcfg)
-        sync(device)
-        return time.perf_counter() - t
+    def train_py(total, name):  # n_log = n_lin = 1: checkpoints at steps 0, 1 and total - 1 only
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={os.path.join(tmp, name)}",
+               f"--max_steps={total}", "--stop_at=-1", "--n_log=1", "--n_lin=1", "--eval_batch_size=64",
+               "--log_interval=1000000000", f"--batch_size={bs}", f"--device={device}"]
+        proc, t = timed(device, subprocess.run, cmd, env=env, cwd=HERE, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        return t
 
     def plain(hand_written):
-        cfg_m = ICLConfig()
-        model = build_model(cfg_m, 0).to(device)
-        task = Task()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        gen = torch.Generator(device=device if torch.device(device).type == "cuda" else "cpu")
-        params = dict(model.named_parameters())
+        mcfg, task = ICLConfig(), data.Task()
+        model = build_model(mcfg, 0).to(device)
+        opt, params = torch.optim.Adam(model.parameters(), lr=1e-4), dict(model.named_parameters())
+        gen = torch.Generator(device=device)
 
         def step(i):
             gen.manual_seed(i)
-            xs, ys = task.sample(gen, bs, device=gen.device)
+            xs, ys = task.sample(gen, bs)
             opt.zero_grad(set_to_none=True)
-            if hand_written:  # llc.py's gradient of the same loss, chain dimension 1
-                _, g = llc.icl_loss_and_grads(cfg_m, {k: v.detach()[None] for k, v in params.items()},
-                                              xs[None], ys[None])
+            if hand_written:  # the hand-derived gradient of the same loss, chain dimension 1
+                g = icl_loss_and_grads(mcfg, {k: v.detach()[None] for k, v in params.items()}, xs[None], ys[None])[1]
                 for k, v in params.items():
                     v.grad = g[k][0].reshape(v.shape)
             else:
-                task.loss(model(to_tokens(xs, ys)), ys).backward()
+                task.loss(model(task.model_input(xs, ys)), ys).backward()
             opt.step()
         for i in range(3):
             step(i)
-        sync(device)
-        t = time.perf_counter()
-        for i in range(S):
-            step(i)
-        sync(device)
-        return time.perf_counter() - t
+        return timed(device, lambda: [step(i) for i in range(S)])[1]
 
-    train_py(1, "warmup")  # pays the first-call costs (imports, allocator, kernels)
-    names = ["train.py (train.train)", "plain nn.Module + Adam loop", "plain loop, llc.icl_loss_and_grads gradient"]
+    names = ["train.py", "plain nn.Module + Adam loop", "plain loop, fast.icl_loss_and_grads gradient"]
     total = dict.fromkeys(names, 0.0)
     for r in range(cfg["rounds"]):
-        t1, tS = train_py(1, f"r{r}_stop1"), train_py(S, f"r{r}_stop{S}")
-        if tS <= t1:
-            raise RuntimeError(f"train.py timing failed: {S} steps took {tS:.2f}s, 1 step {t1:.2f}s; "
+        t3, tS = train_py(3, f"r{r}_short"), train_py(S + 1, f"r{r}_long")
+        if tS <= t3:
+            raise RuntimeError(f"train.py timing failed: {S + 1} steps took {tS:.2f}s, 3 steps {t3:.2f}s; "
                                "use more --train_steps")
-        total[names[0]] += tS - t1
+        total[names[0]] += tS - t3
         total[names[1]] += plain(False)
         total[names[2]] += plain(True)
-    rows = {k: cfg["rounds"] * (S - 1 if k == names[0] else S) / v for k, v in total.items()}
-    flops = {k: icl_flops(ICLConfig(), bs, sliced="icl_loss" in k) for k in rows}
+    rows = {k: cfg["rounds"] * (S - 2 if k == names[0] else S) / v for k, v in total.items()}
     log(f"train: {', '.join(f'{k} {v:.1f} steps/s' for k, v in rows.items())}")
-    return dict(steps=S, batch=bs, rounds=cfg["rounds"], steps_per_s=rows, flops_per_step=flops,
-                model_dir=os.path.join(tmp, f"r{cfg['rounds'] - 1}_stop{S}"))
+    return dict(steps=S, batch=bs, rounds=cfg["rounds"], steps_per_s=rows,
+                flops_per_step={k: icl_flops(ICLConfig(), bs, sliced="fast." in k) for k in rows},
+                model_dir=os.path.join(tmp, f"r{cfg['rounds'] - 1}_long"))
 
 
 # ------------------------------------------------------------------------------------------------ SGLD
+def plain_chains(model, tokens, ys, L0, *, epsilon, gamma, nbeta, chains, burnin, draws, batch, seed, device):
+    """The straightforward sampler: one chain at a time, a copy of the nn.Module, autograd, a per-tensor update,
+    minibatches from per-chain shuffles of the fixed set. Returns the chains' LLCs."""
+    n, (a, b, c) = len(ys), sgld.sgld_coefficients(epsilon, gamma, nbeta)
+    trace = np.zeros((chains, draws))
+    for ch in range(chains):
+        m = build_model(model.cfg, 0).to(device)
+        m.load_state_dict(model.state_dict())
+        ps = list(m.parameters())
+        w0 = [p.detach().clone() for p in ps]
+        gen = torch.Generator(device=device).manual_seed(common.derive_seed(seed, 7, ch))
+        perm, pos = None, n
+        for t in range(burnin + draws):
+            if pos + batch > n:
+                perm, pos = torch.randperm(n, generator=gen, device=device), 0
+            idx, pos = perm[pos:pos + batch], pos + batch
+            loss = torch.nn.functional.mse_loss(m(tokens[idx])[..., 0::2, 0], ys[idx])
+            m.zero_grad(set_to_none=True)
+            loss.backward()
+            with torch.no_grad():
+                for p, p0 in zip(ps, w0):
+                    p.add_(-a * p.grad - b * (p - p0) + c * torch.randn(p.shape, generator=gen, device=device))
+            if t >= burnin:
+                trace[ch, t - burnin] = loss.item()
+    return nbeta * (trace.mean(1) - L0)
+
+
+# Run by `python -c` in devinterp's environment: it imports only torch, devinterp and the project's model.py
+DEVINTERP_WORKER = r'''
+import json, sys, time, warnings
+warnings.filterwarnings("ignore")
+from importlib.metadata import version
+import torch
+from torch.utils.data import DataLoader, Dataset
+from devinterp.optim.sgld import SGLD
+from devinterp.slt.sampler import estimate_learning_coeff_with_summary
+sys.path.insert(0, sys.argv[3])
+from model import ICLConfig, build_model
+
+s = torch.load(sys.argv[1], weights_only=True)
+torch.set_num_threads(s["threads"])
+dev = torch.device(s["device"])
+model = build_model(ICLConfig(**s["model_cfg"]), 0)
+model.load_state_dict(s["state_dict"])
+model.to(dev)
+tokens, ys = s["tokens"].to(dev), s["ys"].to(dev)
+sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
+
+
+class Rows(Dataset):  # whole minibatches at once (__getitems__): the cheapest data path devinterp allows
+    def __len__(self):
+        return len(ys)
+
+    def __getitems__(self, idx):
+        idx = torch.as_tensor(idx, device=dev)
+        return tokens[idx], ys[idx]
+
+
+torch.manual_seed(s["seed"])
+loader = DataLoader(Rows(), batch_size=s["batch"], shuffle=True, drop_last=True, collate_fn=lambda b: b)
+sync()
+t = time.perf_counter()
+res = estimate_learning_coeff_with_summary(
+    model, loader, evaluate=lambda m, b: torch.nn.functional.mse_loss(m(b[0])[..., 0::2, 0], b[1]),
+    sampling_method=SGLD, optimizer_kwargs=dict(lr=s["epsilon"], localization=s["gamma"], nbeta=s["nbeta"]),
+    num_chains=s["chains"], num_draws=s["draws"], num_burnin_steps=s["burnin"], init_loss=s["init_loss"],
+    seed=s["seed"], device=dev, verbose=False)
+sync()
+wall = time.perf_counter() - t
+with open(sys.argv[2], "w") as f:
+    json.dump(dict(wall=wall, llc_mean=float(res["llc/mean"]), version=version("devinterp"), torch=torch.__version__,
+                   per_chain=[float(res[f"llc-chain/{i}"]) for i in range(s["chains"])]), f)
+'''
+
+
+def run_devinterp(cfg, device, model, tokens, ys, L0, seed, threads):
+    """devinterp's estimate_learning_coeff_with_summary in a separate process: its venv's python, or this python
+    with --devinterp_path on its path. Returns (result, None), or (None, why not)."""
+    path = cfg["devinterp_path"]
+    py = sys.executable if path else cfg["devinterp_python"]
+    if not (py and os.path.exists(py)):
+        return None, f"devinterp skipped: no python at {py!r} (set --devinterp_python or $DEVINTERP_PYTHON)"
+    env = {**os.environ, **common.tune_malloc(), "OMP_NUM_THREADS": str(threads)}
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(path), env.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory(prefix="bench_devinterp_") as tmp:
+        spec, out = os.path.join(tmp, "spec.pt"), os.path.join(tmp, "out.json")
+        torch.save(dict(state_dict=model.state_dict(), model_cfg=vars(model.cfg), tokens=tokens.cpu(), ys=ys.cpu(),
+                        init_loss=L0, seed=seed, threads=threads, device=str(device),
+                        **{k: cfg[k] for k in ("epsilon", "gamma", "nbeta", "chains", "burnin", "draws", "batch")}),
+                   spec)
+        proc = subprocess.run([py, "-c", DEVINTERP_WORKER, spec, out, HERE], env=env, cwd=tmp, capture_output=True,
+                              text=True)
+        if proc.returncode:
+            why = "skipped" if "No module named 'devinterp'" in proc.stderr else "failed"
+            return None, f"devinterp {why} ({py}): {proc.stderr.strip()[-800:]}"
+        with open(out) as f:
+            return json.load(f), None
+
+
 def chain_stats(per_chain):
     x = np.asarray(per_chain, dtype=float)
     x = x[np.isfinite(x)]
@@ -194,115 +269,93 @@ def thread_counts(spec):
 
 
 def bench_sgld(cfg, device, model, log):
-    """Ours vs the plain loop vs devinterp on the same checkpoint, data, L(w*) and hyperparameters, at each thread
-    count (CPU): ours spreads its chains over that many worker threads, the others use that many intra-op threads.
-    Rounds are interleaved so that load changes hit every sampler alike."""
-    task = Task()
-    dev = torch.device(device)
+    """Ours vs the plain loop vs devinterp: same checkpoint, fixed data set, L(w*) and hyperparameters, at each
+    thread count, rounds interleaved; then every chain mode of ours briefly (and on CUDA: graphs, batching, TF32)."""
+    task, dev, C, steps = data.Task(), torch.device(device), cfg["chains"], cfg["burnin"] + cfg["draws"]
     model = model.to(dev).eval()
     params = {k: v.detach() for k, v in model.named_parameters()}
-    gen = torch.Generator().manual_seed(common.derive_seed(cfg["seed"], 99))
-    xs, ys = task.sample(gen, cfg["n"])
+    xs, ys = task.sample(torch.Generator().manual_seed(common.derive_seed(cfg["seed"], 99)), cfg["n"])
     xs, ys = xs.to(dev), ys.to(dev)
+    tokens = task.model_input(xs, ys)
     with torch.no_grad():  # L(w*) on the whole set, one value for all three
-        L0 = float(sum(task.loss(model(to_tokens(xs[i:i + 1024], ys[i:i + 1024])), ys[i:i + 1024]).double()
-                       * len(ys[i:i + 1024]) for i in range(0, len(ys), 1024)) / len(ys))
-    C, steps = cfg["chains"], cfg["burnin"] + cfg["draws"]
+        L0 = sum(float(task.loss(model(tokens[i:i + 1024]), ys[i:i + 1024])) * len(ys[i:i + 1024])
+                 for i in range(0, len(ys), 1024)) / len(ys)
     hp = dict(epsilon=cfg["epsilon"], gamma=cfg["gamma"], nbeta=cfg["nbeta"])
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    loss_fn = data.RunLoss(model, task)
+
+    def ours(p=params, **kw):
+        return sgld.estimate_llc(loss_fn, p, (xs, ys), **{**dict(
+            num_chains=C, num_burnin=0, batch_size=cfg["batch"], seed=cfg["seed"], device=dev), **hp, **kw})
+
     threads = thread_counts(cfg["threads"]) if dev.type == "cpu" else [torch.get_num_threads()]
     res = {(k, th): dict(time=0.0, chains=[]) for th in threads for k in ("ours", "plain", "devinterp")}
-    notes, ours_mode, ours_L0, peaks = [], None, None, {}
+    notes, peaks = [], {}
     for th in threads:
         torch.set_num_threads(th)
         peaks[th] = measure_peak(device, cfg["quick"])
+
+    def add(k, th, r, t, per_chain, **extra):
+        res[k, th]["time"] += t
+        res[k, th]["chains"] += list(per_chain)
+        res[k, th].update(extra)
+        log(f"sgld round {r}, {th} thread(s): {k} {C * steps / t:.2f} chain-steps/s, llc {np.mean(per_chain):.2f}")
+
     for r in range(cfg["rounds"]):
         seed = cfg["seed"] + r
         for th in threads:
             torch.set_num_threads(th)
-            out = llc.estimate_llc(llc.run_loss_fn(model, task), params, (xs, ys), num_chains=C,
-                                   num_draws=cfg["draws"], num_burnin=cfg["burnin"], batch_size=cfg["batch"],
-                                   seed=seed, device=dev,
-                                   cuda_graph=cfg["cuda_graph"] and dev.type == "cuda" and llc.triton is not None, **hp)
-            res["ours", th]["time"] += out["sample_time"]
-            res["ours", th]["chains"] += out["llc_per_chain"]
+            out = ours(num_draws=cfg["draws"], num_burnin=cfg["burnin"], seed=seed,
+                       cuda_graph=cfg["cuda_graph"] and dev.type == "cuda" and sgld.triton is not None)
+            add("ours", th, r, out["sample_time"], out["llc_per_chain"])
             ours_mode, ours_L0 = out["chain_mode"] + (" + CUDA graph" if out["cuda_graph"] else ""), out["init_loss"]
-            log(f"sgld round {r}, {th} thread(s): ours {C * steps / out['sample_time']:.2f} chain-steps/s, "
-                f"llc {out['llc_mean']:.2f}")
-            sync(dev)
-            t = time.perf_counter()
-            pc, _ = plain_chains(model, task, xs, ys, L0, chains=C, burnin=cfg["burnin"], draws=cfg["draws"],
-                                 batch=cfg["batch"], seed=seed, device=dev, **hp)
-            sync(dev)
-            res["plain", th]["time"] += time.perf_counter() - t
-            res["plain", th]["chains"] += pc.tolist()
-            log(f"sgld round {r}, {th} thread(s): plain loop {C * steps / (time.perf_counter() - t):.2f} "
-                f"chain-steps/s, llc {pc.mean():.2f}")
-            dv, msg = run_devinterp(cfg, dev, sd, xs, ys, L0, seed, th)
+            pc, t = timed(dev, plain_chains, model, tokens, ys, L0, chains=C, burnin=cfg["burnin"],
+                          draws=cfg["draws"], batch=cfg["batch"], seed=seed, device=dev, **hp)
+            add("plain", th, r, t, pc)
+            dv, msg = run_devinterp(cfg, dev, model, tokens, ys, L0, seed, th)
             if dv is None:
                 notes.append(msg)
                 log(msg)
                 res.pop(("devinterp", th), None)
             elif ("devinterp", th) in res:
-                res["devinterp", th]["time"] += dv["wall"]
-                res["devinterp", th]["chains"] += dv["per_chain"]
-                res["devinterp", th]["version"] = dv["version"]
-                log(f"sgld round {r}, {th} thread(s): devinterp {dv['version']} {C * steps / dv['wall']:.2f} "
-                    f"chain-steps/s, llc {dv['llc_mean']:.2f}")
+                add("devinterp", th, r, dv["wall"], dv["per_chain"], version=dv["version"])
     torch.set_num_threads(threads[0])
-    total_steps = cfg["rounds"] * C * steps
-    table = {}
-    for (k, th), v in res.items():
-        table[f"{k}@{th}"] = dict(sampler=k, threads=th, chain_steps_per_s=total_steps / v["time"],
-                                  **chain_stats(v["chains"]), **({"version": v["version"]} if "version" in v else {}))
-    # every chain mode of ours, briefly (throughput only, one round; the same seed gives the same chains)
-    modes = {}
-    for mode in ["native", "native_loop", "loop", "vmap"]:
-        if mode == "vmap" and dev.type == "cpu" and cfg["batch"] * C > 2048 and not cfg["quick"]:
-            ms = max(2, cfg["modes_steps"] // 2)  # slow on CPU at large batch; fewer steps
-        else:
-            ms = cfg["modes_steps"]
-        out = llc.estimate_llc(llc.run_loss_fn(model, task), params, (xs, ys), num_chains=C, num_draws=ms,
-                               num_burnin=0, batch_size=cfg["batch"], seed=cfg["seed"], device=dev, chain_mode=mode,
-                               **hp)
-        modes[mode] = C * ms / out["sample_time"]
+    table = {f"{k}@{th}": dict(sampler=k, threads=th, chain_steps_per_s=cfg["rounds"] * C * steps / v["time"],
+                               **chain_stats(v["chains"]), **({"version": v["version"]} if "version" in v else {}))
+             for (k, th), v in res.items()}
+    modes, tf32 = {}, {}
+    for mode in ["native", "native_loop", "loop", "vmap"]:  # throughput only; vmap is slow on CPU at large batch
+        slow = mode == "vmap" and dev.type == "cpu" and cfg["batch"] * C > 2048 and not cfg["quick"]
+        ms = max(2, cfg["modes_steps"] // 2) if slow else cfg["modes_steps"]
+        modes[mode] = C * ms / ours(num_draws=ms, chain_mode=mode)["sample_time"]
         log(f"sgld mode {mode}: {modes[mode]:.2f} chain-steps/s")
-    tf32 = {}
-    if dev.type == "cuda" and llc.triton is not None:
+    if dev.type == "cuda" and sgld.triton is not None:
+        ms = cfg["modes_steps"] * 10
         for graph in (False, True):
-            out = llc.estimate_llc(llc.run_loss_fn(model, task), params, (xs, ys), num_chains=C,
-                                   num_draws=cfg["modes_steps"] * 10, num_burnin=0, batch_size=cfg["batch"],
-                                   seed=cfg["seed"], device=dev, chain_mode="native", cuda_graph=graph, **hp)
-            modes[f"native, cuda_graph={graph}"] = C * cfg["modes_steps"] * 10 / out["sample_time"]
+            modes[f"native, cuda_graph={graph}"] = C * ms / ours(num_draws=ms, chain_mode="native",
+                                                                 cuda_graph=graph)["sample_time"]
         for kb in (4, 16):  # checkpoints batched into one computation (here copies of the one checkpoint)
-            outs = llc.estimate_llc(llc.run_loss_fn(model, task), [params] * kb, (xs, ys), num_chains=C,
-                                    num_draws=cfg["modes_steps"] * 10, num_burnin=0, batch_size=cfg["batch"],
-                                    seed=cfg["seed"], device=dev, chain_mode="native", cuda_graph=True, **hp)
-            modes[f"native, cuda_graph, {kb} checkpoints batched"] = (kb * C * cfg["modes_steps"] * 10
-                                                                      / outs[0]["sample_time"])
+            out = ours([params] * kb, num_draws=ms, chain_mode="native", cuda_graph=True)
+            modes[f"native, cuda_graph, {kb} checkpoints batched"] = kb * C * ms / out[0]["sample_time"]
         keep = torch.backends.cuda.matmul.allow_tf32
         for on in (False, True):  # TF32's effect on the estimate: same seed, same chains' data and noise
             torch.backends.cuda.matmul.allow_tf32 = on
-            out = llc.estimate_llc(llc.run_loss_fn(model, task), params, (xs, ys), num_chains=C,
-                                   num_draws=cfg["draws"], num_burnin=cfg["burnin"], batch_size=cfg["batch"],
-                                   seed=cfg["seed"], device=dev, **hp)
+            out = ours(num_draws=cfg["draws"], num_burnin=cfg["burnin"])
             tf32[on] = dict(llc=out["llc_mean"], se=out["llc_se"], chain_steps_per_s=C * steps / out["sample_time"])
         torch.backends.cuda.matmul.allow_tf32 = keep
-    return dict(table=table, modes=modes, notes=notes, ours_mode=ours_mode, L0=L0, ours_L0=ours_L0, peaks=peaks,
-                tf32=tf32,
-                flops={"ours": icl_flops(ICLConfig(), cfg["batch"], sliced=ours_mode.startswith("native")),
-                       "plain": icl_flops(ICLConfig(), cfg["batch"]),
-                       "devinterp": icl_flops(ICLConfig(), cfg["batch"])},
+    full = icl_flops(ICLConfig(), cfg["batch"])
+    return dict(table=table, modes=modes, notes=notes, ours_mode=ours_mode, L0=L0, ours_L0=ours_L0,
+                peaks=peaks, tf32=tf32, flops=dict(plain=full, devinterp=full, ours=icl_flops(
+                    ICLConfig(), cfg["batch"], sliced=ours_mode.startswith("native"))),
                 settings=dict(chains=C, burnin=cfg["burnin"], draws=cfg["draws"], rounds=cfg["rounds"],
                               batch=cfg["batch"], n=cfg["n"], **hp))
 
 
 # ---------------------------------------------------------------------------------------------- memory
 MEM_SCRIPT = """
-import resource, sys, torch
+import resource, runpy, sys
 sys.path.insert(0, {here!r})
-import llc
-llc.main({argv!r})
+sys.argv = {argv!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
 try:  # this process's own peak (ru_maxrss can inherit the peak of a big parent across fork + exec)
     kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 except (OSError, StopIteration):
@@ -311,108 +364,86 @@ print("MAXRSS_KB", kb)
 """
 
 
-def sweep_maxrss(run_dir, steps, extra, env=None):
-    """Peak RSS (MB) of a fresh process running llc.py over the given checkpoints."""
-    argv = ["--ckpt", run_dir, f"--steps={','.join(map(str, steps))}", f"--out=mem_{len(steps)}.jsonl", *extra]
+def sweep_maxrss(run_dir, steps, extra):
+    """Peak RSS (MB) of a fresh process running llc.py over the given checkpoints (rows to mem_<count>.jsonl)."""
+    argv = [os.path.join(HERE, "llc.py"), f"--ckpt={run_dir}", f"--steps={','.join(map(str, steps))}",
+            f"--out=mem_{len(steps)}.jsonl", *extra]
     proc = subprocess.run([sys.executable, "-c", MEM_SCRIPT.format(here=HERE, argv=argv)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})})
+                          text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"llc sweep failed: {proc.stderr[-1000:]}")
-    kb = int(proc.stdout.split("MAXRSS_KB")[-1].split()[0])
-    return kb / 1024
+    return int(proc.stdout.split("MAXRSS_KB")[-1].split()[0]) / 1024
 
 
 def make_sweep_run(run_dir, model, num, cfg_run):
     """A run folder with `num` checkpoints: the model's parameters plus small seeded perturbations."""
     common.atomic_write(os.path.join(run_dir, "config.json"), json.dumps(cfg_run))
-    base = {k: v.detach().clone() for k, v in model.named_parameters()}
-    gen = torch.Generator().manual_seed(0)
+    m, gen = build_model(model.cfg, 0), torch.Generator().manual_seed(0)
     for s in range(num):
         with torch.no_grad():
-            for k, p in model.named_parameters():
-                p.copy_(base[k] + 1e-3 * torch.randn(p.shape, generator=gen))
-        common.save_checkpoint(run_dir, s, model)
-    with torch.no_grad():
-        for k, p in model.named_parameters():
-            p.copy_(base[k])
+            for p, p0 in zip(m.parameters(), model.parameters()):
+                p.copy_(p0 + 1e-3 * torch.randn(p.shape, generator=gen))
+        common.save_checkpoint(run_dir, s, m)
 
 
 def bench_memory(cfg, model, log):
     with tempfile.TemporaryDirectory(prefix="bench_mem_") as run:
-        cfg_run = dict(D=4, K=8, sigma2=0.125, num_tasks=0, task_seed=0, **{k: getattr(model.cfg, k) for k in
-                       ("n_layer", "n_head", "d_model", "d_mlp")}, seed=0)
-        make_sweep_run(run, model.cpu(), cfg["mem_ckpts"], cfg_run)
+        make_sweep_run(run, model.cpu(), cfg["mem_ckpts"], dict(vars(model.cfg), sigma2=0.125, num_tasks=0,
+                                                               task_seed=0, seed=0))
         extra = [f"--num_chains={cfg['chains']}", f"--batch_size={cfg['batch']}", "--num_burnin=0",
                  f"--num_draws={cfg['mem_draws']}", f"--n={cfg['batch']}", "--device=cpu", "--epsilon=1e-3"]
-        one = sweep_maxrss(run, [0], extra)
-        many = sweep_maxrss(run, list(range(cfg["mem_ckpts"])), extra)
+        one, many = sweep_maxrss(run, [0], extra), sweep_maxrss(run, list(range(cfg["mem_ckpts"])), extra)
     log(f"memory: peak RSS {one:.0f} MB for 1 checkpoint, {many:.0f} MB for {cfg['mem_ckpts']}: "
         f"ratio {many / one:.3f}")
-    return dict(one_mb=one, many_mb=many, checkpoints=cfg["mem_ckpts"], ratio=many / one,
-                settings=" ".join(extra))
+    return dict(one_mb=one, many_mb=many, checkpoints=cfg["mem_ckpts"], ratio=many / one, settings=" ".join(extra))
 
 
 # ---------------------------------------------------------------------------------------------- report
-def report(results, cfg, device):
-    L = [f"Measured {results['machine']}", ""]
-    peak = results.get("peak")
+def report(results):
+    L, peak = [f"Measured {results['machine']}", ""], results.get("peak")
     if peak:
-        L.append(f"fp32 matmul peak (best of 5 square matmuls): {peak / 1e9:.1f} GFLOP/s")
-        L.append("")
+        L += [f"fp32 matmul peak (best of 5 square matmuls): {peak / 1e9:.1f} GFLOP/s", ""]
 
-    def rate(fl, per_s):
-        s = f"{fl * per_s / 1e9:.1f} GFLOP/s"
-        return s + (f" ({100 * fl * per_s / peak:.0f}% of peak)" if peak else "")
+    def rate(fl, per_s, pk):  # a FLOP rate, and its share of the peak pk
+        r = fl * per_s
+        return f"{r / 1e9:.1f} GFLOP/s" + (f" ({100 * r / pk:.0f}% of {pk / 1e9:.0f})" if pk else "")
     if "sgld" in results:
-        s = results["sgld"]
-        st = s["settings"]
-        L.append(f"SGLD on an L2H4 checkpoint: {st['chains']} chains x ({st['burnin']} burn-in + {st['draws']} "
-                 f"draws) x {st['rounds']} round(s), batch {st['batch']}, fixed set of {st['n']} sequences, "
-                 f"eps {st['epsilon']:g}, gamma {st['gamma']:g}, nbeta {st['nbeta']:g}; L(w*) = {s['L0']:.5f}")
-        L.append("")
-        L.append("| sampler | threads | chain-steps/s | vs devinterp (same threads) | vs plain loop | "
-                 "GFLOP per chain-step | FLOP rate (vs peak at those threads) | LLC mean ± se (chain std) |")
-        L.append("|---|---|---|---|---|---|---|---|")
-        names = {"ours": f"ours (llc.py, {s['ours_mode']})", "plain": "plain one-chain loop (nn.Module, autograd)",
+        s, st = results["sgld"], results["sgld"]["settings"]
+        L += [f"SGLD on an L2H4 checkpoint: {st['chains']} chains x ({st['burnin']} burn-in + {st['draws']} draws) x "
+              f"{st['rounds']} round(s), batch {st['batch']}, fixed set of {st['n']} sequences, eps {st['epsilon']:g}, "
+              f"gamma {st['gamma']:g}, nbeta {st['nbeta']:g}; L(w*) = {s['L0']:.5f} (ours: {s['ours_L0']:.5f})", "",
+              "| sampler | threads | chain-steps/s | vs devinterp (same threads) | vs plain loop | GFLOP per "
+              "chain-step | FLOP rate (% of peak at those threads) | LLC mean ± se (chain std) |", "|---" * 8 + "|"]
+        names = {"ours": f"ours (sgld.py, {s['ours_mode']})", "plain": "plain one-chain loop (nn.Module, autograd)",
                  "devinterp": "devinterp"}
         tab = s["table"]
         for k, v in tab.items():
-            r, th = v["chain_steps_per_s"], v["threads"]
+            r, th, fl = v["chain_steps_per_s"], v["threads"], s["flops"][v["sampler"]]
             dv, pl = tab.get(f"devinterp@{th}", {}).get("chain_steps_per_s"), tab[f"plain@{th}"]["chain_steps_per_s"]
-            fl = s["flops"][v["sampler"]]
-            pk = s["peaks"].get(th, s["peaks"].get(str(th)))
             L.append(f"| {names[v['sampler']]}{' ' + v['version'] if 'version' in v else ''} | {th} | {r:.2f} | "
-                     f"{f'{r / dv:.2f}x' if dv else '-'} | {r / pl:.2f}x | {fl / 1e9:.2f} | {fl * r / 1e9:.1f} GFLOP/s"
-                     f"{f' ({100 * fl * r / pk:.0f}% of {pk / 1e9:.0f})' if pk else ''} | "
+                     f"{f'{r / dv:.2f}x' if dv else '-'} | {r / pl:.2f}x | {fl / 1e9:.2f} | "
+                     f"{rate(fl, r, s['peaks'].get(th))} | "
                      f"{v['mean']:.2f} ± {v['se']:.2f} ({v['std']:.2f}) |")
-        for note in dict.fromkeys(s["notes"]):
-            L.append(f"\n{note}")
+        L += [f"\n{note}" for note in dict.fromkeys(s["notes"])]
         for k, v in tab.items():
             ref = tab[f"ours@{v['threads']}"]
             if v["sampler"] != "ours":
                 z = (ref["mean"] - v["mean"]) / math.hypot(ref["se"], v["se"])
                 L.append(f"\nLLC ours - {k}: {ref['mean'] - v['mean']:+.2f} = {z:+.2f} combined standard errors")
-        L.append("")
         if s.get("tf32"):
             f, t = s["tf32"][False], s["tf32"][True]
-            L.append(f"TF32 matmuls (same seed): LLC {t['llc']:.2f} ± {t['se']:.2f} vs fp32 {f['llc']:.2f} ± "
-                     f"{f['se']:.2f} ({(t['llc'] - f['llc']) / math.hypot(t['se'], f['se']):+.2f} combined se); "
-                     f"{t['chain_steps_per_s']:.1f} vs {f['chain_steps_per_s']:.1f} chain-steps/s")
-            L.append("")
-        L.append("Chain modes of ours (throughput only): " + ", ".join(f"{k} {v:.2f}" for k, v in s["modes"].items())
-                 + " chain-steps/s")
-        L.append("")
+            L += ["", f"TF32 matmuls (same seed): LLC {t['llc']:.2f} ± {t['se']:.2f} vs fp32 {f['llc']:.2f} ± "
+                  f"{f['se']:.2f} ({(t['llc'] - f['llc']) / math.hypot(t['se'], f['se']):+.2f} combined se); "
+                  f"{t['chain_steps_per_s']:.1f} vs {f['chain_steps_per_s']:.1f} chain-steps/s"]
+        L += ["", "Chain modes of ours (throughput only): " + ", ".join(f"{k} {v:.2f}" for k, v in s["modes"].items())
+              + " chain-steps/s", ""]
     if "train" in results:
         t = results["train"]
-        L.append(f"Training, L2H4, batch {t['batch']}, {t['steps']} steps x {t['rounds']} round(s), interleaved:")
-        L.append("")
-        L.append("| loop | steps/s | vs train.py | GFLOP per step | FLOP rate |")
-        L.append("|---|---|---|---|---|")
-        ref = t["steps_per_s"]["train.py (train.train)"]
-        for k, v in t["steps_per_s"].items():
-            L.append(f"| {k} | {v:.2f} | {v / ref:.2f}x | {t['flops_per_step'][k] / 1e9:.3f} | "
-                     f"{rate(t['flops_per_step'][k], v)} |")
-        L.append("")
+        ref = t["steps_per_s"]["train.py"]
+        L += [f"Training, L2H4, batch {t['batch']}, {t['steps']} steps x {t['rounds']} round(s), interleaved:", "",
+              "| loop | steps/s | vs train.py | GFLOP per step | FLOP rate |", "|---" * 5 + "|"]
+        L += [f"| {k} | {v:.2f} | {v / ref:.2f}x | {t['flops_per_step'][k] / 1e9:.3f} | "
+              f"{rate(t['flops_per_step'][k], v, peak)} |" for k, v in t["steps_per_s"].items()] + [""]
     if "memory" in results:
         m = results["memory"]
         L.append(f"Memory: llc.py sweep peak RSS {m['one_mb']:.0f} MB over 1 checkpoint, {m['many_mb']:.0f} MB over "
@@ -421,44 +452,36 @@ def report(results, cfg, device):
 
 
 def main(argv):
-    cfg = common.configure(DEFAULTS, argv)
-    given = " ".join(argv)
-    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"bench.py: --device={cfg['device']}, but this torch ({torch.__version__}) sees no CUDA device")
-    if cfg["device"].startswith("cuda"):  # more steps (a GPU step is ~100x cheaper); memory is a CPU measurement
-        cfg.update({k: v for k, v in CUDA.items() if f"--{k}" not in given})
-    if cfg["quick"]:
-        cfg.update({k: v for k, v in QUICK.items() if f"--{k}" not in given})
-    device = cfg["device"]
-    if torch.device(device).type == "cpu":  # train, peak and memory use the first count; sgld each in turn
+    cfg = common.parse_args("bench.py", __doc__, DEFAULTS, argv, sources=[__file__])
+    cuda = cfg["device"].startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        common.fail("bench.py", f"--device={cfg['device']}, but this torch ({torch.__version__}) sees no CUDA device")
+    # the presets are defaults (CUDA: more steps, a GPU step is ~100x cheaper; memory is a CPU measurement)
+    cfg = common.configure({**DEFAULTS, **(CUDA if cuda else {}), **(QUICK if cfg["quick"] else {})}, argv)
+    device, sections, log = cfg["device"], [s for s in cfg["sections"].split(",") if s], common.progress
+    if not cuda:  # train, peak and memory use the first count; sgld each in turn
         torch.set_num_threads(thread_counts(cfg["threads"])[0])
     if cfg["tf32"]:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     common.tune_malloc()
-    sections = [s for s in cfg["sections"].split(",") if s]
-    log = common.progress
-    results = {"machine": machine_line(device), "config": dict(cfg)}
-    t0 = time.time()
+    results, t0 = {"machine": machine_line(device), "config": dict(cfg)}, time.time()
     if "peak" in sections:
         results["peak"] = measure_peak(device, cfg["quick"])
         log(f"peak: {results['peak'] / 1e9:.1f} GFLOP/s")
-    model = None
-    if cfg["ckpt"]:
-        step = cfg["step"] if cfg["step"] >= 0 else common.list_checkpoints(cfg["ckpt"])[-1]
-        model = common.load_model(cfg["ckpt"], step)
-    if "train" in sections or (model is None and ("sgld" in sections or "memory" in sections)):
+    run, step = cfg["ckpt"], cfg["step"]
+    if "train" in sections or (not run and {"sgld", "memory"} & set(sections)):
         results["train"] = bench_train(cfg, device, log)
-        if model is None:
-            out = results["train"]["model_dir"]
-            model = common.load_model(out, common.list_checkpoints(out)[-1])
+        run = run or results["train"]["model_dir"]
         if "train" not in sections:
             results.pop("train")
-    if "sgld" in sections:
-        results["sgld"] = bench_sgld(cfg, device, model, log)
-    if "memory" in sections:
-        results["memory"] = bench_memory(cfg, model, log)
+    if {"sgld", "memory"} & set(sections):
+        model = data.load_model(run, step if step >= 0 else common.list_checkpoints(run)[-1])
+        if "sgld" in sections:
+            results["sgld"] = bench_sgld(cfg, device, model, log)
+        if "memory" in sections:
+            results["memory"] = bench_memory(cfg, model, log)
     results["seconds"] = time.time() - t0
-    text = report(results, cfg, device)
+    text = report(results)
     print(text)
     if cfg["md"]:
         common.atomic_write(cfg["md"], f"# Benchmark (bench.py)\n\n`python bench.py {' '.join(argv)}`\n\n{text}\n")
