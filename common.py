@@ -123,6 +123,30 @@ def fail(prog, msg):
     raise SystemExit(2)
 
 
+def _glob(pattern):
+    """`*` matches within one dotted segment, `**` across segments; anchored at both ends."""
+    parts = re.split(r"(\*\*|\*)", pattern)
+    return re.compile("".join(".*" if p == "**" else "[^.]*" if p == "*" else re.escape(p) for p in parts))
+
+
+def _patterns(x):
+    return [p.strip() for p in (x.split(",") if isinstance(x, str) else x) if p.strip()] if x else []
+
+
+def select_params(names, include=None, exclude=None):
+    """Parameter names matched by an include glob and by no exclude glob (exclude wins; default include: all), e.g.
+    'blocks.*.attention.**': `*` within one dotted segment, `**` across; comma-separated in a string."""
+    inc, exc = _patterns(include) or ["**"], _patterns(exclude)
+    regs = {p: _glob(p) for p in inc + exc}
+    for p, r in regs.items():
+        if not any(r.fullmatch(n) for n in names):
+            raise ValueError(f"parameter pattern {p!r} matches no parameter; names are: {', '.join(names)}")
+    sel = [n for n in names if any(regs[p].fullmatch(n) for p in inc) and not any(regs[p].fullmatch(n) for p in exc)]
+    if not sel:
+        raise ValueError(f"include={inc} / exclude={exc} leave no parameter to sample")
+    return sel
+
+
 def derive_seed(*keys: int) -> int:
     """An independent 63-bit seed for a named random stream, e.g. (seed, rank, step): no overlap between streams."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))

@@ -34,9 +34,9 @@ class Task:
     def from_config(cls, cfg):
         return cls(cfg["D"], cfg["K"], cfg["sigma2"], cfg["num_tasks"], cfg["task_seed"])
 
-    def __init__(self, D=4, K=8, sigma2=0.125, num_tasks=0, task_seed=0):
-        self.D, self.K, self.sigma2, self.num_tasks = D, K, sigma2, num_tasks
-        self.tasks = None
+    def __init__(self, D=4, K=8, sigma2=0.125, num_tasks=0, task_seed=0, input_scale=1.0):
+        self.D, self.K, self.sigma2, self.num_tasks, self.task_seed = D, K, sigma2, num_tasks, task_seed
+        self.input_scale, self.tasks = input_scale, None
         if num_tasks > 0:  # the finite prior: M tasks drawn once, then sampled uniformly with replacement
             self.tasks = torch.randn(num_tasks, D, generator=torch.Generator().manual_seed(task_seed))
 
@@ -45,7 +45,24 @@ class Task:
     def sample(self, gen, batch_size, device=None):
         """A fresh batch (xs, ys), drawn on the generator's device."""
         b = sample_batch(gen, batch_size, self.D, self.K, self.sigma2, self.tasks, device or gen.device)
+        if self.input_scale != 1.0:  # out of distribution: x -> g x with the same task, y = g w.x + noise
+            g = self.input_scale
+            return g * b["xs"], g * (b["ys"] - b["noise"]) + b["noise"]
         return b["xs"], b["ys"]
+
+    def refined(self, name):
+        """The data distribution of a data-refined LLC: 'ood_inputs/<g>' (inputs scaled by g) or 'tasks/<M>' (a prior
+        of M tasks); the model and its loss stay the run's."""
+        kind, _, value = name.partition("/")
+        try:
+            if kind == "ood_inputs":
+                return Task(self.D, self.K, self.sigma2, self.num_tasks, self.task_seed, float(value))
+            if kind == "tasks":
+                return Task(self.D, self.K, self.sigma2, int(value), self.task_seed)
+        except ValueError:
+            pass
+        raise common.ConfigError(f"data_refine {name!r}: the regression task offers ood_inputs/<g> (e.g. "
+                                 f"ood_inputs/{OOD_SCALES[0]}) and tasks/<M> (e.g. tasks/64)")
 
     def eval_batch(self, seed, batch_size):
         """A fixed, seeded batch with its tasks and noise (needed for the OOD metrics), always on CPU."""
@@ -180,6 +197,43 @@ def regression_metrics(model, batch, sigma2, tasks=None, baselines=None):
     return m
 
 
+# --------------------------------------------------------------------------------- restrictions of the LLC
+PAPER_RESTRICTIONS = {  # the unrestricted baseline, then the 21 component restrictions of the paper's L2H4 sweep
+    "all": "**", "token_embedding": "token_embedding.weight", "postn_embedding": "postn_embedding.weight",
+    "embeddings": "token_embedding.weight,postn_embedding.weight", "unembedding.ln": "unembedding.0.*",
+    "unembedding.linear": "unembedding.1.*", "unembedding": "unembedding.**",
+    "embeddings+unembedding": "token_embedding.weight,postn_embedding.weight,unembedding.**",
+    **{f"blocks.{b}.ln.{j}": f"blocks.{b}.layer_norms.{j}.*" for b in (0, 1) for j in (0, 1)},
+    "block_lns": "blocks.*.layer_norms.**", "lns": "blocks.*.layer_norms.**,unembedding.0.*",
+    **{f"{n}.mlp": f"{p}.compute.**" for n, p in (("blocks.0", "blocks.0"), ("blocks.1", "blocks.1"), ("blocks", "blocks.*"))},
+    **{f"{n}.attention": f"{p}.attention.**" for n, p in (("blocks.0", "blocks.0"), ("blocks.1", "blocks.1"),
+                                                         ("blocks", "blocks.*"))},
+    "blocks.0": "blocks.0.**", "blocks.1": "blocks.1.**",
+}
+
+
+def restriction_set(cfg, name, model):
+    """{restriction: estimate_llc settings} of a named set: 'heads' (L<i>H<h>: one attention head's weights, element
+    masks from model.head_masks), 'layers' (L<i>: one block), 'paper' (the task's component restrictions)."""
+    names = [k for k, _ in model.named_parameters()]
+    if name == "heads":
+        return {f"L{i}H{h}": {"masks": model.head_masks(i, h)} for i in range(model.cfg.n_layer)
+                for h in range(model.cfg.n_head)}
+    if name == "layers":
+        return {f"L{i}": {"include": f"blocks.{i}.**"} for i in range(model.cfg.n_layer)}
+    if name == "paper" and kind(cfg).paper_restrictions:
+        out = {}
+        for r, pattern in kind(cfg).paper_restrictions.items():
+            try:  # a smaller model lacks some components: those restrictions are left out
+                common.select_params(names, pattern)
+                out[r] = {"include": pattern}
+            except ValueError:
+                continue
+        return out
+    raise common.ConfigError(f"restrictions must be heads, layers{', paper' if kind(cfg).paper_restrictions else ''} "
+                             f"for this task; got {name!r}")
+
+
 # ---------------------------------------------------------------------------------------- the task table
 @dataclass(frozen=True)
 class TaskKind:
@@ -188,14 +242,17 @@ class TaskKind:
     model_config: type       # the model's config dataclass (its build() makes the model), filled from the run config
     task: type               # the data: from_config(cfg) -> sample, model_input, loss, eval_data, metrics, ...
     prepare: Callable | None  # run config -> None: one-off data preparation before training
+    paper_restrictions: dict  # the paper's named component restrictions (llc.py --restrictions=paper), may be empty
     evaluator: str           # analyze.py's per-checkpoint evaluator (by name: train.py and llc.py never load analysis code)
     figures: str             # plots.py's figure set
     stage_prefix: str        # stage names: LR1, LR2, ... / LM1, ...
 
 
 TASKS = {
-    "regression": TaskKind(DEFAULTS, ICLConfig, Task, None, "regression_evaluator", "regression_figures", "LR"),
-    "lm": TaskKind(lm_data.DEFAULTS, LMConfig, lm_data.LMTask, lm_data.prepare_for, "lm_evaluator", "lm_figures", "LM"),
+    "regression": TaskKind(DEFAULTS, ICLConfig, Task, None, PAPER_RESTRICTIONS, "regression_evaluator",
+                           "regression_figures", "LR"),
+    "lm": TaskKind(lm_data.DEFAULTS, LMConfig, lm_data.LMTask, lm_data.prepare_for, {}, "lm_evaluator", "lm_figures",
+                   "LM"),
 }
 
 

@@ -259,3 +259,35 @@ def batched_grad_mismatch(loss_fn, params, names, batch, rtol=1e-3):
         return {"error": f"{type(e).__name__}: {e}"}
     bad = {k: round(e, 6) for k, e in errs.items() if not e <= rtol}
     return bad or None
+
+
+# -------------------------------------------------------------------------------------- CUDA graphs
+def cuda_graph_step(step, first, W, key):
+    """sgld_step captured in a CUDA graph on static batch buffers, once checked against the eager step (on a
+    mismatch: one warning, eager steps). W and the noise key are restored, so the chains start where they would."""
+    static = tuple(x.clone() for x in first)
+    W_keep, key_keep = W.clone(), key.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(static)
+    torch.cuda.current_stream().wait_stream(side)
+    W.copy_(W_keep)
+    key.copy_(key_keep)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step(static)
+
+    def replay(batch):
+        [s_.copy_(x) for s_, x in zip(static, batch)]
+        graph.replay()
+        return loss
+    W.copy_(W_keep), key.copy_(key_keep)
+    eager_loss, eager_W = step(first).clone(), W.clone()
+    W.copy_(W_keep), key.copy_(key_keep)
+    ok = all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in ((replay(first), eager_loss), (W, eager_W)))
+    W.copy_(W_keep), key.copy_(key_keep)
+    if not ok:
+        warnings.warn("the CUDA-graph SGLD step does not replay the eager step: running eager steps")
+    return replay if ok else step

@@ -20,13 +20,15 @@ USAGE = """
     python llc.py out/tiny                                       # quick CPU settings, every checkpoint
     python llc.py configs/llc_v1.py out/L2H4-s0 --steps=984,9375  # the paper's sampler at two checkpoints
     python llc.py out/tiny --include='blocks.0.**' --out=llc_block0.jsonl   # restricted LLC
+    python llc.py out/tiny --restrictions=heads               # one LLC per attention head -> llc_heads.jsonl
+    python llc.py out/tiny --data_refine=ood_inputs/3         # inputs x3 -> llc_data-ood_inputs-3.jsonl
     python llc.py out/tiny --calibrate                           # epsilon x nbeta x gamma grid + trace figures
     torchrun --standalone --nproc_per_node=4 llc.py configs/llc_v2.py out/L2H4-s0   # checkpoints across ranks
 """
 DEFAULTS = dict(  # the quick CPU setting for the demo runs; configs/llc_v1.py and llc_v2.py hold the paper's
     ckpt="",                # the run directory (or give it positionally)
     steps="",               # comma-separated checkpoint steps (default: every checkpoint)
-    out="llc.jsonl",        # output file inside the run directory
+    out="",                 # output file in the run directory ("": llc.jsonl, llc_<restrictions>.jsonl, llc_data-<name>.jsonl)
     epsilon=3e-4,           # SGLD step size
     gamma=6.0,              # localisation strength
     nbeta=60.0,             # n * inverse temperature
@@ -40,6 +42,8 @@ DEFAULTS = dict(  # the quick CPU setting for the demo runs; configs/llc_v1.py a
     per_token=False,        # also estimate one LLC per context position
     include="",             # restricted LLC: glob patterns of the sampled parameters ('blocks.0.**')
     exclude="",             # ... minus these (the rest stays at w*)
+    restrictions="",        # a named set, one row per (checkpoint, restriction): heads | layers | paper (regression)
+    data_refine="",         # data-refined LLC on another distribution: ood_inputs/<g>, tasks/<M> | code, prose (LM)
     device="",              # default: cuda (LOCAL_RANK under torchrun) if available, else cpu
     update_backend="auto",  # auto | torch | triton | xla
     chain_mode="auto",      # auto | native | native_loop | vmap | loop (see sgld.GRADIENTS)
@@ -59,6 +63,7 @@ CHOICES = {"data_mode": ("stream", "fixed"), "chain_mode": CHAIN_MODES,
            "update_backend": ("auto", "torch", "triton", "xla")}
 RUN_KEYS = ("epsilon", "gamma", "nbeta", "num_chains", "num_draws", "num_burnin", "batch_size", "seed", "n",
             "data_mode", "per_token", "include", "exclude")  # a resumed file must agree on all of these
+REFINED = {"restrictions": "restriction_set", "data_refine": "data_refine"}  # their row columns, written when set
 
 
 def llc_row(step, res, trace_points):
@@ -76,39 +81,52 @@ class Run:
 
     def __init__(self, out_dir, cfg, device):
         self.dir, self.cfg, self.device = out_dir, cfg, device
-        self.task = data.task_for(out_dir)
+        self.task, run_cfg = data.task_for(out_dir), common.load_run(out_dir)
+        if cfg["data_refine"]:  # another data distribution; the model and its loss stay the run's
+            self.task = self.task.refined(cfg["data_refine"])
+        self.restrictions = {None: {}}  # None: the plain LLC (include / exclude as given)
+        if cfg["restrictions"]:
+            self.restrictions = data.restriction_set(run_cfg, cfg["restrictions"], data.build_model(run_cfg, 0))
         self.data = self.task.sample  # a stream: sample(generator, m), on the generator's device
         if cfg["data_mode"] == "fixed":  # one fixed set for every checkpoint (common random numbers)
             (_, _, _, g_set), _ = make_generators(cfg["seed"], device)
             self.data = self.task.sample(g_set, cfg["n"])
 
-    def estimate(self, steps, **over):
+    def estimate(self, steps, restriction=None, **over):
         """estimate_llc at a list of checkpoints, batched into one computation; `over` replaces settings."""
         models = [data.load_model(self.dir, s).to(self.device) for s in steps]
         s = {**self.cfg, **over}
         settings = {k: s[k] for k in Settings.__dataclass_fields__ if k in s and k not in ("device", "workers")}
         settings.update(include=s["include"] or None, exclude=s["exclude"] or None, device=self.device,
                         n=s["n"] if s["data_mode"] == "stream" else None,
-                        progress=over.get("progress", f"llc step(s) {steps}"))
+                        progress=over.get("progress", f"llc step(s) {steps}{' ' + restriction if restriction else ''}"))
+        settings.update(self.restrictions[restriction])  # a named restriction: its include or element masks
         return estimate_llc(data.RunLoss(models[0], self.task, s["per_token"]),
                             [{k: v.detach() for k, v in m.named_parameters()} for m in models], self.data, **settings)
 
-    def rows(self, steps):
-        """The rows of a group of checkpoints. If every chain of one diverged, each is redone alone: the others
-        keep their estimates and the failure is recorded (llc_mean null, so a rerun does not repeat it)."""
-        base = {k: self.cfg[k] for k in RUN_KEYS}
-        try:
-            res = self.estimate(steps)
-        except AllChainsDivergedError as err:
-            if len(steps) > 1:
-                return [row for s in steps for row in self.rows([s])]
-            print(f"llc.py: step {steps[0]}: {err}", file=sys.stderr)
-            return [{"step": steps[0], **base, "llc_mean": None, "nan_chains": list(range(self.cfg["num_chains"])),
-                     "error": str(err)}]
-        return [{"step": s, **base, **llc_row(s, r, self.cfg["trace_points"])} for s, r in zip(steps, res)]
+    def rows(self, steps, done=frozenset()):
+        """The rows of a group of checkpoints, for each restriction the steps not `done` (step, restriction). If every
+        chain of one diverged, each is redone alone: the others keep their estimates; the failure is recorded."""
+        out = []
+        for r in self.restrictions:
+            todo = [s for s in steps if (s, r) not in done]
+            base = {k: self.cfg[k] for k in RUN_KEYS}
+            base.update({col: self.cfg[k] for k, col in REFINED.items() if self.cfg[k]}, **{"restriction": r} if r else {})
+            try:
+                res = self.estimate(todo, r) if todo else []
+            except AllChainsDivergedError as err:
+                if len(todo) > 1:
+                    out += [row for s in todo for row in self.rows([s], {(s, q) for q in self.restrictions if q != r})]
+                    continue
+                print(f"llc.py: step {todo[0]}{' ' + r if r else ''}: {err}", file=sys.stderr)
+                out.append({"step": todo[0], **base, "llc_mean": None, "nan_chains": list(range(self.cfg["num_chains"])),
+                            "error": str(err)})
+                continue
+            out += [{"step": s, **base, **llc_row(s, x, self.cfg["trace_points"])} for s, x in zip(todo, res)]
+        return out
 
 
-def plan(cfg, path):
+def plan(cfg, path, restrictions):
     """(all requested steps, those still to do); a usage error when a checkpoint is missing or the output file
     holds rows made with other settings."""
     have = common.list_checkpoints(cfg["ckpt"])
@@ -121,18 +139,18 @@ def plan(cfg, path):
         common.fail("llc.py", f"no checkpoint for step(s) {missing or 'any'} in {cfg['ckpt']}/checkpoints "
                     f"(available: {have[:5]}{'...' if len(have) > 5 else ''})")
     rows = common.read_jsonl(path)
-    for key in RUN_KEYS:
-        old = {r.get(key) for r in rows} - {cfg[key]}
+    for key, col in [(k, k) for k in RUN_KEYS] + list(REFINED.items()):
+        old = {r.get(col, "" if key in REFINED else None) for r in rows} - {cfg[key]}
         if old:
-            common.fail("llc.py", f"{path} holds rows with {key}={old.pop()!r}, but this run has {key}="
+            common.fail("llc.py", f"{path} holds rows with {col}={old.pop()!r}, but this run has {col}="
                         f"{cfg[key]!r}; use --out=<other file> or the same settings")
-    done = {r["step"] for r in rows}
-    todo = [s for s in steps if s not in done]
+    done = {(r["step"], r.get("restriction")) for r in rows}
+    todo = [s for s in steps if any((s, r) not in done for r in restrictions)]
     print(f"llc.py: {len(todo)} checkpoint(s) to do, {len(steps) - len(todo)} already in {path}", file=sys.stderr)
-    return steps, todo
+    return steps, todo, done
 
 
-def sweep(run, todo, path, dist, rank, world):
+def sweep(run, todo, finished, path, dist, rank, world):
     """Groups of ckpt_batch checkpoints, dealt round-robin to the ranks; after each round the rows are gathered
     and rank 0 alone appends them in step order, so the file reads as a single process's would."""
     kb = max(1, run.cfg["ckpt_batch"])
@@ -142,7 +160,7 @@ def sweep(run, todo, path, dist, rank, world):
         payload = None
         if i < len(mine):
             try:
-                payload = run.rows(mine[i])
+                payload = run.rows(mine[i], finished)
             except Exception as err:  # noqa: BLE001  tell the other ranks, then fail
                 if dist is None:
                     raise
@@ -163,9 +181,9 @@ def sweep(run, todo, path, dist, rank, world):
             raise SystemExit("llc.py: " + "; ".join(fatal))
         el, done = time.time() - t0, sum(len(g) for g in groups[:(i + 1) * world])
         if rank == 0:
-            print(f"llc.py: step(s) {[r['step'] for r in rows]} [{done}/{len(todo)}] llc="
-                  f"{[r['llc_mean'] for r in rows]} {el / done:.1f}s/ckpt, ETA {common.fmt_time(el / done * (len(todo) - done))}",
-                  file=sys.stderr)
+            llcs = [round(r["llc_mean"], 2) if r.get("llc_mean") is not None else None for r in rows]
+            print(f"llc.py: step(s) {sorted({r['step'] for r in rows})} [{done}/{len(todo)}] llc={llcs} "
+                  f"{el / done:.1f}s/ckpt, ETA {common.fmt_time(el / done * (len(todo) - done))}", file=sys.stderr)
     if failed:
         raise SystemExit(f"llc.py: all chains diverged at {failed} checkpoint(s); rows written with llc_mean=null")
 
@@ -241,6 +259,10 @@ def main(argv=None):
     cfg["ckpt"] = cfg["ckpt"] or (runs[0] if runs else "")
     if not cfg["ckpt"]:
         common.fail("llc.py", "give the run directory: python llc.py out/<run> [--key=value ...] (see --help)")
+    if cfg["restrictions"] and (cfg["include"] or cfg["exclude"]):
+        common.fail("llc.py", "give --restrictions or --include/--exclude, not both")
+    cfg["out"] = cfg["out"] or "llc{}{}.jsonl".format(*(f"_{p}{v.replace('/', '-')}" if v else "" for p, v in (
+        ("", cfg["restrictions"]), ("data-", cfg["data_refine"]))))
     try:
         data.kind(cfg["ckpt"])
     except (FileNotFoundError, common.ConfigError) as e:
@@ -261,16 +283,19 @@ def main(argv=None):
         if cfg["tf32"]:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         common.tune_malloc()
+        try:  # the restriction set and the data distribution exist, before anything is written
+            run = Run(cfg["ckpt"], cfg, device)
+        except common.ConfigError as e:
+            common.fail("llc.py", e)
         path = os.path.join(cfg["ckpt"], cfg["out"])
-        todo = [plan(cfg, path) if rank == 0 else None]
+        todo = [plan(cfg, path, run.restrictions) if rank == 0 else None]
         if dist is not None:
             dist.broadcast_object_list(todo, src=0)
-        steps, todo = todo[0]
-        run = Run(cfg["ckpt"], cfg, device)
+        steps, todo, done = todo[0]
         if cfg["calibrate"]:
             calibrate(run, steps)
         else:
-            sweep(run, todo, path, dist, rank, world if dist else 1)
+            sweep(run, todo, done, path, dist, rank, world if dist else 1)
         if dist is not None:  # no rank tears its connections down while another still uses them
             dist.barrier()
     finally:

@@ -64,6 +64,14 @@ class ICLTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.unembedding = nn.Sequential(nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, cfg.D + 1))
 
+    def head_masks(self, layer, head):
+        """{parameter name: bool mask} of one attention head's weights: its interleaved [q_h, k_h, v_h] rows of qkv and
+        its columns of the output projection (refined LLCs sample only these)."""
+        a, dh = self.blocks[layer].attention, self.cfg.d_model // self.cfg.n_head
+        qkv, out = torch.zeros_like(a.qkv.weight, dtype=torch.bool), torch.zeros_like(a.out.weight, dtype=torch.bool)
+        qkv[3 * dh * head:3 * dh * (head + 1)] = out[:, dh * head:dh * (head + 1)] = True
+        return {f"blocks.{layer}.attention.qkv.weight": qkv, f"blocks.{layer}.attention.out.weight": out}
+
     def forward(self, tokens):
         T = tokens.shape[-2]
         x = self.token_embedding(tokens) + self.postn_embedding.weight.T[:T]
@@ -149,6 +157,18 @@ class LMTransformer(nn.Module):
                 nn.init.normal_(m.weight, std=std)
             if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
+
+    def head_masks(self, layer, head):
+        """{parameter name: bool mask} of one attention head: its rows of q, k, v (weights and biases) and its columns
+        of o (o's bias is shared by the heads)."""
+        a, dh, p = self.blocks[layer].attn, self.cfg.d_model // self.cfg.n_head, f"blocks.{layer}.attn."
+        masks = {}
+        for name, t in ((f"{x}.{w}", getattr(a, x).get_parameter(w)) for x in "qkvo" for w in ("weight", "bias")):
+            if name != "o.bias":
+                m = torch.zeros_like(t, dtype=torch.bool)
+                (m[:, dh * head:dh * (head + 1)] if name == "o.weight" else m[dh * head:dh * (head + 1)]).fill_(True)
+                masks[p + name] = m
+        return masks
 
     def forward(self, tokens, positions=True, return_attention=False):
         x, patterns = self.residual(tokens, positions, keep_patterns=return_attention)

@@ -2,7 +2,6 @@
 at w* (Lau et al. 2023), for one or several checkpoints at once: all chains' sampled parameters in one flat buffer
 W (chains, P), moved by one fused update; each step's losses stay on the device until the end."""
 import math
-import re
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -10,10 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.func import grad, vmap
+from torch.func import functional_call, grad, vmap
 
-from common import Progress, derive_seed
-from fast import batched_grad_mismatch, noise_key, sgld_update_torch, sgld_update_triton, triton, triton_update_ok
+from common import Progress, derive_seed, select_params
+from fast import (batched_grad_mismatch, cuda_graph_step, noise_key, sgld_update_torch, sgld_update_triton, triton,
+                  triton_update_ok)
 
 
 class AllChainsDivergedError(RuntimeError):
@@ -25,7 +25,7 @@ class Settings:
     """The estimator's settings; estimate_llc(..., **settings) takes these names."""
     epsilon: float                  # step size
     gamma: float                    # localisation strength (pull towards w*)
-    nbeta: float                    # n * inverse temperature
+    nbeta: object                   # n * inverse temperature; "default": B / ln B (devinterp's default)
     num_chains: int = 8
     num_draws: int = 500
     num_burnin: int = 0
@@ -34,6 +34,9 @@ class Settings:
     n: int | None = None            # stream: rows for L(w*) (default 16 x batch_size)
     include: object = None          # restricted LLC: glob patterns of the sampled parameters (default all) ...
     exclude: object = None          # ... minus these; the others stay at w*
+    masks: dict | None = None       # {name: bool tensor}: only the True elements are sampled (alone: only these names)
+    loss: object = None             # params is an nn.Module: loss(model(input), batch) is the loss
+    inputs: object = None           # ... with input = inputs(batch) (default batch[0], or batch["input_ids"])
     per_token: bool = False         # loss_fn returns a vector of per-token losses (the gradient is of its mean)
     device: object = None           # default: the device of the parameters
     update_backend: str = "auto"    # auto (triton on CUDA, xla on XLA, else torch) | torch | triton | xla
@@ -44,13 +47,11 @@ class Settings:
     progress: str | None = None     # a label: progress lines with rate and ETA on stderr
 
     def __post_init__(self):
-        if not (self.epsilon > 0 and self.nbeta > 0 and self.gamma >= 0):
-            raise ValueError(f"need epsilon > 0, nbeta > 0, gamma >= 0; got {self.epsilon}, {self.nbeta}, {self.gamma}")
-        if self.num_chains < 1 or self.num_draws < 1 or self.num_burnin < 0:
-            raise ValueError(f"need num_chains, num_draws >= 1, num_burnin >= 0; got {self.num_chains}, "
-                             f"{self.num_draws}, {self.num_burnin}")
-        if self.grad_chunk is None or self.grad_chunk < 0:
-            raise ValueError(f"grad_chunk must be >= 0 (0: the whole batch at once); got {self.grad_chunk}")
+        if not (self.epsilon > 0 and (self.nbeta == "default" or self.nbeta > 0) and self.gamma >= 0 and
+                self.num_chains >= 1 and self.num_draws >= 1 and self.num_burnin >= 0 and self.grad_chunk >= 0):
+            raise ValueError(f"need epsilon, nbeta > 0, gamma >= 0, num_chains, num_draws >= 1, num_burnin >= 0 and "
+                             f"grad_chunk >= 0; got {self.epsilon}, {self.nbeta}, {self.gamma}, {self.num_chains}, "
+                             f"{self.num_draws}, {self.num_burnin}, {self.grad_chunk}")
 
 
 # -------------------------------------------------------------------------------------- what is sampled
@@ -59,26 +60,18 @@ def sgld_coefficients(epsilon, gamma, nbeta):
     return epsilon * nbeta / 2, epsilon * gamma / 2, math.sqrt(epsilon)
 
 
-def _glob(pattern):
-    """`*` matches within one dotted segment, `**` across segments; anchored at both ends."""
-    parts = re.split(r"(\*\*|\*)", pattern)
-    return re.compile("".join(".*" if p == "**" else "[^.]*" if p == "*" else re.escape(p) for p in parts))
-
-
-def _patterns(x):
-    return [p.strip() for p in (x.split(",") if isinstance(x, str) else x) if p.strip()] if x else []
-
-
-def select_params(names, include=None, exclude=None):
-    """Names matched by an include pattern and by no exclude pattern (exclude wins); default include: all."""
-    inc, exc = _patterns(include) or ["**"], _patterns(exclude)
-    regs = {p: _glob(p) for p in inc + exc}
-    for p, r in regs.items():
-        if not any(r.fullmatch(n) for n in names):
-            raise ValueError(f"parameter pattern {p!r} matches no parameter; names are: {', '.join(names)}")
-    sel = [n for n in names if any(regs[p].fullmatch(n) for p in inc) and not any(regs[p].fullmatch(n) for p in exc)]
-    if not sel:
-        raise ValueError(f"include={inc} / exclude={exc} leave no parameter to sample")
+def sampled_names(names, s, w):
+    """The names the chains sample: by include/exclude pattern, or (masks alone) the masked names; masks checked."""
+    masks = s.masks or {}
+    for k, m in masks.items():
+        if k not in w or m.dtype != torch.bool or m.shape != w[k].shape or not m.any():
+            raise ValueError(f"mask {k!r}: need a bool tensor of the parameter's shape with a True element "
+                             f"(names: {', '.join(names)})")
+    if masks and s.include is None and s.exclude is None:
+        return [n for n in names if n in masks]
+    sel = select_params(names, s.include, s.exclude)
+    if set(masks) - set(sel):
+        raise ValueError(f"masks for parameters that are not sampled: {sorted(set(masks) - set(sel))}")
     return sel
 
 
@@ -86,19 +79,25 @@ class Chains:
     """All chains of all checkpoints (checkpoint-major: chain c of checkpoint g is row g*C + c): the flat buffer W
     of the sampled parameters, W0 a row per checkpoint, and each chain's frozen parameters (views, no copies)."""
 
-    def __init__(self, w_stars, names, C):
-        w = w_stars[0]
-        self.names, self.shapes, self.sizes = names, [w[k].shape for k in names], [w[k].numel() for k in names]
+    def __init__(self, w_stars, names, C, masks):
+        w = w_stars[0]  # a masked tensor: its True elements in W, the rest (and the other names) frozen per chain
+        self.names, self.shapes = names, [w[k].shape for k in names]
+        self.idx = [masks[k].to(w[k].device).reshape(-1).nonzero()[:, 0] if k in masks else None for k in names]
+        self.sizes = [w[k].numel() if i is None else len(i) for k, i in zip(names, self.idx)]
         self.K, self.C, self.CT = len(w_stars), C, len(w_stars) * C
-        self.W0 = torch.stack([torch.cat([p[k].reshape(-1) for k in names]) for p in w_stars])  # (K, P)
+        flat = lambda t, i: t.reshape(-1) if i is None else t.reshape(-1)[i]  # noqa: E731
+        self.W0 = torch.stack([torch.cat([flat(p[k], i) for k, i in zip(names, self.idx)]) for p in w_stars])  # (K, P)
         self.W = self.W0.repeat_interleave(C, 0)  # (CT, P)
         self.frozen = {k: torch.stack([p[k] for p in w_stars])[:, None].expand(self.K, C, *w[k].shape)
-                       .reshape(self.CT, *w[k].shape) for k in w if k not in names}
+                       .reshape(self.CT, *w[k].shape) for k in w if k not in names or k in masks}
 
     def view(self, w, fz):
-        """Named parameters: views of the flat row(s) w, (P,) or (G, P) (so grad gives a flat gradient), and fz."""
-        parts = torch.split(w, self.sizes, dim=-1)
-        return {**fz, **{k: p.view(*w.shape[:-1], *sh) for k, p, sh in zip(self.names, parts, self.shapes)}}
+        """Named parameters from the flat row(s) w, (P,) or (G, P), as views (so grad gives a flat gradient), and fz;
+        a masked tensor is its frozen w* with the sampled elements written in."""
+        lead, out = w.shape[:-1], {}
+        for k, p, sh, i in zip(self.names, torch.split(w, self.sizes, dim=-1), self.shapes, self.idx):
+            out[k] = p.view(*lead, *sh) if i is None else fz[k].reshape(*lead, -1).index_copy(-1, i, p).view(*lead, *sh)
+        return {**fz, **out}
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -155,6 +154,39 @@ class StreamData:
         return tuple(x.reshape(C, B, *x.shape[1:]) for x in self.draw(C * B, gen))
 
 
+class IterData:
+    """Batches from any iterable (a DataLoader; tuples or dicts of tensors), re-iterated at its end; chain c takes every
+    C-th batch. L(w*) over the first n rows of one pass (default: 16 batches). Its own shuffling: no common numbers."""
+
+    def __init__(self, iterable, n, device):
+        self.src, self.device, self.keys = iterable, device, None
+        self.it = iter(iterable)
+        self.B = self.fetch()[0].shape[0]
+        self.n = n or 16 * self.B
+
+    def fetch(self, again=True):
+        b = next(self.it, None)
+        if b is None and again:
+            self.it = iter(self.src)
+            b = next(self.it)
+        if isinstance(b, dict):
+            self.keys, b = list(b), tuple(b.values())
+        return None if b is None else tuple(x.to(self.device) for x in _tuple(b))
+
+    def chunks(self, m, gen):
+        done, self.it = 0, iter(self.src)
+        while done < self.n and (b := self.fetch(again=False)) is not None:
+            yield tuple(x[:self.n - done] for x in b)
+            done += min(len(b[0]), self.n - done)
+        self.n, self.it = done, iter(self.src)  # fewer rows than n: L(w*) over all of them
+
+    def next(self, C, B, gen):
+        out = [self.fetch() for _ in range(C)]
+        if any(len(b[0]) != B for b in out):
+            raise ValueError(f"every batch needs {B} rows (a DataLoader: drop_last=True)")
+        return tuple(torch.stack(x) for x in zip(*out))
+
+
 @torch.no_grad()
 def mean_loss(loss_fn, params, data, chunk, gen):
     """L(w*): the mean loss over data's L(w*) rows in chunks (weighted by size), accumulated in float64."""
@@ -194,7 +226,8 @@ def _native_rows(loss_fn, chains, W, lo, hi, batch, chunk):
     for r in range(0, B, chunk or B):
         m = min(chunk or B, B - r)
         lc, grads = loss_fn.batched_grad(p, tuple(x[lo:hi, r:r + m] for x in batch))
-        gc = torch.cat([grads[k].reshape(hi - lo, -1) for k in chains.names], 1)
+        gc = torch.cat([grads[k].reshape(hi - lo, -1)[:, slice(None) if i is None else i]
+                        for k, i in zip(chains.names, chains.idx)], 1)
         if m == B:
             return gc, lc
         flat, loss = flat + gc * (m / B), loss + lc * (m / B)
@@ -261,37 +294,6 @@ def choose_gradient(loss_fn, w_stars, chains, data, s, gen, device):
     return mode
 
 
-def cuda_graph_step(step, first, W, key):
-    """sgld_step captured in a CUDA graph on static batch buffers, once checked against the eager step (on a
-    mismatch: one warning, eager steps). W and the noise key are restored, so the chains start where they would."""
-    static = tuple(x.clone() for x in first)
-    W_keep, key_keep = W.clone(), key.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step(static)
-    torch.cuda.current_stream().wait_stream(side)
-    W.copy_(W_keep)
-    key.copy_(key_keep)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step(static)
-
-    def replay(batch):
-        [s_.copy_(x) for s_, x in zip(static, batch)]
-        graph.replay()
-        return loss
-    W.copy_(W_keep), key.copy_(key_keep)
-    eager_loss, eager_W = step(first).clone(), W.clone()
-    W.copy_(W_keep), key.copy_(key_keep)
-    ok = all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in ((replay(first), eager_loss), (W, eager_W)))
-    W.copy_(W_keep), key.copy_(key_keep)
-    if not ok:
-        warnings.warn("the CUDA-graph SGLD step does not replay the eager step: running eager steps")
-    return replay if ok else step
-
-
 # --------------------------------------------------------------------------------------------- the loop
 def sample(step, next_batch, total, CT, shape, W, xla, progress):
     """The SGLD loop: every step's pre-step losses of all chains into an on-device trace (read back once), and which
@@ -315,56 +317,84 @@ def sample(step, next_batch, total, CT, shape, W, xla, progress):
     return trace, alive
 
 
-def estimate_llc(loss_fn, params, data, **settings):
-    """The LLC at `params` (name -> tensor: w*), or at each of a list of such dicts in one batched computation (then a
-    list of results, each equal to that checkpoint's own estimate: common random numbers). loss_fn(params, batch) ->
-    mean loss; data: a tuple of tensors (fixed set) or sample(generator, m) -> batch (stream). See Settings."""
-    s, t_start = Settings(**settings), time.time()
-    many = isinstance(params, (list, tuple))
-    group = list(params) if many else [params]
+def module_loss(model, loss, inputs, keys):
+    """loss_fn(params, batch) of an nn.Module: loss(model(inputs(batch)), batch), dict batches rebuilt from keys."""
+    def loss_fn(params, batch):
+        b = dict(zip(keys, batch)) if keys else batch
+        x = inputs(b) if inputs else b["input_ids"] if keys else b[0]
+        return loss(functional_call(model, params, (x,)), b)
+    return loss_fn
+
+
+def checkpoints(params):
+    """A list of w* dicts (a single dict: a list of one), all finite, with the same names and shapes."""
+    group = list(params) if isinstance(params, (list, tuple)) else [params]
     if not group or any(set(p) != set(group[0]) or any(p[k].shape != group[0][k].shape for k in p) for p in group):
         raise ValueError("a list of checkpoints needs at least one, all with the same parameter names and shapes")
-    device = torch.device(s.device) if s.device is not None else next(iter(group[0].values())).device
-    w_stars = [{k: v.detach().to(device) for k, v in p.items()} for p in group]
-    for w in w_stars:
-        bad = [k for k, v in w.items() if not torch.isfinite(v).all()]
-        if bad:
-            raise ValueError(f"parameter {bad[0]!r} of w* has non-finite values")
-    (g_data, g_noise, g_init, _), seeds = make_generators(s.seed, device)
+    bad = [k for p in group for k, v in p.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"parameter {bad[0]!r} of w* has non-finite values")
+    return group
+
+
+def wrap_data(data, s, device):
+    """FixedData (a tuple of tensors), StreamData (a sample callable) or IterData (any iterable of batches); fills in
+    s.batch_size where the data decide it."""
     if callable(data):
         if not s.batch_size:
             raise ValueError("a stream `data` (a sample callable) needs batch_size")
-        data = StreamData(data, int(s.n or 16 * s.batch_size), device)
-    else:
-        data = FixedData(data, device)
-        if s.n is not None and s.n != data.n:
-            raise ValueError(f"fixed dataset: n={s.n} but the tensors have {data.n} rows")
-        s.batch_size = int(s.batch_size or data.n)
-        if s.batch_size > data.n:
-            raise ValueError(f"batch_size={s.batch_size} is larger than the dataset (n={data.n})")
-    s.n = data.n
+        return StreamData(data, int(s.n or 16 * s.batch_size), device)
+    if not (torch.is_tensor(data) or isinstance(data, (tuple, list)) and all(map(torch.is_tensor, data))):
+        data = IterData(data, s.n, device)
+        s.batch_size = data.B
+        return data
+    data = FixedData(data, device)
+    s.batch_size = int(s.batch_size or data.n)
+    if s.n is not None and s.n != data.n or s.batch_size > data.n:
+        raise ValueError(f"fixed dataset of {data.n} rows: n={s.n} must be None or {data.n}, batch_size="
+                         f"{s.batch_size} at most {data.n}")
+    return data
+
+
+def choose_update(s, device, mode):
+    backend = s.update_backend
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton is not None else "xla" if device.type == "xla" else "torch"
+        backend = "torch" if backend == "triton" and not triton_update_ok(device) else backend
+    if backend not in ("torch", "triton", "xla"):
+        raise ValueError(f"unknown update_backend {backend!r} (auto, torch, triton, xla)")
+    if s.cuda_graph and not (device.type == "cuda" and mode == "native" and backend == "triton"):
+        raise ValueError("cuda_graph needs device cuda, chain_mode 'native' and the triton update")
+    return backend
+
+
+def estimate_llc(loss_fn, params, data, **settings):
+    """The LLC at `params` (name -> tensor: w*), or at each of a list of them in one batched computation (a list of
+    results, each its own estimate). loss_fn(params, batch) -> mean loss, or an nn.Module with loss=...; data: tensors
+    (a fixed set), sample(generator, m) -> batch (a stream) or any iterable of batches. See Settings."""
+    s, t_start, model = Settings(**settings), time.time(), loss_fn if isinstance(loss_fn, torch.nn.Module) else None
+    if model is not None and s.loss is None:
+        raise ValueError("with an nn.Module give loss=callable(model_output, batch)")
+    if model is not None and params is None:
+        params = {k: v.detach() for k, v in model.named_parameters()}
+    group = checkpoints(params)
+    device = torch.device(s.device) if s.device is not None else next(iter(group[0].values())).device
+    w_stars = [{k: v.detach().to(device) for k, v in p.items()} for p in group]
+    (g_data, g_noise, g_init, _), seeds = make_generators(s.seed, device)
+    data = wrap_data(data, s, device)
+    loss_fn = module_loss(model, s.loss, s.inputs, getattr(data, "keys", None)) if model is not None else loss_fn
+    s.nbeta = s.batch_size / math.log(s.batch_size) if s.nbeta == "default" else s.nbeta
     L0 = []
     for w in w_stars:  # every checkpoint's L(w*) on the same rows
         g_init.manual_seed(seeds[2])
         L0.append(mean_loss(loss_fn, w, data, s.batch_size, g_init))
-        if L0[-1].dim() != int(s.per_token):
-            raise ValueError(f"loss_fn returned shape {tuple(L0[-1].shape)}; expected a "
-                             f"{'vector (per_token=True)' if s.per_token else 'scalar (per_token=False)'}")
-        if not torch.isfinite(L0[-1]).all():
-            raise ValueError(f"L(w*) is not finite ({L0[-1].tolist()}): the checkpoint itself is broken")
-
-    chains = Chains(w_stars, select_params(list(w_stars[0]), s.include, s.exclude), s.num_chains)
+        if L0[-1].dim() != int(s.per_token) or not torch.isfinite(L0[-1]).all():
+            want = "vector (per_token=True)" if s.per_token else "scalar (per_token=False)"
+            raise ValueError(f"L(w*) = {L0[-1].tolist()}: need a finite {want} from loss_fn at the checkpoint")
+    s.n = data.n
+    chains = Chains(w_stars, sampled_names(list(w_stars[0]), s, w_stars[0]), s.num_chains, s.masks or {})
     mode = choose_gradient(loss_fn, w_stars, chains, data, s, g_init, device)
-    backend = s.update_backend
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" and triton is not None else "xla" if device.type == "xla" else "torch"
-    if backend not in ("torch", "triton", "xla"):
-        raise ValueError(f"unknown update_backend {backend!r} (auto, torch, triton, xla)")
-    if backend == "triton" and s.update_backend == "auto" and not triton_update_ok(device):
-        backend = "torch"
-    if s.cuda_graph and not (device.type == "cuda" and mode == "native" and backend == "triton"):
-        raise ValueError("cuda_graph needs device cuda, chain_mode 'native' and the triton update")
-
+    backend = choose_update(s, device, mode)
     grad_fn, threads = GRADIENTS[mode](loss_fn, chains, s), torch.get_num_threads()
     if mode == "native_loop" and device.type == "cpu":  # each chain single-threaded, whichever worker runs it
         torch.set_num_threads(1)
@@ -393,9 +423,9 @@ def estimate_llc(loss_fn, params, data, **settings):
         first = [next_batch()]
         step = cuda_graph_step(sgld_step, first[0], W, key)
         batches = lambda: first.pop() if first else next_batch()  # noqa: E731
-    bar = Progress(s.progress, total, "SGLD steps") if s.progress else None
     try:
-        trace, alive = sample(step, batches, total, chains.CT, L0[0].shape, W, backend == "xla", bar)
+        trace, alive = sample(step, batches, total, chains.CT, L0[0].shape, W, backend == "xla",
+                              Progress(s.progress, total, "SGLD steps") if s.progress else None)
     finally:
         if getattr(grad_fn, "close", None):
             grad_fn.close()
@@ -412,11 +442,11 @@ def estimate_llc(loss_fn, params, data, **settings):
     if lost:
         raise AllChainsDivergedError(
             f"all {C} SGLD chains diverged (non-finite loss) with epsilon={s.epsilon}, nbeta={s.nbeta}, "
-            f"gamma={s.gamma}{f' at checkpoint(s) {lost} of the {K}' if many else ''}: lower epsilon (or nbeta), "
+            f"gamma={s.gamma}{f' at checkpoint(s) {lost} of the {K}' if K > 1 else ''}: lower epsilon (or nbeta), "
             "or check that w* is near a minimum")
     for r in results:
         r.update(info, wall_time=time.time() - t_start)
-    return results if many else results[0]
+    return results if isinstance(params, (list, tuple)) else results[0]
 
 
 # ---------------------------------------------------------------------------------------------- diagnostics

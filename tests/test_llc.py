@@ -263,7 +263,7 @@ def test_all_chains_diverging_is_a_clear_error():
 def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="non-finite"):
         run(quad_loss, {"w": torch.tensor([0.0, float("nan")])})
-    with pytest.raises(ValueError, match="larger than the dataset"):
+    with pytest.raises(ValueError, match="batch_size=5 at most 1"):
         run(quad_loss, {"w": torch.zeros(2)}, batch_size=5)
     with pytest.raises(ValueError, match="per_token"):
         run(quad_loss, {"w": torch.zeros(2)}, per_token=True)
