@@ -50,6 +50,8 @@ DEFAULTS = dict(  # the options, --key=value; a value keeps the default's type
     lm_ngrams=1000,       # LM: n-gram sequences per n = 2, 3, 4
     threads=0,            # torch threads (0: torch's default)
     device="",            # evaluation device (default: cuda if available, else cpu)
+    head_clusters=0,      # refined LLCs: k of the k-means on the heads' wrLLC curves (0: by silhouette, 2..6)
+    refined_stages=False,  # refined LLCs: also detect the stages of every restriction's and distribution's curve
     **STAGE_RULE)
 
 
@@ -292,6 +294,66 @@ def tables(runs, steps, keys=None):
     return {k: table(runs, k, steps) for k in keys}
 
 
+# ------------------------------------------------------------------------------------------ refined LLCs
+def read_refined(out_dir):
+    """A run's refined-LLC rows (every llc_*.jsonl) as {group: {name: {step: row}}}: group is the restriction_set
+    (paper, heads, layers) or "data" (names: data_refine); a step's last row wins; other rows are ignored."""
+    groups = {}
+    for path in sorted(Path(out_dir).glob("llc_*.jsonl")):
+        for r in common.read_jsonl(path):
+            g, name = (r["restriction_set"], r.get("restriction")) if r.get("restriction_set") else \
+                ("data", r.get("data_refine"))
+            if name:
+                groups.setdefault(g, {}).setdefault(str(name), {})[r["step"]] = r
+    return groups
+
+
+def refined_curves(run_dirs):
+    """{group: dict(names, steps, llc, se)}: each refined LLC (null -> NaN) as a row of llc (names, steps), the
+    mean over runs on the union of their steps (se combined as for llc.jsonl); heads and layers in numeric order."""
+    per_run, out = [read_refined(d) for d in run_dirs], {}
+    for g in dict.fromkeys(g for pr in per_run for g in pr):
+        names = list(dict.fromkeys(n for pr in per_run for n in pr.get(g, {})))
+        if g in ("heads", "layers"):
+            names.sort(key=lambda n: [int(x) for x in "".join(c if c.isdigit() else " " for c in n).split()])
+        steps = sorted({s for pr in per_run for n in names for s in pr.get(g, {}).get(n, {})})
+        tabs = [[table([list(pr.get(g, {}).get(n, {}).values()) for pr in per_run], key, steps) for n in names]
+                for key in ("llc_mean", "llc_se")]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # steps that no run has for a name
+            llc = np.array([np.nanmean(t, 0) for t in tabs[0]])
+            se = np.array([np.sqrt(np.nansum(t ** 2, 0)) / np.isfinite(t).sum(0) for t in tabs[1]])
+        out[g] = dict(names=names, steps=steps, llc=llc, se=np.where(np.isfinite(llc), se, np.nan))
+    return out
+
+
+def refined(run_dirs, opt, M, prefix):
+    """(curves for plots.refined_figures, summary["refined"]): the head clusters against the LM's head scores at
+    the last checkpoint, and with --refined_stages each curve's stage boundaries. ({}, {}) without llc_*.jsonl."""
+    curves = refined_curves(run_dirs)
+    summ = {"curves": {g: c["names"] for g, c in curves.items()}} if curves else {}
+    if "heads" in curves:
+        c = curves["heads"]
+        c["labels"], k, sil = stages.cluster_curves(c["llc"], opt["head_clusters"])
+        c["z"], clusters = np.where(np.isnan(c["llc"]), np.nan, stages.normalise_curves(c["llc"])), []
+        for j in range(k):
+            cl = dict(cluster=j, heads=[n for n, lab in zip(c["names"], c["labels"]) if lab == j])
+            for score in ("prev_token", "prefix"):
+                v = [np.nanmean(M[f"{score}/{h}"][:, -1]) for h in cl["heads"] if f"{score}/{h}" in M]
+                if v and np.isfinite(v).any():
+                    cl[score] = float(np.nanmean(v))
+            clusters.append(cl)
+        summ["head_clusters"] = dict(k=k, chosen_by="option" if opt["head_clusters"] > 0 else "silhouette",
+                                     silhouette={str(j): v for j, v in sil.items()}, clusters=clusters)
+    if opt["refined_stages"] and curves:
+        rule, summ["stages"] = {k: opt[k] for k in STAGE_RULE}, {}
+        for g, c in curves.items():
+            dets = [stages.detect_stages(c["steps"], y, se, prefix=prefix, **rule) for y, se in zip(c["llc"], c["se"])]
+            summ["stages"][g] = {n: dict(boundaries=d["boundaries"], types=[s["type"] for s in d["stages"]])
+                                 for n, d in zip(c["names"], dets)}
+    return curves, summ
+
+
 # ------------------------------------------------------------------------------------ summary and main
 def stage_changes(det, steps, M, llc_steps, L, keys):
     """For each stage, the seed-mean value of each metric (`keys`) at its first and last checkpoint."""
@@ -367,6 +429,8 @@ def main(argv=None):
         figs = getattr(plots, kind.figures)(out / "figures", steps, M, llc_steps, L, llcs[0], diverged[0], det, ed,
                                             cfg, ev.reference)
         changes = stage_changes(det, steps, M, llc_steps, L, ev.summary_keys)
+        curves, refined_summary = refined(run_dirs, opt, M, kind.stage_prefix)
+        figs += plots.refined_figures(out / "figures", curves, llc_steps, L, det)
     summary = dict(runs=[str(d) for d in run_dirs], signal=det["signal"], warnings=warn, n_checkpoints=len(steps),
                    boundaries=det["boundaries"], stages=changes, detector=dict(params=det["params"], gp=det["gp"]),
                    llc_diverged_steps=list(diverged),
@@ -376,6 +440,10 @@ def main(argv=None):
     if ev.final:
         last = {k: v[:, -1].mean() for k, v in M.items() if v.ndim == 2}
         summary["final"] = {k: float(v) for k, v in last.items() if math.isfinite(v)}
+    if refined_summary:
+        summary["refined"] = refined_summary
+        if "head_clusters" in refined_summary:
+            print("\n".join(plots.cluster_table(refined_summary["head_clusters"])))
     common.atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     plots.write_report(out / "report.md", summary, figs)
     print(f"analyze.py: {len(det['stages'])} stages on {det['signal']}, boundaries {det['boundaries']}; "

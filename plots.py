@@ -323,6 +323,86 @@ def head_scores(path, steps, M, det):
     _save(fig, path)
 
 
+# ------------------------------------------------------------------------------------------- refined LLCs
+def refined_figures(fig_dir, curves, llc_steps, L, det):
+    """The refined-LLC figures that have data (curves: analyze.refined_curves' groups): 6 per-head wrLLCs by
+    cluster, 7 the other restriction sets (paper's components, layers), 8 the drLLCs; returns their paths."""
+    fig_dir, paths = Path(fig_dir), []
+    sets = {g: c for g, c in curves.items() if g not in ("heads", "data")}
+    if "heads" in curves:
+        paths.append(fig_dir / "6_head_llc.png")
+        head_llc(paths[-1], curves["heads"], det)
+    if sets:
+        paths.append(fig_dir / "7_component_llc.png")
+        component_llc(paths[-1], sets, det)
+    if "data" in curves:
+        paths.append(fig_dir / "8_data_refined_llc.png")
+        data_refined_llc(paths[-1], curves["data"], llc_steps, L, det)
+    return paths
+
+
+def _positive(Y):
+    Y = np.asarray(Y, float)
+    return bool(np.isfinite(Y).any() and (Y[np.isfinite(Y)] > 0).all())
+
+
+def head_llc(path, c, det):
+    """A panel per layer with each head's wrLLC coloured by its k-means cluster, and the clusters' mean
+    standardised log-curve (what k-means compared)."""
+    layers = list(dict.fromkeys(n.partition("H")[0] for n in c["names"]))
+    k = int(c["labels"].max()) + 1
+    fig, ax = _axes(1, len(layers) + 1, f"Weight-refined LLC of each attention head ({k} clusters)")
+    for n, y, lab in zip(c["names"], c["llc"], c["labels"]):
+        i = layers.index(n.partition("H")[0])
+        ax[i].plot(c["steps"], y, color=plt.cm.tab10(lab % 10), lw=1.2, ls=("-", "--", ":", "-.")[
+            len(ax[i].lines) % 4], label=f"{n} (cluster {lab})")
+    for i, layer in enumerate(layers):
+        _time_axis(ax[i], det["stages"], f"wrLLC, layer {layer}", names=i == 0, logy=_positive(c["llc"]))
+    for j in range(k):
+        ax[-1].plot(c["steps"], np.nanmean(c["z"][c["labels"] == j], 0), color=plt.cm.tab10(j % 10), lw=1.5,
+                    label=f"cluster {j} ({(c['labels'] == j).sum()} heads)")
+    _time_axis(ax[-1], det["stages"], "standardised log wrLLC (cluster mean)")
+    _save(fig, path)
+
+
+def component_llc(path, sets, det):
+    """A panel per restriction set (the paper's components, the layers): a wrLLC curve per restriction."""
+    fig, ax = _axes(1, len(sets), "Weight-refined LLC of each component", w=6.5, h=4.2)
+    for a, (g, c) in zip(ax, sets.items()):
+        for i, (n, y) in enumerate(zip(c["names"], c["llc"])):
+            a.plot(c["steps"], y, label=n, color="k" if n == "all" else plt.cm.tab20(i % 20),
+                   lw=2 if n == "all" else 1.1, ls=("-", "--", ":")[i // 20 % 3])
+        _time_axis(a, det["stages"], f"wrLLC ({g})", names=True, logy=_positive(c["llc"]))
+        a.legend(fontsize=5, ncol=2)
+    _save(fig, path)
+
+
+def data_refined_llc(path, c, llc_steps, L, det):
+    """The data-refined LLC of each distribution (±2 s.e.) with the unrefined llc.jsonl curve."""
+    fig, (a,) = _axes(1, 1, "Data-refined LLC of each distribution", w=8, h=4.2)
+    for i, (n, y, se) in enumerate(zip(c["names"], c["llc"], c["se"])):
+        a.plot(c["steps"], y, color=plt.cm.tab10(i % 10), lw=1.3, label=n)
+        a.fill_between(c["steps"], y - 2 * se, y + 2 * se, color=plt.cm.tab10(i % 10), alpha=0.15, lw=0)
+    if len(llc_steps):
+        _band(a, llc_steps, L["llc_mean"], label="unrefined (llc.jsonl)", color="k", ls="--")
+    _time_axis(a, det["stages"], "drLLC", names=True, logy=_positive(c["llc"]))
+    _save(fig, path)
+
+
+def cluster_table(hc):
+    """summary["refined"]["head_clusters"] as markdown lines: each cluster's heads and, for the LM, their mean
+    previous-token and prefix-matching scores at the last checkpoint."""
+    scores = [s for s in ("prev_token", "prefix") if any(s in c for c in hc["clusters"])]
+    sil = ", ".join(f"k={j}: {v:.3f}" for j, v in hc["silhouette"].items())
+    lines = [f"Head clusters of the wrLLC curves: k = {hc['k']} ({hc['chosen_by']}{'; ' + sil if sil else ''}).",
+             "", "| " + " | ".join(["cluster", "heads"] + [f"mean {s} score" for s in scores]) + " |",
+             "|---" * (2 + len(scores)) + "|"]
+    for c in hc["clusters"]:
+        cells = [str(c["cluster"]), ", ".join(c["heads"])] + [f"{c[s]:.3f}" if s in c else "–" for s in scores]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------ report
 def write_report(path, summary, figures):
     """report.md: the stage table (each metric from the first to the last checkpoint of a stage), the warnings,
@@ -342,5 +422,12 @@ def write_report(path, summary, figures):
     ev = summary["essential_dynamics"]["explained_variance"]
     lines += ["", "Types: A = signal rising, B = falling, Other = flat. Essential dynamics: explained variance "
               + ", ".join(f"PC{i + 1} {100 * v:.1f}%" for i, v in enumerate(ev)) + ".", ""]
+    ref = summary.get("refined", {})
+    if ref:
+        lines += ["## Refined LLCs", "", "Curves: " + "; ".join(f"{g}: {', '.join(n)}" for g, n in
+                                                             ref["curves"].items()) + ".", ""]
+        lines += cluster_table(ref["head_clusters"]) + [""] if "head_clusters" in ref else []
+        lines += [f"- stages of {g} / {n}: boundaries {d['boundaries']}, types {', '.join(d['types'])}"
+                  for g, per in ref.get("stages", {}).items() for n, d in per.items()] + [""] * ("stages" in ref)
     lines += [f"![{Path(f).stem}]({Path(f).relative_to(Path(path).parent)})" for f in figures]
     common.atomic_write(path, "\n".join(lines) + "\n")

@@ -2,6 +2,7 @@
 significance rule on its slope) and essential dynamics (PCA of output trajectories, smoothing, evolute cusps).
 Pure numpy/torch functions, no I/O and no project imports; analyze.py feeds them and plots.py draws them."""
 import math
+import warnings
 from statistics import NormalDist
 
 import numpy as np
@@ -258,3 +259,65 @@ def essential_dynamics(runs, mats, steps, sigma_max, ycols=None, k=4):
     return dict(scores=np.split(scores, cuts), smoothed=smoothed, evr=evr, evr_y=evr_y, cusps=cusps,
                 evolutes=evolutes, scores_y=None if scores_y is None else np.split(scores_y, cuts),
                 steps=np.array(steps))
+
+
+# ------------------------------------------------------------------------------- clustering of curves
+def normalise_curves(Y, floor_frac=1e-2):
+    """Rows of Y (curves over training) as standardised log-curves: log max(y, floor_frac x the row's largest y)
+    (non-positive or tiny estimates sit on that floor), minus the row's mean over its std; NaN -> 0 (the mean)."""
+    Y = np.asarray(Y, float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows
+        top = np.nan_to_num(np.nanmax(Y, 1, keepdims=True))
+        Z = np.log(np.maximum(Y, np.where(top > 0, floor_frac * top, 1.0)))
+        mu, sd = np.nanmean(Z, 1, keepdims=True), np.nanstd(Z, 1, keepdims=True)
+    return np.nan_to_num((Z - mu) / np.where(sd > 0, sd, 1.0))
+
+
+def kmeans(X, k, seed=0, restarts=10, iters=100):
+    """Lloyd's k-means with k-means++ starts (the best of `restarts`, seeded): (labels, inertia); labels numbered
+    in order of first appearance in X."""
+    X, rng, best = np.asarray(X, float), np.random.default_rng(seed), (None, math.inf)
+    for _ in range(restarts):
+        C = X[[rng.integers(len(X))]]
+        while len(C) < k:
+            d2 = ((X[:, None] - C[None]) ** 2).sum(-1).min(1)
+            C = np.vstack([C, X[rng.choice(len(X), p=d2 / d2.sum()) if d2.sum() > 0 else rng.integers(len(X))]])
+        for _ in range(iters):
+            lab = ((X[:, None] - C[None]) ** 2).sum(-1).argmin(1)
+            C2 = np.stack([X[lab == j].mean(0) if (lab == j).any() else C[j] for j in range(k)])
+            if np.allclose(C2, C):
+                break
+            C = C2
+        inertia = float(((X - C[lab]) ** 2).sum())
+        if inertia < best[1] - 1e-12:
+            best = (lab, inertia)
+    first = {v: i for i, v in enumerate(dict.fromkeys(best[0].tolist()))}
+    return np.array([first[v] for v in best[0].tolist()]), best[1]
+
+
+def silhouette(X, labels):
+    """Mean silhouette (b - a) / max(a, b) of the points of X (a: mean distance to the own cluster, b: to the
+    nearest other); 0 for a point alone in its cluster."""
+    X, labels = np.asarray(X, float), np.asarray(labels)
+    D, s = np.sqrt(((X[:, None] - X[None]) ** 2).sum(-1)), np.zeros(len(X))
+    for i, li in enumerate(labels):
+        own = (labels == li) & (np.arange(len(X)) != i)
+        if own.any():
+            a = D[i, own].mean()
+            b = min(D[i, labels == lj].mean() for lj in set(labels.tolist()) - {li})
+            s[i] = (b - a) / max(a, b, 1e-300)
+    return float(s.mean())
+
+
+def cluster_curves(Y, k=0, k_max=6, seed=0):
+    """k-means on normalise_curves(Y): (labels, k, {k: silhouette}). k = 0: the k in 2..min(k_max, n-1) with the
+    largest silhouette (k = 1 for fewer than 3 curves); else k, at most n."""
+    Z = normalise_curves(Y)
+    if k > 0 or len(Z) < 3:
+        k = min(max(k, 1), len(Z))
+        return kmeans(Z, k, seed)[0], k, {}
+    fits = {j: kmeans(Z, j, seed)[0] for j in range(2, min(k_max, len(Z) - 1) + 1)}
+    sil = {j: silhouette(Z, lab) for j, lab in fits.items()}
+    k = max(sil, key=lambda j: (sil[j], -j))
+    return fits[k], k, sil

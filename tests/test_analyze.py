@@ -512,8 +512,103 @@ def test_lm_demo_pipeline_train_llc_analyze(tmp_path):
         assert all(isinstance(r[k], float) and math.isfinite(r[k]) for k in heads), r
         assert r["loss"] > 0 and len(r["pos_norms"]) == 32 and {"bigram", "icl", "ngram/2"} <= r.keys()
     assert (out / "report.md").exists() and json.loads((out / "summary.json").read_text())["signal"] in ("llc", "loss")
-    # cached: a second call evaluates nothing new and gives the same stages
+    # cached: a second call evaluates nothing new and gives the same stages; with synthetic refined LLCs of the
+    # model's four heads (two planted shapes) the clusters carry the mean head scores at the last checkpoint
+    names, groups = ["L0H0", "L0H1", "L1H0", "L1H1"], [0, 1, 1, 0]
+    Y = planted_curves(steps, groups)
+    write_refined(out / "llc_heads.jsonl", steps, dict(zip(names, Y)), restriction_set="heads", restriction=None)
+    write_refined(out / "llc_data-code.jsonl", steps, {"code": Y[0]}, data_refine=None)
     again = analyze.main([str(out), "--lm_rows=48", "--lm_ed=48", "--lm_head_seqs=20", "--lm_bigram_seqs=48",
-                          "--lm_ngrams=50", "--threads=1"])
+                          "--lm_ngrams=50", "--threads=1", "--head_clusters=2"])
     assert again["boundaries"] == summary["boundaries"]
+    assert again["figures"][-2:] == ["figures/6_head_llc.png", "figures/8_data_refined_llc.png"]
+    clusters = again["refined"]["head_clusters"]["clusters"]
+    assert [c["heads"] for c in clusters] == [["L0H0", "L1H1"], ["L0H1", "L1H0"]]
+    for c in clusters:
+        for key in ("prev_token", "prefix"):
+            assert c[key] == pytest.approx(np.mean([rows[-1][f"{key}/{h}"] for h in c["heads"]]))
+    assert "| 0 | L0H0, L1H1 | " in (out / "report.md").read_text()
     assert len(common.read_jsonl(out / "analysis.jsonl")) == len(steps)
+
+
+# ------------------------------------------------------------------------------------------ refined LLCs
+def planted_curves(steps, groups, seed=0):
+    """Curves over `steps` of three shapes in log-time (0 rising, 1 rise-and-fall, 2 falling), one per entry of
+    `groups`, each scaled by a random factor with 5% multiplicative noise."""
+    rng, x = np.random.default_rng(seed), np.log1p(np.asarray(steps, float)) / np.log1p(max(steps)) * 8
+    shapes = [5 + 40 * sigmoid(x - 3), 2 + 50 * np.exp(-((x - 4) / 1.5) ** 2), 60 - 50 * sigmoid(x - 5)]
+    return np.array([shapes[g] * rng.uniform(0.5, 2) * (1 + 0.05 * rng.standard_normal(len(x))) for g in groups])
+
+
+def same_partition(labels, groups):
+    pairs = lambda v: {(i, j) for i in range(len(v)) for j in range(len(v)) if v[i] == v[j]}  # noqa: E731
+    return pairs(list(labels)) == pairs(list(groups))
+
+
+def test_kmeans_and_silhouette_recover_planted_clusters():
+    """Three shapes of curve (scales differ, 5% noise, a negative and a missing estimate): the silhouette picks
+    k = 3 and k-means finds the planted groups (up to relabelling); a given k is used as is."""
+    groups = [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 0, 1]
+    Y = planted_curves(np.arange(30) ** 3, groups)
+    Y[0, 3], Y[4, 5] = -1.0, np.nan
+    labels, k, sil = stages.cluster_curves(Y)
+    assert k == 3 and same_partition(labels, groups), (labels, sil)
+    assert sil[3] == max(sil.values()) and set(sil) == {2, 3, 4, 5, 6} and labels[0] == 0
+    Z = stages.normalise_curves(Y)
+    assert np.isfinite(Z).all() and np.allclose(Z.mean(1), 0) and Z[4, 5] == 0  # missing: the row's mean
+    assert np.allclose(np.delete(Z, 4, 0).std(1), 1) and Z[0, 3] == Z[0].min()  # negative: on the floor
+    assert stages.silhouette(Z, labels) > 0.5 > stages.silhouette(Z, np.arange(len(Z)) % 3)
+    labels2, k2, sil2 = stages.cluster_curves(Y, k=2)
+    assert k2 == 2 and sil2 == {} and len(set(labels2.tolist())) == 2
+    assert stages.cluster_curves(Y[:2])[1] == 1  # too few curves to choose
+
+
+def write_refined(path, steps, curves, **keys):
+    """llc.py's refined rows: {name: curve} into path, each row with `keys` and its name under the one key whose
+    value is None (restriction or data_refine); a NaN value is a diverged estimate (llc_mean null)."""
+    name_key = next(k for k, v in keys.items() if v is None)
+    for name, y in curves.items():
+        for s, v in zip(steps, y):
+            ok = bool(np.isfinite(v))
+            common.append_jsonl(path, dict(step=s, llc_mean=float(v) if ok else None, llc_se=0.3 if ok else None,
+                                           llc_std=1.0, rhat=1.0, num_params=100, **{**keys, name_key: name}))
+
+
+@pytest.mark.slow
+def test_refined_llcs_clusters_figures_and_stages(tmp_path):
+    """A run without llc_*.jsonl: no refined outputs. With synthetic head, paper-component and data-refined rows:
+    figures 6-8, the head clusters (the planted pairs, no head scores for regression) in summary.json, report.md
+    and on stdout, --head_clusters fixes k, --refined_stages gives every curve's boundaries."""
+    run = tmp_path / "run"
+    steps = tiny_run(run, 0)
+    plain = analyze.main([str(run), *FAST])
+    assert "refined" not in plain and len(plain["figures"]) == 5 and not (run / "figures" / "6_head_llc.png").exists()
+    heads, groups = ["L0H0", "L0H1", "L1H0", "L1H1", "L1H2"], [0, 1, 1, 0, 1]
+    Y = planted_curves(steps, groups)
+    Y[2, 4] = np.nan
+    write_refined(run / "llc_heads.jsonl", steps, dict(zip(heads[::-1], Y[::-1])), restriction_set="heads",
+                  restriction=None)
+    write_refined(run / "llc_paper.jsonl", steps, {"all": Y.sum(0), "token_embedding": Y[0], "blocks.0.mlp": Y[1]},
+                  restriction_set="paper", restriction=None)
+    for name, y in (("tasks/64", Y[0]), ("ood_inputs/3", Y[1])):
+        write_refined(run / f"llc_data-{name.replace('/', '-')}.jsonl", steps, {name: y}, data_refine=None)
+    summary = analyze.main([str(run), *FAST, "--refined_stages=True"])
+    assert summary["boundaries"] == plain["boundaries"]
+    new = ["figures/6_head_llc.png", "figures/7_component_llc.png", "figures/8_data_refined_llc.png"]
+    assert summary["figures"] == plain["figures"] + new
+    for f in new:
+        assert png_size(run / f)[0] > 300 and (run / f).stat().st_size > 10_000
+    ref = json.loads((run / "summary.json").read_text())["refined"]
+    assert ref["curves"] == {"heads": heads, "paper": ["all", "token_embedding", "blocks.0.mlp"],
+                             "data": ["ood_inputs/3", "tasks/64"]}  # heads in numeric order, files by name
+    hc = ref["head_clusters"]
+    assert hc["k"] == 2 and hc["chosen_by"] == "silhouette"
+    assert [c["heads"] for c in hc["clusters"]] == [["L0H0", "L1H1"], ["L0H1", "L1H0", "L1H2"]]
+    assert all(set(c) == {"cluster", "heads"} for c in hc["clusters"])  # regression: no head scores
+    report = (run / "report.md").read_text()
+    assert "| 0 | L0H0, L1H1 |" in report and "| 1 | L0H1, L1H0, L1H2 |" in report and "## Refined LLCs" in report
+    assert set(ref["stages"]) == {"heads", "paper", "data"} and set(ref["stages"]["data"]) == {"tasks/64",
+                                                                                               "ood_inputs/3"}
+    assert all(isinstance(d["boundaries"], list) and d["types"] for per in ref["stages"].values() for d in per.values())
+    fixed = analyze.main([str(run), *FAST, "--head_clusters=3"])
+    assert fixed["refined"]["head_clusters"]["k"] == 3 and "stages" not in fixed["refined"]
