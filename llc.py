@@ -13,6 +13,7 @@ import torch
 
 import common
 import data
+import lm_eval
 from sgld import CHAIN_MODES, AllChainsDivergedError, Settings, estimate_llc, make_generators  # noqa: F401
 
 USAGE = """
@@ -43,6 +44,7 @@ DEFAULTS = dict(  # the quick CPU setting for the demo runs; configs/llc_v1.py a
     include="",             # restricted LLC: glob patterns of the sampled parameters ('blocks.0.**')
     exclude="",             # ... minus these (the rest stays at w*)
     restrictions="",        # a named set, one row per (checkpoint, restriction): heads | layers | paper (regression)
+    published=False,        # LM: also llc_*_published, the paper's online-estimator convention (needs num_burnin=0)
     data_refine="",         # data-refined LLC on another distribution: ood_inputs/<g>, tasks/<M> | code, prose (LM)
     device="",              # default: cuda (LOCAL_RANK under torchrun) if available, else cpu
     update_backend="auto",  # auto | torch | triton | xla
@@ -104,6 +106,15 @@ class Run:
         return estimate_llc(data.RunLoss(models[0], self.task, s["per_token"]),
                             [{k: v.detach() for k, v in m.named_parameters()} for m in models], self.data, **settings)
 
+    def published(self, res):
+        """With --published: the estimate restated as the paper's LM curves computed it (lm_eval.published_llc)."""
+        if not self.cfg["published"]:
+            return {}
+        ok = [i for i, v in enumerate(res["llc_per_chain"]) if np.isfinite(v)]
+        pub = lm_eval.published_llc(np.asarray(res["llc_per_chain"])[ok], res["init_loss"], res["nbeta"],
+                                    res["num_draws"], draw0=res["loss_trace"][ok, 0].numpy())
+        return {f"{k}_published": common.finite(v) for k, v in pub.items()}
+
     def rows(self, steps, done=frozenset()):
         """The rows of a group of checkpoints, for each restriction the steps not `done` (step, restriction). If every
         chain of one diverged, each is redone alone: the others keep their estimates; the failure is recorded."""
@@ -122,7 +133,8 @@ class Run:
                 out.append({"step": todo[0], **base, "llc_mean": None, "nan_chains": list(range(self.cfg["num_chains"])),
                             "error": str(err)})
                 continue
-            out += [{"step": s, **base, **llc_row(s, x, self.cfg["trace_points"])} for s, x in zip(todo, res)]
+            out += [{"step": s, **base, **llc_row(s, x, self.cfg["trace_points"]), **self.published(x)}
+                    for s, x in zip(todo, res)]
         return out
 
 
@@ -259,6 +271,8 @@ def main(argv=None):
     cfg["ckpt"] = cfg["ckpt"] or (runs[0] if runs else "")
     if not cfg["ckpt"]:
         common.fail("llc.py", "give the run directory: python llc.py out/<run> [--key=value ...] (see --help)")
+    if cfg["published"] and cfg["num_burnin"]:
+        common.fail("llc.py", "--published restates the paper's estimator, which has no burn-in: set --num_burnin=0")
     if cfg["restrictions"] and (cfg["include"] or cfg["exclude"]):
         common.fail("llc.py", "give --restrictions or --include/--exclude, not both")
     cfg["out"] = cfg["out"] or "llc{}{}.jsonl".format(*(f"_{p}{v.replace('/', '-')}" if v else "" for p, v in (

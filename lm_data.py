@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import common
 import lm_eval
-from lm_hub import PAPER_TOKENIZER, from_transformer_lens, hub_download
+import lm_hub
 from model import LMConfig, weight_norm
 
 USAGE = """
@@ -27,11 +27,13 @@ USAGE = """
     python lm_data.py prepare configs/lm_tiny.py          # train.py does this by itself when needed
     python lm_data.py stats data/python-v5000-ctx128
     python lm_data.py import georgeyw/L2W256-3m-rr --steps=0,100,900 --out_dir=out/L2W256-paper
+    python lm_data.py export out/lm_tiny --out_dir=out/lm_tiny-tl    # TransformerLens; `import` reads it back
+    python lm_data.py words data/python-v5000-ctx64                  # the paper's GPT-2 word list (n-grams)
 """
 ROOT = Path(__file__).resolve().parent
 EOT = "<|endoftext|>"
 DEFAULTS = dict(  # the language model's data keys (train.py adds them to its own)
-    corpus="python",    # python (CPython's bundled docs, no download) | kjv (Debian bible-kjv) | a folder of text
+    corpus="python",    # python (CPython's docs, no download) | kjv (Debian bible-kjv) | a folder | hub:<repo>:<files>
     tokenizer="train",  # train (byte-level BPE on the training split) | a tokenizer.json | hub (the paper's)
     data_dir="",        # tokenizer + packed tokens; "" = data/<corpus>-v<vocab_size>-ctx<n_ctx> in the repository
     vocab_size=5000,    # id vocab_size-1 = <|endoftext|> (BOS/EOS)
@@ -90,45 +92,31 @@ def kjv_corpus():
 
 
 def folder_corpus(path):
-    """Every .txt/.md file under `path` (one document each), and the rows of .jsonl(.gz) and .parquet shards
-    (text in column `contents`, as the paper's DSIR-filtered Pile, or `text`). Sorted paths: deterministic."""
+    """The documents of every .txt/.md/.jsonl(.gz)/.parquet/.arrow file under `path` (lm_hub.read_documents), in
+    sorted path order."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"corpus folder {path} does not exist")
     docs = []
     for p in sorted(path.rglob("*")):
-        if p.suffix in (".txt", ".md"):
-            docs.append(p.read_text(encoding="utf-8", errors="replace"))
-        elif p.name.endswith((".jsonl", ".jsonl.gz")):
-            import gzip
-            with (gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else open(p, encoding="utf-8")) as f:
-                docs += [_text_of(json.loads(line), p) for line in f if line.strip()]
-        elif p.suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError as e:
-                raise RuntimeError(f"{p}: reading parquet shards needs pyarrow (pip install pyarrow)") from e
-            table = pq.read_table(p)
-            col = "contents" if "contents" in table.column_names else "text"
-            docs += [str(x) for x in table.column(col).to_pylist()]
+        docs += lm_hub.read_documents(p)
+        if p.stat().st_size > 1e7:
+            common.progress(f"read {p.name}: {len(docs):,} documents so far")
     if not docs:
-        raise ValueError(f"corpus folder {path} holds no .txt, .md, .jsonl(.gz) or .parquet files")
+        raise ValueError(f"corpus folder {path} holds no .txt, .md, .jsonl(.gz), .parquet or .arrow files")
     return docs
 
 
-def _text_of(row, where):
-    for key in ("contents", "text"):
-        if key in row:
-            return row[key]
-    raise ValueError(f"{where}: a row has neither 'contents' nor 'text': keys {sorted(row)}")
-
-
 def load_corpus(corpus):
-    """'python' (default, no download), 'kjv' (Debian package), or a folder path."""
+    """'python' (default, no download), 'kjv' (Debian package), a folder path, or hub:<repo>:<file>[,<file>...]
+    (e.g. hub:datasets/georgeyw/dsir-pile-100k:train-100k.jsonl, the paper's evaluation data)."""
     if corpus == "python":
         return python_docs_corpus()
     if corpus == "kjv":
         return kjv_corpus()
+    if corpus.startswith("hub:"):
+        repo, _, files = corpus[4:].partition(":")
+        return [d for f in files.split(",") for d in lm_hub.read_documents(lm_hub.hub_download(repo, f))]
     return folder_corpus(corpus)
 
 
@@ -171,7 +159,7 @@ def get_tokenizer(source, texts, vocab_size):
     if source == "train":
         tok = train_tokenizer(texts, vocab_size)
     elif source.startswith("hub"):
-        tok = load_tokenizer(hub_download(source.partition(":")[2] or PAPER_TOKENIZER, "tokenizer.json"))
+        tok = load_tokenizer(lm_hub.hub_download(source.partition(":")[2] or lm_hub.PAPER_TOKENIZER, "tokenizer.json"))
     else:
         tok = load_tokenizer(source)
     if tok.get_vocab_size() != vocab_size or tok.token_to_id(EOT) != vocab_size - 1:
@@ -184,15 +172,17 @@ def get_tokenizer(source, texts, vocab_size):
 # --------------------------------------------------------------------------------------------- packing
 def pack(tok, docs, n_ctx, path, batch_docs=256):
     """Tokenise the documents, join them with EOS, cut the stream into rows of n_ctx-1 tokens (the remainder is
-    dropped) and prepend BOS: a uint16 (rows, n_ctx) file. Returns (rows, tokens in the stream)."""
+    dropped) and prepend BOS: a uint16 (rows, n_ctx) file. Token rows (BOS first) are re-cut as they are.
+    Returns (rows, tokens in the stream)."""
     eos, width = tok.token_to_id(EOT), n_ctx - 1
     tmp, rows, carry, seen = Path(str(path) + ".tmp"), 0, np.zeros(0, np.uint16), 0
     bar = common.Progress(f"packing {Path(path).name}", len(docs), "docs")
     with open(tmp, "wb") as f:
         for i in range(0, len(docs), batch_docs):
             bar.update(i)
-            encoded = tok.encode_batch(docs[i:i + batch_docs])
-            ids = [np.append(np.asarray(e.ids, np.uint16), np.uint16(eos)) for e in encoded]
+            part = docs[i:i + batch_docs]
+            ids = ([np.append(np.asarray(e.ids, np.uint16), np.uint16(eos)) for e in tok.encode_batch(part)]
+                   if isinstance(part[0], str) else [d[1:] for d in part])  # token rows: their stream, BOS dropped
             stream = np.concatenate([carry, *ids])
             seen += len(stream) - len(carry)
             k = len(stream) // width
@@ -230,6 +220,7 @@ def data_dir_for(cfg):
     if cfg["data_dir"]:
         return Path(cfg["data_dir"])
     name = Path(cfg["corpus"]).name if cfg["corpus"] not in ("python", "kjv") else cfg["corpus"]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
     tok = "" if cfg["tokenizer"] == "train" else "-" + re.sub(r"[^A-Za-z0-9]+", "_", cfg["tokenizer"])[-24:]
     return ROOT / "data" / f"{name}{tok}-v{cfg['vocab_size']}-ctx{cfg['n_ctx']}"
 
@@ -260,6 +251,8 @@ def prepare(data_dir, corpus="python", vocab_size=5000, n_ctx=1024, test_frac=0.
         raise common.ConfigError(f"vocab_size {vocab_size} does not fit the uint16 token files")
     progress(f"preparing LM data in {data_dir}: corpus {corpus!r}")
     docs = load_corpus(corpus)
+    if not isinstance(docs[0], str) and tokenizer == "train":
+        raise common.ConfigError(f"corpus {corpus!r} holds token rows: name the tokenizer that made them (hub)")
     train_ids, test_ids = split_documents(docs, test_frac, seed)
     train_docs, test_docs = [docs[i] for i in train_ids], [docs[i] for i in test_ids]
     progress(f"tokenizer: {tokenizer} ({len(train_docs)} training documents, {sum(map(len, train_docs)):,} characters)")
@@ -272,7 +265,8 @@ def prepare(data_dir, corpus="python", vocab_size=5000, n_ctx=1024, test_frac=0.
         splits[name] = {"docs": len(part), "chars": sum(map(len, part)), "tokens": seen, "rows": rows}
     if splits["train"]["rows"] == 0 or splits["test"]["rows"] == 0:
         raise ValueError(f"corpus {corpus!r} is too small for rows of {n_ctx} tokens: {splits}")
-    common.atomic_write(data_dir / "words.txt", "\n".join(w[1:] for w in lm_eval.words_from_texts(train_docs)) + "\n")
+    texts = train_docs if isinstance(train_docs[0], str) else [tok.decode(d.tolist()) for d in train_docs[:2000]]
+    common.atomic_write(data_dir / "words.txt", "\n".join(w[1:] for w in lm_eval.words_from_texts(texts)) + "\n")
     meta = {**want, "bos": vocab_size - 1, "eos": vocab_size - 1, "dtype": "uint16",
             "space_id": tok.token_to_id("Ġ"), "splits": splits, "test_doc_ids": test_ids,
             "python": sys.version.split()[0] if corpus == "python" else None}
@@ -341,6 +335,9 @@ class LMTask:
         return load_tokenizer(self.data_dir / "tokenizer.json")
 
     def words(self):
+        """The n-gram word list: words.json (`lm_data.py words`: the paper's GPT-2 vocabulary), else words.txt."""
+        if (self.data_dir / "words.json").exists():
+            return json.loads((self.data_dir / "words.json").read_text())
         return [" " + w for w in (self.data_dir / "words.txt").read_text().split()]
 
     def bigram_table(self):
@@ -354,35 +351,78 @@ class LMTask:
             return {k: z[k] for k in z.files}
 
 
-# ------------------------------------------------------------------------- published checkpoints
-def import_checkpoints(repo, steps, out_dir, cfg, *, pattern="checkpoint_{step:07d}.pth", revision="main",
+# ------------------------------------------------------------------ published checkpoints, TransformerLens
+TL_KEYS = dict(n_layer="n_layers", d_model="d_model", n_head="n_heads", n_ctx="n_ctx", vocab_size="d_vocab")
+
+
+def import_checkpoints(repo, steps, out_dir, cfg, *, pattern=lm_hub.PAPER["checkpoints"][1], revision="main",
                        base_url=None, cache_dir=None, keep_download=False):
-    """Download published TransformerLens checkpoints and convert each once into this project's run format
-    (out_dir/config.json + checkpoints/step_*.safetensors), so llc.py and analyze.py read them like a run of
-    train.py. The .pth files are opened with torch.load(weights_only=True): no pickled code runs."""
-    out_dir = Path(out_dir)
+    """Convert TransformerLens checkpoints (a hub repository, or a folder of the same layout such as `export`
+    writes) into this project's run format, so llc.py and analyze.py read them like a run of train.py. Steps that
+    are missing are skipped with a warning. torch.load(weights_only=True): no pickled code runs."""
+    out_dir, src = Path(out_dir), Path(repo)
+    if src.is_dir() and (src / "config.json").exists():  # export's HookedTransformerConfig arguments
+        tl = json.loads((src / "config.json").read_text())
+        cfg = {**cfg, **{k: tl[v] for k, v in TL_KEYS.items()}}
     common.atomic_write(out_dir / "config.json", json.dumps(cfg, indent=1))
     mcfg = LMConfig(**{k: cfg[k] for k in LMConfig.__dataclass_fields__ if k in cfg})
+    done, missing = [], []
     for step in steps:
         if step in common.list_checkpoints(out_dir):
+            done.append(step)
             continue
-        path = hub_download(repo, pattern.format(step=step), revision, base_url=base_url, cache_dir=cache_dir)
+        name, cached = pattern.format(step=step), src.is_dir() or keep_download
+        try:
+            if src.is_dir():
+                path = src / name
+                if not path.is_file():
+                    raise lm_hub.HubNotFound(f"{path} does not exist")
+            else:
+                cached = cached or lm_hub.cached_file(repo, name, revision, cache_dir) is not None
+                path = lm_hub.hub_download(repo, name, revision, base_url=base_url, cache_dir=cache_dir)
+        except lm_hub.HubNotFound as e:
+            common.progress(f"step {step} skipped: {e}")
+            missing.append(step)
+            continue
         sd = torch.load(path, map_location="cpu", weights_only=True)
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(sd, dict) and "embed.W_E" not in sd and key in sd:
                 sd = sd[key]
         model = mcfg.build()
-        params = from_transformer_lens(sd)
-        missing = set(dict(model.named_parameters())) ^ set(params)
-        if missing:
-            raise common.CheckpointError(f"{path} does not match the configured model: {sorted(missing)}")
+        params = lm_hub.from_transformer_lens(sd)
+        wrong = set(dict(model.named_parameters())) ^ set(params)
+        if wrong:
+            raise common.CheckpointError(f"{path} does not match the configured model: {sorted(wrong)}")
         model.load_state_dict(params, strict=False)
         common.save_checkpoint(out_dir, step, model)
-        if not keep_download:
-            path.unlink()
+        if not cached:  # downloaded only for this: the converted copy replaces it
+            lm_hub.forget(path)
+        done.append(step)
         common.progress(f"imported step {step} -> {common.ckpt_path(out_dir, step)}")
+    common.progress(f"{out_dir}: {len(done)} of {len(steps)} steps" + (f"; missing: {missing}" if missing else ""))
+    if not done:
+        raise lm_hub.HubError(f"none of the {len(steps)} steps could be found in {repo} ({pattern})")
+    return done, missing
+
+
+def export_transformer_lens(run_dir, out_dir, steps=None, pattern=lm_hub.PAPER["checkpoints"][1]):
+    """A run's checkpoints as TransformerLens state dicts in the paper's layout, with config.json holding the
+    HookedTransformerConfig arguments (lm_hub.hooked_transformer builds the model)."""
+    cfg, out_dir = common.load_run(run_dir), Path(out_dir)
+    common.atomic_write(out_dir / "config.json", json.dumps(lm_hub.transformer_lens_config(cfg), indent=1))
+    for step in steps or common.list_checkpoints(run_dir):
+        buf = io.BytesIO()
+        torch.save(lm_hub.to_transformer_lens(common.load_params(run_dir, step), cfg["n_head"]), buf)
+        common.atomic_write(out_dir / pattern.format(step=step), buf.getvalue())
+    common.progress(f"exported {run_dir} -> {out_dir}")
     return out_dir
 
+
+def write_gpt2_words(data_dir, repo=lm_hub.PAPER["gpt2_vocab"][0]):
+    """words.json: the GPT-2 vocabulary's strings in id order (the paper's n-gram word list)."""
+    words = lm_eval.gpt2_vocab_strings(lm_hub.hub_download(repo, "vocab.json"))
+    common.atomic_write(Path(data_dir) / "words.json", json.dumps(words))
+    return words
 
 
 # --------------------------------------------------------------------------------------- command line
@@ -390,27 +430,35 @@ PAPER_CONFIG = ROOT / "configs" / "L2W256.py"
 
 
 def main(argv):
-    import argparse
-    ap = argparse.ArgumentParser(prog="lm_data.py", description=__doc__ + USAGE,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = lm_hub.Parser(prog="lm_data.py", description=__doc__ + USAGE,
+                       formatter_class=lm_hub.argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="build the data folder of a training config (its data keys)")
     p.add_argument("config", nargs="*", help="config files and --key=value overrides of the data keys")
     p = sub.add_parser("stats", help="print a data folder's meta.json")
     p.add_argument("data_dir")
-    p = sub.add_parser("import", help="convert published TransformerLens checkpoints into a run folder")
-    p.add_argument("repo")
+    p = sub.add_parser("words", help="write the GPT-2 vocabulary into a data folder (n-gram word list)")
+    p.add_argument("data_dir")
+    p = sub.add_parser("export", help="a run's checkpoints as TransformerLens state dicts + config.json")
+    p.add_argument("run_dir")
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--steps", default="", help="comma-separated, or start:stop:step (default: all)")
+    p = sub.add_parser("import", help="TransformerLens checkpoints (a hub repository or a folder) into a run folder")
+    p.add_argument("repo", help=f"e.g. {lm_hub.PAPER['checkpoints'][0]}, or a folder that `export` wrote")
     p.add_argument("--steps", required=True, help="comma-separated, or start:stop:step")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--data_dir", default="", help="the LM data folder the run's evaluations should read")
-    p.add_argument("--pattern", default="checkpoint_{step:07d}.pth")
+    p.add_argument("--pattern", default=lm_hub.PAPER["checkpoints"][1])
     p.add_argument("--config", default=str(PAPER_CONFIG), help="the run's training config (model sizes, data)")
     p.add_argument("--revision", default="main")
-    p.add_argument("--base_url", default=None)
-    p.add_argument("--cache_dir", default=None)
+    p.add_argument("--endpoint", default=None, help="default $HF_ENDPOINT or https://huggingface.co")
+    p.add_argument("--cache_dir", default=None, help="default $HF_HUB_CACHE or ~/.cache/huggingface/hub")
+    p.add_argument("--keep_download", action="store_true", help="keep the .pth files in the hub cache")
     a, rest = ap.parse_known_args(argv)
     if rest and a.cmd != "prepare":
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    steps = a.steps.split(":") if getattr(a, "steps", "") else []
+    steps = list(range(*map(int, steps))) if len(steps) > 1 else [int(x) for x in a.steps.split(",")] if steps else []
     if a.cmd == "prepare":  # a training config holds more than the data keys: only those are read here
         files = [x for x in a.config + rest if not x.startswith("--")]
         known = {k: v for f in files for k, v in common.read_config_file(f).items() if k in DEFAULTS}
@@ -418,12 +466,14 @@ def main(argv):
         prepare_for(cfg)
     elif a.cmd == "stats":
         print(json.dumps({k: v for k, v in read_meta(a.data_dir).items() if k != "test_doc_ids"}, indent=1))
+    elif a.cmd == "words":
+        print(f"{len(write_gpt2_words(read_meta(a.data_dir) and a.data_dir)):,} words -> {a.data_dir}/words.json")
+    elif a.cmd == "export":
+        export_transformer_lens(a.run_dir, a.out_dir, steps)
     else:
-        lo, _, hi = a.steps.partition(":")
-        steps = (list(range(*(int(x) for x in a.steps.split(":")))) if hi else [int(x) for x in a.steps.split(",")])
         cfg = {**DEFAULTS, **common.read_config_file(a.config), "out_dir": a.out_dir, "data_dir": a.data_dir}
         import_checkpoints(a.repo, steps, a.out_dir, cfg, pattern=a.pattern, revision=a.revision,
-                           base_url=a.base_url, cache_dir=a.cache_dir)
+                           base_url=a.endpoint, cache_dir=a.cache_dir, keep_download=a.keep_download)
 
 
 if __name__ == "__main__":

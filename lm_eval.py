@@ -283,3 +283,15 @@ def true_token_logits(model, tokens, n=10000, seed=0, batch_size=None):
 def positional_norms(model):
     """(n_ctx,) the norm of each row of the shortformer position table."""
     return model.pos_embed.detach().norm(dim=1)
+
+
+# ------------------------------------------------------------------------- the paper's LLC convention
+def published_llc(llc_per_chain, init_loss, nbeta, num_draws, draw0=None):
+    """Per-chain LLC estimates (nbeta * (mean of draws 0..T-1 - init_loss)) restated as the paper's published LM
+    curves computed them: chain c of C minus its draw 0, against sum(draw-0 losses of chains 0..c) / C (README)."""
+    lam = np.asarray(llc_per_chain, np.float64)
+    d0 = np.full(len(lam), float(init_loss)) if draw0 is None else np.asarray(draw0, np.float64)
+    seen = np.cumsum(d0) / len(lam)  # the reference's losses[:, 0].mean() while chains c+1.. are still 0
+    pub = lam + nbeta * init_loss - nbeta / num_draws * d0 - nbeta * (1 - 1 / num_draws) * seen
+    return dict(llc_mean=float(pub.mean()), llc_std=float(pub.std(ddof=1)) if len(pub) > 1 else 0.0,
+                llc_per_chain=pub.tolist())

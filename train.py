@@ -14,6 +14,7 @@ import torch
 
 import common
 import data
+import fast
 
 # ------------------------------------------------------------------------- defaults: the CPU demo (configs/tiny.py)
 out_dir = "out/tiny"    # run folder: config.json, log.jsonl, checkpoints/
@@ -38,6 +39,7 @@ eval_batch_size = 1024  # sequences (rows) of the fixed eval set, evaluated at e
 eval_seed = 0           # seeds the eval set
 device = "auto"         # auto | cpu | cuda | xla
 compile = False         # torch.compile the model
+fast_grad = True        # the task's hand-derived gradient (regression) where it matches autograd at the start
 tf32 = False            # allow TF32 matmuls on CUDA
 # ---------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
@@ -52,7 +54,7 @@ USAGE = """
     torchrun --nproc_per_node=2 train.py configs/tiny.py   # DDP; the global batch is split across ranks
     python train.py configs/lm_tiny.py                # the language-model CPU demo (task = "lm")
 """
-RESUME_MAY_CHANGE = {"stop_at", "device", "compile", "tf32", "log_interval", "micro_batch"}
+RESUME_MAY_CHANGE = {"stop_at", "device", "compile", "tf32", "log_interval", "micro_batch", "fast_grad"}
 CHOICES = {"task": tuple(data.TASKS), "optimizer": ("adam", "adamw"), "lr_schedule": ("onecycle", "constant")}
 
 
@@ -164,6 +166,7 @@ def train(cfg: dict) -> dict:
     last = min(cfg["stop_at"] if cfg["stop_at"] >= 0 else N - 1, N - 1)
     bar = common.Progress("train", last + 1 - start, "steps")
     row, t_last, steps_since = {}, time.time(), 0
+    step_grads = hand_derived(cfg, model, task, gen, local_bs, dev, ddp)
     for step in range(start, last + 1):
         gen.manual_seed(common.derive_seed(cfg["seed"], rank, step))
         xs, ys = (x.to(dev) for x in task.sample(gen, local_bs))
@@ -172,8 +175,11 @@ def train(cfg: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         for i in range(0, local_bs, micro):  # gradient accumulation: the same mean-loss gradient as one pass
             x, y = xs[i:i + micro], ys[i:i + micro]
-            loss_i = task.loss(fwd(task.model_input(x, y)), y) * (len(y) / local_bs)
-            loss_i.backward()
+            if step_grads is not None:
+                loss_i = step_grads(x, y, len(y) / local_bs)
+            else:
+                loss_i = task.loss(fwd(task.model_input(x, y)), y) * (len(y) / local_bs)
+                loss_i.backward()
             loss = loss_i.detach() if i == 0 else loss + loss_i.detach()
         opt.step()
         if dev.type == "xla":
@@ -203,6 +209,29 @@ def train(cfg: dict) -> dict:
     if master:
         common.progress(f"done: {out} (config.json, log.jsonl, checkpoints/) in {common.fmt_time(time.time() - bar.t0)}")
     return row
+
+
+def hand_derived(cfg, model, task, gen, rows, dev, ddp):
+    """The task's hand-derived gradient as step_grads(x, y, w) -> w * loss (w * its gradient into .grad), once it
+    matched autograd on a batch; None (autograd) when off, unavailable (DDP, compile, XLA) or failing (one warning)."""
+    if not cfg["fast_grad"] or getattr(task, "batched_grad", None) is None or ddp or cfg["compile"] or dev.type == "xla":
+        return None
+    params = dict(model.named_parameters())
+    gen.manual_seed(common.derive_seed(cfg["seed"], 0x7E57))  # a check batch outside the training stream
+    batch = tuple(x.to(dev) for x in task.sample(gen, min(rows, 64)))
+    bad = fast.batched_grad_mismatch(data.RunLoss(model, task), {k: v.detach() for k, v in params.items()},
+                                     list(params), batch)
+    if bad:
+        warnings.warn(f"train.py: the hand-derived gradient disagrees with autograd ({bad}): has the model's code "
+                      "changed? Training with autograd; --fast_grad=False silences this")
+        return None
+
+    def step_grads(x, y, w):
+        loss, g = task.batched_grad(model.cfg, {k: v.detach()[None] for k, v in params.items()}, x[None], y[None])
+        for k, p in params.items():
+            p.grad = g[k][0] * w if p.grad is None else p.grad + g[k][0] * w
+        return loss[0] * w
+    return step_grads
 
 
 def evaluate(model, batch, task):

@@ -3,8 +3,8 @@
 # betas 0.9/0.999), no schedule, no warm-up, no clipping; batch 100 x 1,024 tokens; steps 0..50,000 with a
 # checkpoint every 100 (501 checkpoints). Seed 1 is the paper's model.
 # The default corpus (CPython's docs, ~0.6M tokens) is repeated thousands of times at this scale: for the
-# paper's data use --corpus=<folder of .jsonl/.parquet/.txt shards> (see lm_hub.py download) and/or
-# --tokenizer=hub (the paper's TinyStories 5k tokenizer).
+# paper's data use --corpus=hub:<dataset repo>:<files> or a folder of .jsonl/.arrow/.txt shards, and
+# --tokenizer=hub (the paper's TinyStories 5k tokenizer); README, "The paper's files".
 task = "lm"
 out_dir = "out/L2W256-s1"
 seed = 1

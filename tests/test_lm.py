@@ -5,7 +5,10 @@ import http.server
 import io
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -226,35 +229,54 @@ def test_lm_task_interface(lm_dir):
 
 # ---------------------------------------------------------------------------------------------- the hub
 class _Hub(http.server.BaseHTTPRequestHandler):
-    """A tiny file server with Range support. files: path -> bytes; etag: path -> advertised sha256;
-    cut: paths whose next GET sends only half the body and drops the connection."""
-    files, etag, cut, log = {}, {}, set(), []
+    """The hub and its CDN on two loopback servers: /resolve/ answers a 302 with X-Linked-Etag, X-Linked-Size and
+    X-Repo-Commit (or a 404); the CDN serves /cdn/<sha256> with ranges and a sha256-like ETag that is not the file's.
+    corrupt / cut: sha256s whose next CDN GET is damaged / stops halfway."""
+    files, corrupt, cut, log, cdn, commit = {}, set(), set(), [], "", "c0" * 20
+
+    def do_HEAD(self):
+        self._answer()
 
     def do_GET(self):
-        self.log.append((self.path, self.headers.get("Range")))
+        self._answer()
+
+    def _answer(self):
+        self.log.append((self.command, self.path, self.headers.get("Range"), self.headers.get("Authorization")))
         body = self.files.get(self.path)
-        if body is None:
+        if "/resolve/" in self.path:
+            sha = body and hashlib.sha256(body).hexdigest()
+            self.send_response(302 if body else 404)
+            head = {"Location": f"{self.cdn}/cdn/{sha}", "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": len(body),
+                    "ETag": '"hub"'} if body else {"X-Error-Code": "EntryNotFound"}
+            for k, v in {**head, "X-Repo-Commit": self.commit, "Content-Length": 0}.items():
+                self.send_header(k, str(v))
+            self.end_headers()
+            return
+        sha = self.path.rpartition("/")[2]
+        body = next((b for b in self.files.values() if hashlib.sha256(b).hexdigest() == sha), None)
+        if body is None or not self.path.startswith("/cdn/"):
             self.send_error(404)
             return
-        start, status = 0, 200
-        rng = self.headers.get("Range")
-        if rng:
-            start = int(rng.split("=")[1].split("-")[0])
-            if start >= len(body):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(body)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            status = 206
-        self.send_response(status)
-        if status == 206:
+        if self.command == "GET" and sha in self.corrupt:
+            self.corrupt.discard(sha)
+            body = bytes(255 - x for x in body[:64]) + body[64:]  # same length, other bytes
+        start = int((self.headers.get("Range") or "bytes=0-")[6:].split("-")[0])
+        if start >= len(body) > 0:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(body)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(206 if start else 200)
+        if start:
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         self.send_header("Content-Length", str(len(body) - start))
-        self.send_header("ETag", f'"{self.etag.get(self.path, hashlib.sha256(body).hexdigest())}"')
+        self.send_header("ETag", f'"{hashlib.sha256(b"cdn" + body).hexdigest()}"')
         self.end_headers()
-        if self.path in self.cut:
-            self.cut.discard(self.path)
+        if self.command == "HEAD":
+            return
+        if self.command == "GET" and sha in self.cut:
+            self.cut.discard(sha)
             self.wfile.write(body[start:start + (len(body) - start) // 2])
             self.wfile.flush()
             self.close_connection = True
@@ -266,75 +288,241 @@ class _Hub(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def hub(monkeypatch):
+def hub(monkeypatch, tmp_path):
+    """(handler class, hub URL, cache folder); the requests backend, online, no token, unless a test says otherwise."""
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    _Hub.files, _Hub.etag, _Hub.cut, _Hub.log = {}, {}, set(), []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield _Hub, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setenv("LM_HUB_BACKEND", "requests")
+    _Hub.files, _Hub.corrupt, _Hub.cut, _Hub.log = {}, set(), set(), []
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub) for _ in range(2)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    _Hub.cdn = f"http://127.0.0.1:{servers[1].server_address[1]}"
+    yield _Hub, f"http://127.0.0.1:{servers[0].server_address[1]}", tmp_path / "cache"
+    for s in servers:
+        s.shutdown()
+        s.server_close()
 
 
-def test_hub_download_resume_cache_and_hash(hub, tmp_path):
-    H, url = hub
-    blob = np.random.default_rng(0).bytes(300_000)
-    H.files["/o/tok/resolve/main/tokenizer.json"] = blob
-    H.cut.add("/o/tok/resolve/main/tokenizer.json")
-    kw = dict(base_url=url, cache_dir=tmp_path)
-    # an interrupted transfer leaves a partial file and a clear error ...
+def _put(H, repo, name, body, rev="main"):
+    H.files[f"/{repo}/resolve/{rev}/{name}"] = body
+    return hashlib.sha256(body).hexdigest()
+
+
+def test_hub_download_reads_the_redirect_and_uses_the_hub_cache_layout(hub, monkeypatch):
+    H, url, cache = hub
+    blob = np.random.default_rng(0).bytes(100_000)
+    sha = _put(H, "o/L2", "checkpoints/checkpoint_0000000.pth", blob)
+    get = lambda name, **kw: lm_hub.hub_download("o/L2", name, base_url=url, cache_dir=cache, **kw)  # noqa: E731
+    # a good file is accepted although the CDN's ETag looks like a sha256: the 302's X-Linked-Etag is the hash.
+    # Without huggingface_hub (as on a clean CI machine) the automatic choice is this requests path.
+    monkeypatch.setenv("LM_HUB_BACKEND", "auto")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    path = get("checkpoints/checkpoint_0000000.pth")
+    folder = cache / "models--o--L2"
+    assert path == folder / "snapshots" / H.commit / "checkpoints/checkpoint_0000000.pth" and path.read_bytes() == blob
+    assert path.resolve() == (folder / "blobs" / sha).resolve() and (folder / "refs/main").read_text() == H.commit
+    assert [(m, p) for m, p, _, _ in H.log] == [("HEAD", "/o/L2/resolve/main/checkpoints/checkpoint_0000000.pth"),
+                                                ("GET", f"/cdn/{sha}")]
+    # cached: a HEAD checks for a newer version, nothing is fetched; offline: no request at all
+    assert get("checkpoints/checkpoint_0000000.pth") == path and [m for m, *_ in H.log[2:]] == ["HEAD"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert get("checkpoints/checkpoint_0000000.pth") == path and len(H.log) == 3
+    with pytest.raises(lm_hub.HubError, match="not in the cache"):
+        get("losses.txt")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    # a new version under `main` replaces the cached one; the token goes to the hub, never to the CDN
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    new = _put(H, "o/L2", "checkpoints/checkpoint_0000000.pth", blob[::-1])
+    assert get("checkpoints/checkpoint_0000000.pth").read_bytes() == blob[::-1]
+    assert [(m, p, a) for m, p, _, a in H.log[3:]] == [
+        ("HEAD", "/o/L2/resolve/main/checkpoints/checkpoint_0000000.pth", "Bearer secret"),
+        ("GET", f"/cdn/{new}", None)]
+    with pytest.raises(lm_hub.HubNotFound, match="404"):
+        get("checkpoints/checkpoint_0000100.pth")
+    # datasets live under datasets--owner--name
+    _put(H, "datasets/o/pile", "train-100k.jsonl", b'{"contents": "a"}\n')
+    got = lm_hub.hub_download("datasets/o/pile", "train-100k.jsonl", base_url=url, cache_dir=cache)
+    assert got.parent == cache / "datasets--o--pile" / "snapshots" / H.commit
+
+
+def test_hub_download_rejects_corrupt_files_and_resumes_partial_ones(hub):
+    H, url, cache = hub
+    blob = np.random.default_rng(1).bytes(300_000)
+    sha = _put(H, "o/tok", "tokenizer.json", blob)
+    get = lambda **kw: lm_hub.hub_download("o/tok", "tokenizer.json", base_url=url, cache_dir=cache, **kw)  # noqa
+    # a corrupt transfer (right length, wrong bytes) is rejected, removed and fetched again
+    H.corrupt.add(sha)
+    with pytest.raises(lm_hub.HubError, match="sha256 mismatch.*removed"):
+        get(retries=0)
+    assert not list(cache.rglob(f"{sha}*"))
+    H.corrupt.add(sha)
+    assert get().read_bytes() == blob and [m for m, p, _, _ in H.log if p.startswith("/cdn/")] == ["GET"] * 3
+    # an interrupted transfer leaves blobs/<sha>.incomplete; the next call resumes it with a Range request
+    blob2 = blob[::-1]
+    sha2 = _put(H, "o/tok", "vocab.json", blob2)
+    H.cut.add(sha2)
     with pytest.raises(lm_hub.HubError, match="interrupted after .* bytes.*run again to resume"):
-        lm_hub.hub_download("o/tok", "tokenizer.json", retries=0, **kw)
-    part = tmp_path / "o/tok/main/tokenizer.json.part"
-    have = part.stat().st_size  # whole chunks of the 150,000 bytes sent
-    assert 0 < have <= 150_000 and part.read_bytes() == blob[:have]
-    # ... and the next call resumes it with a Range request, then checks the server's sha256
-    path = lm_hub.hub_download("o/tok", "tokenizer.json", **kw)
-    assert path.read_bytes() == blob and not part.exists()
-    assert H.log[-1] == ("/o/tok/resolve/main/tokenizer.json", f"bytes={have}-")
-    # cached: no request at all
+        lm_hub.hub_download("o/tok", "vocab.json", base_url=url, cache_dir=cache, retries=0)
+    part = cache / "models--o--tok" / "blobs" / f"{sha2}.incomplete"
+    have = part.stat().st_size
+    assert 0 < have <= 150_000 and part.read_bytes() == blob2[:have]
+    path = lm_hub.hub_download("o/tok", "vocab.json", base_url=url, cache_dir=cache)
+    assert path.read_bytes() == blob2 and not part.exists() and H.log[-1][1:3] == (f"/cdn/{sha2}", f"bytes={have}-")
+    # ... and within one call (retries)
+    blob3 = blob[:200_000]
+    H.cut.add(_put(H, "o/tok", "merges.txt", blob3))
+    assert lm_hub.hub_download("o/tok", "merges.txt", base_url=url, cache_dir=cache).read_bytes() == blob3
+    assert H.log[-1][2].startswith("bytes=")
+
+
+def test_hub_download_through_huggingface_hub_shares_the_cache(hub, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    H, url, cache = hub
+    a, b = np.random.default_rng(2).bytes(50_000), np.random.default_rng(3).bytes(40_000)
+    sha_a, _ = _put(H, "o/L2", "checkpoints/checkpoint_0000000.pth", a), _put(H, "o/L2", "losses.txt", b)
+    H.corrupt.add(sha_a)  # caught by our sha256 check (huggingface_hub checks only the length) and fetched again
+    got = lm_hub.hub_download("o/L2", "checkpoints/checkpoint_0000000.pth", base_url=url, cache_dir=cache,
+                              backend="huggingface_hub")
+    assert got.read_bytes() == a and got.resolve().name == sha_a
+    assert [p for m, p, _, _ in H.log if m == "GET"] == [f"/cdn/{sha_a}"] * 2
+    via_requests = lm_hub.hub_download("o/L2", "losses.txt", base_url=url, cache_dir=cache)
+    with pytest.raises(lm_hub.HubNotFound):
+        lm_hub.hub_download("o/L2", "checkpoints/checkpoint_0000100.pth", base_url=url, cache_dir=cache,
+                            backend="huggingface_hub")
+    # offline, each backend finds what the other one downloaded
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     n = len(H.log)
-    assert lm_hub.hub_download("o/tok", "tokenizer.json", **kw) == path and len(H.log) == n
-    # an interruption inside one call is resumed there (retries)
-    H.files["/o/tok/resolve/v2/tokenizer.json"] = blob
-    H.cut.add("/o/tok/resolve/v2/tokenizer.json")
-    assert lm_hub.hub_download("o/tok", "tokenizer.json", "v2", **kw).read_bytes() == blob
-    assert [r for _, r in H.log[n:]] == [None, f"bytes={have}-"]
-    # a hash mismatch (server's ETag, or the caller's sha256) is an error and leaves nothing behind
-    H.files["/o/bad/resolve/main/x.bin"] = blob
-    H.etag["/o/bad/resolve/main/x.bin"] = hashlib.sha256(b"something else").hexdigest()
-    with pytest.raises(lm_hub.HubError, match="sha256 mismatch.*server ETag.*removed"):
-        lm_hub.hub_download("o/bad", "x.bin", **kw)
-    assert not list((tmp_path / "o/bad").rglob("x.bin*"))
-    H.files["/o/ok/resolve/main/x.bin"] = blob
-    with pytest.raises(lm_hub.HubError, match="sha256 mismatch: expected 0000"):
-        lm_hub.hub_download("o/ok", "x.bin", sha256="0" * 64, **kw)
-    with pytest.raises(lm_hub.HubError, match="expected size"):
-        lm_hub.hub_download("o/ok", "x.bin", size=12, **kw)
-    with pytest.raises(lm_hub.HubError, match="not found"):
-        lm_hub.hub_download("o/none", "x.bin", **kw)
+    assert lm_hub.hub_download("o/L2", "checkpoints/checkpoint_0000000.pth", cache_dir=cache) == got
+    assert lm_hub.hub_download("o/L2", "losses.txt", cache_dir=cache, backend="huggingface_hub") == via_requests
+    assert len(H.log) == n
 
 
-def test_import_published_checkpoints(hub, tmp_path, lm_dir):
-    """TransformerLens .pth checkpoints from the hub become a run folder that load_model and run_task read."""
-    H, url = hub
+def _tl_bytes(model, wrap=False):
+    buf = io.BytesIO()
+    sd = lm_hub.to_transformer_lens({k: v.detach() for k, v in model.named_parameters()}, model.cfg.n_head)
+    torch.save({"model": sd} if wrap else sd, buf)
+    return buf.getvalue()
+
+
+def test_import_skips_missing_steps_and_export_round_trips(hub, tmp_path, lm_dir):
+    """The paper's layout (checkpoints/checkpoint_*.pth) becomes a run folder; a step the hub lacks is skipped and
+    reported; `export` writes the same layout with a config, and `import` reads that folder back."""
+    H, url, cache = hub
     cfg = common.configure(train.DEFAULTS, [str(ROOT / "configs" / "L2W256.py"), f"--out_dir={tmp_path / 'run'}",
                                             f"--data_dir={lm_dir}", f"--n_ctx={CTX}", "--d_model=16", "--n_head=2"])
-    models = {s: data.build_model(cfg, s) for s in (0, 100)}
+    models = {s: data.build_model(cfg, s) for s in (0, 200)}
     for s, m in models.items():
-        buf = io.BytesIO()
-        params = {k: v.detach() for k, v in m.named_parameters()}
-        torch.save({"model": lm_hub.to_transformer_lens(params, 2)}, buf)
-        H.files[f"/o/L2/resolve/main/checkpoint_{s:07d}.pth"] = buf.getvalue()
-    H.cut.add("/o/L2/resolve/main/checkpoint_0000100.pth")
-    out = lm_data.import_checkpoints("o/L2", [0, 100], tmp_path / "run", cfg, base_url=url, cache_dir=tmp_path / "c")
-    assert common.list_checkpoints(out) == [0, 100]
+        _put(H, "o/L2", f"checkpoints/checkpoint_{s:07d}.pth", _tl_bytes(m, wrap=s == 200))
+    kept = lm_hub.hub_download("o/L2", "checkpoints/checkpoint_0000000.pth", base_url=url, cache_dir=cache)
+    done, missing = lm_data.import_checkpoints("o/L2", [0, 100, 200], tmp_path / "run", cfg, base_url=url,
+                                               cache_dir=cache)
+    assert done == [0, 200] and missing == [100] and common.list_checkpoints(tmp_path / "run") == [0, 200]
     tokens = torch.randint(0, 5000, (2, CTX))
     for s, m in models.items():
-        torch.testing.assert_close(data.load_model(out, s)(tokens), m(tokens))
-    assert isinstance(data.task_for(out), lm_data.LMTask)
-    assert not list((tmp_path / "c").rglob("*.pth"))  # converted once, download dropped
+        torch.testing.assert_close(data.load_model(tmp_path / "run", s)(tokens), m(tokens))
+    assert isinstance(data.task_for(tmp_path / "run"), lm_data.LMTask)
+    assert kept.is_file() and not lm_hub.cached_file("o/L2", "checkpoints/checkpoint_0000200.pth", cache_dir=cache)
+    with pytest.raises(lm_hub.HubError, match="none of the 1 steps"):
+        lm_data.import_checkpoints("o/L2", [300], tmp_path / "run3", cfg, base_url=url, cache_dir=cache)
+    # export -> TransformerLens state dicts and config -> import from the folder: the same parameters
+    tl = lm_data.export_transformer_lens(tmp_path / "run", tmp_path / "tl")
+    assert json.loads((tl / "config.json").read_text())["n_heads"] == 2
+    sd = torch.load(tl / "checkpoints/checkpoint_0000200.pth", weights_only=True)
+    assert sd["blocks.1.attn.mask"].shape == (CTX, CTX) and sd["blocks.1.attn.IGNORE"] == float("-inf")
+    done, _ = lm_data.import_checkpoints(str(tl), [0, 200], tmp_path / "run2", lm_data.DEFAULTS)
+    for s in done:
+        a, b = common.load_params(tmp_path / "run", s), common.load_params(tmp_path / "run2", s)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_transformer_lens_export_loads_strictly_with_equal_logits():
+    tl = pytest.importorskip("transformer_lens")
+    cfg = dict(vocab_size=50, n_ctx=16, n_layer=2, n_head=2, d_model=8, seed=1)
+    m = build_model(LMConfig(**{k: v for k, v in cfg.items() if k != "seed"}), 4)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    sd = lm_hub.to_transformer_lens({k: v.detach() for k, v in m.named_parameters()}, 2)
+    hooked = lm_hub.hooked_transformer(sd, lm_hub.transformer_lens_config(cfg))  # load_state_dict(strict=True)
+    assert isinstance(hooked, tl.HookedTransformer)
+    tokens = torch.randint(0, 50, (3, 16))
+    torch.testing.assert_close(hooked(tokens), m(tokens), atol=1e-5, rtol=1e-5)
+    back = lm_hub.from_transformer_lens(hooked)  # a HookedTransformer itself, or its state dict
+    assert all(torch.equal(back[k], v) for k, v in m.named_parameters())
+
+
+# ------------------------------------------------------------------------------------ the paper's data files
+FIXTURES = ROOT / "tests" / "fixtures"  # written by pyarrow 26's RecordBatchStreamWriter, as datasets' save_to_disk
+
+
+def test_arrow_shards_and_hub_corpora(hub, tmp_path, lm_dir, monkeypatch):
+    docs = lm_hub.read_documents(FIXTURES / "dsir-sample.arrow")  # contents, a metadata struct, an id; 2 batches
+    assert docs == ["The first document of the sample.", "Ünïcode ✓ and a second line.\nNew line here.", "",
+                    "Last one"]
+    rows = lm_hub.read_documents(FIXTURES / "dsir-tokens-sample.arrow")  # a *-tokens shard: rows of 16 ids
+    assert len(rows) == 40 and all(r.dtype == np.uint16 and len(r) == 16 and r[0] == 4999 for r in rows)
+    # token rows pack as they are: with rows of the same length every row comes back unchanged
+    (tmp_path / "tok").mkdir()
+    shutil.copy(FIXTURES / "dsir-tokens-sample.arrow", tmp_path / "tok")
+    d = tmp_path / "packed"
+    lm_data.prepare(d, str(tmp_path / "tok"), 5000, 16, 0.2, str(lm_dir / "tokenizer.json"), progress=lambda m: 0)
+    packed = np.concatenate([lm_data.open_rows(d, "train"), lm_data.open_rows(d, "test")])
+    assert sorted(map(bytes, packed)) == sorted(map(bytes, rows))
+    with pytest.raises(common.ConfigError, match="token rows"):
+        lm_data.prepare(tmp_path / "p2", str(tmp_path / "tok"), 5000, 16, 0.2, "train")
+    # hub:<repo>:<files> reads shards through the downloader
+    H, url, cache = hub
+    _put(H, "datasets/o/pile", "train-100k.jsonl", b'{"contents": "one"}\n{"text": "two"}\n')
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert lm_data.load_corpus("hub:datasets/o/pile:train-100k.jsonl") == ["one", "two"]
+    # the GPT-2 word list, through the same downloader, decoded from byte-level form
+    _put(H, "openai-community/gpt2", "vocab.json", json.dumps({"Ġthe": 1, "cat": 0, "Ċ": 2}).encode())
+    shutil.copytree(lm_dir, tmp_path / "words")
+    assert lm_data.write_gpt2_words(tmp_path / "words") == ["cat", " the", "\n"]
+    assert lm_data.LMTask(tmp_path / "words").words() == ["cat", " the", "\n"]
+
+
+def test_published_llc_convention_matches_the_reference_estimator():
+    """The paper's online estimator, replayed on a loss trace: chains run one after another and each update uses
+    the mean of all C draw-0 slots, those of chains not yet run still 0 (language.md §3)."""
+    rng = np.random.default_rng(0)
+    C, T, nbeta = 5, 7, 100 / math.log(100)
+    trace = 3 + rng.random((C, T))
+    slots, llcs = np.zeros((C, T)), np.zeros((C, T))
+    for c in range(C):
+        for t in range(T):
+            slots[c, t] = trace[c, t]
+            if t:
+                llcs[c, t] = (t * llcs[c, t - 1] + nbeta * (trace[c, t] - slots[:, 0].mean())) / (t + 1)
+    init = 3.2  # any L(w*): ours subtracts it, the conversion adds it back
+    ours = nbeta * (trace.mean(1) - init)
+    got = lm_eval.published_llc(ours, init, nbeta, T, draw0=trace[:, 0])
+    np.testing.assert_allclose(got["llc_per_chain"], llcs[:, -1], rtol=1e-12)
+    assert got["llc_mean"] == pytest.approx(llcs[:, -1].mean()) and got["llc_std"] == pytest.approx(
+        llcs[:, -1].std(ddof=1))
+    # every draw 0 at L(w*): the published mean sits nbeta L0 (C-1)/(2C) (1-1/T) above ours
+    trace[:, 0] = init
+    got = lm_eval.published_llc(nbeta * (trace.mean(1) - init), init, nbeta, T)
+    bias = got["llc_mean"] - nbeta * (trace.mean(1) - init).mean()
+    assert bias == pytest.approx(nbeta * init * (C - 1) / (2 * C) * (1 - 1 / T)) and bias > 0
+
+
+def test_hub_command_lines(tmp_path):
+    for script in ("lm_hub.py", "lm_data.py"):
+        r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "usage" in r.stdout
+        r = subprocess.run([sys.executable, str(ROOT / script), "download" if script == "lm_hub.py" else "import",
+                            "x", "--bogus=1"], capture_output=True, text=True)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "LM_HUB_BACKEND": "requests"}
+    r = subprocess.run([sys.executable, str(ROOT / "lm_hub.py"), "download", "o/r", "f.json"], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 1 and r.stderr.startswith("lm_hub.py: o/r/f.json is not in the cache")
 
 
 # ---------------------------------------------------------------------------------------------- evaluations
@@ -477,3 +665,18 @@ def test_lm_tiny_loss_falls_below_the_unigram_entropy(lm_dir, tmp_path):
                         "--n_log=0", "--n_lin=0", "--ckpt_every=299", "--eval_batch_size=32"))
     first, last = [r["loss"] for r in common.read_jsonl(tmp_path / "log.jsonl") if r["kind"] == "eval"]
     assert first > math.log(5000) - 0.2 and last < H1 - 0.3, (first, last, H1)
+
+
+def test_llc_py_published_convention_columns(lm_dir, tmp_path):
+    """llc.py --published adds the paper's LM convention next to our estimate, equal to lm_eval.published_llc."""
+    import llc
+    cfg = _lm_cfg(lm_dir, tmp_path / "run", "--d_model=16", "--n_head=2", "--batch_size=4", "--max_steps=3",
+                  "--n_log=1", "--n_lin=2", "--ckpt_every=0")
+    train.train(cfg)
+    llc.main([str(tmp_path / "run"), "--num_chains=3", "--num_draws=5", "--num_burnin=0", "--batch_size=2", "--n=8",
+              "--published", "--steps=2", "--trace_points=5"])
+    (row,) = common.read_jsonl(tmp_path / "run" / "llc.jsonl")
+    want = lm_eval.published_llc(row["llc_per_chain"], row["init_loss"], row["nbeta"], row["num_draws"],
+                                 draw0=[t[0] for t in row["loss_trace"]])
+    assert row["llc_mean_published"] == pytest.approx(want["llc_mean"], rel=1e-6)
+    assert row["llc_mean_published"] > row["llc_mean"]  # the reference's running init loss biases upward

@@ -198,3 +198,32 @@ def test_jsonl_torn_line(tmp_path):
     with pytest.warns(UserWarning, match="dropped"):
         common.append_jsonl(p, {"step": 3})
     assert common.read_jsonl(p) == [{"step": 1}, {"step": 3}]
+
+
+def test_training_fast_path_equals_autograd_and_falls_back_on_an_edited_model(tmp_path, monkeypatch, recwarn):
+    """The hand-derived gradient trains the regression model: on a batch its loss and gradients equal autograd's;
+    a forked model (its MLP branch scaled) fails the check, trains with autograd and says so once."""
+    import model as model_py
+    cfg = common.configure(train.DEFAULTS, [*SMALL, f"--out_dir={tmp_path}/a", "--stop_at=2"])
+    model, task = data.build_model(cfg, 0), data.task_for(cfg)
+    gen = torch.Generator()
+    step_grads = train.hand_derived(cfg, model, task, gen, 32, torch.device("cpu"), False)
+    assert step_grads is not None
+    xs, ys = task.sample(gen.manual_seed(5), 32)
+    loss = step_grads(xs, ys, 1.0)
+    hand = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    ref = task.loss(model(task.model_input(xs, ys)), ys)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-6, atol=1e-7)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(hand[k], p.grad, rtol=1e-4, atol=1e-6 * p.grad.abs().max().item(), msg=k)
+    assert train.hand_derived({**cfg, "fast_grad": False}, model, task, gen, 32, torch.device("cpu"), False) is None
+
+    def forked(self, x):
+        y = x + self.attention(self.layer_norms[0](x))
+        return y + 1.5 * self.compute(self.layer_norms[1](y))
+    monkeypatch.setattr(model_py.Block, "forward", forked)
+    row = train.train(cfg)
+    warned = [w for w in recwarn if "hand-derived gradient disagrees" in str(w.message)]
+    assert len(warned) == 1 and "--fast_grad=False" in str(warned[0].message) and row["step"] == 2
