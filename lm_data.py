@@ -334,6 +334,23 @@ class LMTask:
     def tokenizer(self):
         return load_tokenizer(self.data_dir / "tokenizer.json")
 
+    def refined(self, name):
+        """The training rows of a data-refined LLC: 'code' (at least half the non-blank lines code-like: >>>, ...,
+        indented, or a Python keyword first) or 'prose' (at most a tenth); the model and loss stay the run's."""
+        if name not in ("code", "prose"):
+            raise common.ConfigError(f"data_refine {name!r}: the language model offers code and prose")
+        code = re.compile(r"\s*(>>>|\.\.\.|\s{4}\S|(def|class|import|from|return|if|for|while|raise|try)\b|@\w)")
+        tok, share = self.tokenizer(), []
+        for row in self.train:
+            lines = [ln for ln in tok.decode(row.astype(np.int64).tolist()).splitlines() if ln.strip()]
+            share.append(sum(bool(code.match(ln)) for ln in lines) / max(len(lines), 1))
+        keep = np.flatnonzero(np.array(share) >= 0.5 if name == "code" else np.array(share) <= 0.1)
+        if len(keep) == 0:
+            raise common.ConfigError(f"data_refine {name!r}: no training row of {self.data_dir} qualifies")
+        sub = LMTask.__new__(LMTask)
+        sub.__dict__.update(self.__dict__, train=np.asarray(self.train[keep]))
+        return sub
+
     def words(self):
         """The n-gram word list: words.json (`lm_data.py words`: the paper's GPT-2 vocabulary), else words.txt."""
         if (self.data_dir / "words.json").exists():

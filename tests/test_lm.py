@@ -680,3 +680,23 @@ def test_llc_py_published_convention_columns(lm_dir, tmp_path):
                                  draw0=[t[0] for t in row["loss_trace"]])
     assert row["llc_mean_published"] == pytest.approx(want["llc_mean"], rel=1e-6)
     assert row["llc_mean_published"] > row["llc_mean"]  # the reference's running init loss biases upward
+
+
+def test_code_and_prose_subsets_for_data_refined_llcs(lm_dir):
+    """The default corpus mixes prose and Python examples: 'code' rows are mostly code-like lines, 'prose' rows
+    hardly any; together they are a strict subset of the training rows, and the task interface is kept."""
+    task = lm_data.LMTask(lm_dir)
+    code, prose = task.refined("code"), task.refined("prose")
+    tok = task.tokenizer()
+
+    def share(rows):
+        text = [tok.decode(r.astype(np.int64).tolist()) for r in rows[:50]]
+        lines = [ln for t in text for ln in t.splitlines() if ln.strip()]
+        return np.mean([ln.lstrip().startswith((">>>", "...", "def ", "import ", "return ")) or ln.startswith("    ")
+                        for ln in lines])
+    assert share(code.train) > 0.4 and share(prose.train) < 0.1
+    assert 0 < len(code.train) < len(task.train) and len(code.train) + len(prose.train) < len(task.train)
+    xs, ys = code.sample(torch.Generator().manual_seed(0), 4)
+    assert xs.shape == (4, CTX - 1) and torch.equal(xs[:, 1:], ys[:, :-1])
+    with pytest.raises(common.ConfigError, match="code and prose"):
+        task.refined("poetry")
