@@ -46,6 +46,8 @@ def configure(defaults: dict, argv, choices=None, positional=False):
                 raise ConfigError(f"unexpected argument {arg!r} (config files end in .py; options are --key=value)")
             continue
         key, sep, raw = arg[2:].partition("=")
+        if key not in defaults:
+            _set(cfg, defaults, key, None, f"argument {arg}")  # an unknown option: raises, naming the closest ones
         if not sep:
             if isinstance(defaults.get(key), bool):
                 raw = "True"
