@@ -84,16 +84,13 @@ def kjv_corpus():
         raise RuntimeError("corpus 'kjv' needs Debian's King James Bible: apt-get install -y bible-kjv bible-kjv-text")
     out = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
     chapters, verse = {}, re.compile(r"^(\d?[A-Za-z]+\d+):\d+ (.*)$")
-    for line in out.splitlines():
-        m = verse.match(line)
-        if m:
-            chapters.setdefault(m[1], []).append(m[2].strip())
+    for m in filter(None, map(verse.match, out.splitlines())):
+        chapters.setdefault(m[1], []).append(m[2].strip())
     return [" ".join(v) for v in chapters.values()]
 
 
 def folder_corpus(path):
-    """The documents of every .txt/.md/.jsonl(.gz)/.parquet/.arrow file under `path` (lm_hub.read_documents), in
-    sorted path order."""
+    """The documents of every .txt/.md/.jsonl(.gz)/.parquet/.arrow file under `path`, in sorted path order."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"corpus folder {path} does not exist")
@@ -108,8 +105,7 @@ def folder_corpus(path):
 
 
 def load_corpus(corpus):
-    """'python' (default, no download), 'kjv' (Debian package), a folder path, or hub:<repo>:<file>[,<file>...]
-    (e.g. hub:datasets/georgeyw/dsir-pile-100k:train-100k.jsonl, the paper's evaluation data)."""
+    """'python' (no download), 'kjv' (Debian), a folder, or hub:<repo>:<file>[,<file>...] (README: the paper's)."""
     if corpus == "python":
         return python_docs_corpus()
     if corpus == "kjv":
@@ -121,8 +117,7 @@ def load_corpus(corpus):
 
 
 def split_documents(docs, test_frac, seed=0):
-    """Seeded whole-document split: documents in a random order go to the test split until it holds
-    test_frac of the characters. Returns (train indices, test indices), each sorted."""
+    """(train, test) sorted document indices: seeded random documents go to test until it holds test_frac of the text."""
     order = np.random.default_rng(seed).permutation(len(docs))
     target, held, test = test_frac * sum(map(len, docs)), 0, []
     for i in order:
@@ -335,10 +330,15 @@ class LMTask:
         return load_tokenizer(self.data_dir / "tokenizer.json")
 
     def refined(self, name):
-        """The training rows of a data-refined LLC: 'code' (at least half the non-blank lines code-like: >>>, ...,
-        indented, or a Python keyword first) or 'prose' (at most a tenth); the model and loss stay the run's."""
+        """The rows of a data-refined LLC (the model and loss stay the run's): 'code' / 'prose' training rows (at least
+        half / at most a tenth of the non-blank lines code-like), or a corpus folder packed with the run's tokenizer."""
+        if Path(name).is_dir():
+            out = self.data_dir.parent / f"{self.data_dir.name}-refine-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}"
+            tok = str(self.data_dir / "tokenizer.json")
+            prepare(out, name, self.vocab_size, self.n_ctx, self.meta["test_frac"], tok)
+            return LMTask(out)
         if name not in ("code", "prose"):
-            raise common.ConfigError(f"data_refine {name!r}: the language model offers code and prose")
+            raise common.ConfigError(f"data_refine {name!r}: the language model offers code, prose or a corpus folder")
         code = re.compile(r"\s*(>>>|\.\.\.|\s{4}\S|(def|class|import|from|return|if|for|while|raise|try)\b|@\w)")
         tok, share = self.tokenizer(), []
         for row in self.train:

@@ -698,5 +698,18 @@ def test_code_and_prose_subsets_for_data_refined_llcs(lm_dir):
     assert 0 < len(code.train) < len(task.train) and len(code.train) + len(prose.train) < len(task.train)
     xs, ys = code.sample(torch.Generator().manual_seed(0), 4)
     assert xs.shape == (4, CTX - 1) and torch.equal(xs[:, 1:], ys[:, :-1])
-    with pytest.raises(common.ConfigError, match="code and prose"):
+    with pytest.raises(common.ConfigError, match="code, prose or a corpus folder"):
         task.refined("poetry")
+
+
+def test_a_corpus_folder_as_data_refined_distribution(lm_dir, tmp_path):
+    """data_refine=<folder>: its documents packed once with the run's own tokenizer, beside the run's data."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    (folder / "b.txt").write_text("The cat sat on the mat. " * 300)
+    task = lm_data.LMTask(lm_dir)
+    sub = task.refined(str(folder))
+    assert sub.data_dir.parent == lm_dir.parent and sub.vocab_size == task.vocab_size and sub.n_ctx == task.n_ctx
+    assert (sub.data_dir / "tokenizer.json").read_text() == (lm_dir / "tokenizer.json").read_text()
+    assert len(sub.train) > 0 and task.refined(str(folder)).data_dir == sub.data_dir  # prepared once, reused
