@@ -112,9 +112,12 @@ def loss_llc(path, steps, M, llc_steps, L, det, zero_loss, ref=None, loss_label=
     m, sd = np.array(det["smoothed"]), np.array(det["smoothed_sd"])
     fit.plot(det["steps"], m, "k", lw=0.8, label="GP fit (stages)")
     fit.fill_between(det["steps"], m - 2 * sd, m + 2 * sd, color="k", alpha=0.12, lw=0)
-    if ref is not None:
+    if ref is not None:  # up to this run's last step (a run stopped early is not squeezed against 500k steps)
+        ref = ref[ref["step"] <= max(steps)]
         a.plot(ref["step"], ref["loss_mean"], color="grey", ls="--", lw=1, label="paper v1 (seed mean)")
         b.plot(ref["step"], ref["llc_mean"], color="grey", ls="--", lw=1, label="paper v1 (seed mean)")
+        b.fill_between(ref["step"], ref["llc_mean"] - 2 * ref["llc_std"], ref["llc_mean"] + 2 * ref["llc_std"],
+                       color="grey", alpha=0.25, lw=0, label="paper: seed mean ± 2 std")
     _time_axis(a, det["stages"], loss_label, names=True)
     _time_axis(b, det["stages"], "LLC λ̂")
     _save(fig, path)
