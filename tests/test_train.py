@@ -204,7 +204,7 @@ def test_training_fast_path_equals_autograd_and_falls_back_on_an_edited_model(tm
     """The hand-derived gradient trains the regression model: on a batch its loss and gradients equal autograd's;
     a forked model (its MLP branch scaled) fails the check, trains with autograd and says so once."""
     import model as model_py
-    cfg = common.configure(train.DEFAULTS, [*SMALL, f"--out_dir={tmp_path}/a", "--stop_at=2"])
+    cfg = common.configure(train.DEFAULTS, [*SMALL, f"--out_dir={tmp_path}/a", "--stop_at=2", "--fast_grad"])
     model, task = data.build_model(cfg, 0), data.task_for(cfg)
     gen = torch.Generator()
     step_grads = train.hand_derived(cfg, model, task, gen, 32, torch.device("cpu"), False)
