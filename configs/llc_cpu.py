@@ -1,14 +1,11 @@
 # A CPU preset for the L2H4 (K = 8) LLC curve, chosen by measurement (README: "The paper's curve on a CPU"): the v1
-# sampler's step size, localisation and nbeta (configs/llc_v1.py) with 2 chains x 400 draws after 100 burn-in steps
-# on fresh minibatches of 256, L(w*) on 65,536 sequences: 200x fewer sequence-gradients than v1 per checkpoint.
+# sampler's step size, localisation and nbeta with 2 chains x 400 draws after 100 burn-in steps on fresh minibatches
+# of 256, L(w*) on 65,536 sequences: 200x fewer sequence-gradients than v1 per checkpoint.
 #   python llc.py configs/llc_cpu.py out/L2H4-s0
-epsilon = 3e-4
-gamma = 20 / 3
-nbeta = 200 / 3
+exec(open(__file__.rsplit("/", 1)[0] + "/llc_v1.py").read())  # epsilon 3e-4, gamma 20/3, nbeta 200/3, seed 0
 num_chains = 2
 num_draws = 400
 num_burnin = 100
 batch_size = 256
 data_mode = "stream"
 n = 65536
-seed = 0

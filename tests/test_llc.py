@@ -427,7 +427,7 @@ def test_cli_calibrate_writes_a_table_and_trace_figures(tiny_run, capsys):
     assert "nbeta" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["llc_v1", "llc_v2", "llc_quick"])
+@pytest.mark.parametrize("name", ["llc_v1", "llc_v2", "llc_quick", "llc_cpu"])
 def test_config_files_parse(name):
     path = os.path.join(os.path.dirname(llc.__file__), "configs", f"{name}.py")
     cfg = common.configure(llc.DEFAULTS, [path])
