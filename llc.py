@@ -94,9 +94,9 @@ class Run:
             (_, _, _, g_set), _ = make_generators(cfg["seed"], device)
             self.data = self.task.sample(g_set, cfg["n"])
 
-    def estimate(self, steps, restriction=None, **over):
+    def estimate(self, steps, restriction=None, models=None, **over):
         """estimate_llc at a list of checkpoints, batched into one computation; `over` replaces settings."""
-        models = [data.load_model(self.dir, s).to(self.device) for s in steps]
+        models = models or [data.load_model(self.dir, s).to(self.device) for s in steps]
         s = {**self.cfg, **over}
         settings = {k: s[k] for k in Settings.__dataclass_fields__ if k in s and k not in ("device", "workers")}
         settings.update(include=s["include"] or None, exclude=s["exclude"] or None, device=self.device,
@@ -118,13 +118,15 @@ class Run:
     def rows(self, steps, done=frozenset()):
         """The rows of a group of checkpoints, for each restriction the steps not `done` (step, restriction). If every
         chain of one diverged, each is redone alone: the others keep their estimates; the failure is recorded."""
-        out = []
+        out, models, init = [], {}, {}  # each checkpoint loaded, and its L(w*) computed, once for all restrictions
         for r in self.restrictions:
             todo = [s for s in steps if (s, r) not in done]
+            models.update({s: data.load_model(self.dir, s).to(self.device) for s in todo if s not in models})
             base = {k: self.cfg[k] for k in RUN_KEYS}
             base.update({col: self.cfg[k] for k, col in REFINED.items() if self.cfg[k]}, **{"restriction": r} if r else {})
             try:
-                res = self.estimate(todo, r) if todo else []
+                known = {"init_loss": [init[s] for s in todo]} if all(s in init for s in todo) else {}
+                res = self.estimate(todo, r, [models[s] for s in todo], **known) if todo else []
             except AllChainsDivergedError as err:
                 if len(todo) > 1:
                     out += [row for s in todo for row in self.rows([s], {(s, q) for q in self.restrictions if q != r})]
@@ -135,6 +137,7 @@ class Run:
                 continue
             out += [{"step": s, **base, **llc_row(s, x, self.cfg["trace_points"]), **self.published(x)}
                     for s, x in zip(todo, res)]
+            init.update({s: x.get("init_loss_per_token", x["init_loss"]) for s, x in zip(todo, res)})
         return out
 
 

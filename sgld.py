@@ -45,6 +45,7 @@ class Settings:
     workers: int | None = None      # native_loop on CPU: chain worker threads (default torch's thread count)
     grad_chunk: int = 256           # native_loop on CPU: rows per gradient pass (0: the whole batch)
     progress: str | None = None     # a label: progress lines with rate and ETA on stderr
+    init_loss: list | None = None   # L(w*) per checkpoint, as results give it (init_loss[_per_token]): not recomputed
 
     def __post_init__(self):
         if not (self.epsilon > 0 and (self.nbeta == "default" or self.nbeta > 0) and self.gamma >= 0 and
@@ -60,9 +61,9 @@ def sgld_coefficients(epsilon, gamma, nbeta):
     return epsilon * nbeta / 2, epsilon * gamma / 2, math.sqrt(epsilon)
 
 
-def sampled_names(names, s, w):
-    """The names the chains sample: by include/exclude pattern, or (masks alone) the masked names; masks checked."""
-    masks = s.masks or {}
+def sampled_names(s, w):
+    """The names of w the chains sample: by include/exclude pattern, or (masks alone) the masked names; masks checked."""
+    masks, names = s.masks or {}, list(w)
     for k, m in masks.items():
         if k not in w or m.dtype != torch.bool or m.shape != w[k].shape or not m.any():
             raise ValueError(f"mask {k!r}: need a bool tensor of the parameter's shape with a True element "
@@ -190,10 +191,7 @@ class IterData:
 @torch.no_grad()
 def mean_loss(loss_fn, params, data, chunk, gen):
     """L(w*): the mean loss over data's L(w*) rows in chunks (weighted by size), accumulated in float64."""
-    total = 0.0
-    for batch in data.chunks(chunk, gen):
-        total = total + loss_fn(params, batch).double() * batch[0].shape[0]
-    return total / data.n
+    return sum(loss_fn(params, b).double() * b[0].shape[0] for b in data.chunks(chunk, gen)) / data.n
 
 
 # ----------------------------------------------------------------------------- the chains' gradients
@@ -384,15 +382,15 @@ def estimate_llc(loss_fn, params, data, **settings):
     data = wrap_data(data, s, device)
     loss_fn = module_loss(model, s.loss, s.inputs, getattr(data, "keys", None)) if model is not None else loss_fn
     s.nbeta = s.batch_size / math.log(s.batch_size) if s.nbeta == "default" else s.nbeta
-    L0 = []
-    for w in w_stars:  # every checkpoint's L(w*) on the same rows
+    L0 = [torch.as_tensor(v, dtype=torch.float64, device=device) for v in s.init_loss or []]
+    for w in w_stars[len(L0):]:  # every checkpoint's L(w*) on the same rows (unless given)
         g_init.manual_seed(seeds[2])
         L0.append(mean_loss(loss_fn, w, data, s.batch_size, g_init))
-        if L0[-1].dim() != int(s.per_token) or not torch.isfinite(L0[-1]).all():
-            want = "vector (per_token=True)" if s.per_token else "scalar (per_token=False)"
-            raise ValueError(f"L(w*) = {L0[-1].tolist()}: need a finite {want} from loss_fn at the checkpoint")
+    if len(L0) != len(w_stars) or any(v.dim() != int(s.per_token) or not torch.isfinite(v).all() for v in L0):
+        want = "vector (per_token=True)" if s.per_token else "scalar (per_token=False)"
+        raise ValueError(f"L(w*) = {[v.tolist() for v in L0]}: need a finite {want} per checkpoint")
     s.n = data.n
-    chains = Chains(w_stars, sampled_names(list(w_stars[0]), s, w_stars[0]), s.num_chains, s.masks or {})
+    chains = Chains(w_stars, sampled_names(s, w_stars[0]), s.num_chains, s.masks or {})
     mode = choose_gradient(loss_fn, w_stars, chains, data, s, g_init, device)
     backend = choose_update(s, device, mode)
     grad_fn, threads = GRADIENTS[mode](loss_fn, chains, s), torch.get_num_threads()

@@ -73,7 +73,8 @@ def test_masked_llc_of_a_linear_network_is_rank_times_input_dim_over_two(rank_de
 
 @pytest.mark.parametrize("mode", ["native", "loop", "vmap"])
 def test_masked_elements_never_move(mode):
-    """Every parameter set the loss ever sees keeps the frozen elements bit-exactly at w*; the free ones move."""
+    """Frozen elements never move: recorded bit-exactly at every step in the native mode (the autograd modes build
+    the masked tensors from w* alone by construction); every mode samples only the free elements."""
     w0 = {"a": torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), "b": torch.ones(2)}
     mask = torch.zeros(3, 4, dtype=torch.bool)
     mask[1, 1:3] = True
@@ -143,6 +144,11 @@ def test_restriction_sets_write_a_row_per_checkpoint_and_restriction(two_layer_r
     for plain in common.read_jsonl(run / "plain.jsonl"):
         base = next(r for r in rows if r["step"] == plain["step"] and r["restriction"] == "all")
         assert {k: v for k, v in base.items() if k not in timing} == {k: v for k, v in plain.items() if k not in timing}
+    llc.main([str(run), *CLI, "--include=blocks.1.**", "--out=block1.jsonl"])  # L(w*) reused: the same rows
+    for alone in common.read_jsonl(run / "block1.jsonl"):
+        sweep = next(r for r in rows if r["step"] == alone["step"] and r["restriction"] == "blocks.1")
+        assert {k: v for k, v in sweep.items() if k not in timing | {"include"}} == {
+            k: v for k, v in alone.items() if k not in timing | {"include"}}
     llc.main([str(run), *CLI, "--restrictions=heads", "--steps=10"])
     heads = common.read_jsonl(run / "llc_heads.jsonl")
     assert [r["restriction"] for r in heads] == ["L0H0", "L0H1", "L1H0", "L1H1"]
