@@ -303,6 +303,8 @@ def read_refined(out_dir):
         for r in common.read_jsonl(path):
             g, name = (r["restriction_set"], r.get("restriction")) if r.get("restriction_set") else \
                 ("data", r.get("data_refine"))
+            if r.get("restriction_set") and r.get("data_refine"):  # both refinements: a group of its own
+                g = f"{g} on {r['data_refine']}"
             if name:
                 groups.setdefault(g, {}).setdefault(str(name), {})[r["step"]] = r
     return groups

@@ -612,3 +612,16 @@ def test_refined_llcs_clusters_figures_and_stages(tmp_path):
     assert all(isinstance(d["boundaries"], list) and d["types"] for per in ref["stages"].values() for d in per.values())
     fixed = analyze.main([str(run), *FAST, "--head_clusters=3"])
     assert fixed["refined"]["head_clusters"]["k"] == 3 and "stages" not in fixed["refined"]
+
+
+def test_weight_and_data_refined_rows_of_one_sweep_stay_apart(tmp_path):
+    """A heads sweep on the run's data and one on a refined distribution are different curves, not one overwriting
+    the other."""
+    row = lambda **kw: {"step": 5, "llc_mean": 1.0, "llc_se": 0.1, **kw}  # noqa: E731
+    common.append_jsonl(tmp_path / "llc_heads.jsonl", row(restriction_set="heads", restriction="L0H0"))
+    common.append_jsonl(tmp_path / "llc_heads_data-code.jsonl",
+                        row(restriction_set="heads", restriction="L0H0", data_refine="code", llc_mean=9.0))
+    common.append_jsonl(tmp_path / "llc_data-code.jsonl", row(data_refine="code", llc_mean=3.0))
+    groups = analyze.read_refined(tmp_path)
+    assert groups["heads"]["L0H0"][5]["llc_mean"] == 1.0 and groups["heads on code"]["L0H0"][5]["llc_mean"] == 9.0
+    assert groups["data"]["code"][5]["llc_mean"] == 3.0
