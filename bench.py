@@ -102,15 +102,16 @@ def machine_line(device):
 
 # -------------------------------------------------------------------------------------------- training
 def bench_train(cfg, device, log):
-    """Steps/s of train.py (subprocesses; an (S+1)-step run minus a 3-step run, both with checkpoints and evals at
-    steps 0, 1 and the last, leaves S-2 bare steps) and of plain loops at the same model and batch."""
+    """Steps/s of train.py with its hand-derived gradient (the default) and with autograd (subprocesses; an (S+1)-step
+    run minus a 3-step run, both with checkpoints and evals at steps 0, 1 and the last, leaves S-2 bare steps) and of
+    plain loops at the same model and batch."""
     S, bs, tmp = cfg["train_steps"], cfg["train_batch"], tempfile.mkdtemp(prefix="bench_train_")
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
-    def train_py(total, name):  # n_log = n_lin = 1: checkpoints at steps 0, 1 and total - 1 only
+    def train_py(total, name, fast):  # n_log = n_lin = 1: checkpoints at steps 0, 1 and total - 1 only
         cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={os.path.join(tmp, name)}",
                f"--max_steps={total}", "--stop_at=-1", "--n_log=1", "--n_lin=1", "--eval_batch_size=64",
-               "--log_interval=1000000000", f"--batch_size={bs}", f"--device={device}"]
+               "--log_interval=1000000000", f"--batch_size={bs}", f"--device={device}", f"--fast_grad={fast}"]
         proc, t = timed(device, subprocess.run, cmd, env=env, cwd=HERE, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -137,21 +138,23 @@ def bench_train(cfg, device, log):
             step(i)
         return timed(device, lambda: [step(i) for i in range(S)])[1]
 
-    names = ["train.py", "plain nn.Module + Adam loop", "plain loop, fast.icl_loss_and_grads gradient"]
+    names = ["train.py", "train.py --fast_grad=False (autograd)", "plain nn.Module + Adam loop",
+             "plain loop, fast.icl_loss_and_grads gradient"]
     total = dict.fromkeys(names, 0.0)
     for r in range(cfg["rounds"]):
-        t3, tS = train_py(3, f"r{r}_short"), train_py(S + 1, f"r{r}_long")
-        if tS <= t3:
-            raise RuntimeError(f"train.py timing failed: {S + 1} steps took {tS:.2f}s, 3 steps {t3:.2f}s; "
-                               "use more --train_steps")
-        total[names[0]] += tS - t3
-        total[names[1]] += plain(False)
-        total[names[2]] += plain(True)
-    rows = {k: cfg["rounds"] * (S - 2 if k == names[0] else S) / v for k, v in total.items()}
+        for k, fast in ((names[0], True), (names[1], False)):
+            t3, tS = train_py(3, f"r{r}_{fast}_short", fast), train_py(S + 1, f"r{r}_{fast}_long", fast)
+            if tS <= t3:
+                raise RuntimeError(f"train.py timing failed: {S + 1} steps took {tS:.2f}s, 3 steps {t3:.2f}s; "
+                                   "use more --train_steps")
+            total[k] += tS - t3
+        total[names[2]] += plain(False)
+        total[names[3]] += plain(True)
+    rows = {k: cfg["rounds"] * (S if k.startswith("plain") else S - 2) / v for k, v in total.items()}
     log(f"train: {', '.join(f'{k} {v:.1f} steps/s' for k, v in rows.items())}")
     return dict(steps=S, batch=bs, rounds=cfg["rounds"], steps_per_s=rows,
-                flops_per_step={k: icl_flops(ICLConfig(), bs, sliced="fast." in k) for k in rows},
-                model_dir=os.path.join(tmp, f"r{cfg['rounds'] - 1}_long"))
+                flops_per_step={k: icl_flops(ICLConfig(), bs, sliced=k in (names[0], names[3])) for k in rows},
+                model_dir=os.path.join(tmp, f"r{cfg['rounds'] - 1}_True_long"))
 
 
 # ------------------------------------------------------------------------------------------------ SGLD

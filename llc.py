@@ -36,6 +36,7 @@ DEFAULTS = dict(  # the quick CPU setting for the demo runs; configs/llc_v1.py a
     num_chains=4,           # chains per checkpoint
     num_draws=100,          # recorded draws per chain
     num_burnin=50,          # steps discarded before the draws
+    se_target=0.0,          # > 0: stop a checkpoint once its llc_se is at most this (checked every 100 draws; num_draws caps)
     batch_size=32,          # rows per chain and step
     n=4096,                 # stream: rows for L(w*); fixed: the size of the fixed set
     data_mode="stream",     # stream (fresh rows every step) | fixed (one set of n rows, shuffled per chain)
@@ -65,7 +66,7 @@ CHOICES = {"data_mode": ("stream", "fixed"), "chain_mode": CHAIN_MODES,
            "update_backend": ("auto", "torch", "triton", "xla")}
 RUN_KEYS = ("epsilon", "gamma", "nbeta", "num_chains", "num_draws", "num_burnin", "batch_size", "seed", "n",
             "data_mode", "per_token", "include", "exclude")  # a resumed file must agree on all of these
-REFINED = {"restrictions": "restriction_set", "data_refine": "data_refine"}  # their row columns, written when set
+WHEN_SET = {"restrictions": "restriction_set", "data_refine": "data_refine", "se_target": "se_target"}  # row columns
 
 
 def llc_row(step, res, trace_points):
@@ -123,7 +124,7 @@ class Run:
             todo = [s for s in steps if (s, r) not in done]
             models.update({s: data.load_model(self.dir, s).to(self.device) for s in todo if s not in models})
             base = {k: self.cfg[k] for k in RUN_KEYS}
-            base.update({col: self.cfg[k] for k, col in REFINED.items() if self.cfg[k]}, **{"restriction": r} if r else {})
+            base.update({col: self.cfg[k] for k, col in WHEN_SET.items() if self.cfg[k]}, **{"restriction": r} if r else {})
             try:
                 known = {"init_loss": [init[s] for s in todo]} if all(s in init for s in todo) else {}
                 res = self.estimate(todo, r, [models[s] for s in todo], **known) if todo else []
@@ -154,8 +155,8 @@ def plan(cfg, path, restrictions):
         common.fail("llc.py", f"no checkpoint for step(s) {missing or 'any'} in {cfg['ckpt']}/checkpoints "
                     f"(available: {have[:5]}{'...' if len(have) > 5 else ''})")
     rows = common.read_jsonl(path)
-    for key, col in [(k, k) for k in RUN_KEYS] + list(REFINED.items()):
-        old = {r.get(col, "" if key in REFINED else None) for r in rows} - {cfg[key]}
+    for key, col in [(k, k) for k in RUN_KEYS] + list(WHEN_SET.items()):  # a WHEN_SET column: absent = the default
+        old = {r.get(col, DEFAULTS[key] if key in WHEN_SET else None) for r in rows} - {cfg[key]}
         if old:
             common.fail("llc.py", f"{path} holds rows with {col}={old.pop()!r}, but this run has {col}="
                         f"{cfg[key]!r}; use --out=<other file> or the same settings")
@@ -197,7 +198,8 @@ def sweep(run, todo, finished, path, dist, rank, world):
         el, done = time.time() - t0, sum(len(g) for g in groups[:(i + 1) * world])
         if rank == 0:
             llcs = [round(r["llc_mean"], 2) if r.get("llc_mean") is not None else None for r in rows]
-            print(f"llc.py: step(s) {sorted({r['step'] for r in rows})} [{done}/{len(todo)}] llc={llcs} "
+            used = f" draws={[r.get('draws_used') for r in rows]}" if run.cfg["se_target"] else ""
+            print(f"llc.py: step(s) {sorted({r['step'] for r in rows})} [{done}/{len(todo)}] llc={llcs}{used} "
                   f"{el / done:.1f}s/ckpt, ETA {common.fmt_time(el / done * (len(todo) - done))}", file=sys.stderr)
     if failed:
         raise SystemExit(f"llc.py: all chains diverged at {failed} checkpoint(s); rows written with llc_mean=null")

@@ -46,16 +46,16 @@ class Settings:
     grad_chunk: int = 256           # native_loop on CPU: rows per gradient pass (0: the whole batch)
     progress: str | None = None     # a label: progress lines with rate and ETA on stderr
     init_loss: list | None = None   # L(w*) per checkpoint, as results give it (init_loss[_per_token]): not recomputed
+    se_target: float = 0.0          # stop once every checkpoint's llc_se is at most this (checked every 100 draws)
 
     def __post_init__(self):
         if not (self.epsilon > 0 and (self.nbeta == "default" or self.nbeta > 0) and self.gamma >= 0 and
-                self.num_chains >= 1 and self.num_draws >= 1 and self.num_burnin >= 0 and self.grad_chunk >= 0):
-            raise ValueError(f"need epsilon, nbeta > 0, gamma >= 0, num_chains, num_draws >= 1, num_burnin >= 0 and "
-                             f"grad_chunk >= 0; got {self.epsilon}, {self.nbeta}, {self.gamma}, {self.num_chains}, "
-                             f"{self.num_draws}, {self.num_burnin}, {self.grad_chunk}")
+                self.num_chains >= 1 and self.num_draws >= 1 and min(self.num_burnin, self.grad_chunk, self.se_target) >= 0):
+            raise ValueError(f"need epsilon, nbeta > 0, gamma >= 0, num_chains, num_draws >= 1, num_burnin, grad_chunk, "
+                             f"se_target >= 0; got {self.epsilon}, {self.nbeta}, {self.gamma}, {self.num_chains}, "
+                             f"{self.num_draws}, {self.num_burnin}, {self.grad_chunk}, {self.se_target}")
 
 
-# -------------------------------------------------------------------------------------- what is sampled
 def sgld_coefficients(epsilon, gamma, nbeta):
     """w <- w - (eps/2)[nbeta g + gamma (w - w*)] + sqrt(eps) xi  ==  w - a g - b (w - w*) + c xi."""
     return epsilon * nbeta / 2, epsilon * gamma / 2, math.sqrt(epsilon)
@@ -110,8 +110,7 @@ def make_generators(seed, device):
     return [torch.Generator(gdev).manual_seed(s) for s in seeds], seeds
 
 
-def _tuple(batch):
-    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+_tuple = lambda batch: tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)  # noqa: E731
 
 
 class FixedData:
@@ -121,8 +120,7 @@ class FixedData:
         self.rows = tuple(x.to(device) for x in _tuple(rows))
         self.n = self.rows[0].shape[0]
         if any(x.shape[0] != self.n for x in self.rows):
-            raise ValueError(f"fixed dataset: all tensors need the same number of rows, got "
-                             f"{[x.shape[0] for x in self.rows]}")
+            raise ValueError(f"fixed dataset: tensors need the same number of rows, got {[x.shape[0] for x in self.rows]}")
         self.perm = self.pos = None
 
     def chunks(self, m, gen):
@@ -160,8 +158,7 @@ class IterData:
     C-th batch. L(w*) over the first n rows of one pass (default: 16 batches). Its own shuffling: no common numbers."""
 
     def __init__(self, iterable, n, device):
-        self.src, self.device, self.keys = iterable, device, None
-        self.it = iter(iterable)
+        self.src, self.device, self.keys, self.it = iterable, device, None, iter(iterable)
         self.B = self.fetch()[0].shape[0]
         self.n = n or 16 * self.B
 
@@ -246,9 +243,8 @@ def native_loop_grad(loss_fn, chains, s):
     chunk = s.grad_chunk if cpu else 0
 
     def grad_fn(W, batch):
-        rows = (pool.map if pool else map)(lambda i: _native_rows(loss_fn, chains, W, i, i + 1, batch, chunk),
-                                           range(chains.CT))
-        out = list(rows)
+        out = list((pool.map if pool else map)(lambda i: _native_rows(loss_fn, chains, W, i, i + 1, batch, chunk),
+                                               range(chains.CT)))
         return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
     grad_fn.close = pool.shutdown if pool else None
     return grad_fn
@@ -270,9 +266,7 @@ def pick_chain_mode(loss_fn, device, batch_rows, num_params):
 def choose_gradient(loss_fn, w_stars, chains, data, s, gen, device):
     """The chain mode: explicit, or auto; a hand-derived gradient only after it matched autograd at every w*.
     auto falls back to autograd with one warning; an explicit native mode raises."""
-    mode = s.chain_mode
-    if mode == "auto":
-        mode = pick_chain_mode(loss_fn, device, s.batch_size, chains.W.shape[1])
+    mode = pick_chain_mode(loss_fn, device, s.batch_size, chains.W.shape[1]) if s.chain_mode == "auto" else s.chain_mode
     if mode not in GRADIENTS:
         raise ValueError(f"unknown chain_mode {mode!r} ({', '.join(CHAIN_MODES)})")
     if mode.startswith("native"):
@@ -293,9 +287,9 @@ def choose_gradient(loss_fn, w_stars, chains, data, s, gen, device):
 
 
 # --------------------------------------------------------------------------------------------- the loop
-def sample(step, next_batch, total, CT, shape, W, xla, progress):
+def sample(step, next_batch, total, CT, shape, W, xla, progress, stop=None):
     """The SGLD loop: every step's pre-step losses of all chains into an on-device trace (read back once), and which
-    chains stayed finite (burn-in included)."""
+    chains stayed finite (burn-in included); it ends early where stop(trace, steps done) says so."""
     trace = torch.empty((CT, total) + tuple(shape), device=W.device, dtype=W.dtype)
     alive = torch.ones(CT, dtype=torch.bool, device=W.device)
     t_dev = torch.zeros(1, dtype=torch.int64, device=W.device)  # XLA: a device-side index keeps one graph per step
@@ -312,6 +306,8 @@ def sample(step, next_batch, total, CT, shape, W, xla, progress):
             trace[:, t] = loss
         if progress is not None:
             progress.update(t + 1)
+        if stop is not None and stop(trace, t + 1):
+            return trace[:, :t + 1], alive
     return trace, alive
 
 
@@ -329,8 +325,7 @@ def checkpoints(params):
     group = list(params) if isinstance(params, (list, tuple)) else [params]
     if not group or any(set(p) != set(group[0]) or any(p[k].shape != group[0][k].shape for k in p) for p in group):
         raise ValueError("a list of checkpoints needs at least one, all with the same parameter names and shapes")
-    bad = [k for p in group for k, v in p.items() if not torch.isfinite(v).all()]
-    if bad:
+    if bad := [k for p in group for k, v in p.items() if not torch.isfinite(v).all()]:
         raise ValueError(f"parameter {bad[0]!r} of w* has non-finite values")
     return group
 
@@ -343,8 +338,7 @@ def wrap_data(data, s, device):
             raise ValueError("a stream `data` (a sample callable) needs batch_size")
         return StreamData(data, int(s.n or 16 * s.batch_size), device)
     if not (torch.is_tensor(data) or isinstance(data, (tuple, list)) and all(map(torch.is_tensor, data))):
-        data = IterData(data, s.n, device)
-        s.batch_size = data.B
+        s.batch_size = (data := IterData(data, s.n, device)).B
         return data
     data = FixedData(data, device)
     s.batch_size = int(s.batch_size or data.n)
@@ -387,8 +381,8 @@ def estimate_llc(loss_fn, params, data, **settings):
         g_init.manual_seed(seeds[2])
         L0.append(mean_loss(loss_fn, w, data, s.batch_size, g_init))
     if len(L0) != len(w_stars) or any(v.dim() != int(s.per_token) or not torch.isfinite(v).all() for v in L0):
-        want = "vector (per_token=True)" if s.per_token else "scalar (per_token=False)"
-        raise ValueError(f"L(w*) = {[v.tolist() for v in L0]}: need a finite {want} per checkpoint")
+        raise ValueError(f"L(w*) = {[v.tolist() for v in L0]}: need a finite "
+                         f"{'vector (per_token=True)' if s.per_token else 'scalar (per_token=False)'} per checkpoint")
     s.n = data.n
     chains = Chains(w_stars, sampled_names(s, w_stars[0]), s.num_chains, s.masks or {})
     mode = choose_gradient(loss_fn, w_stars, chains, data, s, g_init, device)
@@ -415,6 +409,15 @@ def estimate_llc(loss_fn, params, data, **settings):
         batch = data.next(C, s.batch_size, g_data)
         return batch if K == 1 else tuple(x.repeat(K, *[1] * (x.dim() - 1)) for x in batch)
 
+    def summaries(trace, alive):  # each checkpoint's estimate from the post-burn-in part of the on-device trace
+        tr = trace[:, s.num_burnin:].double().cpu().numpy()  # the one read-back (and one per se check)
+        return [chain_summary(tr[g * C:(g + 1) * C], L0[g].cpu().numpy(), alive[g * C:(g + 1) * C], s.nbeta,
+                              s.per_token) for g in range(K)], tr.shape[1]
+
+    def reached(trace, t):  # the se target: checked every 100 draws
+        return bool(s.se_target) and t > s.num_burnin and (t - s.num_burnin) % 100 == 0 and all(
+            r is not None and r["llc_se"] <= s.se_target for r in summaries(trace[:, :t], np.ones(chains.CT, bool))[0])
+
     total, t_sample = s.num_burnin + s.num_draws, time.time()
     step, batches = sgld_step, next_batch
     if s.cuda_graph:  # step 0's batch fills the static buffers; step 0 then uses it
@@ -423,19 +426,18 @@ def estimate_llc(loss_fn, params, data, **settings):
         batches = lambda: first.pop() if first else next_batch()  # noqa: E731
     try:
         trace, alive = sample(step, batches, total, chains.CT, L0[0].shape, W, backend == "xla",
-                              Progress(s.progress, total, "SGLD steps") if s.progress else None)
+                              Progress(s.progress, total, "SGLD steps") if s.progress else None, reached)
     finally:
         if getattr(grad_fn, "close", None):
             grad_fn.close()
         torch.set_num_threads(threads)
-    tr, alive = trace[:, s.num_burnin:].double().cpu().numpy(), alive.cpu().numpy()  # the one read-back
+    results, draws = summaries(trace, alive.cpu().numpy())
     info = dict(epsilon=s.epsilon, gamma=s.gamma, nbeta=s.nbeta, num_chains=C, num_draws=s.num_draws,
                 num_burnin=s.num_burnin, batch_size=s.batch_size, seed=s.seed, n=s.n,
                 data_mode="stream" if isinstance(data, StreamData) else "fixed", num_params=W.shape[1],
                 update_backend=backend, chain_mode=mode, cuda_graph=bool(s.cuda_graph), checkpoints_batched=K,
+                **(dict(se_target=s.se_target, draws_used=draws) if s.se_target else {}),  # num_draws: the cap
                 sample_time=time.time() - t_sample)  # the SGLD loop: chain-steps/s = K*C*(burn-in + draws)/sample_time
-    results = [chain_summary(tr[g * C:(g + 1) * C], L0[g].cpu().numpy(), alive[g * C:(g + 1) * C], s.nbeta,
-                             s.per_token) for g in range(K)]
     lost = [g for g, r in enumerate(results) if r is None]
     if lost:
         raise AllChainsDivergedError(

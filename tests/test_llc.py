@@ -387,6 +387,37 @@ def test_cli_writes_one_row_per_checkpoint_and_resumes_after_a_torn_line(tiny_ru
     assert e.value.code == 2 and "epsilon=0.0003" in capsys.readouterr().err
 
 
+def test_an_se_target_stops_at_the_draws_a_shorter_run_takes():
+    """With se_target the chains stop at the first multiple of 100 draws where llc_se <= target: the estimate is
+    exactly a run with that many draws (the same chains), 100 fewer would have missed the target, and an
+    unreachable target runs to num_draws."""
+    w, kw = {"w": torch.zeros(4)}, dict(num_chains=4, num_draws=2000, num_burnin=100)
+    target = 2 * run(quad_loss, w, **kw)["llc_se"]  # about a quarter of the draws
+    r = run(quad_loss, w, se_target=target, **kw)
+    used = r["draws_used"]
+    assert r["llc_se"] <= target and used % 100 == 0 and 100 <= used < 2000 and r["num_draws"] == 2000
+    short = run(quad_loss, w, **{**kw, "num_draws": used})
+    assert (short["llc_mean"], short["llc_se"]) == (r["llc_mean"], r["llc_se"]) and "draws_used" not in short
+    assert used == 100 or run(quad_loss, w, **{**kw, "num_draws": used - 100})["llc_se"] > target
+    assert run(quad_loss, w, se_target=1e-9, **kw)["draws_used"] == 2000
+
+
+def test_cli_se_target_rows_and_resume(tiny_run, capsys):
+    """--se_target writes se_target and draws_used; a file without the column reads as no target, so the same
+    settings resume it and a target does not mix into it."""
+    llc.main([str(tiny_run), *CLI, "--steps=0"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        llc.main([str(tiny_run), *CLI, "--steps=0,10", "--se_target=1e3", "--num_draws=6"])
+    assert e.value.code == 2 and "se_target" in capsys.readouterr().err
+    llc.main([str(tiny_run), *CLI, "--steps=0,10"])
+    assert [("se_target" in r, r["step"]) for r in common.read_jsonl(tiny_run / "llc.jsonl")] == [(False, 0), (False, 10)]
+    llc.main([str(tiny_run), *CLI, "--steps=20", "--num_draws=300", "--se_target=1e3", "--out=se.jsonl"])
+    (row,) = common.read_jsonl(tiny_run / "se.jsonl")
+    assert row["se_target"] == 1e3 and row["draws_used"] == 100 and row["num_draws"] == 300
+    assert "draws=[100]" in capsys.readouterr().err
+
+
 def test_cli_checkpoint_batches_write_the_one_at_a_time_rows(tiny_run):
     """--ckpt_batch=2 estimates checkpoints two at a time: the same rows as one at a time (native_loop on CPU:
     bit-identical); a checkpoint whose chains all diverge inside a batch is redone alone and recorded as a failure,
