@@ -215,10 +215,19 @@ PAPER_RESTRICTIONS = {  # the unrestricted baseline, then the 21 component restr
 def restriction_set(cfg, name, model):
     """{restriction: estimate_llc settings} of a named set: 'heads' (L<i>H<h>: one attention head's weights, element
     masks from model.head_masks), 'layers' (L<i>: one block), 'paper' (the task's component restrictions)."""
-    names = [k for k, _ in model.named_parameters()]
-    if name == "heads":
-        return {f"L{i}H{h}": {"masks": model.head_masks(i, h)} for i in range(model.cfg.n_layer)
-                for h in range(model.cfg.n_head)}
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    names = list(shapes)
+    if name == "heads":  # model.head_masks must describe the (possibly edited) model's attention
+        try:
+            out = {f"L{i}H{h}": {"masks": model.head_masks(i, h)} for i in range(model.cfg.n_layer)
+                   for h in range(model.cfg.n_head)}
+            bad = [k for r in out.values() for k, m in r["masks"].items() if getattr(m, "shape", None) != shapes.get(k)]
+        except Exception as e:  # noqa: BLE001  an edited model: say what to update, no traceback
+            bad = [f"{type(e).__name__}: {e}"]
+        if bad:
+            raise common.ConfigError(f"restrictions=heads: model.head_masks(layer, head) does not fit this model's "
+                                     f"parameters ({bad[0]}); update it in model.py after editing the attention")
+        return out
     if name == "layers":
         return {f"L{i}": {"include": f"blocks.{i}.**"} for i in range(model.cfg.n_layer)}
     if name == "paper" and kind(cfg).paper_restrictions:

@@ -3,7 +3,7 @@
 # of 256, L(w*) on 65,536 sequences: 200x fewer sequence-gradients than v1 per checkpoint.
 #   python llc.py configs/llc_cpu.py out/L2H4-s0
 exec(open(__file__.rsplit("/", 1)[0] + "/llc_v1.py").read())  # epsilon 3e-4, gamma 20/3, nbeta 200/3, seed 0
-num_chains = 2
+num_chains = 4
 num_draws = 400
 num_burnin = 100
 batch_size = 256

@@ -163,6 +163,21 @@ def test_restriction_sets_write_a_row_per_checkpoint_and_restriction(two_layer_r
         assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
+def test_a_fork_whose_head_masks_no_longer_fit_gets_a_usage_error(two_layer_run, monkeypatch, capsys):
+    """An edited attention without an updated model.head_masks: --restrictions=heads is one line and exit 2,
+    whether head_masks raises or returns masks of the wrong shape; nothing is written."""
+    import model as model_py
+    for broken in (lambda self, i, h: {"blocks.0.attention.qkv.weight": torch.ones(3, 3, dtype=torch.bool)},
+                   lambda self, i, h: self.blocks[i].attention.heads[h]):
+        monkeypatch.setattr(model_py.ICLTransformer, "head_masks", broken)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            llc.main([str(two_layer_run), *CLI, "--restrictions=heads"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "head_masks" in err, err
+    assert not (two_layer_run / "llc_heads.jsonl").exists()
+
+
 def test_data_refined_rows(two_layer_run):
     run = two_layer_run
     llc.main([str(run), *CLI, "--data_refine=ood_inputs/10", "--steps=10"])
