@@ -113,7 +113,7 @@ class Run:
             return {}
         ok = [i for i, v in enumerate(res["llc_per_chain"]) if np.isfinite(v)]
         pub = lm_eval.published_llc(np.asarray(res["llc_per_chain"])[ok], res["init_loss"], res["nbeta"],
-                                    res["num_draws"], draw0=res["loss_trace"][ok, 0].numpy())
+                                    res.get("draws_used", res["num_draws"]), draw0=res["loss_trace"][ok, 0].numpy())
         return {f"{k}_published": common.finite(v) for k, v in pub.items()}
 
     def rows(self, steps, done=frozenset()):
