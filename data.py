@@ -221,7 +221,8 @@ def restriction_set(cfg, name, model):
         try:
             out = {f"L{i}H{h}": {"masks": model.head_masks(i, h)} for i in range(model.cfg.n_layer)
                    for h in range(model.cfg.n_head)}
-            bad = [k for r in out.values() for k, m in r["masks"].items() if getattr(m, "shape", None) != shapes.get(k)]
+            bad = [k for r in out.values() for k, m in r["masks"].items() if not (
+                torch.is_tensor(m) and m.dtype == torch.bool and m.shape == shapes.get(k) and bool(m.any()))]
         except Exception as e:  # noqa: BLE001  an edited model: say what to update, no traceback
             bad = [f"{type(e).__name__}: {e}"]
         if bad:

@@ -165,10 +165,12 @@ def test_restriction_sets_write_a_row_per_checkpoint_and_restriction(two_layer_r
 
 def test_a_fork_whose_head_masks_no_longer_fit_gets_a_usage_error(two_layer_run, monkeypatch, capsys):
     """An edited attention without an updated model.head_masks: --restrictions=heads is one line and exit 2,
-    whether head_masks raises or returns masks of the wrong shape; nothing is written."""
+    whether head_masks raises or returns masks of the wrong shape or type; nothing is written."""
     import model as model_py
+    real = model_py.ICLTransformer.head_masks
     for broken in (lambda self, i, h: {"blocks.0.attention.qkv.weight": torch.ones(3, 3, dtype=torch.bool)},
-                   lambda self, i, h: self.blocks[i].attention.heads[h]):
+                   lambda self, i, h: self.blocks[i].attention.heads[h],
+                   lambda self, i, h: {k: m.float() for k, m in real(self, i, h).items()}):
         monkeypatch.setattr(model_py.ICLTransformer, "head_masks", broken)
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
