@@ -24,6 +24,7 @@ USAGE = """
     python llc.py out/tiny --restrictions=heads               # one LLC per attention head -> llc_heads.jsonl
     python llc.py out/tiny --data_refine=ood_inputs/3         # inputs x3 -> llc_data-ood_inputs-3.jsonl
     python llc.py out/tiny --calibrate                           # epsilon x nbeta x gamma grid + trace figures
+    python llc.py configs/llc_cpu.py out/L2H4-s0 --follow=3600   # beside train.py: each checkpoint as it appears
     torchrun --standalone --nproc_per_node=4 llc.py configs/llc_v2.py out/L2H4-s0   # checkpoints across ranks
 """
 DEFAULTS = dict(  # the quick CPU setting for the demo runs; configs/llc_v1.py and llc_v2.py hold the paper's
@@ -41,6 +42,7 @@ DEFAULTS = dict(  # the quick CPU setting for the demo runs; configs/llc_v1.py a
     n=4096,                 # stream: rows for L(w*); fixed: the size of the fixed set
     data_mode="stream",     # stream (fresh rows every step) | fixed (one set of n rows, shuffled per chain)
     seed=0,                 # seeds data order, noise and the L(w*) set
+    paired=False,           # L(w*) on each draw's own minibatch (removes the L(w*) set's sampling error)
     per_token=False,        # also estimate one LLC per context position
     include="",             # restricted LLC: glob patterns of the sampled parameters ('blocks.0.**')
     exclude="",             # ... minus these (the rest stays at w*)
@@ -55,6 +57,7 @@ DEFAULTS = dict(  # the quick CPU setting for the demo runs; configs/llc_v1.py a
     threads=0,              # CPU threads / chain workers (0: this process's share of the cores)
     grad_chunk=256,         # native_loop on CPU: rows per gradient pass (0: the whole batch)
     ckpt_batch=1,           # checkpoints estimated together in one batched computation (GPU)
+    follow=0,               # > 0: then wait for new checkpoints (a run still training) up to this many seconds each
     trace_points=100,       # bins of the per-chain loss trace stored in each row
     calibrate=False,        # run the epsilon x nbeta x gamma grid instead (llc_calibration.json + figures)
     calib_steps="",         # calibration checkpoints (default: three spread over the run)
@@ -66,7 +69,8 @@ CHOICES = {"data_mode": ("stream", "fixed"), "chain_mode": CHAIN_MODES,
            "update_backend": ("auto", "torch", "triton", "xla")}
 RUN_KEYS = ("epsilon", "gamma", "nbeta", "num_chains", "num_draws", "num_burnin", "batch_size", "seed", "n",
             "data_mode", "per_token", "include", "exclude")  # a resumed file must agree on all of these
-WHEN_SET = {"restrictions": "restriction_set", "data_refine": "data_refine", "se_target": "se_target"}  # row columns
+WHEN_SET = {"restrictions": "restriction_set", "data_refine": "data_refine", "se_target": "se_target",
+            "paired": "paired"}  # row columns
 
 
 def llc_row(step, res, trace_points):
@@ -205,6 +209,26 @@ def sweep(run, todo, finished, path, dist, rank, world):
         raise SystemExit(f"llc.py: all chains diverged at {failed} checkpoint(s); rows written with llc_mean=null")
 
 
+def follow(run, cfg, path):
+    """--follow: estimate checkpoints as a training run writes them; ends once the run's last step has its row, or
+    when no new checkpoint has come for `follow` seconds."""
+    rc = common.load_run(cfg["ckpt"])  # the last step train.py saves (unknown: wait for the timeout)
+    last = rc["stop_at"] if rc.get("stop_at", -1) >= 0 else rc.get("max_steps", math.inf) - 1
+    have, waited, poll = common.list_checkpoints(cfg["ckpt"]), 0.0, min(10.0, cfg["follow"])
+    while not (have and have[-1] >= last):
+        if waited >= cfg["follow"]:
+            return print(f"llc.py: no new checkpoint in {cfg['ckpt']} for {cfg['follow']:g}s: stopping "
+                         f"(rerun to resume)", file=sys.stderr)
+        time.sleep(poll)
+        waited += poll
+        now = common.list_checkpoints(cfg["ckpt"])
+        if now != have:
+            have, waited = now, 0.0
+            _, todo, done = plan(cfg, path, run.restrictions)
+            sweep(run, todo, done, path, None, 0, 1)
+    print(f"llc.py: the run's last checkpoint ({last}) is done", file=sys.stderr)
+
+
 def calibrate(run, steps):
     """The epsilon x nbeta x gamma grid on a few checkpoints: <run>/llc_calibration.json (also printed) and one figure
     per (step, gamma) of every chain's per-draw LLC with its running mean. Healthy: running means that flatten,
@@ -278,6 +302,9 @@ def main(argv=None):
         common.fail("llc.py", "give the run directory: python llc.py out/<run> [--key=value ...] (see --help)")
     if cfg["published"] and cfg["num_burnin"]:
         common.fail("llc.py", "--published restates the paper's estimator, which has no burn-in: set --num_burnin=0")
+    if cfg["follow"] and (cfg["steps"] or cfg["calibrate"] or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        common.fail("llc.py", "--follow takes every checkpoint as it appears, in one process: drop --steps, "
+                    "--calibrate and torchrun")
     if cfg["restrictions"] and (cfg["include"] or cfg["exclude"]):
         common.fail("llc.py", "give --restrictions or --include/--exclude, not both")
     cfg["out"] = cfg["out"] or "llc{}{}.jsonl".format(*(f"_{p}{v.replace('/', '-')}" if v else "" for p, v in (
@@ -315,6 +342,8 @@ def main(argv=None):
             calibrate(run, steps)
         else:
             sweep(run, todo, done, path, dist, rank, world if dist else 1)
+            if cfg["follow"]:
+                follow(run, cfg, path)
         if dist is not None:  # no rank tears its connections down while another still uses them
             dist.barrier()
     finally:

@@ -16,6 +16,9 @@ from fast import (batched_grad_mismatch, cuda_graph_step, noise_key, sgld_update
                   triton_update_ok)
 
 
+DRIFT_Z = 4.0  # |llc_drift_z| above this warns: the chains have not settled by the last half of the draws
+
+
 class AllChainsDivergedError(RuntimeError):
     """Every chain of a checkpoint produced a non-finite loss: the sampler settings are unstable there."""
 
@@ -47,6 +50,7 @@ class Settings:
     progress: str | None = None     # a label: progress lines with rate and ETA on stderr
     init_loss: list | None = None   # L(w*) per checkpoint, as results give it (init_loss[_per_token]): not recomputed
     se_target: float = 0.0          # stop once every checkpoint's llc_se is at most this (checked every 100 draws)
+    paired: bool = False            # L(w*) on each draw's own minibatch: no error from a separate L(w*) set
 
     def __post_init__(self):
         if not (self.epsilon > 0 and (self.nbeta == "default" or self.nbeta > 0) and self.gamma >= 0 and
@@ -286,6 +290,19 @@ def choose_gradient(loss_fn, w_stars, chains, data, s, gen, device):
     return mode
 
 
+def star_losses(loss_fn, chains, mode):
+    """Every chain's minibatch loss at its own w*, without gradients (Settings.paired): one chain at a time where
+    the gradients are (CPU loops), else vmapped over the chains."""
+    W0 = chains.W0.repeat_interleave(chains.C, 0)
+    if mode in ("loop", "native_loop"):
+        def one(i, batch):
+            fz = {k: v[i] for k, v in chains.frozen.items()}
+            return loss_fn(chains.view(W0[i], fz), tuple(x[i] for x in batch))
+        return torch.no_grad()(lambda batch: torch.stack([one(i, batch) for i in range(chains.CT)]))
+    f = vmap(lambda w, fz, batch: loss_fn(chains.view(w, fz), batch))
+    return torch.no_grad()(lambda batch: f(W0, chains.frozen, batch))
+
+
 # --------------------------------------------------------------------------------------------- the loop
 def sample(step, next_batch, total, CT, shape, W, xla, progress, stop=None):
     """The SGLD loop: every step's pre-step losses of all chains into an on-device trace (read back once), and which
@@ -394,9 +411,13 @@ def estimate_llc(loss_fn, params, data, **settings):
     a, b, c = sgld_coefficients(s.epsilon, s.gamma, s.nbeta)
     key = torch.tensor([noise_key(seeds[1], 0)], dtype=torch.int64, device=device)
 
+    star = star_losses(loss_fn, chains, mode) if s.paired else None
+
     def sgld_step(batch):
-        """Every chain's gradient at its pre-step point, then the update; returns the pre-step losses."""
+        """Every chain's gradient at its pre-step point, then the update; returns the pre-step losses (paired:
+        stacked with the losses at w* on the same minibatch)."""
         G, loss = grad_fn(W, batch)
+        loss = torch.stack([loss, star(batch)], 1) if star is not None else loss
         if backend == "triton":
             sgld_update_triton(W, W0, G, a, b, c, key)
             key.add_(1)
@@ -412,7 +433,7 @@ def estimate_llc(loss_fn, params, data, **settings):
     def summaries(trace, alive):  # each checkpoint's estimate from the post-burn-in part of the on-device trace
         tr = trace[:, s.num_burnin:].double().cpu().numpy()  # the one read-back (and one per se check)
         return [chain_summary(tr[g * C:(g + 1) * C], L0[g].cpu().numpy(), alive[g * C:(g + 1) * C], s.nbeta,
-                              s.per_token) for g in range(K)], tr.shape[1]
+                              s.per_token, s.paired) for g in range(K)], tr.shape[1]
 
     def reached(trace, t):  # the se target: checked every 100 draws
         return bool(s.se_target) and t > s.num_burnin and (t - s.num_burnin) % 100 == 0 and all(
@@ -425,7 +446,8 @@ def estimate_llc(loss_fn, params, data, **settings):
         step = cuda_graph_step(sgld_step, first[0], W, key)
         batches = lambda: first.pop() if first else next_batch()  # noqa: E731
     try:
-        trace, alive = sample(step, batches, total, chains.CT, L0[0].shape, W, backend == "xla",
+        shape = ((2,) if s.paired else ()) + tuple(L0[0].shape)
+        trace, alive = sample(step, batches, total, chains.CT, shape, W, backend == "xla",
                               Progress(s.progress, total, "SGLD steps") if s.progress else None, reached)
     finally:
         if getattr(grad_fn, "close", None):
@@ -433,7 +455,7 @@ def estimate_llc(loss_fn, params, data, **settings):
         torch.set_num_threads(threads)
     results, draws = summaries(trace, alive.cpu().numpy())
     info = dict(epsilon=s.epsilon, gamma=s.gamma, nbeta=s.nbeta, num_chains=C, num_draws=s.num_draws,
-                num_burnin=s.num_burnin, batch_size=s.batch_size, seed=s.seed, n=s.n,
+                num_burnin=s.num_burnin, batch_size=s.batch_size, seed=s.seed, n=s.n, paired=bool(s.paired),
                 data_mode="stream" if isinstance(data, StreamData) else "fixed", num_params=W.shape[1],
                 update_backend=backend, chain_mode=mode, cuda_graph=bool(s.cuda_graph), checkpoints_batched=K,
                 **(dict(se_target=s.se_target, draws_used=draws) if s.se_target else {}),  # num_draws: the cap
@@ -444,8 +466,12 @@ def estimate_llc(loss_fn, params, data, **settings):
             f"all {C} SGLD chains diverged (non-finite loss) with epsilon={s.epsilon}, nbeta={s.nbeta}, "
             f"gamma={s.gamma}{f' at checkpoint(s) {lost} of the {K}' if K > 1 else ''}: lower epsilon (or nbeta), "
             "or check that w* is near a minimum")
-    for r in results:
+    for g, r in enumerate(results):
         r.update(info, wall_time=time.time() - t_start)
+        if abs(r["llc_drift_z"]) > DRIFT_Z:
+            warnings.warn(f"{f'checkpoint {g}: ' if K > 1 else ''}the chains still drift: the last quarter of the "
+                          f"draws sits {r['llc_drift']:+.2f} LLC ({r['llc_drift_z']:+.1f} se) from the one before; "
+                          "lengthen num_burnin (or num_draws)")
     return results if isinstance(params, (list, tuple)) else results[0]
 
 
@@ -477,24 +503,47 @@ def ess_rhat(x):
     return float(ess), rhat, float(var_plus)
 
 
-def chain_summary(tr, L0, alive, nbeta, per_token):
-    """The estimate and its diagnostics from one checkpoint's post-burn-in losses tr (C, T[, K]), L(w*) and the
-    chains that stayed finite; None when every chain diverged."""
+def drift(x):
+    """The kept draws' second half, its later quarter's mean minus its earlier quarter's, for x (C, T) in LLC
+    units, and that difference's se (chain spread or ESS, the larger): near 0 once the chains have settled."""
+    q = x.shape[1] // 4
+    if q < 2:
+        return float("nan"), float("nan")
+    a, b = x[:, -2 * q:-q], x[:, -q:]
+    d = b.mean(1) - a.mean(1)
+    se_chains = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+    se_ess = math.sqrt(sum(var / ess for ess, _, var in (ess_rhat(a), ess_rhat(b))))
+    return float(d.mean()), float(max(se_chains, se_ess))
+
+
+def chain_summary(tr, L0, alive, nbeta, per_token, paired=False):
+    """The estimate and its diagnostics from one checkpoint's post-burn-in losses tr (C, T[, 2][, K]), L(w*) and
+    the chains that stayed finite; None when every chain diverged. llc_se is the larger of the ESS standard error
+    and the chain means' spread sd/sqrt(chains): an ESS within chains misses slow modes that the spread sees."""
     C = tr.shape[0]
     bad = ~alive | ~np.isfinite(tr.reshape(C, -1)).all(1)
     ok = np.flatnonzero(~bad)
     if len(ok) == 0:
         return None
-    loss_trace = tr.mean(-1) if per_token else tr  # (C, T): per-token losses averaged over tokens
-    per_chain = nbeta * (loss_trace.mean(1) - float(L0.mean()))
+    raw, star = (tr[:, :, 0], tr[:, :, 1]) if paired else (tr, None)
+    excess = raw - (star if paired else L0)  # per draw: L_batch(w_t) - L(w*), paired on the same batch
+    tokens = (lambda x: x.mean(-1)) if per_token else (lambda x: x)  # per-token losses averaged over tokens
+    ex = nbeta * tokens(excess)  # (C, T): per-draw LLC
+    per_chain = ex.mean(1)
     per_chain[bad] = np.nan
-    ess, rhat, var = ess_rhat(loss_trace[ok])
+    ess, rhat, var = ess_rhat(ex[ok])
+    se_ess = math.sqrt(var / ess)
+    se_chains = float(per_chain[ok].std(ddof=1) / math.sqrt(len(ok))) if len(ok) > 1 else float("nan")
+    d, d_se = drift(ex[ok])
     out = dict(llc_mean=float(per_chain[ok].mean()),
                llc_std=float(per_chain[ok].std(ddof=1)) if len(ok) > 1 else 0.0,
-               llc_se=float(nbeta * math.sqrt(var / ess)), llc_per_chain=per_chain.tolist(),
-               loss_trace=torch.from_numpy(loss_trace), init_loss=float(L0.mean()),
-               nan_chains=np.flatnonzero(bad).tolist(), rhat=rhat, ess=ess)
+               llc_se=float(np.nanmax([se_ess, se_chains])), llc_se_ess=se_ess, llc_se_chains=se_chains,
+               llc_drift=d, llc_drift_z=d / d_se if d_se > 0 else float("nan"),
+               llc_per_chain=per_chain.tolist(), loss_trace=torch.from_numpy(tokens(raw)),
+               init_loss=float(L0.mean()), nan_chains=np.flatnonzero(bad).tolist(), rhat=rhat, ess=ess)
+    if paired:
+        out["init_loss_paired"] = float(tokens(star[ok]).mean())
     if per_token:
-        out["llc_per_token"] = (nbeta * (tr[ok].mean((0, 1)) - L0)).tolist()
+        out["llc_per_token"] = (nbeta * excess[ok].mean((0, 1))).tolist()
         out["init_loss_per_token"] = L0.tolist()
     return out

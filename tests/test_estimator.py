@@ -1,0 +1,106 @@
+"""The estimator's error budget: L(w*) paired with each draw's own minibatch, a standard error that is at least the
+chain means' spread (validated by coverage over independent sampler seeds), the drift diagnostic, and llc.py's
+follow mode (checkpoints estimated as a training run writes them)."""
+import math
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+import common
+import data
+import sgld
+from data import Task
+from model import ICLConfig, build_model
+from conftest import ROOT
+from test_llc import CLI, quad_expected, quad_loss, tiny_run  # noqa: F401  (a fixture)
+
+
+def regression(n, paired, seed=0):
+    """The regression task on a small model at its initialisation, paired or not, L(w*) on n rows."""
+    model, task = build_model(ICLConfig(d_model=16, d_mlp=16), 0), Task()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    return sgld.estimate_llc(data.RunLoss(model, task), params, task.sample, epsilon=1e-3, gamma=6.0,
+                             nbeta=60.0, num_chains=4, num_draws=60, num_burnin=20, batch_size=32, n=n,
+                             seed=seed, paired=paired)
+
+
+def test_paired_llc_owes_nothing_to_the_l_w_star_set():
+    """Paired, the estimate is the same whatever the size of the separate L(w*) set (it is only reported), the
+    unpaired one moves with that set's sampling error; pairing also narrows the spread of the chain means."""
+    small, big = regression(64, True), regression(2048, True)
+    assert small["llc_mean"] == big["llc_mean"] and small["llc_se"] == big["llc_se"]
+    assert small["init_loss"] != big["init_loss"] and small["paired"] is True
+    plain_small, plain_big = regression(64, False), regression(2048, False)
+    shift = 60.0 * (plain_big["init_loss"] - plain_small["init_loss"])  # nbeta x the sets' difference
+    assert math.isclose(plain_small["llc_mean"] - plain_big["llc_mean"], shift, rel_tol=1e-6, abs_tol=1e-6)
+    assert big["llc_std"] < plain_big["llc_std"]
+    assert abs(big["llc_mean"] - plain_big["llc_mean"]) <= 2 * math.hypot(big["llc_se"], plain_big["llc_se"])
+    assert abs(big["init_loss_paired"] - big["init_loss"]) < 0.05 * big["init_loss"]
+
+
+def test_the_standard_error_covers_the_truth_over_independent_seeds():
+    """40 estimates with independent sampler seeds on a quadratic whose stationary answer is exact: +-2 llc_se covers
+    it in about 95 % (>= 34 of 40: 3 binomial sd below 38), the mean reported se is within [0.8, 1.6] of the
+    estimates' actual spread, and llc_se is never below either of its two parts."""
+    eps, nbeta = 1e-2, 2.0
+    exact = quad_expected(4, eps, nbeta, 0.0)
+    rows = [sgld.estimate_llc(quad_loss, {"w": torch.zeros(4)}, (torch.zeros(1, 1),), epsilon=eps, gamma=0.0,
+                              nbeta=nbeta, num_chains=8, num_draws=200, num_burnin=200, seed=s)
+            for s in range(40)]
+    est, se = np.array([r["llc_mean"] for r in rows]), np.array([r["llc_se"] for r in rows])
+    covered = int((abs(est - exact) <= 2 * se).sum())
+    print(f"exact {exact:.3f}: mean {est.mean():.3f}, spread {est.std(ddof=1):.3f}, mean se {se.mean():.3f}, "
+          f"covered {covered}/40")
+    assert covered >= 34
+    assert 0.8 <= se.mean() / est.std(ddof=1) <= 1.6
+    assert all(r["llc_se"] >= max(r["llc_se_ess"], r["llc_se_chains"]) for r in rows)
+
+
+def test_the_drift_statistic_flags_chains_that_have_not_settled():
+    """From w* = 0 with the loss relaxing on ~50 steps, 100 draws without burn-in still climb (large drift, one
+    warning); after 1,000 burn-in steps the last half of 400 draws is flat (|z| < 3, no warning)."""
+    kw = dict(epsilon=1e-3, gamma=0.0, nbeta=20.0, num_chains=32, seed=0)
+    w = {"w": torch.zeros(1024)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cold = sgld.estimate_llc(quad_loss, w, (torch.zeros(1, 1),), num_draws=100, num_burnin=0, **kw)
+    print(f"cold: drift {cold['llc_drift']:.2f} (z {cold['llc_drift_z']:.1f})")
+    assert cold["llc_drift"] > 0 and cold["llc_drift_z"] > sgld.DRIFT_Z
+    assert sum("still drift" in str(c.message) for c in caught) == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warm = sgld.estimate_llc(quad_loss, w, (torch.zeros(1, 1),), num_draws=400, num_burnin=1000, **kw)
+    print(f"warm: drift {warm['llc_drift']:.2f} (z {warm['llc_drift_z']:.1f})")
+    assert abs(warm["llc_drift_z"]) < 3 and not [c for c in caught if "still drift" in str(c.message)]
+
+
+def test_follow_mode_estimates_checkpoints_as_they_appear(tiny_run):  # noqa: F811
+    """llc.py --follow on a run whose last checkpoint is not there yet: it estimates what exists, waits, takes the
+    later checkpoints as they are written, and stops once the run's last step (max_steps - 1) has its row; with no
+    new checkpoint it stops after the timeout, saying so."""
+    cfg = common.load_run(tiny_run)
+    common.atomic_write(tiny_run / "config.json", __import__("json").dumps({**cfg, "max_steps": 21}))
+    held = tiny_run / "held"
+    held.mkdir()
+    for p in (tiny_run / "checkpoints").glob("step_0000020.*"):
+        shutil.move(p, held / p.name)
+    cmd = [sys.executable, str(ROOT / "llc.py"), str(tiny_run), *CLI, "--follow=60"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while len(common.read_jsonl(tiny_run / "llc.jsonl")) < 2 and time.time() - t0 < 60:
+        time.sleep(0.5)
+    assert proc.poll() is None  # still waiting for step 20
+    for p in held.iterdir():
+        shutil.move(p, tiny_run / "checkpoints" / p.name)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 0, err
+    assert [r["step"] for r in common.read_jsonl(tiny_run / "llc.jsonl")] == [0, 10, 20]
+    assert "last checkpoint (20) is done" in err
+    out = subprocess.run(cmd[:-1] + ["--follow=1", "--out=other.jsonl", "--steps="], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "done" in out.stderr  # the last step exists: no waiting at all
