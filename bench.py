@@ -102,16 +102,20 @@ def machine_line(device):
 
 # -------------------------------------------------------------------------------------------- training
 def bench_train(cfg, device, log):
-    """Steps/s of train.py with its hand-derived gradient (the default) and with autograd (subprocesses; an (S+1)-step
-    run minus a 3-step run, both with checkpoints and evals at steps 0, 1 and the last, leaves S-2 bare steps) and of
-    plain loops at the same model and batch."""
+    """Steps/s of train.py as it runs by default and with its other gradient (subprocesses; an
+    (S+1)-step run minus a 3-step run, both with checkpoints and evals at steps 0, 1 and the last,
+    leaves S-2 bare steps) and of plain loops at the same model and batch. train.py's default
+    (--fast_grad=auto) is the hand-derived gradient on CPU, autograd elsewhere (227.6 vs 155.8
+    steps/s on an H200); bench does not import train, so that rule is restated here."""
     S, bs, tmp = cfg["train_steps"], cfg["train_batch"], tempfile.mkdtemp(prefix="bench_train_")
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    hand = torch.device(device).type == "cpu"  # the default's gradient: hand-derived on CPU only
 
     def train_py(total, name, fast):  # n_log = n_lin = 1: checkpoints at steps 0, 1 and total - 1 only
         cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={os.path.join(tmp, name)}",
                f"--max_steps={total}", "--stop_at=-1", "--n_log=1", "--n_lin=1", "--eval_batch_size=64",
-               "--log_interval=1000000000", f"--batch_size={bs}", f"--device={device}", f"--fast_grad={fast}"]
+               "--log_interval=1000000000", f"--batch_size={bs}", f"--device={device}",
+               *([] if fast is None else [f"--fast_grad={fast}"])]
         proc, t = timed(device, subprocess.run, cmd, env=env, cwd=HERE, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -138,12 +142,14 @@ def bench_train(cfg, device, log):
             step(i)
         return timed(device, lambda: [step(i) for i in range(S)])[1]
 
-    names = ["train.py", "train.py --fast_grad=False (autograd)", "plain nn.Module + Adam loop",
-             "plain loop, fast.icl_loss_and_grads gradient"]
+    other = ("train.py --fast_grad=False (autograd)" if hand
+             else "train.py --fast_grad=True (hand-derived)")
+    names = [f"train.py ({'hand-derived' if hand else 'autograd'}, the default here)", other,
+             "plain nn.Module + Adam loop", "plain loop, fast.icl_loss_and_grads gradient"]
     total = dict.fromkeys(names, 0.0)
     for r in range(cfg["rounds"]):
-        for k, fast in ((names[0], True), (names[1], False)):
-            t3, tS = train_py(3, f"r{r}_{fast}_short", fast), train_py(S + 1, f"r{r}_{fast}_long", fast)
+        for i, (k, fast) in enumerate(((names[0], None), (names[1], not hand))):  # None: no flag
+            t3, tS = train_py(3, f"r{r}_{i}_short", fast), train_py(S + 1, f"r{r}_{i}_long", fast)
             if tS <= t3:
                 raise RuntimeError(f"train.py timing failed: {S + 1} steps took {tS:.2f}s, 3 steps {t3:.2f}s; "
                                    "use more --train_steps")
@@ -152,9 +158,10 @@ def bench_train(cfg, device, log):
         total[names[3]] += plain(True)
     rows = {k: cfg["rounds"] * (S if k.startswith("plain") else S - 2) / v for k, v in total.items()}
     log(f"train: {', '.join(f'{k} {v:.1f} steps/s' for k, v in rows.items())}")
-    return dict(steps=S, batch=bs, rounds=cfg["rounds"], steps_per_s=rows,
-                flops_per_step={k: icl_flops(ICLConfig(), bs, sliced=k in (names[0], names[3])) for k in rows},
-                model_dir=os.path.join(tmp, f"r{cfg['rounds'] - 1}_True_long"))
+    sliced = (names[0] if hand else names[1], names[3])  # the hand-derived gradient's FLOPs
+    return dict(steps=S, batch=bs, rounds=cfg["rounds"], steps_per_s=rows, default=names[0],
+                flops_per_step={k: icl_flops(ICLConfig(), bs, sliced=k in sliced) for k in rows},
+                model_dir=os.path.join(tmp, f"r{cfg['rounds'] - 1}_0_long"))
 
 
 # ------------------------------------------------------------------------------------------------ SGLD
@@ -185,12 +192,16 @@ def plain_chains(model, tokens, ys, L0, *, epsilon, gamma, nbeta, chains, burnin
     return nbeta * (trace.mean(1) - L0)
 
 
-# Run by `python -c` in devinterp's environment: it imports only torch, devinterp and the project's model.py
+# Run by `python -c` in devinterp's environment: it imports only torch, devinterp and the project's
+# model.py. One call per chain: devinterp's LLCEstimator raises at the first NaN loss, which ends
+# the whole estimate, where ours and the plain loop go on and count that chain as diverged. Each
+# call gets its chain's seed of the one-call run (seed=[s]): the chains of num_chains=C, seed=seed.
 DEVINTERP_WORKER = r'''
-import json, sys, time, warnings
+import json, re, sys, time, warnings
 warnings.filterwarnings("ignore")
 from importlib.metadata import version
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from devinterp.optim.sgld import SGLD
 from devinterp.slt.sampler import estimate_learning_coeff_with_summary
@@ -216,20 +227,33 @@ class Rows(Dataset):  # whole minibatches at once (__getitems__): the cheapest d
         return tokens[idx], ys[idx]
 
 
+def chain(seed):
+    """(LLC, steps run) of one chain; on a NaN loss devinterp stops: (NaN, steps to that draw)."""
+    try:
+        res = estimate_learning_coeff_with_summary(
+            model, loader, evaluate=lambda m, b: F.mse_loss(m(b[0])[..., 0::2, 0], b[1]),
+            sampling_method=SGLD,
+            optimizer_kwargs=dict(lr=s["epsilon"], localization=s["gamma"], nbeta=s["nbeta"]),
+            num_chains=1, num_draws=s["draws"], num_burnin_steps=s["burnin"],
+            init_loss=s["init_loss"], seed=[seed], device=dev, verbose=False)
+        return float(res["llc-chain/0"]), s["burnin"] + s["draws"]
+    except RuntimeError as e:
+        nan = re.fullmatch(r"NaN detected in loss at chain \d+, draw (\d+)", str(e))
+        if nan is None:
+            raise
+        return float("nan"), s["burnin"] + int(nan[1]) + 1
+
+
 torch.manual_seed(s["seed"])
 loader = DataLoader(Rows(), batch_size=s["batch"], shuffle=True, drop_last=True, collate_fn=lambda b: b)
 sync()
 t = time.perf_counter()
-res = estimate_learning_coeff_with_summary(
-    model, loader, evaluate=lambda m, b: torch.nn.functional.mse_loss(m(b[0])[..., 0::2, 0], b[1]),
-    sampling_method=SGLD, optimizer_kwargs=dict(lr=s["epsilon"], localization=s["gamma"], nbeta=s["nbeta"]),
-    num_chains=s["chains"], num_draws=s["draws"], num_burnin_steps=s["burnin"], init_loss=s["init_loss"],
-    seed=s["seed"], device=dev, verbose=False)
+chains = [chain(seed) for seed in s["chain_seeds"]]
 sync()
 wall = time.perf_counter() - t
 with open(sys.argv[2], "w") as f:
-    json.dump(dict(wall=wall, llc_mean=float(res["llc/mean"]), version=version("devinterp"), torch=torch.__version__,
-                   per_chain=[float(res[f"llc-chain/{i}"]) for i in range(s["chains"])]), f)
+    json.dump(dict(wall=wall, steps=sum(n for _, n in chains), version=version("devinterp"),
+                   torch=torch.__version__, per_chain=[llc for llc, _ in chains]), f)
 '''
 
 
@@ -243,10 +267,12 @@ def run_devinterp(cfg, device, model, tokens, ys, L0, seed, threads):
     env = {**os.environ, **common.tune_malloc(), "OMP_NUM_THREADS": str(threads)}
     if path:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(path), env.get("PYTHONPATH")) if p)
+    seeds = np.random.SeedSequence(seed).generate_state(cfg["chains"]).tolist()  # devinterp's own
     with tempfile.TemporaryDirectory(prefix="bench_devinterp_") as tmp:
         spec, out = os.path.join(tmp, "spec.pt"), os.path.join(tmp, "out.json")
         torch.save(dict(state_dict=model.state_dict(), model_cfg=vars(model.cfg), tokens=tokens.cpu(), ys=ys.cpu(),
                         init_loss=L0, seed=seed, threads=threads, device=str(device),
+                        chain_seeds=seeds,
                         **{k: cfg[k] for k in ("epsilon", "gamma", "nbeta", "chains", "burnin", "draws", "batch")}),
                    spec)
         proc = subprocess.run([py, "-c", DEVINTERP_WORKER, spec, out, HERE], env=env, cwd=tmp, capture_output=True,
@@ -259,16 +285,45 @@ def run_devinterp(cfg, device, model, tokens, ys, L0, seed, threads):
 
 
 def chain_stats(per_chain):
+    """Mean, sd and se (sd / sqrt(chains)) of the finite chains' LLCs; `diverged` counts the others:
+    a chain whose loss went non-finite has a NaN LLC in all three samplers, and dropping it silently
+    hid that (a mean over survivors only)."""
     x = np.asarray(per_chain, dtype=float)
-    x = x[np.isfinite(x)]
-    sd = float(x.std(ddof=1)) if len(x) > 1 else float("nan")
-    return dict(mean=float(x.mean()), std=sd, se=sd / math.sqrt(len(x)), chains=len(x))
+    ok = x[np.isfinite(x)]
+    sd = float(ok.std(ddof=1)) if len(ok) > 1 else float("nan")
+    return dict(mean=float(ok.mean()) if len(ok) else float("nan"), std=sd,
+                se=sd / math.sqrt(len(ok)) if len(ok) else float("nan"), chains=len(ok),
+                diverged=len(x) - len(ok))
+
+
+def llc_text(per_chain):
+    """'llc M' over the finite chains, saying how many diverged (a plain mean of them is NaN)."""
+    st = chain_stats(per_chain)
+    n = st["chains"] + st["diverged"]
+    if not st["chains"]:
+        return f"llc - (all {n} chains diverged)"
+    return f"llc {st['mean']:.2f}" + (f" ({st['diverged']} of {n} chains diverged)"
+                                      if st["diverged"] else "")
 
 
 def thread_counts(spec):
     """--threads: comma-separated counts; `all` is the number of cores this process may use."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return list(dict.fromkeys(cores if t == "all" else int(t) for t in str(spec).split(",") if t))
+
+
+def estimate_or_nan(loss_fn, params, data_, **kw):
+    """sgld.estimate_llc; where every chain diverged (it raises then) a stand-in with all-NaN chains
+    and the call's wall time as sample time: that round counts as diverged chains, as elsewhere."""
+    t = time.perf_counter()
+    try:
+        return sgld.estimate_llc(loss_fn, params, data_, **kw)
+    except sgld.AllChainsDivergedError:
+        sync(kw["device"])
+        C, nan = kw["num_chains"], float("nan")
+        out = dict(sample_time=time.perf_counter() - t, llc_per_chain=[nan] * C, llc_mean=nan,
+                   llc_se=nan, nan_chains=list(range(C)), init_loss=nan, all_diverged=True)
+        return [out] * len(params) if isinstance(params, list) else out
 
 
 def bench_sgld(cfg, device, model, log):
@@ -287,21 +342,25 @@ def bench_sgld(cfg, device, model, log):
     loss_fn = data.RunLoss(model, task)
 
     def ours(p=params, **kw):
-        return sgld.estimate_llc(loss_fn, p, (xs, ys), **{**dict(
+        return estimate_or_nan(loss_fn, p, (xs, ys), **{**dict(
             num_chains=C, num_burnin=0, batch_size=cfg["batch"], seed=cfg["seed"], device=dev), **hp, **kw})
 
     threads = thread_counts(cfg["threads"]) if dev.type == "cpu" else [torch.get_num_threads()]
-    res = {(k, th): dict(time=0.0, chains=[]) for th in threads for k in ("ours", "plain", "devinterp")}
-    notes, peaks = [], {}
+    res = {(k, th): dict(time=0.0, steps=0, chains=[])
+           for th in threads for k in ("ours", "plain", "devinterp")}
+    notes, peaks, ours_mode, ours_L0 = [], {}, "every chain diverged", float("nan")
     for th in threads:
         torch.set_num_threads(th)
         peaks[th] = measure_peak(device, cfg["quick"])
 
-    def add(k, th, r, t, per_chain, **extra):
+    def add(k, th, r, t, per_chain, done=C * steps, **extra):
+        """A round's time, chain-steps run (devinterp: fewer, it stops diverged chains) and LLCs."""
         res[k, th]["time"] += t
+        res[k, th]["steps"] += done
         res[k, th]["chains"] += list(per_chain)
         res[k, th].update(extra)
-        log(f"sgld round {r}, {th} thread(s): {k} {C * steps / t:.2f} chain-steps/s, llc {np.mean(per_chain):.2f}")
+        log(f"sgld round {r}, {th} thread(s): {k} {done / t:.2f} chain-steps/s, "
+            f"{llc_text(per_chain)}")
 
     for r in range(cfg["rounds"]):
         seed = cfg["seed"] + r
@@ -310,7 +369,9 @@ def bench_sgld(cfg, device, model, log):
             out = ours(num_draws=cfg["draws"], num_burnin=cfg["burnin"], seed=seed,
                        cuda_graph=cfg["cuda_graph"] and dev.type == "cuda" and sgld.triton is not None)
             add("ours", th, r, out["sample_time"], out["llc_per_chain"])
-            ours_mode, ours_L0 = out["chain_mode"] + (" + CUDA graph" if out["cuda_graph"] else ""), out["init_loss"]
+            if not out.get("all_diverged"):
+                ours_mode = out["chain_mode"] + (" + CUDA graph" if out["cuda_graph"] else "")
+                ours_L0 = out["init_loss"]
             pc, t = timed(dev, plain_chains, model, tokens, ys, L0, chains=C, burnin=cfg["burnin"],
                           draws=cfg["draws"], batch=cfg["batch"], seed=seed, device=dev, **hp)
             add("plain", th, r, t, pc)
@@ -320,13 +381,26 @@ def bench_sgld(cfg, device, model, log):
                 log(msg)
                 res.pop(("devinterp", th), None)
             elif ("devinterp", th) in res:
-                add("devinterp", th, r, dv["wall"], dv["per_chain"], version=dv["version"])
+                add("devinterp", th, r, dv["wall"], dv["per_chain"], dv["steps"],
+                    version=dv["version"])
     torch.set_num_threads(threads[0])
-    table = {f"{k}@{th}": dict(sampler=k, threads=th, chain_steps_per_s=cfg["rounds"] * C * steps / v["time"],
+    table = {f"{k}@{th}": dict(sampler=k, threads=th, chain_steps_per_s=v["steps"] / v["time"],
                                **chain_stats(v["chains"]), **({"version": v["version"]} if "version" in v else {}))
              for (k, th), v in res.items()}
-    modes, tf32 = {}, {}
-    for mode in ["native", "native_loop", "loop", "vmap"]:  # throughput only; vmap is slow on CPU at large batch
+    modes, tf32 = ours_modes(ours, params, cfg, dev, log)
+    full = icl_flops(ICLConfig(), cfg["batch"])
+    return dict(table=table, modes=modes, notes=notes, ours_mode=ours_mode, L0=L0, ours_L0=ours_L0,
+                peaks=peaks, tf32=tf32, flops=dict(plain=full, devinterp=full, ours=icl_flops(
+                    ICLConfig(), cfg["batch"], sliced=ours_mode.startswith("native"))),
+                settings=dict(chains=C, burnin=cfg["burnin"], draws=cfg["draws"], rounds=cfg["rounds"],
+                              batch=cfg["batch"], n=cfg["n"], **hp))
+
+
+def ours_modes(ours, params, cfg, dev, log):
+    """Every chain mode of ours briefly, throughput only (and on CUDA: graphs, batched checkpoints,
+    TF32's effect on the estimate). Returns (modes, tf32)."""
+    modes, tf32, C, steps = {}, {}, cfg["chains"], cfg["burnin"] + cfg["draws"]
+    for mode in ["native", "native_loop", "loop", "vmap"]:  # vmap is slow on CPU at large batch
         slow = mode == "vmap" and dev.type == "cpu" and cfg["batch"] * C > 2048 and not cfg["quick"]
         ms = max(2, cfg["modes_steps"] // 2) if slow else cfg["modes_steps"]
         modes[mode] = C * ms / ours(num_draws=ms, chain_mode=mode)["sample_time"]
@@ -336,21 +410,17 @@ def bench_sgld(cfg, device, model, log):
         for graph in (False, True):
             modes[f"native, cuda_graph={graph}"] = C * ms / ours(num_draws=ms, chain_mode="native",
                                                                  cuda_graph=graph)["sample_time"]
-        for kb in (4, 16):  # checkpoints batched into one computation (here copies of the one checkpoint)
+        for kb in (4, 16):  # checkpoints batched into one computation (copies of the one here)
             out = ours([params] * kb, num_draws=ms, chain_mode="native", cuda_graph=True)
             modes[f"native, cuda_graph, {kb} checkpoints batched"] = kb * C * ms / out[0]["sample_time"]
         keep = torch.backends.cuda.matmul.allow_tf32
-        for on in (False, True):  # TF32's effect on the estimate: same seed, same chains' data and noise
+        for on in (False, True):  # same seed, same chains' data and noise
             torch.backends.cuda.matmul.allow_tf32 = on
             out = ours(num_draws=cfg["draws"], num_burnin=cfg["burnin"])
-            tf32[on] = dict(llc=out["llc_mean"], se=out["llc_se"], chain_steps_per_s=C * steps / out["sample_time"])
+            tf32[on] = dict(llc=out["llc_mean"], se=out["llc_se"], diverged=len(out["nan_chains"]),
+                            chain_steps_per_s=C * steps / out["sample_time"])
         torch.backends.cuda.matmul.allow_tf32 = keep
-    full = icl_flops(ICLConfig(), cfg["batch"])
-    return dict(table=table, modes=modes, notes=notes, ours_mode=ours_mode, L0=L0, ours_L0=ours_L0,
-                peaks=peaks, tf32=tf32, flops=dict(plain=full, devinterp=full, ours=icl_flops(
-                    ICLConfig(), cfg["batch"], sliced=ours_mode.startswith("native"))),
-                settings=dict(chains=C, burnin=cfg["burnin"], draws=cfg["draws"], rounds=cfg["rounds"],
-                              batch=cfg["batch"], n=cfg["n"], **hp))
+    return modes, tf32
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -402,6 +472,26 @@ def bench_memory(cfg, model, log):
 
 
 # ---------------------------------------------------------------------------------------------- report
+def of(v):
+    """'k of n': a table row's diverged chains of all its chains."""
+    return f"{v['diverged']} of {v['chains'] + v['diverged']}"
+
+
+def diverged(v):
+    """'; k of n chains diverged' for a row whose chains did (its mean is over the others)."""
+    return f"; {of(v)} chains diverged" if v.get("diverged") else ""
+
+
+def compare(k, ours, v):
+    """ours - v in combined standard errors, where that means something: not where chains diverged,
+    as then each mean is over whichever chains survived, a biased and different subset in each."""
+    if ours.get("diverged") or v.get("diverged"):
+        return (f"LLC ours - {k}: not compared, chains diverged (ours {of(ours)}, {k} {of(v)}): "
+                "the survivors' means are biased (tune --epsilon, --gamma here, or use --ckpt)")
+    z = (ours["mean"] - v["mean"]) / math.hypot(ours["se"], v["se"])
+    return f"LLC ours - {k}: {ours['mean'] - v['mean']:+.2f} = {z:+.2f} combined standard errors"
+
+
 def report(results):
     L, peak = [f"Measured {results['machine']}", ""], results.get("peak")
     if peak:
@@ -426,25 +516,25 @@ def report(results):
             L.append(f"| {names[v['sampler']]}{' ' + v['version'] if 'version' in v else ''} | {th} | {r:.2f} | "
                      f"{f'{r / dv:.2f}x' if dv else '-'} | {r / pl:.2f}x | {fl / 1e9:.2f} | "
                      f"{rate(fl, r, s['peaks'].get(th))} | "
-                     f"{v['mean']:.2f} ± {v['se']:.2f} ({v['std']:.2f}) |")
+                     f"{v['mean']:.2f} ± {v['se']:.2f} ({v['std']:.2f}){diverged(v)} |")
         L += [f"\n{note}" for note in dict.fromkeys(s["notes"])]
-        for k, v in tab.items():
-            ref = tab[f"ours@{v['threads']}"]
-            if v["sampler"] != "ours":
-                z = (ref["mean"] - v["mean"]) / math.hypot(ref["se"], v["se"])
-                L.append(f"\nLLC ours - {k}: {ref['mean'] - v['mean']:+.2f} = {z:+.2f} combined standard errors")
+        L += ["\n" + compare(k, tab["ours@%d" % v["threads"]], v)
+              for k, v in tab.items() if v["sampler"] != "ours"]
         if s.get("tf32"):
             f, t = s["tf32"][False], s["tf32"][True]
             L += ["", f"TF32 matmuls (same seed): LLC {t['llc']:.2f} ± {t['se']:.2f} vs fp32 {f['llc']:.2f} ± "
                   f"{f['se']:.2f} ({(t['llc'] - f['llc']) / math.hypot(t['se'], f['se']):+.2f} combined se); "
-                  f"{t['chain_steps_per_s']:.1f} vs {f['chain_steps_per_s']:.1f} chain-steps/s"]
+                  f"{t['chain_steps_per_s']:.1f} vs {f['chain_steps_per_s']:.1f} chain-steps/s"
+                  + (f"; chains diverged: {t['diverged']} vs {f['diverged']} of {st['chains']}"
+                     if t.get("diverged") or f.get("diverged") else "")]
         L += ["", "Chain modes of ours (throughput only): " + ", ".join(f"{k} {v:.2f}" for k, v in s["modes"].items())
               + " chain-steps/s", ""]
     if "train" in results:
         t = results["train"]
-        ref = t["steps_per_s"]["train.py"]
+        ref = t["steps_per_s"][t["default"]]
         L += [f"Training, L2H4, batch {t['batch']}, {t['steps']} steps x {t['rounds']} round(s), interleaved:", "",
-              "| loop | steps/s | vs train.py | GFLOP per step | FLOP rate |", "|---" * 5 + "|"]
+              "| loop | steps/s | vs train.py's default | GFLOP per step | FLOP rate |",
+              "|---" * 5 + "|"]
         L += [f"| {k} | {v:.2f} | {v / ref:.2f}x | {t['flops_per_step'][k] / 1e9:.3f} | "
               f"{rate(t['flops_per_step'][k], v, peak)} |" for k, v in t["steps_per_s"].items()] + [""]
     if "memory" in results:

@@ -43,6 +43,7 @@ DEFAULTS = dict(  # the quick CPU setting for the demo runs; configs/llc_v1.py a
     data_mode="stream",     # stream (fresh rows every step) | fixed (one set of n rows, shuffled per chain)
     seed=0,                 # seeds data order, noise and the L(w*) set
     paired=False,           # L(w*) on each draw's own minibatch (removes the L(w*) set's sampling error)
+    horizon=0,              # > num_draws (no burn-in): the mean over this many steps from w*, extrapolated
     per_token=False,        # also estimate one LLC per context position
     include="",             # restricted LLC: glob patterns of the sampled parameters ('blocks.0.**')
     exclude="",             # ... minus these (the rest stays at w*)
@@ -70,16 +71,19 @@ CHOICES = {"data_mode": ("stream", "fixed"), "chain_mode": CHAIN_MODES,
 RUN_KEYS = ("epsilon", "gamma", "nbeta", "num_chains", "num_draws", "num_burnin", "batch_size", "seed", "n",
             "data_mode", "per_token", "include", "exclude")  # a resumed file must agree on all of these
 WHEN_SET = {"restrictions": "restriction_set", "data_refine": "data_refine", "se_target": "se_target",
-            "paired": "paired"}  # row columns
+            "paired": "paired", "horizon": "horizon"}  # row columns
 
 
 def llc_row(step, res, trace_points):
-    """One flat llc.jsonl row: the estimate, its diagnostics, a binned loss trace and the settings."""
-    tr = res["loss_trace"].numpy()
-    edges = np.linspace(0, tr.shape[1], min(trace_points, tr.shape[1]) + 1).astype(int)
-    binned = [[float(r[lo:hi].mean()) for lo, hi in zip(edges[:-1], edges[1:])] for r in tr]
-    row = {"step": step, **{k: v for k, v in res.items() if k != "loss_trace"}}
-    row.update(loss_trace=binned, trace_draws=edges[1:].tolist())
+    """One flat llc.jsonl row: the estimate, its diagnostics, binned loss and per-draw LLC traces (a chain's mean
+    over its first k bins is the estimate a shorter run would give) and the settings."""
+    T = res["loss_trace"].shape[1]
+    edges = np.linspace(0, T, min(trace_points, T) + 1).astype(int)
+    binned = lambda tr: [[float(r[lo:hi].mean()) for lo, hi in zip(edges[:-1], edges[1:])]  # noqa: E731
+                         for r in tr.numpy()]
+    row = {"step": step, **{k: v for k, v in res.items() if k not in ("loss_trace", "llc_trace")}}
+    row.update(loss_trace=binned(res["loss_trace"]), llc_trace=binned(res["llc_trace"]),
+               trace_draws=edges[1:].tolist())
     return {k: common.finite(v) for k, v in row.items()}
 
 

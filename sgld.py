@@ -51,13 +51,18 @@ class Settings:
     init_loss: list | None = None   # L(w*) per checkpoint, as results give it (init_loss[_per_token]): not recomputed
     se_target: float = 0.0          # stop once every checkpoint's llc_se is at most this (checked every 100 draws)
     paired: bool = False            # L(w*) on each draw's own minibatch: no error from a separate L(w*) set
+    horizon: int = 0                # > num_draws: the mean over this many steps from w*, the rest extrapolated
 
     def __post_init__(self):
-        if not (self.epsilon > 0 and (self.nbeta == "default" or self.nbeta > 0) and self.gamma >= 0 and
-                self.num_chains >= 1 and self.num_draws >= 1 and min(self.num_burnin, self.grad_chunk, self.se_target) >= 0):
-            raise ValueError(f"need epsilon, nbeta > 0, gamma >= 0, num_chains, num_draws >= 1, num_burnin, grad_chunk, "
-                             f"se_target >= 0; got {self.epsilon}, {self.nbeta}, {self.gamma}, {self.num_chains}, "
-                             f"{self.num_draws}, {self.num_burnin}, {self.grad_chunk}, {self.se_target}")
+        if not (self.epsilon > 0 and (self.nbeta == "default" or self.nbeta > 0) and self.gamma >= 0
+                and self.num_chains >= 1 and self.num_draws >= 1
+                and min(self.num_burnin, self.grad_chunk, self.se_target, self.horizon) >= 0
+                and not (self.horizon and self.num_burnin)):
+            raise ValueError(
+                f"need epsilon, nbeta > 0, gamma >= 0, num_chains, num_draws >= 1, num_burnin, grad_chunk, "
+                f"se_target, horizon >= 0, horizon only without burn-in; got {self.epsilon}, {self.nbeta}, "
+                f"{self.gamma}, {self.num_chains}, {self.num_draws}, {self.num_burnin}, {self.grad_chunk}, "
+                f"{self.se_target}, {self.horizon}")
 
 
 def sgld_coefficients(epsilon, gamma, nbeta):
@@ -433,7 +438,7 @@ def estimate_llc(loss_fn, params, data, **settings):
     def summaries(trace, alive):  # each checkpoint's estimate from the post-burn-in part of the on-device trace
         tr = trace[:, s.num_burnin:].double().cpu().numpy()  # the one read-back (and one per se check)
         return [chain_summary(tr[g * C:(g + 1) * C], L0[g].cpu().numpy(), alive[g * C:(g + 1) * C], s.nbeta,
-                              s.per_token, s.paired) for g in range(K)], tr.shape[1]
+                              s.per_token, s.paired, s.horizon) for g in range(K)], tr.shape[1]
 
     def reached(trace, t):  # the se target: checked every 100 draws
         return bool(s.se_target) and t > s.num_burnin and (t - s.num_burnin) % 100 == 0 and all(
@@ -456,6 +461,7 @@ def estimate_llc(loss_fn, params, data, **settings):
     results, draws = summaries(trace, alive.cpu().numpy())
     info = dict(epsilon=s.epsilon, gamma=s.gamma, nbeta=s.nbeta, num_chains=C, num_draws=s.num_draws,
                 num_burnin=s.num_burnin, batch_size=s.batch_size, seed=s.seed, n=s.n, paired=bool(s.paired),
+                horizon=s.horizon,
                 data_mode="stream" if isinstance(data, StreamData) else "fixed", num_params=W.shape[1],
                 update_backend=backend, chain_mode=mode, cuda_graph=bool(s.cuda_graph), checkpoints_batched=K,
                 **(dict(se_target=s.se_target, draws_used=draws) if s.se_target else {}),  # num_draws: the cap
@@ -516,7 +522,17 @@ def drift(x):
     return float(d.mean()), float(max(se_chains, se_ess))
 
 
-def chain_summary(tr, L0, alive, nbeta, per_token, paired=False):
+def extrapolate(x, horizon):
+    """Each chain's mean over `horizon` steps from w* when only T < horizon ran (x: (C, T) per-draw LLC, no burn-in):
+    the steps not run count at the mean of the run's last half, where the chains are taken as settled (llc_drift
+    says how far they are). The paper's v1 value averages 5,000 steps from w*; this reads it off a shorter run."""
+    T = x.shape[1]
+    if horizon <= T:
+        return x.mean(1)
+    return (x.sum(1) + (horizon - T) * x[:, T // 2:].mean(1)) / horizon
+
+
+def chain_summary(tr, L0, alive, nbeta, per_token, paired=False, horizon=0):
     """The estimate and its diagnostics from one checkpoint's post-burn-in losses tr (C, T[, 2][, K]), L(w*) and
     the chains that stayed finite; None when every chain diverged. llc_se is the larger of the ESS standard error
     and the chain means' spread sd/sqrt(chains): an ESS within chains misses slow modes that the spread sees."""
@@ -529,10 +545,10 @@ def chain_summary(tr, L0, alive, nbeta, per_token, paired=False):
     excess = raw - (star if paired else L0)  # per draw: L_batch(w_t) - L(w*), paired on the same batch
     tokens = (lambda x: x.mean(-1)) if per_token else (lambda x: x)  # per-token losses averaged over tokens
     ex = nbeta * tokens(excess)  # (C, T): per-draw LLC
-    per_chain = ex.mean(1)
+    per_chain = extrapolate(ex, horizon)
     per_chain[bad] = np.nan
     ess, rhat, var = ess_rhat(ex[ok])
-    se_ess = math.sqrt(var / ess)
+    se_ess = math.sqrt(var / ess) if horizon <= ex.shape[1] else float("nan")  # extrapolated: the spread only
     se_chains = float(per_chain[ok].std(ddof=1) / math.sqrt(len(ok))) if len(ok) > 1 else float("nan")
     d, d_se = drift(ex[ok])
     out = dict(llc_mean=float(per_chain[ok].mean()),
@@ -540,6 +556,7 @@ def chain_summary(tr, L0, alive, nbeta, per_token, paired=False):
                llc_se=float(np.nanmax([se_ess, se_chains])), llc_se_ess=se_ess, llc_se_chains=se_chains,
                llc_drift=d, llc_drift_z=d / d_se if d_se > 0 else float("nan"),
                llc_per_chain=per_chain.tolist(), loss_trace=torch.from_numpy(tokens(raw)),
+               llc_trace=torch.from_numpy(ex),
                init_loss=float(L0.mean()), nan_chains=np.flatnonzero(bad).tolist(), rhat=rhat, ess=ess)
     if paired:
         out["init_loss_paired"] = float(tokens(star[ok]).mean())

@@ -3,6 +3,7 @@ section, the devinterp column in its own environment (only torch, numpy, devinte
 memory of an LLC sweep over 50 checkpoints against one."""
 import ast
 import json
+import math
 import os
 import sys
 
@@ -81,7 +82,8 @@ def test_quick_bench_prints_every_table_and_skips_a_missing_devinterp(tmp_path, 
                       "--threads=1,2", "--nbeta=50", f"--md={md}", f"--json={tmp_path / 'bench.json'}"])
     out = capsys.readouterr().out
     assert "devinterp skipped" in out and "| ours (sgld.py, native_loop) | 1 |" in out
-    assert "| train.py |" in out and "fp32 matmul peak" in out
+    assert "| train.py (hand-derived, the default here) |" in out and "fp32 matmul peak" in out
+    assert "| train.py --fast_grad=False (autograd) |" in out
     assert set(res["sgld"]["table"]) == {"ours@1", "plain@1", "ours@2", "plain@2"} and res["peak"] > 0
     assert "| ours (sgld.py, native_loop) | 2 |" in out and set(res["sgld"]["peaks"]) == {1, 2}
     assert all(v > 0 for v in res["train"]["steps_per_s"].values())
@@ -108,6 +110,48 @@ def test_devinterp_column_runs_in_its_own_environment(l2h4_run):
 def test_devinterp_column_from_its_source_on_this_python(l2h4_run):
     """The GPU machine's way (no pip there): devinterp's source folder on the path of the running python."""
     devinterp_column(l2h4_run, "--devinterp_python=/nonexistent/python", f"--devinterp_path={PEERS}")
+
+
+def test_diverged_chains_are_counted_and_stop_the_comparison():
+    """A diverged chain's LLC is NaN: a round's line gives the finite chains' mean and how many
+    diverged (a plain mean was NaN), a table row says how many, and means over survivors are not
+    compared in standard errors."""
+    nan, inf = float("nan"), float("inf")
+    assert bench.llc_text([1.0, nan, 3.0, inf]) == "llc 2.00 (2 of 4 chains diverged)"
+    assert bench.llc_text([1.0, 3.0]) == "llc 2.00"
+    assert bench.llc_text([nan, nan]) == "llc - (all 2 chains diverged)"
+    ours, plain = bench.chain_stats([160.0, nan, 162.0]), bench.chain_stats([167.0, 168.0, 169.0])
+    assert (ours["mean"], ours["chains"], ours["diverged"], plain["diverged"]) == (161.0, 2, 1, 0)
+    assert bench.diverged(ours) == "; 1 of 3 chains diverged" and bench.diverged(plain) == ""
+    assert "not compared" in bench.compare("plain@1", ours, plain)
+    assert bench.compare("plain@1", plain, plain).endswith("+0.00 = +0.00 combined standard errors")
+    assert bench.chain_stats([nan])["chains"] == 0
+
+
+NO_PEERS = not os.path.isdir(os.path.join(PEERS, "devinterp"))
+
+
+@pytest.mark.skipif(NO_PEERS, reason="no peers/ folder (.ci/peers makes it)")
+def test_diverging_chains_keep_every_column(l2h4_run, capsys):
+    """The GPU run's failure: at an unstable step size devinterp raises at a chain's first NaN loss
+    (ending its whole estimate) and ours raises when all chains diverge. Now every sampler's column
+    stays, its chains counted as diverged; devinterp's chain stops at its first NaN draw."""
+    model = data.load_model(l2h4_run, 5)
+    task = data.Task()
+    xs, ys = task.sample(torch.Generator().manual_seed(0), 256)
+    cfg = {**bench.DEFAULTS, **bench.QUICK, "devinterp_path": PEERS, "burnin": 2, "draws": 5,
+           "nbeta": 1e7}
+    dv, msg = bench.run_devinterp(cfg, "cpu", model, task.model_input(xs, ys), ys, 1.0, 0, 1)
+    assert msg is None and all(math.isnan(x) for x in dv["per_chain"])
+    assert dv["steps"] == 2 * (2 + 1)  # 2 chains x (burn-in + the step of draw 0)
+    res = bench.main(["--quick", "--sections=sgld", f"--ckpt={l2h4_run}", "--draws=3", "--burnin=1",
+                      "--threads=1", "--nbeta=1e7", "--devinterp_python=/nonexistent/python",
+                      f"--devinterp_path={PEERS}"])
+    out, err = capsys.readouterr()
+    t = res["sgld"]["table"]
+    assert res["sgld"]["notes"] == [] and [v["diverged"] for v in t.values()] == [2, 2, 2]
+    assert set(t) == {"ours@1", "plain@1", "devinterp@1"} and "llc nan" not in err
+    assert "| devinterp 1.3.2 | 1 |" in out and "not compared, chains diverged" in out
 
 
 def test_llc_sweep_memory_does_not_grow_with_the_number_of_checkpoints(tmp_path):

@@ -204,7 +204,7 @@ def test_training_fast_path_equals_autograd_and_falls_back_on_an_edited_model(tm
     """The hand-derived gradient trains the regression model: on a batch its loss and gradients equal autograd's;
     a forked model (its MLP branch scaled) fails the check, trains with autograd and says so once."""
     import model as model_py
-    cfg = common.configure(train.DEFAULTS, [*SMALL, f"--out_dir={tmp_path}/a", "--stop_at=2", "--fast_grad"])
+    cfg = common.configure(train.DEFAULTS, [*SMALL, f"--out_dir={tmp_path}/a", "--stop_at=2", "--fast_grad=True"])
     model, task = data.build_model(cfg, 0), data.task_for(cfg)
     gen = torch.Generator()
     step_grads = train.hand_derived(cfg, model, task, gen, 32, torch.device("cpu"), False)
@@ -227,3 +227,28 @@ def test_training_fast_path_equals_autograd_and_falls_back_on_an_edited_model(tm
     row = train.train(cfg)
     warned = [w for w in recwarn if "hand-derived gradient disagrees" in str(w.message)]
     assert len(warned) == 1 and "--fast_grad=False" in str(warned[0].message) and row["step"] == 2
+
+
+def test_fast_grad_auto_is_the_hand_derived_gradient_on_cpu_only(tmp_path):
+    """The default (auto) takes the hand-derived gradient on CPU and autograd on CUDA and XLA (where
+    it was slower); an explicit True/False wins; a run resumes under another setting, also one whose
+    config.json holds the old boolean."""
+    cpu, cuda, xla = (torch.device(d) for d in ("cpu", "cuda", "xla"))
+    got = {(s, d.type): train.wants_fast_grad(s, d) for s in ("auto", "True", "False", True, False)
+           for d in (cpu, cuda, xla)}
+    assert {k for k, v in got.items() if v} == {("auto", "cpu"), *((s, d) for s in ("True", True)
+                                                                  for d in ("cpu", "cuda", "xla"))}
+
+    def parse(*args):
+        return common.configure(train.DEFAULTS, [*SMALL, *args], train.CHOICES)
+    cfg = parse(f"--out_dir={tmp_path}", "--stop_at=1")
+    assert cfg["fast_grad"] == "auto" and parse("--fast_grad=False")["fast_grad"] == "False"
+    with pytest.raises(common.ConfigError, match="fast_grad must be one of auto, True, False"):
+        parse("--fast_grad=yes")
+    model, task, gen = data.build_model(cfg, 0), data.task_for(cfg), torch.Generator()
+    assert train.hand_derived(cfg, model, task, gen, 32, cuda, False) is None  # (touches no CUDA)
+    assert train.hand_derived(cfg, model, task, gen, 32, cpu, False) is not None
+    train.train({**cfg, "device": "cpu"})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "fast_grad": True}))  # an older run
+    assert train.train({**cfg, "device": "cpu", "stop_at": 2, "fast_grad": "False"})["step"] == 2
