@@ -68,7 +68,8 @@ class Study:
     def __init__(self, args):
         self.args, self.t0, self.rate = args, time.time(), None  # rate: seconds per (step x row x sequence)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.graph = self.device.type == "cuda"
+        if args.tf32:  # bench.py on an H200: the same LLC to 0.01 se, 2.1x the chain-steps/s
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     def cfg(self, name, **over):
         """llc.py's settings of a candidate ("full5000": the paper's 5,000 steps)."""
@@ -87,22 +88,13 @@ class Study:
         return need <= left
 
     def estimate(self, run_dir, cfg, steps, models=None):
-        """Rows of `steps` (or of `models`) estimated together; CUDA graphs where they work."""
-        over = dict(chain_mode="native", cuda_graph=True) if self.graph else {}
-        run = llc.Run(run_dir, {**cfg, **over}, self.device)
-        try:
-            res = run.estimate(steps, models=models, progress=None)
-        except Exception as err:  # noqa: BLE001  the graph path failed: say so once, go on without it
-            if not self.graph:
-                raise
-            print(f"study: CUDA graph path failed ({type(err).__name__}: {err}); eager from now", flush=True)
-            self.graph = False
-            return self.estimate(run_dir, cfg, steps, models)
-        r0 = res[0]
-        self.rate = r0["sample_time"] / (cfg["num_draws"] * len(res) * cfg["num_chains"] * cfg["batch_size"])
+        """Rows of `steps` (or of `models`) estimated together (on CUDA: vmap, bench.py's fastest mode there)."""
+        over = dict(chain_mode="vmap") if self.device.type == "cuda" else {}
+        res = llc.Run(run_dir, {**cfg, **over}, self.device).estimate(steps, models=models, progress=None)
+        self.rate = res[0]["sample_time"] / (cfg["num_draws"] * len(res) * cfg["num_chains"] * cfg["batch_size"])
         keys = [k for k in llc.RUN_KEYS] + ["paired", "horizon"]
-        return [{**{k: cfg[k] for k in keys}, **llc.llc_row(s, r, cfg["trace_points"])}
-                for s, r in zip(steps, res)]
+        return [{**{k: cfg[k] for k in keys}, **llc.llc_row(s, r, cfg["trace_points"]),
+                 "tf32": bool(self.args.tf32)} for s, r in zip(steps, res)]
 
     def write(self, name, rows, **extra):
         for r in rows:
@@ -119,9 +111,10 @@ def candidates(st, steps):
     """Part 1: the paper's 5,000 steps at the study checkpoints (kept if already in study.jsonl); every candidate
     is read off the same chains' traces; the rule picks one."""
     path = os.path.join(st.args.dest, "study.jsonl")
-    if not common.read_jsonl(path):
-        cfg = st.cfg("full5000", **({"num_draws": 400} if st.args.dry else {}))
-        st.write("study.jsonl", st.estimate(st.args.run, cfg, steps))
+    todo = [s for s in steps if s not in {r["step"] for r in common.read_jsonl(path)}]
+    cfg = st.cfg("full5000", **({"num_draws": 400} if st.args.dry else {}))
+    if todo and st.fits(cfg, len(todo), f"the study at {todo}"):
+        st.write("study.jsonl", st.estimate(st.args.run, cfg, todo))
     rows = common.read_jsonl(path)
     pick, score = choose(rows) if not st.args.dry else ("mean500", {})
     paper = paper_values()
@@ -135,13 +128,14 @@ def candidates(st, steps):
 def seeds_and_coverage(st, pick, have):
     """Parts 2 and 3: step 0 of the paper's five seeds; repeated sampler seeds at two checkpoints."""
     cfg, dest = st.cfg(pick), st.args.dest
-    if not common.read_jsonl(os.path.join(dest, "init_seeds.jsonl")) and st.fits(cfg, 5, "step 0 of five seeds"):
+    done = [r for r in common.read_jsonl(os.path.join(dest, "init_seeds.jsonl")) if r["candidate"] == pick]
+    if not done and st.fits(cfg, 5, "step 0 of five seeds"):
         models = [data.load_model(f"{st.args.inits}{s}", 0).to(st.device) for s in range(5)]
         for s, r in enumerate(st.estimate(f"{st.args.inits}0", cfg, [0] * 5, models)):
             st.write("init_seeds.jsonl", [r], model_seed=s, candidate=pick)
     steps, path = [snap(have, 1124), snap(have, 59968)], os.path.join(dest, "coverage.jsonl")
     for seed in range(1, st.args.cover_seeds + 1):
-        if seed not in {r["seed"] for r in common.read_jsonl(path)}:
+        if seed not in {r["seed"] for r in common.read_jsonl(path) if r["candidate"] == pick}:
             if not st.fits(cfg, len(steps), f"coverage seed {seed}"):
                 break
             st.write("coverage.jsonl", st.estimate(st.args.run, {**cfg, "seed": seed}, steps), candidate=pick)
@@ -151,7 +145,7 @@ def sweep(st, pick, have):
     """Part 4: every checkpoint with the chosen preset, ckpt_batch at a time, in step order."""
     cfg, path = st.cfg(pick), os.path.join(st.args.dest, "llc.jsonl")
     todo = [s for s in have if s not in {r["step"] for r in common.read_jsonl(path)}]
-    todo = todo[:2] if st.args.dry else todo
+    todo = todo[:2] if st.args.dry else todo[::3] + [s for i, s in enumerate(todo) if i % 3]  # coarse first
     for i in range(0, len(todo), st.args.ckpt_batch):
         group = todo[i:i + st.args.ckpt_batch]
         if not st.fits(cfg, len(group), f"the sweep from step {group[0]} on ({len(todo) - i} left)"):
@@ -168,15 +162,20 @@ def main():
     ap.add_argument("--budget", type=float, default=330.0, help="seconds for everything")
     ap.add_argument("--ckpt_batch", type=int, default=16)
     ap.add_argument("--cover_seeds", type=int, default=6)
+    ap.add_argument("--tf32", action="store_true", help="TF32 matmuls on CUDA")
+    ap.add_argument("--parts", default="study,seeds,sweep", help="after the study: seeds (step 0, coverage), sweep")
     ap.add_argument("--dry", action="store_true", help="tiny settings: checks the code paths")
     args = ap.parse_args()
     os.makedirs(args.dest, exist_ok=True)
     st, have = Study(args), common.list_checkpoints(args.run)
-    steps = sorted({snap(have, s) for s in STUDY_STEPS} | ({have[-1]} if have[-1] >= 320_000 else set()))
+    near = [snap(have, s) for s in STUDY_STEPS if abs(snap(have, s) - s) <= 0.05 * s]  # not yet trained: later
+    steps = sorted(set(near) | ({have[-1]} if have[-1] >= 320_000 else set()))
     print(f"study: {len(have)} checkpoints up to {have[-1]}; study steps {steps}; {st.device}", flush=True)
     pick = candidates(st, steps[:2] if args.dry else steps)
-    seeds_and_coverage(st, pick, have)
-    sweep(st, pick, have)
+    if "seeds" in args.parts:
+        seeds_and_coverage(st, pick, have)
+    if "sweep" in args.parts:
+        sweep(st, pick, have)
     print(f"study: done in {time.time() - st.t0:.0f}s", flush=True)
 
 
