@@ -106,7 +106,8 @@ class Chains:
         a masked tensor is its frozen w* with the sampled elements written in."""
         lead, out = w.shape[:-1], {}
         for k, p, sh, i in zip(self.names, torch.split(w, self.sizes, dim=-1), self.shapes, self.idx):
-            out[k] = p.view(*lead, *sh) if i is None else fz[k].reshape(*lead, -1).index_copy(-1, i, p).view(*lead, *sh)
+            shape = tuple(lead) + tuple(sh)  # a tuple: a 0-dim parameter has an empty shape
+            out[k] = p.view(shape) if i is None else fz[k].reshape(*lead, -1).index_copy(-1, i, p).view(shape)
         return {**fz, **out}
 
 

@@ -127,3 +127,30 @@ def test_a_horizon_extrapolates_each_chain_from_the_last_half_of_its_draws():
         assert "horizon" in str(e)
     else:
         raise AssertionError("a horizon with burn-in was accepted")
+
+
+class Gated(torch.nn.Module):
+    """A fork's model: a 0-dim gate and a temperature beside a weight matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3, 2) * 0.3)
+        self.gate = torch.nn.Parameter(torch.tensor(0.7))
+        self.temperature = torch.nn.Parameter(torch.tensor(1.2))
+
+    def forward(self, x):
+        return self.gate * torch.tanh(x @ self.w / self.temperature)
+
+
+def test_zero_dim_parameters_are_sampled_in_every_autograd_mode():
+    """0-dim parameters (a gate, a temperature) go through the flat buffer and back in vmap and loop modes, giving
+    the same chains."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 3)
+    y = Gated()(x).detach() + 0.1 * torch.randn(256, 2)
+    model = Gated()
+    rows = {mode: sgld.estimate_llc(model, None, (x, y), loss=lambda out, b: ((out - b[1]) ** 2).mean(),
+                                    epsilon=1e-3, gamma=100.0, nbeta=10.0, num_chains=2, num_draws=20,
+                                    batch_size=32, chain_mode=mode) for mode in ("vmap", "loop")}
+    assert rows["vmap"]["num_params"] == 8
+    np.testing.assert_allclose(rows["vmap"]["llc_per_chain"], rows["loop"]["llc_per_chain"], rtol=1e-4)
