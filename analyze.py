@@ -1,7 +1,7 @@
 """Analyse training runs: evaluate every checkpoint (cached), detect the developmental stages on the LLC (or the
 test loss), compute the essential dynamics, and write stages.json, summary.json, report.md and figures/. What is
 measured and drawn comes from the run's task: data.kind(cfg) names an evaluator here and a figure set in plots."""
-import json, math, os, sys, warnings
+import csv, json, math, os, sys, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,8 +21,11 @@ USAGE = """
     python analyze.py out/tiny                              # outputs in out/tiny
     python analyze.py out/s0 out/s1 out/s2 --out=out/seeds  # seeds: mean ± std, one stage detection, one PCA
     python analyze.py out/tiny --eval_size=2048 --hessian_probes=0 --lanczos_iters=0   # quicker on a CPU
+    python analyze.py --curve=llc.csv   # one curve's stages, as {"boundaries": [...], "stages": [...]} on stdout
 Bare arguments are run directories (a .py file is a config file). Cached per run: analysis.jsonl (a row per
-checkpoint), ed_outputs.f32 (the ED features) and analysis_meta.json (changed settings re-evaluate everything)."""
+checkpoint), ed_outputs.f32 (the ED features) and analysis_meta.json (changed settings re-evaluate everything).
+--curve=FILE.csv needs no run directory and writes no file: a header row naming `step` and `llc_mean` (or the
+paper's `llc/mean/mean`), optionally `llc_se`, then one row per checkpoint; the stage rule is the options below."""
 REFERENCE = Path(__file__).resolve().parent / "reference" / "paper_v1_seedmean.csv"
 
 STAGE_RULE = dict(  # stages.detect_stages' thresholds
@@ -52,6 +55,7 @@ DEFAULTS = dict(  # the options, --key=value; a value keeps the default's type
     device="",            # evaluation device (default: cuda if available, else cpu)
     head_clusters=0,      # refined LLCs: k of the k-means on the heads' wrLLC curves (0: by silhouette, 2..6)
     refined_stages=False,  # refined LLCs: also detect the stages of every restriction's and distribution's curve
+    curve="",             # a CSV of one curve (step, llc_mean[, llc_se]): print its stages as JSON, nothing else
     **STAGE_RULE)
 
 
@@ -378,6 +382,10 @@ def parse(argv):
     checkpoints, is one line on stderr and exit code 2, before anything is written."""
     opt, run_dirs = common.parse_args("analyze.py", __doc__ + "\n" + USAGE, DEFAULTS, argv, sources=[__file__],
                                       positional=True)
+    if opt["curve"]:
+        if run_dirs:
+            common.fail("analyze.py", f"--curve takes no run directories, got {run_dirs}")
+        return opt, run_dirs
     if not run_dirs:
         common.fail("analyze.py", "give one or more run directories: python analyze.py out/<run> [--key=value ...]")
     for d in run_dirs:
@@ -390,11 +398,55 @@ def parse(argv):
     return opt, run_dirs
 
 
+CURVE_COLUMNS = dict(step=("step",), llc=("llc_mean", "llc/mean/mean"), se=("llc_se",))
+
+
+def read_curve(path):
+    """(steps, values, standard errors or None) of a curve CSV (see USAGE), sorted by step. A missing file or
+    column, a non-number, a repeated or negative step: one line on stderr and exit code 2."""
+    def bad(msg):
+        common.fail("analyze.py", f"--curve={path}: {msg}")
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        bad(getattr(e, "strerror", None) or e)
+    head = [c.strip() for c in rows[0]] if rows else []
+    col = {k: next((head.index(n) for n in names if n in head), None) for k, names in CURVE_COLUMNS.items()}
+    for k in ("step", "llc"):
+        if col[k] is None:
+            bad(f"no column {' or '.join(map(repr, CURVE_COLUMNS[k]))} in the header row {head}")
+    cols = [c for c in col.values() if c is not None]
+    try:
+        table = np.array([[float(r[c]) if c < len(r) and r[c].strip() else math.nan for c in cols]
+                          for r in rows[1:]]).reshape(-1, len(cols))
+    except ValueError as e:
+        bad(f"not a number: {e}")
+    t = table[:, 0]
+    if not np.isfinite(t).all() or (t < 0).any() or len(set(t)) < len(t):
+        bad("steps must be given, distinct and >= 0")
+    if np.isfinite(table[:, 1]).sum() < 2:
+        bad("needs at least two rows with a finite llc value")
+    table = table[np.argsort(t)]
+    return table[:, 0], table[:, 1], table[:, 2] if col["se"] is not None else None
+
+
+def curve_stages(opt):
+    """--curve: the stages of one curve under the options' stage rule, printed as JSON (nothing written)."""
+    steps, values, se = read_curve(opt["curve"])
+    det = stages.detect_stages(steps, values, se, **{k: opt[k] for k in STAGE_RULE})
+    out = {k: det[k] for k in ("boundaries", "stages")}
+    print(json.dumps(out))
+    return out
+
+
 def main(argv=None):
     """Analyse the runs named in argv (see USAGE); returns the summary also written to <out>/summary.json."""
     opt, run_dirs = parse(sys.argv[1:] if argv is None else argv)
     if opt["threads"] > 0:
         torch.set_num_threads(opt["threads"])
+    if opt["curve"]:
+        return curve_stages(opt)
     out = Path(opt["out"] or run_dirs[0])
     evs = [evaluator(d, opt) for d in run_dirs]
     runs, mats = zip(*[evaluate_run(d, ev) for d, ev in zip(run_dirs, evs)])

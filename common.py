@@ -2,7 +2,11 @@
 JSON lines, checkpoint files (<run>/checkpoints/step_{step:07d}.safetensors, .state.pt for resuming), progress
 lines with ETA, and malloc settings."""
 import ast
+import contextlib
 import difflib
+import errno
+import fcntl
+import functools
 import io
 import json
 import os
@@ -26,6 +30,11 @@ class ConfigError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A missing, truncated or corrupt checkpoint file."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on until its user acts (it diverged, another process writes its
+    folder): one line and exit code 2, like a usage error, but found after work started."""
 
 
 # ---------------------------------------------------------------------------------------- the command line
@@ -125,6 +134,43 @@ def fail(prog, msg):
     raise SystemExit(2)
 
 
+_OS_FIXES = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (quota)",
+             errno.EFBIG: "the file-size limit (ulimit -f) was reached",
+             errno.EACCES: "check the permissions", errno.EPERM: "check the permissions",
+             errno.EROFS: "the file system is read-only"}
+
+
+def os_message(e: OSError) -> str:
+    """An OSError as one line that names the file and what to do about it."""
+    what = f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+    return f"{what} ({_OS_FIXES[e.errno]})" if e.errno in _OS_FIXES else what
+
+
+def one_line_errors(prog, usage=(), environment=(), after=""):
+    """Decorate a script's main so that every expected failure ends in one line on stderr, never a
+    traceback: exit 2 for usage and input (ConfigError, CheckpointError, RunError, `usage`), 1 for
+    the environment (OSError, `environment`), 130 for Ctrl-C. `after` says what then helps, e.g.
+    that the same command resumes. Other exceptions are bugs and keep their traceback."""
+    tail = f"; {after}" if after else ""
+
+    def wrap(main):
+        @functools.wraps(main)
+        def guarded(*args, **kw):
+            try:
+                return main(*args, **kw)
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted (Ctrl-C){tail}", file=sys.stderr)
+                raise SystemExit(130) from None
+            except (ConfigError, CheckpointError, RunError, *usage) as e:
+                fail(prog, e)
+            except (OSError, *environment) as e:
+                msg = os_message(e) if isinstance(e, OSError) else str(e).splitlines()[0]
+                print(f"{prog}: {msg}{tail}", file=sys.stderr)
+                raise SystemExit(1) from None
+        return guarded
+    return wrap
+
+
 def _glob(pattern):
     """`*` matches within one dotted segment, `**` across segments; anchored at both ends."""
     parts = re.split(r"(\*\*|\*)", pattern)
@@ -183,20 +229,45 @@ def progress(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- files
-def atomic_write(path, data) -> None:
-    """Write a temp file in the same folder, fsync, rename: readers see the old or the new file, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextlib.contextmanager
+def naming(path):
+    """OSErrors inside name `path`: a failed write has no file name, and a temp file's name is not
+    the one to report."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+
+
+def _umask() -> int:
+    """The process's umask, read where Linux shows it: os.umask reads it only by setting it, which
+    races with other threads that create files."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, data) -> None:
+    """Write a temp file in the same folder, fsync, rename: readers see the old or the new file,
+    never half. It gets the usual permissions (0666 less the umask), not mkstemp's 0600: a group can
+    read a shared run."""
+    path = Path(path)
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
+                f.write(data.encode() if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def finite(x):
@@ -207,19 +278,54 @@ def finite(x):
 
 
 def append_jsonl(path, row: dict) -> None:
-    """Append one JSON object as one line, fsynced. A torn last line (a kill mid-write) is cut off first."""
+    """Append one JSON object as one line, fsynced. A torn last line (a kill mid-write) is cut off
+    first; a line that fails to be written (disk full) is taken back: the file stays as it was."""
     path = Path(path)
-    with open(path, "ab+") as f:
-        size = f.tell()
+    line = (json.dumps(row, allow_nan=True) + "\n").encode()
+    with naming(path), open(path, "ab+", buffering=0) as f:
+        size = f.seek(0, os.SEEK_END)
         if size > 0:
             f.seek(size - 1)
             if f.read(1) != b"\n":  # rare: only then read the file to find the last complete line
                 f.seek(0)
-                f.truncate(f.read().rfind(b"\n") + 1)
+                size = f.readall().rfind(b"\n") + 1
+                f.truncate(size)
                 warnings.warn(f"{path}: dropped an incomplete last line")
-        f.write((json.dumps(row, allow_nan=True) + "\n").encode())
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[f.write(view):]
+            os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                f.truncate(size)
+            raise
+
+
+def lock_dir(folder, name):
+    """Hold the lock file folder/.{name}.lock (flock: the kernel drops it when the process ends,
+    kill -9 included), so that a second process writing the same folder, under any spelling of its
+    path, is refused instead of interleaving its files. Returns the open lock file; closing it
+    releases the lock."""
+    path = Path(folder) / f".{name}.lock"
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunError(f"{folder} is being written by {holder} (lock {path}): wait for it to end "
+                       "or stop it; two writers would interleave their files") from None
+    except BaseException:
+        f.close()
+        raise
+    f.truncate(0)
+    f.write(f"{name} pid {os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    return f
 
 
 def read_jsonl(path) -> list:

@@ -99,6 +99,27 @@ def _same_origin(a, b):
     return urlsplit(a)[:2] == urlsplit(b)[:2]
 
 
+_PLAIN_NAME = re.compile(r"(?!\.\.?$)[A-Za-z0-9_.-]{1,255}")  # one path component, not . or ..
+
+
+def _commit_name(value, url):
+    """The server's X-Repo-Commit as one plain path component: a hostile endpoint's ../../x would
+    put a link outside the cache. (An ETag that is no plain name is hashed into one instead.)"""
+    if not _PLAIN_NAME.fullmatch(value):
+        raise HubError(f"{url}: the server sent X-Repo-Commit {value!r}, which is not a plain "
+                       "name; refusing to write outside the cache (check HF_ENDPOINT, --endpoint)")
+    return value
+
+
+def _inside(folder, path):
+    """path, once checked to stay inside folder (file names and revisions are the caller's)."""
+    top = os.path.abspath(folder)
+    if os.path.commonpath([top, os.path.abspath(path)]) != top:
+        raise HubError(f"{path} would lie outside the cache folder {folder}: check the file name "
+                       "and revision")
+    return path
+
+
 def _problem(path, etag, size=None):
     """Why a file does not match the hub's size and hash (sha256, or a git blob's sha1), or None."""
     got = path.stat().st_size
@@ -199,13 +220,17 @@ def _via_requests(repo, filename, revision, base, cache, retries, timeout):
     h = r.headers
     etag = (h.get("X-Linked-Etag") or h.get("ETag") or "").removeprefix("W/").strip('"')
     size = h.get("X-Linked-Size") or (None if r.is_redirect else h.get("Content-Length"))
+    if size is not None and not size.isdigit():
+        raise HubError(f"{url}: the server sent a size of {size!r} bytes")
     src = urljoin(url, h["Location"]) if r.is_redirect else url
-    blob = folder / "blobs" / (etag or hashlib.sha256(src.encode()).hexdigest())
+    commit = _commit_name(h["X-Repo-Commit"], url) if h.get("X-Repo-Commit") else revision
+    link = _inside(folder / "snapshots", folder / "snapshots" / commit / filename)
+    plain = _PLAIN_NAME.fullmatch(etag)  # else a hash of it: never the server's ../../x
+    name = etag if plain else hashlib.sha256((etag or src).encode()).hexdigest()
+    blob = folder / "blobs" / name
     if not blob.is_file():
         _fetch(src, blob, etag, int(size) if size else None, auth if _same_origin(url, src) else {}, retries,
                timeout, filename)
-    commit = h.get("X-Repo-Commit") or revision
-    link = folder / "snapshots" / commit / filename
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = link.with_name(link.name + ".tmp")
     tmp.unlink(missing_ok=True)
@@ -215,8 +240,9 @@ def _via_requests(repo, filename, revision, base, cache, retries, timeout):
         shutil.copyfile(blob, tmp)
     os.replace(tmp, link)
     if commit != revision:
-        (folder / "refs" / revision).parent.mkdir(parents=True, exist_ok=True)
-        (folder / "refs" / revision).write_text(commit)
+        ref = _inside(folder / "refs", folder / "refs" / revision)
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit)
     return link
 
 

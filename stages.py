@@ -9,60 +9,106 @@ import numpy as np
 import torch
 
 
-def gp_fit(t, y, se=None, starts=(0.3, 1.0, 3.0)):
-    """GP regression of a curve y over training steps t: the posterior (mean, covariance, hyperparameters) at t.
-    Kernel amp² exp(-(u - u')² / 2 ls²) on u = log(t + t0); noise variance of point i (c·se_i)² + floor²; all of
-    ls, amp, floor, c, t0 by maximum marginal likelihood (L-BFGS, float64, one start per lengthscale in `starts`)."""
-    # t0 = 1 is log(t+1); a larger t0 compresses the early steps (one stationary lengthscale cannot fit both a flat
-    # start and sharp transitions). c rescales the standard errors, estimates themselves (with common random
-    # numbers across checkpoints they overstate the scatter). Fitted on y standardised.
+def _gp_space(t, has_se, corr_len_frac):
+    """gp_fit's hyperparameters: {name: (lower, upper, start)}, log scale but for the trend g (y in sd units)."""
+    # ls 0.05-10 and amp 0.05-20 of the signal; err 1e-4-2, the errors' sd at the last checkpoint, times
+    # exp(g (u - u_last)) elsewhere (the estimator's noise grows over training); t0 1 - max t; c 1e-3-1e3
+    # scales the standard errors; w 1e-4-1, the independent share of the error variance, and lc, the
+    # correlation length of the shared share, up to corr_len_frac * ls
+    space = dict(ls=(-3.0, 2.3, 0.0), amp=(-3.0, 3.0, 0.0), err=(-9.2, 0.7, -3.0), g=(-2.0, 2.0, 0.0),
+                 t0=(0.0, math.log(max(float(max(t)), 2.0)), math.log(10.0)))
+    if has_se:
+        space["c"] = (-6.9, 6.9, 0.0)
+    if corr_len_frac > 0:
+        r = math.log(corr_len_frac)
+        space.update(w=(-9.2, 0.0, math.log(0.5)), lc=(r - 4.6, r, r - 1.0))
+    return space
+
+
+def gp_fit(t, y, se=None, starts=(0.3, 1.0, 3.0), corr_len_frac=0.1):
+    """GP regression of a curve y over training steps t: the posterior (mean, covariance, hyperparameters)
+    of the signal at t. Signal amp² exp(-(u - u')² / 2 ls²) on u = log(t + t0); errors of variance
+    (c·se_i)² + err² e^(2g(u_i - u_last)), a share 1 - w of it shared between checkpoints with correlation
+    exp(-|u - u'| / lc), lc <= corr_len_frac * ls (0: independent errors); all by maximum marginal
+    likelihood (L-BFGS, float64, one start per lengthscale in `starts`)."""
+    # Why: common random numbers make neighbouring checkpoints share part of their error, so treating them
+    # as independent overstates how sure a slope is. A correlation as long as the signal's lengthscale cannot
+    # be told from the signal in one curve (fitted freely, lc runs to any bound and swallows the stages),
+    # hence the bound. The long-range part of the shared error (per-chain deviations in results/L2H4-s0-40k
+    # correlate 0.97-1.0 at every distance) is a smooth offset that the signal absorbs; it moves no slope.
+    # t0 = 1 is log(t+1); a larger t0 compresses the early steps (one stationary lengthscale cannot fit both
+    # a flat start and sharp transitions).
     f64 = dict(dtype=torch.float64)
     t, y = torch.as_tensor(np.asarray(t, float), **f64), np.asarray(y, float)
     mu, sd = y.mean(), y.std() or 1.0
     z = torch.as_tensor((y - mu) / sd, **f64)
     s2 = None if se is None else torch.as_tensor((np.asarray(se, float) / sd) ** 2, **f64)
-    # bounds of log ls, amp, floor, c (sd units): ls 0.05-10, amp 0.05-20, floor 1e-4-2, c 1e-3-1e3; t0 1 - max t
-    lo = torch.tensor([-3.0, -3.0, -9.2] + [-6.9] * (s2 is not None) + [0.0], **f64)
-    hi = torch.tensor([2.3, 3.0, 0.7] + [6.9] * (s2 is not None) + [math.log(max(float(t.max()), 2.0))], **f64)
+    space = _gp_space(t.tolist(), s2 is not None, corr_len_frac)
+    names = list(space)
+    lo, hi, th0 = (torch.tensor([space[n][k] for n in names], **f64) for k in range(3))
+    eye = torch.eye(len(t), **f64)
 
     def parts(phi):
-        th = (lo + (hi - lo) * torch.sigmoid(phi)).exp()
-        u = torch.log(t + th[-1])
-        K = th[1] ** 2 * torch.exp(-0.5 * ((u[:, None] - u[None]) / th[0]) ** 2)
-        noise = th[2] ** 2 + (0.0 if s2 is None else th[3] ** 2 * s2) + 1e-10
-        return K, K + torch.diag(torch.broadcast_to(noise, t.shape)), th
+        v = lo + (hi - lo) * torch.sigmoid(phi)
+        th = {n: v[i] if n == "g" else v[i].exp() for i, n in enumerate(names)}
+        u = torch.log(t + th["t0"])
+        du = u[:, None] - u[None]
+        K = th["amp"] ** 2 * torch.exp(-0.5 * (du / th["ls"]) ** 2)
+        var = th["err"] ** 2 * torch.exp(2 * th["g"] * (u - u.max()))
+        if s2 is not None:
+            var = var + th["c"] ** 2 * s2
+        R = eye
+        if "w" in th:
+            th["lc"] = th["lc"] * th["ls"]
+            R = th["w"] * eye + (1 - th["w"]) * torch.exp(-du.abs() / th["lc"])
+        d = var.sqrt()
+        return K, K + d[:, None] * d[None] * R + 1e-8 * eye, th
 
     def nll(phi):
         L = torch.linalg.cholesky(parts(phi)[1])
         return 0.5 * z @ torch.cholesky_solve(z[:, None], L)[:, 0] + L.diagonal().log().sum()
 
-    best = (math.inf, None)
-    for ls0 in starts:
-        th0 = torch.tensor([math.log(ls0), 0.0, -3.0] + [0.0] * (s2 is not None) + [math.log(10.0)], **f64)
-        phi = torch.logit((th0 - lo) / (hi - lo)).requires_grad_(True)
-        opt = torch.optim.LBFGS([phi], max_iter=200, line_search_fn="strong_wolfe", tolerance_change=1e-12)
-
-        def closure():
-            opt.zero_grad()
-            v = nll(phi)
-            v.backward()
-            return v
-        try:
-            opt.step(closure)
-        except torch.linalg.LinAlgError:  # not positive definite on the way: try the next start
-            continue
-        with torch.no_grad():
-            v = float(nll(phi))
-        if v < best[0]:
-            best = (v, phi.detach())
+    phis = []
+    for ls0 in starts:  # ls is the first hyperparameter
+        th = th0.clone()
+        th[0] = math.log(ls0)
+        phis.append(torch.logit((th - lo) / (hi - lo)))
+    best = _minimise(nll, phis)
     with torch.no_grad():
         K, Ky, th = parts(best[1])
         A = torch.linalg.solve(Ky, torch.cat([z[:, None], K], 1))
         mean, cov = mu + sd * (K @ A[:, 0]), sd ** 2 * (K - K @ A[:, 1:])
-    th = th.tolist()
-    hp = dict(lengthscale=th[0], amplitude=th[1] * sd, noise_floor=th[2] * sd, t0=th[-1], nll=best[0],
-              se_scale=th[3] if s2 is not None else None)
+    th = {n: float(v) for n, v in th.items()}
+    hp = dict(lengthscale=th["ls"], amplitude=th["amp"] * sd, noise_floor=th["err"] * sd,
+              noise_trend=th["g"], t0=th["t0"], nll=best[0], se_scale=th.get("c"),
+              shared=1 - th.get("w", 1.0), corr_length=th.get("lc"))
     return mean.numpy(), cov.numpy(), hp
+
+
+def _minimise(f, phis):
+    """(f, argument) at the smallest f reached by L-BFGS from each start in phis (a start that meets a matrix
+    that is not positive definite is skipped)."""
+    best = (math.inf, None)
+    for phi in phis:
+        phi = phi.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([phi], max_iter=200, line_search_fn="strong_wolfe", tolerance_change=1e-12)
+
+        def closure():
+            opt.zero_grad()
+            v = f(phi)
+            v.backward()
+            return v
+        try:
+            opt.step(closure)
+            with torch.no_grad():
+                v = float(f(phi))
+        except torch.linalg.LinAlgError:
+            continue
+        if v < best[0]:
+            best = (v, phi.detach())
+    if best[1] is None:
+        raise ValueError("gp_fit: no start reached a positive-definite covariance")
+    return best
 
 
 def slope_matrix(x):
@@ -82,79 +128,120 @@ def flank_peaks(a, i):
     return [(l0 + int(np.argmax(a[l0:i + 1])), not len(lo)), (i + int(np.argmax(a[i:r1])), not len(hi))]
 
 
-def detect_stages(steps, values, se=None, alpha=0.05, slope_frac=0.1, min_change_frac=0.05, min_log_len=0.25,
-                  flat_frac=0.05, max_fit=400, prefix="LR"):
-    """Stage boundaries of a curve over training steps (`se`: its standard errors, e.g. llc_se): the significant
-    minima of the smoothed curve's slope in log(t+1). Stages are named f"{prefix}1", ... and typed A (rising),
-    B (falling) or Other (flat). The rule is written out step by step in the comments below."""
-    # 1. Smooth with `gp_fit` (`se` as heteroscedastic noise; at most `max_fit` checkpoints, evenly in
-    #    x = log(t+1)); slope s = dm/dx at the checkpoints and its posterior covariance.
-    # 2. Candidates: interior local minima of |s| below slope_frac * max|s| (plateaus and critical points in
-    #    log-time).
-    # 3. Significance at level alpha, two-sided, Bonferroni over the candidates: z = Phi^-1(1 - alpha/(2 n_cand)).
-    #    A candidate stays if on each flank (`flank_peaks`) the peak |s| exceeds |s| at the candidate by more than
-    #    z posterior sd of their difference (a dip in the slope, not a wiggle of noise). A flank running into an
-    #    end of the curve is exempt where the curve is flat at the candidate (|s| within z sd of 0); if it stays
-    #    flat to the end, the boundary moves back to where it became flat. So a curve that stops moving has a
-    #    boundary where it stops (a saturated loss), one that keeps moving, however slowly, has none.
-    # 4. Stages must differ: from the start to the first boundary and between consecutive boundaries the smoothed
-    #    curve must change by more than max(min_change_frac * range, z * posterior sd of the change), over at
-    #    least min_log_len in x; otherwise the first boundary (against the start), or the one of the pair with
-    #    the larger |s|, is dropped, and the check repeats. The last stage may be flat.
-    # 5. Types from the smoothed change over each stage: A rising, B falling by more than flat_frac * range and
-    #    z posterior sd, else Other.
+def _sd(M, i, j):
+    """The sd of the difference of entries i and j of a vector with covariance M."""
+    return math.sqrt(max(M[i, i] + M[j, j] - 2 * M[i, j], 0.0))
+
+
+def dip_tests(a, Cs, slope_frac=0.2, alpha=0.05):
+    """The candidate boundaries of a curve with |slope| a (the slope's posterior covariance Cs) and their
+    tests: (z, [a dict per candidate]). Candidates: the interior local minima of a below slope_frac *
+    max(a). One stays if on each side the peak of a (`flank_peaks`) exceeds a at it by more than z sd of
+    their difference, one-sided at level alpha, Bonferroni over the candidates: a dip of the slope, not a
+    wiggle of the errors."""
+    # A flank running into an end of the curve is exempt where the curve is flat at the candidate (|slope|
+    # within z sd of 0); flat from there to the end, the boundary moves back to where it became flat. So a
+    # curve that stops moving has a boundary where it stops (a saturated loss), one that keeps moving has none.
+    minima = [i for i in range(1, len(a) - 1)
+              if a[i] <= a[i - 1] and a[i] < a[i + 1] and a[i] < slope_frac * a.max()]
+    z = NormalDist().inv_cdf(1 - alpha / max(len(minima), 1))
+    flat = a <= z * np.sqrt(np.diag(Cs).clip(0))
+    tests = []
+    for i in minima:
+        fl = flank_peaks(a, i)
+        zs = [(a[p] - a[i]) / max(_sd(Cs, i, p), 1e-300) for p, _ in fl]
+        exempt = [edge and bool(flat[i]) for _, edge in fl]
+        ok = all(zz > z or ex for zz, ex in zip(zs, exempt))
+        at = i
+        if ok and fl[1][1] and flat[i:].all():
+            while at - 1 > fl[0][0] and flat[at - 1]:
+                at -= 1
+        tests.append(dict(index=i, at=at, flanks=[p for p, _ in fl], z=zs, exempt=exempt,
+                          significant=ok))
+    return z, tests
+
+
+def merge_stages(cand, x, m, C, a, z, min_change_frac=0.05, min_log_len=0.25):
+    """The boundaries `cand` (indices) thinned until stages differ: from the start to the first boundary
+    and between consecutive ones the smoothed curve m must change by more than max(min_change_frac *
+    range, z sd of the change) over at least min_log_len in x = log(t+1); otherwise the first boundary
+    (against the start), or the one of the pair with the larger |slope| a, is dropped, and the check
+    repeats. The last stage may be flat."""
+    def same(i, j):
+        return (abs(m[j] - m[i]) <= max(min_change_frac * np.ptp(m), z * _sd(C, i, j))
+                or x[j] - x[i] < min_log_len)
+    cand = sorted(set(cand))
+    while True:
+        pts = [0, *cand]
+        bad = [k for k in range(len(cand)) if same(pts[k], pts[k + 1])]
+        if not bad:
+            return cand
+        k = bad[0]
+        cand.pop(k - 1 if k and a[pts[k]] > a[pts[k + 1]] else k)
+
+
+def detect_stages(steps, values, se=None, alpha=0.05, slope_frac=0.2, min_change_frac=0.05,
+                  min_log_len=0.25, flat_frac=0.05, corr_len_frac=0.1, max_fit=400, prefix="LR"):
+    """Stage boundaries of a curve over training steps (`se`: its standard errors, e.g. llc_se): the
+    critical points of the smoothed curve in log-time, i.e. significant minima of |dm/dlog(t+1)|. Stages
+    are named f"{prefix}1", ... and typed A (rising), B (falling) or Other (flat)."""
+    # 1. Smooth with `gp_fit` (errors partly shared between neighbouring checkpoints, corr_len_frac; at
+    #    most `max_fit` checkpoints, evenly in x = log(t+1)); slope s = dm/dx, its posterior covariance.
+    # 2. `dip_tests`: local minima of |s| below slope_frac of its peak (plateaus, peaks, troughs and
+    #    slow-downs of development), kept where the dip is significant against both flanks.
+    # 3. `merge_stages`: stages must differ. 4. `_typed_stages`: A, B or Other by the smoothed change.
     steps, values = np.asarray(steps, float), np.asarray(values, float)
     se = np.full(len(steps), np.nan) if se is None else np.asarray(se, float)
     keep = np.flatnonzero(np.isfinite(values))
     if len(keep) > max_fit:
         x = np.log1p(steps[keep])
-        keep = keep[np.unique(np.searchsorted(x, np.linspace(x[0], x[-1], max_fit)).clip(0, len(x) - 1))]
+        at = np.searchsorted(x, np.linspace(x[0], x[-1], max_fit)).clip(0, len(x) - 1)
+        keep = keep[np.unique(at)]
     steps, values, se = steps[keep], values[keep], se[keep]
     known = np.isfinite(se) & (se >= 0)  # a missing standard error: the median of the others
     se = np.where(known, se, np.median(se[known])) if known.any() else None
     x = np.log1p(steps)
-    m, sd_m, hp, minima, cand, z = values, np.zeros(len(x)), {}, [], [], float("nan")
+    m, C, hp, cand, tests, z = values, np.zeros((len(x), len(x))), {}, [], [], float("nan")
     if len(x) >= 5 and np.ptp(values) > 0:
-        m, C, hp = gp_fit(steps, values, se)
+        m, C, hp = gp_fit(steps, values, se, corr_len_frac=corr_len_frac)
         S = slope_matrix(x)
-        a, Cs, sd_m = np.abs(S @ m), S @ C @ S.T, np.sqrt(np.diag(C).clip(0))
-        minima = [i for i in range(1, len(x) - 1)
-                  if a[i] <= a[i - 1] and a[i] < a[i + 1] and a[i] < slope_frac * a.max()]
-        z = NormalDist().inv_cdf(1 - alpha / (2 * max(len(minima), 1)))
-
-        def sd(M, i, j):
-            return math.sqrt(max(M[i, i] + M[j, j] - 2 * M[i, j], 0.0))
-
-        def same(i, j):
-            return abs(m[j] - m[i]) <= max(min_change_frac * np.ptp(m), z * sd(C, i, j)) or x[j] - x[i] < min_log_len
-        flat = a <= z * np.sqrt(np.diag(Cs).clip(0))  # slope within z sd of 0
-        cand = []
-        for i in minima:
-            fl = flank_peaks(a, i)
-            if all(a[p] - a[i] > z * sd(Cs, i, p) for p, edge in fl if not (edge and flat[i])):
-                (p0, _), (_, e1) = fl
-                if e1 and flat[i:].all():  # flat from here to the end: the boundary is where it became flat
-                    while i - 1 > p0 and flat[i - 1]:
-                        i -= 1
-                cand.append(i)
-        cand = sorted(set(cand))
-        while True:
-            pts = [0, *cand]
-            bad = [k for k in range(len(cand)) if same(pts[k], pts[k + 1])]
-            if not bad:
-                break
-            k = bad[0]
-            cand.pop(k - 1 if k and a[pts[k]] > a[pts[k + 1]] else k)
+        a, Cs = np.abs(S @ m), S @ C @ S.T
+        z, tests = dip_tests(a, Cs, slope_frac, alpha)
+        cand = merge_stages([d["at"] for d in tests if d["significant"]], x, m, C, a, z,
+                            min_change_frac, min_log_len)
+        tests = [_test_row(d, steps, S @ m, Cs, z, d["at"] in cand) for d in tests]
         hp["z"] = z
-    edges, stages = [0, *cand, len(x) - 1], []
+    params = dict(alpha=alpha, slope_frac=slope_frac, min_change_frac=min_change_frac,
+                  min_log_len=min_log_len, flat_frac=flat_frac, corr_len_frac=corr_len_frac,
+                  heteroscedastic=se is not None)
+    return dict(boundaries=[int(steps[i]) for i in cand],
+                stages=_typed_stages(steps, m, C, cand, z, flat_frac, prefix),
+                candidates=[d["step"] for d in tests], tests=tests, smoothed=np.asarray(m).tolist(),
+                smoothed_sd=np.sqrt(np.diag(C).clip(0)).tolist(), steps=steps.astype(int).tolist(),
+                gp=hp, params=params)
+
+
+def _test_row(d, steps, s, Cs, z, kept):
+    """A candidate's test in plain numbers (detect_stages' "tests": why a boundary is there or not)."""
+    i, fl = d["index"], d["flanks"]
+    return dict(step=int(steps[i]), slope=float(s[i]), slope_sd=math.sqrt(max(float(Cs[i, i]), 0.0)),
+                flank_steps=[int(steps[p]) for p in fl], flank_slopes=[float(s[p]) for p in fl],
+                z=[round(float(v), 2) for v in d["z"]], z_needed=round(float(z), 2),
+                exempt=d["exempt"], significant=d["significant"],
+                boundary=int(steps[d["at"]]) if kept else None)
+
+
+def _typed_stages(steps, m, C, cand, z, flat_frac, prefix):
+    """The stages between the boundaries: A rising, B falling (by more than flat_frac * range and z sd of
+    the smoothed change), else Other."""
+    edges, out = [0, *cand, len(steps) - 1], []
     for j, (i0, i1) in enumerate(zip(edges[:-1], edges[1:])):
-        dv, thr = float(m[i1] - m[i0]), max(flat_frac * np.ptp(m), z * sd(C, i0, i1) if hp else 0.0)
+        dv = float(m[i1] - m[i0])
+        thr = max(flat_frac * np.ptp(m), z * _sd(C, i0, i1) if math.isfinite(z) else 0.0)
         kind = "A" if dv > thr else "B" if dv < -thr else "Other"
-        stages.append(dict(name=f"{prefix}{j + 1}", start=int(steps[i0]), end=int(steps[i1]), type=kind, change=dv))
-    return dict(boundaries=[int(steps[i]) for i in cand], stages=stages, candidates=[int(steps[i]) for i in minima],
-                smoothed=np.asarray(m).tolist(), smoothed_sd=sd_m.tolist(), steps=steps.astype(int).tolist(), gp=hp,
-                params=dict(alpha=alpha, slope_frac=slope_frac, min_change_frac=min_change_frac,
-                            min_log_len=min_log_len, flat_frac=flat_frac, heteroscedastic=se is not None))
+        out.append(dict(name=f"{prefix}{j + 1}", start=int(steps[i0]), end=int(steps[i1]), type=kind,
+                        change=dv))
+    return out
 
 
 # --------------------------------------------------------------------------------- essential dynamics

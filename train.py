@@ -2,7 +2,9 @@
 (L2W256): config -> training loop -> safetensors checkpoints + log.jsonl. The run's task (data.TASKS) supplies data,
 loss and checkpoint metrics; rerunning a command resumes it, bit-identically on CPU."""
 import copy
+import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -15,6 +17,7 @@ import torch
 import common
 import data
 import fast
+import lm_hub
 
 # ------------------------------------------------------------------------- defaults: the CPU demo (configs/tiny.py)
 out_dir = "out/tiny"    # run folder: config.json, log.jsonl, checkpoints/
@@ -30,7 +33,7 @@ lr = 3e-3               # peak learning rate
 batch_size = 256        # sequences per step (all ranks together)
 micro_batch = 0         # sequences per forward/backward (gradients accumulated; bounds CPU memory); 0 = the batch
 max_steps = 2000        # schedule length (the paper: 500,000)
-stop_at = -1            # stop after this step (>= 0) while the schedule keeps its full length
+stop_at = -1            # stop after (and save) this step (>= 0); the schedule keeps its length
 n_log = 50              # checkpoints: int(logspace(0, log10 max_steps, n_log)) ...
 n_lin = 20              # ... U int(linspace(0, max_steps, n_lin)) ...
 ckpt_every = 0          # ... U every ckpt_every-th step (0: none), plus the last step
@@ -41,6 +44,7 @@ device = "auto"         # auto | cpu | cuda | xla
 compile = False         # torch.compile the model
 fast_grad = "auto"      # auto | True | False: hand-derived gradient (regression); auto: CPU only
 tf32 = False            # allow TF32 matmuls on CUDA
+fresh_optimizer = False  # resume checkpoints without .state.pt with a new optimizer (inexact)
 # ---------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 for _kind in data.TASKS.values():  # each task's own keys (data.py: D, K, ...; lm_data.py: corpus, ...)
@@ -54,9 +58,69 @@ USAGE = """
     torchrun --nproc_per_node=2 train.py configs/tiny.py   # DDP; the global batch is split across ranks
     python train.py configs/lm_tiny.py                # the language-model CPU demo (task = "lm")
 """
-RESUME_MAY_CHANGE = {"stop_at", "device", "compile", "tf32", "log_interval", "micro_batch", "fast_grad"}
+RESUME_MAY_CHANGE = {"stop_at", "device", "compile", "tf32", "log_interval", "micro_batch",
+                     "fast_grad", "fresh_optimizer",
+                     "out_dir"}  # the same run, however its path is spelt, or after a move
 CHOICES = {"task": tuple(data.TASKS), "optimizer": ("adam", "adamw"),
            "lr_schedule": ("onecycle", "constant"), "fast_grad": ("auto", "True", "False")}
+AT_LEAST = {  # the smallest allowed value of each numeric option (every float must be finite too)
+    **dict.fromkeys(("batch_size", "max_steps", "log_interval", "eval_batch_size", "n_layer",
+                     "n_head", "d_model", "d_mlp", "D", "K", "vocab_size"), 1),
+    **dict.fromkeys(("seed", "eval_seed", "task_seed", "micro_batch", "n_log", "n_lin",
+                     "ckpt_every", "num_tasks", "weight_decay", "sigma2"), 0),
+    "n_ctx": 2, "stop_at": -1}
+BETWEEN = {"lr": (0, math.inf), "test_frac": (0, 1)}  # open intervals
+
+
+def validate(cfg):
+    """Refuse a bad config before anything is written, so that a refused command leaves no
+    config.json behind that would refuse the corrected one. Checks types, choices, ranges, the
+    device and stop_at."""
+    for key, default in DEFAULTS.items():
+        val, want = cfg.get(key), type(default)
+        if not (type(val) is want or (want is float and type(val) is int)
+                or (key == "fast_grad" and type(val) is bool)):  # a bool in runs made before "auto"
+            raise common.ConfigError(f"--{key} must be {want.__name__}, "
+                                     f"got {type(val).__name__} {val!r}")
+        if isinstance(val, float) and not math.isfinite(val):
+            raise common.ConfigError(f"--{key}={val}: must be a finite number")
+    for key, allowed in CHOICES.items():
+        if str(cfg[key]) not in allowed:
+            raise common.ConfigError(f"--{key} must be one of {', '.join(allowed)}; "
+                                     f"got {cfg[key]!r}")
+    for key, lo in AT_LEAST.items():
+        if key in cfg and cfg[key] < lo:
+            raise common.ConfigError(f"--{key}={cfg[key]!r}: must be at least {lo}")
+    for key, (lo, hi) in BETWEEN.items():
+        if key in cfg and not lo < cfg[key] < hi:
+            raise common.ConfigError(f"--{key}={cfg[key]!r}: must be above {lo}"
+                                     + (f" and below {hi}" if hi < math.inf else ""))
+    if cfg["d_model"] % cfg["n_head"]:
+        raise common.ConfigError(f"--n_head={cfg['n_head']}: must divide d_model={cfg['d_model']} "
+                                 "(each head gets d_model / n_head channels)")
+    if cfg["lr_schedule"] == "onecycle" and cfg["max_steps"] < 3:
+        raise common.ConfigError(f"--max_steps={cfg['max_steps']}: the onecycle schedule needs at "
+                                 "least 3 steps; use more or --lr_schedule=constant")
+    _check_device(cfg["device"])
+
+
+def _check_device(name):
+    """--device names a device this machine has: a typo (gpu) or a missing CUDA is a usage error."""
+    if name == "auto":
+        return
+    if name == "xla":
+        if importlib.util.find_spec("torch_xla") is None:
+            raise common.ConfigError("--device=xla needs torch_xla installed; or use --device=auto")
+        return
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise common.ConfigError(f"--device={name}: must be auto, cpu, cuda, cuda:<index> or xla")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise common.ConfigError(f"--device={name}: this machine has {torch.cuda.device_count()} "
+                                 "CUDA device(s); use --device=cpu or --device=auto")
 
 
 def lr_at(step, peak, total):
@@ -92,19 +156,60 @@ def pick_device(name):
     return torch.device(name)
 
 
-def find_resume_step(out):
-    """(step, params, state) of the newest checkpoint whose files both load; a broken newer one is skipped with a
-    warning. (None, None, None) for a new run."""
-    for step in reversed(common.list_checkpoints(out)):
+def find_resume_step(out, model, fresh_optimizer=False):
+    """(step, params, state) of the newest checkpoint whose files both load, so that the newer ones
+    are trained again bit for bit; a broken newer one is skipped with a warning. (None, None, None)
+    for a new run. Checkpoints with no optimizer state at all (a copy without its .state.pt files)
+    are refused, never trained over from step 0; with fresh_optimizer their newest weights resume
+    (state None)."""
+    steps, lacking = common.list_checkpoints(out), []
+    for step in reversed(steps):
+        if not common.ckpt_path(out, step, state=True).exists():
+            lacking.append(step)
+            continue
         try:
-            return step, common.load_params(out, step), common.load_state(out, step)
+            params, state = common.load_params(out, step), common.load_state(out, step)
         except common.CheckpointError as e:
             warnings.warn(f"{e}; falling back to an earlier checkpoint")
-    return None, None, None
+            continue
+        if lacking:
+            warnings.warn(f"{out}: steps {lacking[-1]}..{lacking[0]} have no .state.pt; resuming "
+                          f"from step {step}, which trains them again")
+        return step, _check_tensors(params, model, common.ckpt_path(out, step)), state
+    if not steps:
+        return None, None, None
+    if not fresh_optimizer:
+        raise common.CheckpointError(
+            f"{out}: none of its {len(steps)} checkpoints has a usable optimizer state "
+            f"({common.ckpt_path(out, steps[-1], state=True).name} ...); starting over would "
+            "overwrite them: copy the .state.pt files back, or add --fresh_optimizer=True to go on "
+            f"from step {steps[-1]}'s weights with a new optimizer (not bit-identical)")
+    params = common.load_params(out, steps[-1])
+    return steps[-1], _check_tensors(params, model, common.ckpt_path(out, steps[-1])), None
+
+
+def _check_tensors(params, model, path):
+    """The checkpoint's tensors must be the model's, name for name and shape for shape:
+    load_state_dict(strict=False) would keep a missing one's initial value and train on silently."""
+    want = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    got = {k: tuple(v.shape) for k, v in params.items()}
+    if got != want:
+        wrong = {"missing": sorted(want.keys() - got.keys()),
+                 "unexpected": sorted(got.keys() - want.keys()),
+                 "of another shape": sorted(k for k in want.keys() & got.keys()
+                                            if want[k] != got[k])}
+        raise common.CheckpointError(
+            f"{path} does not hold the run's parameters ("
+            + "; ".join(f"{what}: {', '.join(ks)}" for what, ks in wrong.items() if ks)
+            + "): restore it from a copy, or delete it and its .state.pt to resume from the one "
+            "before")
+    return params
 
 
 def train(cfg: dict) -> dict:
-    """Run (or resume) the training described by a resolved config. Returns the last eval row."""
+    """Run (or resume) the training described by a resolved config. Returns the last eval row. The
+    config is checked before anything is written; the master holds the run folder's lock."""
+    validate(cfg)
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
     if ddp:
@@ -114,57 +219,95 @@ def train(cfg: dict) -> dict:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     if cfg["batch_size"] % world:
         raise common.ConfigError(f"batch_size {cfg['batch_size']} is not divisible by the {world} ranks")
-    master, kind = rank == 0, data.kind(cfg)
-    out, N = cfg["out_dir"], cfg["max_steps"]
+    lock = _open_run(cfg) if rank == 0 else None
+    try:
+        return _train(cfg, ddp, rank, world)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _saved_config_check(cfg):
+    """A folder that holds another run's config is refused: its checkpoints would mix two runs. The
+    advice is the saved values or another folder, never deleting it (that would destroy a run)."""
+    path = os.path.join(cfg["out_dir"], "config.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except json.JSONDecodeError as e:
+        raise common.ConfigError(f"{path} is not JSON ({e}); restore it from a copy") from None
+    saved = {k: old.get(k, DEFAULTS.get(k)) for k in cfg}  # keys newer than the run: defaults
+    diff = {k: (saved[k], v) for k, v in cfg.items()
+            if k not in RESUME_MAY_CHANGE and saved[k] != v}
+    if diff:
+        raise common.ConfigError(f"{cfg['out_dir']} holds a run with a different config (saved vs "
+                                 f"now: {diff}); rerun with its saved values (config.json) or use "
+                                 "another out_dir")
+
+
+def _open_run(cfg):
+    """The master's side of the run folder: refuse another run's folder (before anything is
+    written), prepare the task's data, lock the folder, write config.json for a new run. Returns the
+    held lock."""
+    _saved_config_check(cfg)
+    kind = data.kind(cfg)
+    if kind.prepare is not None:
+        kind.prepare(cfg)  # e.g. the LM's tokenizer + packed token files, once per data folder
+    lock = common.lock_dir(cfg["out_dir"], "train")
+    try:
+        _saved_config_check(cfg)  # again under the lock: another writer may have started the folder
+        path = os.path.join(cfg["out_dir"], "config.json")
+        if not os.path.exists(path):
+            common.atomic_write(path, json.dumps(cfg, indent=1))
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def _train(cfg, ddp, rank, world):
+    """train() once the run folder is open: resume, then the training loop."""
+    master, out, N = rank == 0, cfg["out_dir"], cfg["max_steps"]
     dev = pick_device(cfg["device"])
     if cfg["tf32"]:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # --- the run's files: a new run writes config.json; a resumed one must match it
-    cfg_path = os.path.join(out, "config.json")
-    if os.path.exists(cfg_path):
-        old = json.load(open(cfg_path))
-        diff = {k: (old.get(k, DEFAULTS.get(k)), v) for k, v in cfg.items()  # keys newer than the run: defaults
-                if k not in RESUME_MAY_CHANGE and old.get(k, DEFAULTS.get(k)) != v}
-        if diff:
-            raise common.ConfigError(f"{out} holds a run with a different config (saved vs now: {diff}); "
-                                     "use another out_dir or delete this one")
-    if kind.prepare is not None and master:
-        kind.prepare(cfg)  # e.g. the language model's tokenizer + packed token files, once per data folder
-    if master and not os.path.exists(cfg_path):
-        common.atomic_write(cfg_path, json.dumps(cfg, indent=1))
     if ddp:
         torch.distributed.barrier()
     task = data.task_for(cfg)
     model = data.build_model(cfg, cfg["seed"])
-    start, params, state = find_resume_step(out)
+    start, params, state = find_resume_step(out, model, cfg["fresh_optimizer"])
     if start is not None:
-        model.load_state_dict(params, strict=False)
+        model.load_state_dict(params, strict=False)  # for the buffers: the parameters match
     # on the device before the optimizer is built: CPU -> XLA replaces the Parameter objects (no set_data between
     # those tensor types), and an optimizer built earlier would step the stale CPU copies
     model.to(dev)
     Opt = torch.optim.AdamW if cfg["optimizer"] == "adamw" else torch.optim.Adam
     opt = Opt(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg["weight_decay"])
-    if start is not None:
+    if state is not None:
         opt.load_state_dict(state["optimizer"])
-        if master:  # forget log rows from after the checkpoint: they will be written again
-            rows = [r for r in common.read_jsonl(os.path.join(out, "log.jsonl")) if r["step"] <= start]
-            common.atomic_write(os.path.join(out, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-            common.progress(f"resuming {out} from step {start}")
-        start += 1
-    else:
-        start = 0
+    if master:  # forget log rows after the checkpoint (a new run: all): they will be written again
+        _trim_log(out, -1 if start is None else start)
+        if start is not None:
+            common.progress(f"resuming {out} from step {start}" + ("" if state is not None else
+                            "'s weights with a new optimizer (--fresh_optimizer: no .state.pt); "
+                            "not bit-identical to an unbroken run"))
+    start = 0 if start is None else start + 1
     _move_optimizer_state(opt, dev)
     fwd = torch.compile(model) if cfg["compile"] else model
     if ddp:
         fwd = torch.nn.parallel.DistributedDataParallel(fwd)
 
-    ckpts = set(checkpoint_steps(N, cfg["n_log"], cfg["n_lin"], cfg["ckpt_every"]))
+    last = min(cfg["stop_at"] if cfg["stop_at"] >= 0 else N - 1, N - 1)
+    # the grid, the last step (--stop_at off the grid: its steps are saved too) and every step that
+    # has a checkpoint already: trained again (resumed from an earlier one), it is written again
+    ckpts = {*checkpoint_steps(N, cfg["n_log"], cfg["n_lin"], cfg["ckpt_every"]), last,
+             *common.list_checkpoints(out)}
     eval_data = task.eval_data(common.derive_seed(cfg["eval_seed"], 1), cfg["eval_batch_size"])
     gen = torch.Generator(device=dev if dev.type in ("cpu", "cuda") else "cpu")
     local_bs = cfg["batch_size"] // world
     micro = cfg["micro_batch"] if 0 < cfg["micro_batch"] < local_bs else local_bs
-    last = min(cfg["stop_at"] if cfg["stop_at"] >= 0 else N - 1, N - 1)
     bar = common.Progress("train", last + 1 - start, "steps")
     row, t_last, steps_since = {}, time.time(), 0
     step_grads = hand_derived(cfg, model, task, gen, local_bs, dev, ddp)
@@ -188,8 +331,8 @@ def train(cfg: dict) -> dict:
             xm.mark_step()
         steps_since += 1
         if master and step % cfg["log_interval"] == 0:
-            common.append_jsonl(os.path.join(out, "log.jsonl"),
-                                {"step": step, "kind": "train", "loss": loss.item(), "lr": lr_for(cfg, step)})
+            _log_row(cfg, {"step": step, "kind": "train", "loss": loss.item(),
+                           "lr": lr_for(cfg, step)})
         if step in ckpts and master:
             step_time = (time.time() - t_last) / steps_since
             model.eval()
@@ -198,7 +341,7 @@ def train(cfg: dict) -> dict:
             model.train()
             # the log row first: a kill between the two leaves a row past the newest checkpoint, which a resume
             # drops and writes again (the other order could lose the row of the checkpoint it resumes from)
-            common.append_jsonl(os.path.join(out, "log.jsonl"), row)
+            _log_row(cfg, row)
             common.save_checkpoint(out, step, model, {"optimizer": _cpu(opt.state_dict()), "step": step})
             bar.update(step + 1 - start, f"step {step}: test loss {row['loss']:.4f}, lr {row['lr']:.2e}", force=True)
             t_last, steps_since = time.time(), 0
@@ -210,6 +353,29 @@ def train(cfg: dict) -> dict:
     if master:
         common.progress(f"done: {out} (config.json, log.jsonl, checkpoints/) in {common.fmt_time(time.time() - bar.t0)}")
     return row
+
+
+def _log_row(cfg, row):
+    """Append a row to log.jsonl. A non-finite loss stops the run first: it diverged, and neither a
+    bare NaN (not JSON) nor its checkpoint (saved after the row) is written. Other non-finite values
+    are written as null."""
+    if not math.isfinite(row["loss"]):
+        raise common.RunError(
+            f"the {'training' if row['kind'] == 'train' else 'test'} loss is {row['loss']} at step "
+            f"{row['step']}: the run diverged (--lr={cfg['lr']:g} too high?); {cfg['out_dir']} "
+            "keeps its checkpoints before this step; train with a lower --lr in another out_dir")
+    common.append_jsonl(os.path.join(cfg["out_dir"], "log.jsonl"),
+                        {k: common.finite(v) for k, v in row.items()})
+
+
+def _trim_log(out, last):
+    """Drop log.jsonl's rows after step `last` (a new run: -1): the run is about to write them
+    again, and appending would duplicate them out of order. Rewritten only when there are some."""
+    path = os.path.join(out, "log.jsonl")
+    rows = common.read_jsonl(path)
+    keep = [r for r in rows if r.get("step", -1) <= last]
+    if len(keep) < len(rows):
+        common.atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def wants_fast_grad(setting, dev):
@@ -268,17 +434,18 @@ def _cpu(obj):
     return obj
 
 
+@common.one_line_errors("train.py", usage=(FileNotFoundError, lm_hub.HubNotFound),
+                        environment=(lm_hub.HubError,), after="the same command resumes the run")
 def main(argv):
+    """The command line. Every expected failure is one line on stderr: exit 2 for usage and input,
+    1 for the environment (a full disk, a permission, the hub), 130 for Ctrl-C."""
     if not argv:
         common.progress("no config given: running the CPU demo (the defaults, as configs/tiny.py)")
     cfg = common.parse_args("train.py", __doc__ + USAGE, DEFAULTS, argv, sources=SOURCES, choices=CHOICES)
     if cfg["device"] == "cpu" or (cfg["device"] == "auto" and not torch.cuda.is_available()):
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))  # tiny models: 1 thread is fastest
     common.tune_malloc()  # without it glibc maps and unmaps every ~1 MB activation: 6x the page faults of autograd
-    try:
-        train(cfg)
-    except (common.ConfigError, FileNotFoundError) as e:
-        common.fail("train.py", e)
+    train(cfg)
 
 
 if __name__ == "__main__":

@@ -153,6 +153,18 @@ def sweep(st, pick, have):
         st.write("llc.jsonl", st.estimate(st.args.run, cfg, group))
 
 
+def report(path):
+    """--report=FILE: the rule applied to rows of the paper's 5,000 steps in FILE, with each row's place in the
+    paper's per-seed range; printed as JSON."""
+    rows, paper = [r for r in common.read_jsonl(path) if r.get("llc_trace")], paper_values()
+    pick, score = choose(rows)
+    band = [dict(step=r["step"], llc=round(r["llc_mean"], 2), se=round(r["llc_se"], 2),
+                 paper_seed0=round(float(paper[r["step"]][0]), 2),
+                 paper_range=[round(float(paper[r["step"]].min()), 2), round(float(paper[r["step"]].max()), 2)],
+                 drift=r["llc_drift"], drift_z=r["llc_drift_z"]) for r in rows]
+    print(json.dumps(dict(chosen=pick, candidates=score, rows=band), indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="out/L2H4-s0")
@@ -165,7 +177,10 @@ def main():
     ap.add_argument("--tf32", action="store_true", help="TF32 matmuls on CUDA")
     ap.add_argument("--parts", default="study,seeds,sweep", help="after the study: seeds (step 0, coverage), sweep")
     ap.add_argument("--dry", action="store_true", help="tiny settings: checks the code paths")
+    ap.add_argument("--report", default="", help="only apply the rule to the 5,000-step rows in this file")
     args = ap.parse_args()
+    if args.report:
+        return report(args.report)
     os.makedirs(args.dest, exist_ok=True)
     st, have = Study(args), common.list_checkpoints(args.run)
     near = [snap(have, s) for s in STUDY_STEPS if abs(snap(have, s) - s) <= 0.05 * s]  # not yet trained: later
