@@ -29,11 +29,12 @@ paper's `llc/mean/mean`), optionally `llc_se`, then one row per checkpoint; the 
 REFERENCE = Path(__file__).resolve().parent / "reference" / "paper_v1_seedmean.csv"
 
 STAGE_RULE = dict(  # stages.detect_stages' thresholds
-    alpha=0.05,            # significance level of a stage boundary (two-sided, Bonferroni over the candidates)
-    slope_frac=0.1,        # boundary candidates: local minima of |slope| below this fraction of its maximum
+    alpha=0.05,            # significance of a boundary's slope dip (one-sided, Bonferroni over candidates)
+    slope_frac=0.2,        # boundary candidates: local minima of |slope| below this fraction of its maximum
     min_change_frac=0.05,  # a stage must change the smoothed curve by more than this fraction of its range
     min_log_len=0.25,      # a stage must last at least this long in log(t+1)
     flat_frac=0.05,        # a stage changing by less than this fraction of the range is typed Other
+    corr_len_frac=0.1,     # errors shared by neighbouring checkpoints: correlation length <= this * ls
 )
 DEFAULTS = dict(  # the options, --key=value; a value keeps the default's type
     out="",               # output directory (default: the first run directory)

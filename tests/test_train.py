@@ -174,10 +174,11 @@ def test_torchrun_two_ranks(tmp_path):
                         str(ROOT / "train.py"), *SMALL, f"--out_dir={tmp_path}", "--stop_at=12"],
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    want = [s for s in train.checkpoint_steps(400, 30, 8) if s <= 12]
-    assert common.list_checkpoints(tmp_path) == want
+    grid = [s for s in train.checkpoint_steps(400, 30, 8) if s <= 12]
+    assert 12 not in grid  # --stop_at off the grid: its step is saved too
+    assert common.list_checkpoints(tmp_path) == grid + [12]
     ev = [r["step"] for r in common.read_jsonl(tmp_path / "log.jsonl") if r["kind"] == "eval"]
-    assert ev == want  # rank 0 alone wrote
+    assert ev == grid + [12]  # rank 0 alone wrote
 
 
 @pytest.mark.slow
