@@ -24,7 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from sgld import Progress, derive_seed, fmt_time, select_params  # noqa: F401  (defined once, in sgld.py)
+# defined once, in sgld.py (which must stay copyable alone)
+from sgld import Progress, derive_seed, fmt_time, select_params  # noqa: F401
 
 
 class ConfigError(ValueError):
@@ -40,7 +41,7 @@ class RunError(RuntimeError):
     folder): one line and exit code 2, like a usage error, but found after work started."""
 
 
-# ---------------------------------------------------------------------------------------- the command line
+# ------------------------------------------------------------------------------- the command line
 def configure(defaults: dict, argv, choices=None, positional=False):
     """nanoGPT-style `[config.py ...] [--key=value | --key value | --flag ...]`, later sources win:
     keys must exist in `defaults`, values keep the default's type (an int is taken for a float),
@@ -56,11 +57,13 @@ def configure(defaults: dict, argv, choices=None, positional=False):
             elif positional:
                 rest.append(arg)
             else:
-                raise ConfigError(f"unexpected argument {arg!r} (config files end in .py; options are --key=value)")
+                raise ConfigError(f"unexpected argument {arg!r} (config files end in .py; options "
+                                  "are --key=value)")
             continue
         key, sep, raw = arg[2:].partition("=")
         if key not in defaults:
-            _set(cfg, defaults, key, None, f"argument {arg}")  # an unknown option: raises, naming the closest ones
+            # an unknown option: raises, naming the closest ones
+            _set(cfg, defaults, key, None, f"argument {arg}")
         if not sep:
             if isinstance(defaults.get(key), bool):
                 raw = "True"
@@ -75,7 +78,8 @@ def configure(defaults: dict, argv, choices=None, positional=False):
         _set(cfg, defaults, key, val, f"argument {arg}")
     for key, allowed in (choices or {}).items():
         if cfg[key] not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {cfg[key]!r}")
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got "
+                              f"{cfg[key]!r}")
     return (cfg, rest) if positional else cfg
 
 
@@ -97,13 +101,14 @@ def read_config_file(path) -> dict:
 def _set(cfg, defaults, key, val, where):
     if key not in defaults:
         close = difflib.get_close_matches(key, defaults, n=3)
-        raise ConfigError(f"unknown option {key!r} in {where}" + (f"; did you mean {', '.join(close)}?" if close
-                                                                   else "; see --help"))
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see --help"
+        raise ConfigError(f"unknown option {key!r} in {where}{hint}")
     want = type(defaults[key])
     if want is float and type(val) is int:
         val = float(val)
     if type(val) is not want:
-        raise ConfigError(f"{key} must be {want.__name__}, got {type(val).__name__} {val!r} in {where}")
+        raise ConfigError(f"{key} must be {want.__name__}, got {type(val).__name__} {val!r} in "
+                          f"{where}")
     cfg[key] = val
 
 
@@ -117,7 +122,9 @@ def option_help(defaults: dict, *sources) -> str:
             if m and m[1] in defaults:
                 notes.setdefault(m[1], m[2].strip())
     width = max(len(f"--{k}={v!r}") for k, v in defaults.items())
-    return "\n".join(f"  {f'--{k}={v!r}':<{width}}  {notes.get(k, '')}".rstrip() for k, v in defaults.items())
+    lines = (f"  {f'--{k}={v!r}':<{width}}  {notes.get(k, '')}".rstrip()
+             for k, v in defaults.items())
+    return "\n".join(lines)
 
 
 def parse_args(prog, doc, defaults, argv, *, sources=(), choices=None, positional=False):
@@ -181,7 +188,7 @@ def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------------------------------------------- files
+# ------------------------------------------------------------------------------------------ files
 @contextlib.contextmanager
 def naming(path):
     """OSErrors inside name `path`: a failed write has no file name, and a temp file's name is not
@@ -296,9 +303,10 @@ def read_jsonl(path) -> list:
     return rows
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
+# ------------------------------------------------------------------------------------ checkpoints
 def ckpt_path(out_dir, step: int, state: bool = False) -> Path:
-    return Path(out_dir) / "checkpoints" / f"step_{step:07d}.{'state.pt' if state else 'safetensors'}"
+    ext = "state.pt" if state else "safetensors"
+    return Path(out_dir) / "checkpoints" / f"step_{step:07d}.{ext}"
 
 
 def save_checkpoint(out_dir, step: int, model, state: dict | None = None) -> None:
@@ -325,8 +333,8 @@ def load_params(out_dir, step: int) -> dict:
     try:
         return st_load(path.read_bytes())
     except (SafetensorError, ValueError, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({e}); delete it to fall back "
-                              "to the previous one") from e
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({e}); delete it to fall "
+                              "back to the previous one") from e
 
 
 def load_state(out_dir, step: int) -> dict:
@@ -344,7 +352,7 @@ def load_run(out_dir) -> dict:
     return json.loads(path.read_text())
 
 
-# ------------------------------------------------------------------------------------------------ memory
+# ----------------------------------------------------------------------------------------- memory
 def tune_malloc():
     """glibc: keep freed blocks up to 32 MB in the heap, so large CPU tensors are not page-faulted
     in again at every step. Called by the command lines, not the library. Returns the same settings
@@ -353,7 +361,8 @@ def tune_malloc():
            "MALLOC_TOP_PAD_": str(64 << 20)}
     libc = _libc()
     if libc is not None:
-        for opt, key in ((-3, "MALLOC_MMAP_THRESHOLD_"), (-1, "MALLOC_TRIM_THRESHOLD_"), (-2, "MALLOC_TOP_PAD_")):
+        for opt, key in ((-3, "MALLOC_MMAP_THRESHOLD_"), (-1, "MALLOC_TRIM_THRESHOLD_"),
+                         (-2, "MALLOC_TOP_PAD_")):
             libc.mallopt(opt, int(env[key]))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
     return env
 

@@ -39,7 +39,8 @@ def _ln_backward(dy, w, saved):
     x, mu, rstd = saved
     d = x.shape[-1]
     if x.shape[0] == 1:
-        dx, dw, db = _aten.native_layer_norm_backward(dy, x, (d,), mu, rstd, w[0], w[0], [True, True, True])
+        dx, dw, db = _aten.native_layer_norm_backward(dy, x, (d,), mu, rstd, w[0], w[0],
+                                                      [True, True, True])
         return dx, dw[None], db[None]
     dw, db = (dy * ((x - mu) * rstd)).sum(1), dy.sum(1)
     dx = _aten.native_layer_norm_backward(dy * w.unsqueeze(1), x, (d,), mu, rstd, None, None,
@@ -124,7 +125,7 @@ def icl_loss_and_grads(cfg, p, xs, ys, per_token=False, slice_last=True):
     loss_tok = (err * err).mean(1)
     loss = loss_tok if per_token else loss_tok.mean(1)
 
-    g = {}  # ------------------------------------------------------------------ backward of the mean loss
+    g = {}  # ----------------------------------------------------------- backward of the mean loss
     dpred = (err * (2.0 / (B * K))).view(G, dm.M, 1)
     g["unembedding.1.weight"] = torch.zeros_like(p["unembedding.1.weight"])
     g["unembedding.1.weight"][:, 0] = torch.bmm(_t(f), dpred)[..., 0]
@@ -139,7 +140,8 @@ def icl_loss_and_grads(cfg, p, xs, ys, per_token=False, slice_last=True):
     for i in reversed(range(nl)):
         dx = _block_backward(_block(p, i), f"blocks.{i}.", dx, saved[i], dm, g)
     g["token_embedding.weight"] = torch.bmm(_t(dx), tok)
-    g["postn_embedding.weight"] = torch.zeros_like(p["postn_embedding.weight"])  # T of 2K_cfg columns
+    # (G, d, 2K of the config): T columns used
+    g["postn_embedding.weight"] = torch.zeros_like(p["postn_embedding.weight"])
     g["postn_embedding.weight"][:, :, :dm.T] = _t(dx.view(G, B, dm.T, dm.d).sum(1))
     return loss, g
 
@@ -153,7 +155,8 @@ def _block_forward(W, x, last, mask, dm):
     """One block, y = x + attn(LN0 x); x <- x + (y + mlp(LN1 y)) (the doubled residual), and what
     its backward needs; `last`: only at the x-token rows (queries, residual and MLP)."""
     G, B, K, T, d, H, dh, N, M = dm
-    Wqkv = W("attention.qkv.weight").view(G, H, 3, dh, d).transpose(1, 2)  # (G, 3, H, dh, d): q|k|v rows
+    # (G, 3, H, dh, d): the rows of q, k and v per head
+    Wqkv = W("attention.qkv.weight").view(G, H, 3, dh, d).transpose(1, 2)
     Wo = W("attention.out.weight")
     a, s0 = _ln(x, W("layer_norms.0.weight"), W("layer_norms.0.bias"))
     if not last:
@@ -189,7 +192,8 @@ def _block_backward(W, pre, dx, saved, dm, g):
     dy += dxn
     g[pre + "attention.out.weight"] = _heads_wgrad(o, dy).permute(1, 3, 0, 2).reshape(G, d, d)
     do = _heads_in(dy, Wo.view(G, d, H, dh).transpose(1, 2).contiguous()).view(H * G * B, Tq, dh)
-    dS = torch._softmax_backward_data(torch.bmm(do, _t(v)), P, -1, P.dtype).mul_(1.0 / math.sqrt(dh))
+    dS = torch._softmax_backward_data(torch.bmm(do, _t(v)), P, -1, P.dtype)
+    dS.mul_(1.0 / math.sqrt(dh))
     J = 3 if not last else 2  # the per-head projections computed at all T rows
     buf = torch.empty(J, H * G * B, T, dh, dtype=a.dtype, device=a.device)  # d(q|k|v) or d(k|v)
     if not last:
@@ -214,7 +218,7 @@ def _block_backward(W, pre, dx, saved, dm, g):
     return dx
 
 
-# --------------------------------------------------------------------------- the fused SGLD update
+# -------------------------------------------------------------------------- the fused SGLD update
 if triton is not None:
     @triton.jit
     def _sgld_kernel(w_ptr, w0_ptr, g_ptr, key_ptr, P, CG, a, b, c, BLOCK: tl.constexpr):
@@ -228,7 +232,8 @@ if triton is not None:
         w = tl.load(w_ptr + idx, mask=mask)
         w0 = tl.load(w0_ptr + (chain // CG) * P + j, mask=mask)
         g = tl.load(g_ptr + idx, mask=mask)
-        z = tl.randn(tl.load(key_ptr), (chain % CG) * P + j)  # the Philox counter: unique per (chain, element)
+        # the Philox counter: unique per (chain, element)
+        z = tl.randn(tl.load(key_ptr), (chain % CG) * P + j)
         tl.store(w_ptr + idx, w - a * g - b * (w - w0) + c * z, mask=mask)
 
 
@@ -238,14 +243,16 @@ def sgld_update_triton(W, W0, G, a, b, c, key, block=1024):
     if triton is None:
         raise RuntimeError("update_backend='triton' needs the triton package")
     if not W.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("the Triton update on CPU tensors needs TRITON_INTERPRET=1 set before importing sgld")
+        raise RuntimeError("the Triton update on CPU tensors needs TRITON_INTERPRET=1 set before "
+                           "importing fast")
     assert W.is_contiguous() and G.is_contiguous() and W0.is_contiguous() and W.shape == G.shape
     if not torch.is_tensor(key):
         key = torch.tensor([key], dtype=torch.int64, device=W.device)
     C, P = W.shape
     R = W0.shape[0] if W0.dim() == 2 else 1
     assert W0.shape[-1] == P and C % R == 0
-    _sgld_kernel[(triton.cdiv(P, block), C)](W, W0, G, key, P, C // R, float(a), float(b), float(c), BLOCK=block)
+    _sgld_kernel[(triton.cdiv(P, block), C)](W, W0, G, key, P, C // R, float(a), float(b), float(c),
+                                              BLOCK=block)
 
 
 _TRITON_CHECKED = {}
@@ -257,22 +264,25 @@ def triton_update_ok(device) -> bool:
     torch update is used."""
     if str(device) not in _TRITON_CHECKED:
         gen = torch.Generator().manual_seed(0)
-        W, G, W0 = (torch.randn(*s, generator=gen).to(device) for s in ((4, 4099), (4, 4099), (4099,)))
+        shapes = ((4, 4099), (4, 4099), (4099,))
+        W, G, W0 = (torch.randn(*s, generator=gen).to(device) for s in shapes)
         want, got, z = W.clone(), W.clone(), W.clone()
         sgld_update_torch(want, W0, G, torch.zeros_like(W), 0.01, 0.02, 0.1)
         sgld_update_triton(got, W0, G, 0.01, 0.02, 0.0, key=123)
         sgld_update_triton(z, W0, G, 0.01, 0.02, 1.0, key=124)
         z, se = (z - want).double(), 1 / math.sqrt(W.numel())
-        why = (None if torch.allclose(got, want, rtol=1e-5, atol=1e-6) else "the noise-free update differs") or (
+        exact = torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+        why = (None if exact else "the noise-free update differs") or (
             None if abs(z.mean()) < 6 * se and abs(z.var() - 1) < 6 * math.sqrt(2) * se else
             f"the noise has mean {float(z.mean()):.4f}, variance {float(z.var()):.4f}")
         if why:
-            warnings.warn(f"the Triton SGLD update failed its check on {device} ({why}): using the torch update")
+            warnings.warn(f"the Triton SGLD update failed its check on {device} ({why}): using the "
+                          "torch update")
         _TRITON_CHECKED[str(device)] = why is None
     return _TRITON_CHECKED[str(device)]
 
 
-# -------------------------------------------------------------------- the hand-derived gradient's check
+# -------------------------------------------------------------- the hand-derived gradient's check
 def batched_grad_mismatch(loss_fn, params, names, batch, rtol=1e-3):
     """None when loss_fn.batched_grad matches autograd of loss_fn at w* on `batch`, else the
     relative errors: a hand-derived gradient goes stale when the model's code is edited."""
@@ -280,17 +290,19 @@ def batched_grad_mismatch(loss_fn, params, names, batch, rtol=1e-3):
         loss = loss_fn(q, batch)
         return loss.mean(), loss.detach()
     try:
-        loss_h, g_h = loss_fn.batched_grad({k: v[None] for k, v in params.items()}, tuple(x[None] for x in batch))
+        stacked = {k: v[None] for k, v in params.items()}
+        loss_h, g_h = loss_fn.batched_grad(stacked, tuple(x[None] for x in batch))
         g_a, loss_a = grad(mean_and_loss, has_aux=True)(params)
-        errs = {k: float((g_h[k][0] - g_a[k]).abs().max() / g_a[k].abs().max().clamp_min(1e-12)) for k in names}
-        errs["(loss)"] = float((loss_h[0] - loss_a).abs().max() / loss_a.abs().max().clamp_min(1e-12))
+        rel = lambda x, y: float((x - y).abs().max() / y.abs().max().clamp_min(1e-12))  # noqa: E731
+        errs = {k: rel(g_h[k][0], g_a[k]) for k in names}
+        errs["(loss)"] = rel(loss_h[0], loss_a)
     except Exception as e:  # noqa: BLE001  (a model whose shapes no longer fit the derivation)
         return {"error": f"{type(e).__name__}: {e}"}
     bad = {k: round(e, 6) for k, e in errs.items() if not e <= rtol}
     return bad or None
 
 
-# -------------------------------------------------------------------------------------- CUDA graphs
+# ------------------------------------------------------------------------------------ CUDA graphs
 def cuda_graph_step(step, first, W, key):
     """sgld_step captured in a CUDA graph on static batch buffers, once checked against the eager
     step (on a mismatch: one warning, eager steps). W and the noise key are restored, so the chains
@@ -316,8 +328,10 @@ def cuda_graph_step(step, first, W, key):
     W.copy_(W_keep), key.copy_(key_keep)
     eager_loss, eager_W = step(first).clone(), W.clone()
     W.copy_(W_keep), key.copy_(key_keep)
-    ok = all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in ((replay(first), eager_loss), (W, eager_W)))
+    pairs = ((replay(first), eager_loss), (W, eager_W))
+    ok = all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in pairs)
     W.copy_(W_keep), key.copy_(key_keep)
     if not ok:
-        warnings.warn("the CUDA-graph SGLD step does not replay the eager step: running eager steps")
+        warnings.warn("the CUDA-graph SGLD step does not replay the eager step: running eager "
+                      "steps")
     return replay if ok else step

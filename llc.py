@@ -14,7 +14,8 @@ import torch
 import common
 import data
 import lm_eval
-from sgld import CHAIN_MODES, AllChainsDivergedError, Settings, estimate_llc, make_generators  # noqa: F401
+from sgld import (CHAIN_MODES, AllChainsDivergedError, Settings, estimate_llc,  # noqa: F401
+                  make_generators)
 
 USAGE = """
 

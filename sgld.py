@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-try:  # optional, third-party: the Triton update (fast.py) needs it; sgld.triton tells callers it is there
+try:  # optional, third-party: fast.py's Triton update needs it (sgld.triton: is it there)
     import triton
 except ImportError:
     triton = None
 
-DRIFT_Z = 4.0  # |llc_drift_z| above this warns: the chains have not settled by the last half of the draws
+DRIFT_Z = 4.0  # |llc_drift_z| above this warns: the chains have not settled by the draws' last half
 
 
 class AllChainsDivergedError(RuntimeError):
@@ -56,30 +56,30 @@ class Settings:
     are reported in its result."""
     epsilon: float                  # step size
     gamma: float                    # localisation strength (pull towards w*)
-    nbeta: object                   # n * inverse temperature; "default": B / ln B (devinterp's default)
+    nbeta: object                   # n * inverse temperature; "default": B / ln B (devinterp's)
     num_chains: int = 8
     num_draws: int = 500
     num_burnin: int = 0
-    batch_size: int | None = None   # rows per chain and step (fixed data: default all rows; an iterable: its)
+    batch_size: int | None = None   # rows per chain and step (default: all fixed rows; a loader's)
     seed: int = 0
-    n: int | None = None            # rows of the L(w*) set: see estimate_llc (default 16 x batch_size)
-    include: object = None          # restricted LLC: glob patterns of the sampled parameters (default all) ...
+    n: int | None = None            # rows of the L(w*) set (default 16 x batch_size; estimate_llc)
+    include: object = None          # restricted LLC: globs of the sampled parameters (all) ...
     exclude: object = None          # ... minus these; the others stay at w*
-    masks: dict | None = None       # {name: bool tensor}: only True elements are sampled (alone: these names)
+    masks: dict | None = None       # {name: bool tensor}: sample only the True elements (and names)
     loss: object = None             # params is an nn.Module: loss(model(input), batch) is the loss
-    inputs: object = None           # ... with input = inputs(batch) (default batch[0], or batch["input_ids"])
-    per_token: bool = False         # loss_fn returns per-token losses (the gradient is of their mean)
+    inputs: object = None           # ... input = inputs(batch) (default batch[0] or ["input_ids"])
+    per_token: bool = False         # loss_fn gives per-token losses (the gradient: of their mean)
     device: object = None           # default: the device of the parameters
-    update_backend: str = "auto"    # auto (triton on CUDA, xla on XLA, else torch) | torch | triton | xla
-    chain_mode: str = "auto"        # how the chains' gradients are computed: auto or a key of GRADIENTS
+    update_backend: str = "auto"    # auto (CUDA: triton, XLA: xla, else torch) | torch | ...
+    chain_mode: str = "auto"        # how the chains' gradients are computed: auto | GRADIENTS key
     cuda_graph: bool = False        # capture one SGLD step in a CUDA graph (CUDA, native, triton)
-    workers: int | None = None      # native_loop on CPU: chain worker threads (default torch's threads)
-    grad_chunk: int = 256           # native_loop on CPU: rows per gradient pass (0: the whole batch)
+    workers: int | None = None      # native_loop on CPU: chain threads (default torch's threads)
+    grad_chunk: int = 256           # native_loop on CPU: rows per gradient pass (0: whole batch)
     progress: str | None = None     # a label: progress lines with rate and ETA on stderr
-    init_loss: list | None = None   # L(w*) per checkpoint, as results give it (init_loss[_per_token])
-    se_target: float = 0.0          # stop once every checkpoint's llc_se is at most this (every 100 draws)
-    paired: bool = False            # L(w*) on each draw's own minibatch: no error from the L(w*) set
-    horizon: int = 0                # > num_draws: the mean over this many steps from w*, extrapolated
+    init_loss: list | None = None   # L(w*) per checkpoint, as results give it (init_loss...)
+    se_target: float = 0.0          # stop once every llc_se is at most this (every 100 draws)
+    paired: bool = False            # L(w*) on each draw's own minibatch: no L(w*) set error
+    horizon: int = 0                # > num_draws: the mean over this many steps, extrapolated
 
     def __post_init__(self):
         if not (self.epsilon > 0 and (self.nbeta == "default" or self.nbeta > 0) and self.gamma >= 0
@@ -88,12 +88,12 @@ class Settings:
                 and not (self.horizon and self.num_burnin)):
             raise ValueError(
                 f"need epsilon, nbeta > 0, gamma >= 0, num_chains, num_draws >= 1, num_burnin, "
-                f"grad_chunk, se_target, horizon >= 0, horizon only without burn-in; got {self.epsilon}, "
-                f"{self.nbeta}, {self.gamma}, {self.num_chains}, {self.num_draws}, {self.num_burnin}, "
-                f"{self.grad_chunk}, {self.se_target}, {self.horizon}")
+                f"grad_chunk, se_target, horizon >= 0, horizon only without burn-in; got "
+                f"{self.epsilon}, {self.nbeta}, {self.gamma}, {self.num_chains}, {self.num_draws}, "
+                f"{self.num_burnin}, {self.grad_chunk}, {self.se_target}, {self.horizon}")
 
 
-# ------------------------------------------------------------------------------------------ the loop
+# ----------------------------------------------------------------------------------------- the loop
 def sgld_loop(grad_fn, update, batches, W, total, shape, star=None, graph=None, stop=None,
               progress=None, sync=None):
     """`total` SGLD steps of every chain (a row of W). A step: each chain's loss and gradient at its
@@ -137,7 +137,8 @@ def sgld_update_torch(W, W0, G, noise, a, b, c):
     """W <- W - a G - b (W - W0) + c noise in place (the Triton kernel's order). W0: (P,), or a row
     per group of chains (R, P); noise: (C, P), or one group's (C / R, P) used by every group."""
     R, P = (W0.shape[0] if W0.dim() == 2 else 1), W.shape[1]
-    Wg, z = W.view(R, -1, P), noise.view(-1, P) if noise.shape[0] != W.shape[0] else noise.view(R, -1, P)
+    z = noise.view(-1, P) if noise.shape[0] != W.shape[0] else noise.view(R, -1, P)
+    Wg = W.view(R, -1, P)
     Wg.copy_(Wg - a * G.view(R, -1, P) - b * (Wg - W0.view(R, 1, P)) + c * z)
 
 
@@ -189,10 +190,10 @@ def estimate_llc(loss_fn, params, data, **settings):
     mode = choose_gradient(loss_fn, w_stars, chains, data, s, B, g_init, device)
     backend = choose_update(s, device, mode)
     grad_fn, threads = GRADIENTS[mode](loss_fn, chains, s), torch.get_num_threads()
-    if mode == "native_loop" and device.type == "cpu":  # each chain single-threaded, whichever worker
+    if mode == "native_loop" and device.type == "cpu":  # each chain single-threaded, any worker
         torch.set_num_threads(1)
-    update = make_update(backend, chains.W0, C, sgld_coefficients(s.epsilon, s.gamma, nbeta), seeds[1],
-                         g_noise)
+    coeffs = sgld_coefficients(s.epsilon, s.gamma, nbeta)
+    update = make_update(backend, chains.W0, C, coeffs, seeds[1], g_noise)
     total, t_sample = s.num_burnin + s.num_draws, time.time()
     try:
         trace, alive = sgld_loop(
@@ -212,8 +213,8 @@ def estimate_llc(loss_fn, params, data, **settings):
                 horizon=s.horizon, data_mode="stream" if isinstance(data, StreamData) else "fixed",
                 num_params=chains.W.shape[1], update_backend=backend, chain_mode=mode,
                 cuda_graph=bool(s.cuda_graph), checkpoints_batched=num_ckpts,
-                **(dict(se_target=s.se_target, draws_used=draws) if s.se_target else {}),  # num_draws: cap
-                sample_time=time.time() - t_sample)  # chain-steps/s: num_ckpts*C*total / sample_time
+                **(dict(se_target=s.se_target, draws_used=draws) if s.se_target else {}),
+                sample_time=time.time() - t_sample)  # chain-steps/s: num_ckpts*C*total / this
     finish(results, info, t_start)
     return results if isinstance(params, (list, tuple)) else results[0]
 
@@ -227,7 +228,7 @@ def setup(loss_fn, params, data, s):
     if model is not None and params is None:
         params = {k: v.detach() for k, v in model.named_parameters()}
     group = checkpoints(params)
-    device = torch.device(s.device) if s.device is not None else next(iter(group[0].values())).device
+    device = next(iter(group[0].values())).device if s.device is None else torch.device(s.device)
     w_stars = [{k: v.detach().to(device) for k, v in p.items()} for p in group]
     data, B = wrap_data(data, s, device)
     if model is not None:
@@ -243,7 +244,8 @@ def init_losses(loss_fn, w_stars, data, B, s, gen, seed):
     for w in w_stars[len(L0):]:
         gen.manual_seed(seed)
         L0.append(mean_loss(loss_fn, w, data, B, gen))
-    if len(L0) != len(w_stars) or any(v.dim() != int(s.per_token) or not torch.isfinite(v).all() for v in L0):
+    bad = any(v.dim() != int(s.per_token) or not torch.isfinite(v).all() for v in L0)
+    if bad or len(L0) != len(w_stars):
         want = "vector (per_token=True)" if s.per_token else "scalar (per_token=False)"
         raise ValueError(f"L(w*) = {[v.tolist() for v in L0]}: need a finite {want} per checkpoint")
     return L0
@@ -253,8 +255,9 @@ def summarise(trace, alive, L0, s, nbeta):
     """Each checkpoint's estimate from the post-burn-in part of the on-device trace (read back
     here), and the number of draws it used."""
     C, tr = s.num_chains, trace[:, s.num_burnin:].double().cpu().numpy()
-    return [chain_summary(tr[g * C:(g + 1) * C], L0[g].cpu().numpy(), alive[g * C:(g + 1) * C], nbeta,
-                          s.per_token, s.paired, s.horizon) for g in range(len(L0))], tr.shape[1]
+    rows = [chain_summary(tr[g * C:(g + 1) * C], L0[g].cpu().numpy(), alive[g * C:(g + 1) * C],
+                          nbeta, s.per_token, s.paired, s.horizon) for g in range(len(L0))]
+    return rows, tr.shape[1]
 
 
 def se_stop(s, L0, nbeta):
@@ -277,16 +280,17 @@ def finish(results, info, t_start):
     many = len(results) > 1
     if lost := [g for g, r in enumerate(results) if r is None]:
         raise AllChainsDivergedError(
-            f"all {info['num_chains']} SGLD chains diverged (non-finite loss) with epsilon={info['epsilon']}, "
-            f"nbeta={info['nbeta']}, gamma={info['gamma']}"
+            f"all {info['num_chains']} SGLD chains diverged (non-finite loss) with "
+            f"epsilon={info['epsilon']}, nbeta={info['nbeta']}, gamma={info['gamma']}"
             f"{f' at checkpoint(s) {lost} of the {len(results)}' if many else ''}: lower epsilon "
             "(or nbeta), or check that w* is near a minimum")
     for g, r in enumerate(results):
         r.update(info, wall_time=time.time() - t_start)
         if abs(r["llc_drift_z"]) > DRIFT_Z:
-            warnings.warn(f"{f'checkpoint {g}: ' if many else ''}the chains still drift: the last quarter "
-                          f"of the draws sits {r['llc_drift']:+.2f} LLC ({r['llc_drift_z']:+.1f} se) from "
-                          "the one before; lengthen num_burnin (or num_draws)")
+            where = f"checkpoint {g}: " if many else ""
+            warnings.warn(f"{where}the chains still drift: the last quarter of the draws sits "
+                          f"{r['llc_drift']:+.2f} LLC ({r['llc_drift_z']:+.1f} se) from the one "
+                          "before; lengthen num_burnin (or num_draws)")
 
 
 def module_loss(model, loss, inputs, keys):
@@ -305,8 +309,8 @@ def checkpoints(params):
     group = list(params) if isinstance(params, (list, tuple)) else [params]
     if not group or any(set(p) != set(group[0]) or any(p[k].shape != group[0][k].shape for k in p)
                         for p in group):
-        raise ValueError("a list of checkpoints needs at least one, all with the same parameter names and "
-                         "shapes")
+        raise ValueError("a list of checkpoints needs at least one, all with the same parameter "
+                         "names and shapes")
     if bad := [k for p in group for k, v in p.items() if not torch.isfinite(v).all()]:
         raise ValueError(f"parameter {bad[0]!r} of w* has non-finite values")
     return group
@@ -347,13 +351,13 @@ def sampled_names(s, w):
     masks, names = s.masks or {}, list(w)
     for k, m in masks.items():
         if k not in w or m.dtype != torch.bool or m.shape != w[k].shape or not m.any():
-            raise ValueError(f"mask {k!r}: need a bool tensor of the parameter's shape with a True element "
-                             f"(names: {', '.join(names)})")
+            raise ValueError(f"mask {k!r}: need a bool tensor of the parameter's shape with a True "
+                             f"element (names: {', '.join(names)})")
     if masks and s.include is None and s.exclude is None:
         return [n for n in names if n in masks]
     sel = select_params(names, s.include, s.exclude)
     if set(masks) - set(sel):
-        raise ValueError(f"masks for parameters that are not sampled: {sorted(set(masks) - set(sel))}")
+        raise ValueError(f"masks for parameters not sampled: {sorted(set(masks) - set(sel))}")
     return sel
 
 
@@ -381,14 +385,15 @@ class Chains:
         """Named parameters from the flat row(s) w, (P,) or (R, P), as views (so grad gives a flat
         gradient), and fz; a masked tensor is its frozen w* with the sampled elements written in."""
         lead, out = w.shape[:-1], {}
-        for k, p, sh, i in zip(self.names, torch.split(w, self.sizes, dim=-1), self.shapes, self.idx):
+        parts = torch.split(w, self.sizes, dim=-1)
+        for k, p, sh, i in zip(self.names, parts, self.shapes, self.idx):
             shape = tuple(lead) + tuple(sh)  # a tuple: a 0-dim parameter has an empty shape
             out[k] = p.view(shape) if i is None else \
                 fz[k].reshape(*lead, -1).index_copy(-1, i, p).view(shape)
         return {**fz, **out}
 
 
-# ---------------------------------------------------------------------------------------------- data
+# --------------------------------------------------------------------------------------------- data
 def make_generators(seed, device):
     """Independent generators (data order, noise, L(w*) set, fixed dataset) from one seed. XLA draws
     on the CPU."""
@@ -405,14 +410,15 @@ def wrap_data(data, s, device):
         if not s.batch_size:
             raise ValueError("a stream `data` (a sample callable) needs batch_size")
         return StreamData(data, int(s.n or 16 * s.batch_size), device), s.batch_size
-    if not (torch.is_tensor(data) or isinstance(data, (tuple, list)) and all(map(torch.is_tensor, data))):
+    tensors = isinstance(data, (tuple, list)) and all(map(torch.is_tensor, data))
+    if not (torch.is_tensor(data) or tensors):
         data = IterData(data, s.n, device)
         return data, data.B
     data = FixedData(data, device)
     B = int(s.batch_size or data.n)
     if s.n is not None and s.n != data.n or B > data.n:
-        raise ValueError(f"fixed dataset of {data.n} rows: n={s.n} must be None or {data.n}, batch_size="
-                         f"{B} at most {data.n}")
+        raise ValueError(f"fixed dataset of {data.n} rows: n={s.n} must be None or {data.n}, "
+                         f"batch_size={B} at most {data.n}")
     return data, B
 
 
@@ -421,7 +427,9 @@ def minibatches(data, C, B, num_ckpts, gen):
     rows."""
     def next_batch():
         batch = data.next(C, B, gen)
-        return batch if num_ckpts == 1 else tuple(x.repeat(num_ckpts, *[1] * (x.dim() - 1)) for x in batch)
+        if num_ckpts == 1:
+            return batch
+        return tuple(x.repeat(num_ckpts, *[1] * (x.dim() - 1)) for x in batch)
     return next_batch
 
 
@@ -446,7 +454,7 @@ class FixedData:
     def next(self, C, B, gen):
         if B == self.n:  # full batch: every chain sees the whole set
             return tuple(x.expand(C, *x.shape) for x in self.rows)
-        if self.perm is None or self.pos + B > self.n:  # on the generator's device (XLA: the host's)
+        if self.perm is None or self.pos + B > self.n:  # on the generator's device (XLA: host)
             rand = torch.rand(C, self.n, generator=gen, device=gen.device)
             self.perm, self.pos = torch.argsort(rand, dim=1), 0
         idx = self.perm[:, self.pos:self.pos + B].to(self.rows[0].device)
@@ -504,7 +512,8 @@ class IterData:
         for _ in range(2):
             if len((b := self.fetch())[0]) == B:
                 return b
-        raise ValueError(f"every batch but a pass's last needs {B} rows (the first batch's), got {len(b[0])}")
+        raise ValueError(f"every batch but a pass's last needs {B} rows (the first batch's), got "
+                         f"{len(b[0])}")
 
     def next(self, C, B, gen):
         return tuple(torch.stack(x) for x in zip(*[self.full_batch(B) for _ in range(C)]))
@@ -514,10 +523,11 @@ class IterData:
 def mean_loss(loss_fn, params, data, chunk, gen):
     """L(w*): the mean loss over data's L(w*) rows in chunks (weighted by size), accumulated in
     float64."""
-    return sum(loss_fn(params, b).double() * b[0].shape[0] for b in data.chunks(chunk, gen)) / data.n
+    total = sum(loss_fn(params, b).double() * b[0].shape[0] for b in data.chunks(chunk, gen))
+    return total / data.n
 
 
-# ----------------------------------------------------------------------------- the chains' gradients
+# ---------------------------------------------------------------------------- the chains' gradients
 def vmap_grad(loss_fn, chains, s):
     """torch.func: grad vmapped over the chains (frozen parameters as vmapped inputs)."""
     def objective(w, fz, batch):
@@ -578,7 +588,8 @@ def native_loop_grad(loss_fn, chains, s):
     return grad_fn
 
 
-GRADIENTS = {"vmap": vmap_grad, "loop": loop_grad, "native": native_grad, "native_loop": native_loop_grad}
+GRADIENTS = {"vmap": vmap_grad, "loop": loop_grad, "native": native_grad,
+             "native_loop": native_loop_grad}
 CHAIN_MODES = ("auto", *GRADIENTS)
 
 
@@ -603,8 +614,8 @@ def choose_gradient(loss_fn, w_stars, chains, data, s, B, gen, device):
     if not mode.startswith("native"):
         return mode
     if getattr(loss_fn, "batched_grad", None) is None:
-        raise ValueError(f"chain_mode={mode!r} needs a loss_fn with a batched_grad (data.RunLoss has one "
-                         "for the regression task)")
+        raise ValueError(f"chain_mode={mode!r} needs a loss_fn with a batched_grad (data.RunLoss "
+                         "has one for the regression task)")
     if (fast := fast_paths()) is None:
         bad = {"error": "fast.py, which checks it against autograd, is not importable"}
     else:
@@ -613,12 +624,13 @@ def choose_gradient(loss_fn, w_stars, chains, data, s, B, gen, device):
                                  for w in w_stars)), None)
     if bad and s.chain_mode == "auto":
         mode = pick_chain_mode(None, device, B, P)
-        warnings.warn(f"the hand-derived gradient disagrees with autograd ({bad}): has the model's code "
-                      f"changed? Using chain_mode={mode!r} (autograd); set chain_mode to silence this")
+        warnings.warn(f"the hand-derived gradient disagrees with autograd ({bad}): has the model's "
+                      f"code changed? Using chain_mode={mode!r} (autograd); set chain_mode to "
+                      "silence this")
     elif bad:
         raise ValueError(f"the hand-derived gradient (batched_grad) disagrees with autograd at w* "
-                         f"(relative errors {bad}): has the model's code changed? Use chain_mode='loop' or "
-                         "'vmap', or update fast.py")
+                         f"(relative errors {bad}): has the model's code changed? Use "
+                         "chain_mode='loop' or 'vmap', or update fast.py")
     return mode
 
 
@@ -635,7 +647,7 @@ def star_losses(loss_fn, chains, mode):
     return torch.no_grad()(lambda batch: f(W0, chains.frozen, batch))
 
 
-# ----------------------------------------------------------- shared helpers (common.py imports these)
+# --------------------------------------------------------- shared helpers (common.py imports these)
 def derive_seed(*keys: int) -> int:
     """An independent 63-bit seed for a named random stream, e.g. (seed, rank, step): no overlap
     between streams."""
@@ -646,11 +658,14 @@ def derive_seed(*keys: int) -> int:
 def _glob(pattern):
     """`*` matches within one dotted segment, `**` across segments; anchored at both ends."""
     parts = re.split(r"(\*\*|\*)", pattern)
-    return re.compile("".join(".*" if p == "**" else "[^.]*" if p == "*" else re.escape(p) for p in parts))
+    regex = (".*" if p == "**" else "[^.]*" if p == "*" else re.escape(p) for p in parts)
+    return re.compile("".join(regex))
 
 
 def _patterns(x):
-    return [p.strip() for p in (x.split(",") if isinstance(x, str) else x) if p.strip()] if x else []
+    if not x:
+        return []
+    return [p.strip() for p in (x.split(",") if isinstance(x, str) else x) if p.strip()]
 
 
 def select_params(names, include=None, exclude=None):
@@ -661,7 +676,8 @@ def select_params(names, include=None, exclude=None):
     regs = {p: _glob(p) for p in inc + exc}
     for p, r in regs.items():
         if not any(r.fullmatch(n) for n in names):
-            raise ValueError(f"parameter pattern {p!r} matches no parameter; names are: {', '.join(names)}")
+            raise ValueError(f"parameter pattern {p!r} matches no parameter; names are: "
+                             f"{', '.join(names)}")
     sel = [n for n in names if any(regs[p].fullmatch(n) for p in inc)
            and not any(regs[p].fullmatch(n) for p in exc)]
     if not sel:
@@ -691,10 +707,12 @@ class Progress:
 def fmt_time(sec):
     if not np.isfinite(sec):
         return "?"
-    return f"{sec / 3600:.1f}h" if sec >= 3600 else f"{sec / 60:.1f}m" if sec >= 60 else f"{sec:.0f}s"
+    if sec >= 3600:
+        return f"{sec / 3600:.1f}h"
+    return f"{sec / 60:.1f}m" if sec >= 60 else f"{sec:.0f}s"
 
 
-# ---------------------------------------------------------------------------------------------- diagnostics
+# -------------------------------------------------------------------------------------- diagnostics
 def ess_rhat(x):
     """Multi-chain effective sample size (Geyer's initial monotone sequence, as in Stan),
     split-R-hat and the pooled variance, for x of shape (C, T)."""
@@ -758,22 +776,26 @@ def chain_summary(tr, L0, alive, nbeta, per_token, paired=False, horizon=0):
     if len(ok) == 0:
         return None
     raw, star = (tr[:, :, 0], tr[:, :, 1]) if paired else (tr, None)
-    excess = raw - (star if paired else L0)  # per draw: L_batch(w_t) - L(w*), paired on the same batch
-    tokens = (lambda x: x.mean(-1)) if per_token else (lambda x: x)  # per-token losses averaged over tokens
+    excess = raw - (star if paired else L0)  # per draw: L_batch(w_t) - L(w*) (paired: same batch)
+    tokens = (lambda x: x.mean(-1)) if per_token else (lambda x: x)  # averaged over the tokens
     ex = nbeta * tokens(excess)  # (C, T): per-draw LLC
     per_chain = extrapolate(ex, horizon)
     per_chain[bad] = np.nan
     ess, rhat, var = ess_rhat(ex[ok])
-    se_ess = math.sqrt(var / ess) if horizon <= ex.shape[1] else float("nan")  # extrapolated: the spread only
-    se_chains = float(per_chain[ok].std(ddof=1) / math.sqrt(len(ok))) if len(ok) > 1 else float("nan")
+    # extrapolated (a horizon past the draws): the chains' spread only
+    se_ess = math.sqrt(var / ess) if horizon <= ex.shape[1] else float("nan")
+    spread = per_chain[ok].std(ddof=1) / math.sqrt(len(ok)) if len(ok) > 1 else float("nan")
+    se_chains = float(spread)
     d, d_se = drift(ex[ok])
     out = dict(llc_mean=float(per_chain[ok].mean()),
                llc_std=float(per_chain[ok].std(ddof=1)) if len(ok) > 1 else 0.0,
-               llc_se=float(np.nanmax([se_ess, se_chains])), llc_se_ess=se_ess, llc_se_chains=se_chains,
+               llc_se=float(np.nanmax([se_ess, se_chains])), llc_se_ess=se_ess,
+               llc_se_chains=se_chains,
                llc_drift=d, llc_drift_z=d / d_se if d_se > 0 else float("nan"),
                llc_per_chain=per_chain.tolist(), loss_trace=torch.from_numpy(tokens(raw)),
                llc_trace=torch.from_numpy(ex),
-               init_loss=float(L0.mean()), nan_chains=np.flatnonzero(bad).tolist(), rhat=rhat, ess=ess)
+               init_loss=float(L0.mean()), nan_chains=np.flatnonzero(bad).tolist(), rhat=rhat,
+               ess=ess)
     if paired:
         out["init_loss_paired"] = float(tokens(star[ok]).mean())
     if per_token:
