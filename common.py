@@ -1,6 +1,8 @@
-"""What the scripts share, nothing project-specific (it imports no project module): the command line, atomic files,
-JSON lines, checkpoint files (<run>/checkpoints/step_{step:07d}.safetensors, .state.pt for resuming), progress
-lines with ETA, and malloc settings."""
+"""What the scripts share, nothing project-specific: the command line, atomic files, JSON lines,
+checkpoint files (<run>/checkpoints/step_{step:07d}.safetensors, .state.pt for resuming), progress
+lines with ETA, and malloc settings. Its one project import is sgld, which defines the helpers the
+estimator needs too (seeds, parameter globs, progress lines), so that sgld.py can be copied
+alone."""
 import ast
 import contextlib
 import difflib
@@ -13,7 +15,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+# defined once, in sgld.py (which must stay copyable alone)
+from sgld import Progress, derive_seed, fmt_time, select_params  # noqa: F401
 
 
 class ConfigError(ValueError):
@@ -37,11 +41,12 @@ class RunError(RuntimeError):
     folder): one line and exit code 2, like a usage error, but found after work started."""
 
 
-# ---------------------------------------------------------------------------------------- the command line
+# ------------------------------------------------------------------------------- the command line
 def configure(defaults: dict, argv, choices=None, positional=False):
-    """nanoGPT-style `[config.py ...] [--key=value | --key value | --flag ...]`, later sources win: keys must exist in
-    `defaults`, values keep the default's type (an int is taken for a float), `choices` lists allowed values; a bare
-    argument not ending in .py is a positional (returned with the config) if `positional`, else an error."""
+    """nanoGPT-style `[config.py ...] [--key=value | --key value | --flag ...]`, later sources win:
+    keys must exist in `defaults`, values keep the default's type (an int is taken for a float),
+    `choices` lists allowed values; a bare argument not ending in .py is a positional (returned with
+    the config) if `positional`, else an error."""
     cfg, args, rest, i = dict(defaults), list(argv), [], 0
     while i < len(args):
         arg, i = args[i], i + 1
@@ -52,11 +57,13 @@ def configure(defaults: dict, argv, choices=None, positional=False):
             elif positional:
                 rest.append(arg)
             else:
-                raise ConfigError(f"unexpected argument {arg!r} (config files end in .py; options are --key=value)")
+                raise ConfigError(f"unexpected argument {arg!r} (config files end in .py; options "
+                                  "are --key=value)")
             continue
         key, sep, raw = arg[2:].partition("=")
         if key not in defaults:
-            _set(cfg, defaults, key, None, f"argument {arg}")  # an unknown option: raises, naming the closest ones
+            # an unknown option: raises, naming the closest ones
+            _set(cfg, defaults, key, None, f"argument {arg}")
         if not sep:
             if isinstance(defaults.get(key), bool):
                 raw = "True"
@@ -71,12 +78,14 @@ def configure(defaults: dict, argv, choices=None, positional=False):
         _set(cfg, defaults, key, val, f"argument {arg}")
     for key, allowed in (choices or {}).items():
         if cfg[key] not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {cfg[key]!r}")
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got "
+                              f"{cfg[key]!r}")
     return (cfg, rest) if positional else cfg
 
 
 def read_config_file(path) -> dict:
-    """The assignments of a plain-Python config file (names starting with _ , functions and modules left out)."""
+    """The assignments of a plain-Python config file (names starting with _ , functions and modules
+    left out)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -92,18 +101,20 @@ def read_config_file(path) -> dict:
 def _set(cfg, defaults, key, val, where):
     if key not in defaults:
         close = difflib.get_close_matches(key, defaults, n=3)
-        raise ConfigError(f"unknown option {key!r} in {where}" + (f"; did you mean {', '.join(close)}?" if close
-                                                                   else "; see --help"))
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see --help"
+        raise ConfigError(f"unknown option {key!r} in {where}{hint}")
     want = type(defaults[key])
     if want is float and type(val) is int:
         val = float(val)
     if type(val) is not want:
-        raise ConfigError(f"{key} must be {want.__name__}, got {type(val).__name__} {val!r} in {where}")
+        raise ConfigError(f"{key} must be {want.__name__}, got {type(val).__name__} {val!r} in "
+                          f"{where}")
     cfg[key] = val
 
 
 def option_help(defaults: dict, *sources) -> str:
-    """One line per option: --key=default and the comment written beside its default in the source files."""
+    """One line per option: --key=default and the comment written beside its default in the source
+    files."""
     notes = {}
     for src in sources:
         for line in Path(src).read_text().splitlines():
@@ -111,12 +122,14 @@ def option_help(defaults: dict, *sources) -> str:
             if m and m[1] in defaults:
                 notes.setdefault(m[1], m[2].strip())
     width = max(len(f"--{k}={v!r}") for k, v in defaults.items())
-    return "\n".join(f"  {f'--{k}={v!r}':<{width}}  {notes.get(k, '')}".rstrip() for k, v in defaults.items())
+    lines = (f"  {f'--{k}={v!r}':<{width}}  {notes.get(k, '')}".rstrip()
+             for k, v in defaults.items())
+    return "\n".join(lines)
 
 
 def parse_args(prog, doc, defaults, argv, *, sources=(), choices=None, positional=False):
-    """configure() for a script's main: --help prints the docstring and every option; a bad option is one line on
-    stderr and exit code 2, before anything is written."""
+    """configure() for a script's main: --help prints the docstring and every option; a bad option
+    is one line on stderr and exit code 2, before anything is written."""
     argv = list(argv)
     if {"-h", "--help"} & set(argv):
         print(f"{doc.strip()}\n\nOptions (config files: plain Python assignments of these names):\n"
@@ -171,64 +184,11 @@ def one_line_errors(prog, usage=(), environment=(), after=""):
     return wrap
 
 
-def _glob(pattern):
-    """`*` matches within one dotted segment, `**` across segments; anchored at both ends."""
-    parts = re.split(r"(\*\*|\*)", pattern)
-    return re.compile("".join(".*" if p == "**" else "[^.]*" if p == "*" else re.escape(p) for p in parts))
-
-
-def _patterns(x):
-    return [p.strip() for p in (x.split(",") if isinstance(x, str) else x) if p.strip()] if x else []
-
-
-def select_params(names, include=None, exclude=None):
-    """Parameter names matched by an include glob and by no exclude glob (exclude wins; default include: all), e.g.
-    'blocks.*.attention.**': `*` within one dotted segment, `**` across; comma-separated in a string."""
-    inc, exc = _patterns(include) or ["**"], _patterns(exclude)
-    regs = {p: _glob(p) for p in inc + exc}
-    for p, r in regs.items():
-        if not any(r.fullmatch(n) for n in names):
-            raise ValueError(f"parameter pattern {p!r} matches no parameter; names are: {', '.join(names)}")
-    sel = [n for n in names if any(regs[p].fullmatch(n) for p in inc) and not any(regs[p].fullmatch(n) for p in exc)]
-    if not sel:
-        raise ValueError(f"include={inc} / exclude={exc} leave no parameter to sample")
-    return sel
-
-
-def derive_seed(*keys: int) -> int:
-    """An independent 63-bit seed for a named random stream, e.g. (seed, rank, step): no overlap between streams."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-class Progress:
-    """Progress lines with rate and ETA on stderr, at most every `every` seconds and at the end."""
-
-    def __init__(self, label, total, unit="it", every=10.0):
-        self.label, self.total, self.unit, self.every = label, total, unit, every
-        self.t0 = self.last = time.time()
-
-    def update(self, done, note="", force=False):
-        now = time.time()
-        if not (force or done >= self.total or now - self.last >= self.every):
-            return
-        self.last, el = now, now - self.t0
-        rate = done / el if el > 0 else float("inf")
-        eta = (self.total - done) / rate if done and rate > 0 else float("nan")
-        print(f"{self.label}: {done}/{self.total} {self.unit}, {rate:.3g} {self.unit}/s, elapsed {fmt_time(el)}, "
-              f"ETA {fmt_time(eta)}{' | ' + note if note else ''}", file=sys.stderr, flush=True)
-
-
-def fmt_time(sec):
-    if not np.isfinite(sec):
-        return "?"
-    return f"{sec / 3600:.1f}h" if sec >= 3600 else f"{sec / 60:.1f}m" if sec >= 60 else f"{sec:.0f}s"
-
-
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------------------------------------------- files
+# ------------------------------------------------------------------------------------------ files
 @contextlib.contextmanager
 def naming(path):
     """OSErrors inside name `path`: a failed write has no file name, and a temp file's name is not
@@ -343,13 +303,15 @@ def read_jsonl(path) -> list:
     return rows
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
+# ------------------------------------------------------------------------------------ checkpoints
 def ckpt_path(out_dir, step: int, state: bool = False) -> Path:
-    return Path(out_dir) / "checkpoints" / f"step_{step:07d}.{'state.pt' if state else 'safetensors'}"
+    ext = "state.pt" if state else "safetensors"
+    return Path(out_dir) / "checkpoints" / f"step_{step:07d}.{ext}"
 
 
 def save_checkpoint(out_dir, step: int, model, state: dict | None = None) -> None:
-    """Parameters as safetensors (exactly named_parameters); the resume state beside it, written first."""
+    """Parameters as safetensors (exactly named_parameters); the resume state beside it, written
+    first."""
     if state is not None:
         buf = io.BytesIO()
         torch.save(state, buf)
@@ -371,8 +333,8 @@ def load_params(out_dir, step: int) -> dict:
     try:
         return st_load(path.read_bytes())
     except (SafetensorError, ValueError, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({e}); delete it to fall back "
-                              "to the previous one") from e
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({e}); delete it to fall "
+                              "back to the previous one") from e
 
 
 def load_state(out_dir, step: int) -> dict:
@@ -390,15 +352,17 @@ def load_run(out_dir) -> dict:
     return json.loads(path.read_text())
 
 
-# ------------------------------------------------------------------------------------------------ memory
+# ----------------------------------------------------------------------------------------- memory
 def tune_malloc():
-    """glibc: keep freed blocks up to 32 MB in the heap, so large CPU tensors are not page-faulted in again at every
-    step. Called by the command lines, not the library. Returns the same settings as environment variables."""
+    """glibc: keep freed blocks up to 32 MB in the heap, so large CPU tensors are not page-faulted
+    in again at every step. Called by the command lines, not the library. Returns the same settings
+    as environment variables."""
     env = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
            "MALLOC_TOP_PAD_": str(64 << 20)}
     libc = _libc()
     if libc is not None:
-        for opt, key in ((-3, "MALLOC_MMAP_THRESHOLD_"), (-1, "MALLOC_TRIM_THRESHOLD_"), (-2, "MALLOC_TOP_PAD_")):
+        for opt, key in ((-3, "MALLOC_MMAP_THRESHOLD_"), (-1, "MALLOC_TRIM_THRESHOLD_"),
+                         (-2, "MALLOC_TOP_PAD_")):
             libc.mallopt(opt, int(env[key]))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
     return env
 
@@ -413,7 +377,8 @@ def _libc():
 
 
 def release_memory():
-    """Give the heap's free memory back to the OS (glibc malloc_trim), e.g. between checkpoints of a sweep."""
+    """Give the heap's free memory back to the OS (glibc malloc_trim), e.g. between checkpoints of a
+    sweep."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -1,12 +1,17 @@
-"""The fast paths, each checked against its plain counterpart before use: the regression transformer's loss and
-gradient for stacked chains derived by hand (vs autograd), and the fused Triton SGLD update (vs the torch update).
-Imports nothing from the project; sgld.py falls back to the plain paths, with a warning, when a check fails."""
+"""The fast paths, each checked against its plain counterpart before use: the regression
+transformer's loss and gradient for stacked chains derived by hand (vs autograd), and the fused
+Triton SGLD update (vs the torch update). Imports only sgld (the torch update, the kernel's oracle);
+sgld.py imports this module lazily, when an estimate starts, and falls back to the plain paths, with
+a warning, when a check fails."""
 import math
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch.func import grad
+
+from sgld import noise_key, sgld_update_torch  # noqa: F401  (the kernel's oracle, and its key)
 
 try:  # optional: CPU-only installs use the torch update
     import triton
@@ -19,7 +24,8 @@ LN_EPS = 1e-5  # nn.LayerNorm's default, as in model.py
 
 
 def _ln(x, w, b):
-    """LayerNorm of x (G, R, d) with a per-chain affine w, b (G, d); one fused kernel when G == 1."""
+    """LayerNorm of x (G, R, d) with a per-chain affine w, b (G, d); one fused kernel when G ==
+    1."""
     d = x.shape[-1]
     if x.shape[0] == 1:
         y, mu, rstd = _aten.native_layer_norm(x, (d,), w[0], b[0], LN_EPS)
@@ -33,7 +39,8 @@ def _ln_backward(dy, w, saved):
     x, mu, rstd = saved
     d = x.shape[-1]
     if x.shape[0] == 1:
-        dx, dw, db = _aten.native_layer_norm_backward(dy, x, (d,), mu, rstd, w[0], w[0], [True, True, True])
+        dx, dw, db = _aten.native_layer_norm_backward(dy, x, (d,), mu, rstd, w[0], w[0],
+                                                      [True, True, True])
         return dx, dw[None], db[None]
     dw, db = (dy * ((x - mu) * rstd)).sum(1), dy.sum(1)
     dx = _aten.native_layer_norm_backward(dy * w.unsqueeze(1), x, (d,), mu, rstd, None, None,
@@ -42,8 +49,9 @@ def _ln_backward(dy, w, saved):
 
 
 def _heads_in(A, Wt):
-    """A (G, R, d) @ Wt (G, J, d, dh) for every j -> (J, G, R, dh): per-head projections, written head-major, so
-    that the attention bmm's read them with no permute copy. One broadcast bmm when G == 1."""
+    """A (G, R, d) @ Wt (G, J, d, dh) for every j -> (J, G, R, dh): per-head projections, written
+    head-major, so that the attention bmm's read them with no permute copy. One broadcast bmm when G
+    == 1."""
     G, R, d = A.shape
     J = Wt.shape[1]
     if G == 1:
@@ -52,8 +60,8 @@ def _heads_in(A, Wt):
 
 
 def _heads_out(X, Wr, acc=None):
-    """acc + sum_j X[j] @ Wr[:, j], for X (J, G, R, dh) and Wr (G, J, dh, d): the per-head products summed back
-    into the model dimension (accumulated in place after the first)."""
+    """acc + sum_j X[j] @ Wr[:, j], for X (J, G, R, dh) and Wr (G, J, dh, d): the per-head products
+    summed back into the model dimension (accumulated in place after the first)."""
     out = torch.bmm(X[0], Wr[:, 0]) if acc is None else torch.baddbmm(acc, X[0], Wr[:, 0])
     for j in range(1, X.shape[0]):
         out.baddbmm_(X[j], Wr[:, j])
@@ -61,55 +69,55 @@ def _heads_out(X, Wr, acc=None):
 
 
 def _heads_wgrad(X, A):
-    """X[j]^T @ A for X (J, G, R, dh), A (G, R, d) -> (J, G, dh, d): the weight gradients of _heads_in."""
+    """X[j]^T @ A for X (J, G, R, dh), A (G, R, d) -> (J, G, dh, d): the weight gradients of
+    _heads_in."""
     J, G, R, _ = X.shape
     if G == 1:
         return torch.bmm(X[:, 0].transpose(1, 2), A[0].expand(J, R, A.shape[2])).unsqueeze(1)
     return torch.stack([torch.bmm(X[j].transpose(1, 2), A) for j in range(J)])
 
 
+class _Dims(NamedTuple):
+    G: int  # stacked parameter sets (chains)
+    B: int  # sequences per chain
+    K: int  # (x, y) pairs per sequence
+    T: int  # tokens per sequence, 2K
+    d: int  # model width
+    H: int  # heads
+    dh: int  # head width
+    N: int  # token rows per chain, B*T
+    M: int  # x-token rows per chain, B*K (the rows the loss reads)
+
+
+def _t(w):
+    return w.transpose(-1, -2)
+
+
+def _tc(w):
+    return w.transpose(-1, -2).contiguous()  # bmm is faster with a contiguous right operand
+
+
 def icl_loss_and_grads(cfg, p, xs, ys, per_token=False, slice_last=True):
-    """(loss (G,) or per token (G, K), grads name -> (G, *shape) of the mean loss) of model.ICLTransformer +
-    data.Task.loss for G stacked parameter sets p, xs (G, B, K, D), ys (G, B, K): every product a bmm over the chains,
-    attention head-major; with slice_last the last block only at the rows and output channel the loss reads."""
+    """(loss (G,) or per token (G, K), grads name -> (G, *shape) of the mean loss) of
+    model.ICLTransformer + data.Task.loss for G stacked parameter sets p, xs (G, B, K, D), ys (G, B,
+    K): every product a bmm over the chains, attention head-major; with slice_last the last block
+    only at the rows and output channel the loss reads."""
     G, B, K, D = xs.shape
-    T, d, H, nl = 2 * K, cfg.d_model, cfg.n_head, cfg.n_layer
-    dh, N, M = d // H, B * 2 * K, B * K
-    scale = 1.0 / math.sqrt(dh)
-    tr = lambda w: w.transpose(-1, -2)  # noqa: E731
-    trc = lambda w: w.transpose(-1, -2).contiguous()  # noqa: E731  (bmm is faster with a contiguous right operand)
+    H, nl = cfg.n_head, cfg.n_layer
+    dm = _Dims(G, B, K, 2 * K, cfg.d_model, H, cfg.d_model // H, B * 2 * K, B * K)
     tok = xs.new_zeros(G, B, K, 2, D + 1)  # data.to_tokens, with a chain dimension
     tok[..., 0, 1:] = xs
     tok[..., 1, 0] = ys
-    tok = tok.view(G, N, D + 1)
-    x = torch.bmm(tok, trc(p["token_embedding.weight"]))
-    x.view(G, B, T, d).add_(tr(p["postn_embedding.weight"])[:, None, :T])
-    mask = torch.full((T, T), float("-inf"), device=xs.device, dtype=xs.dtype).triu(1)
+    tok = tok.view(G, dm.N, D + 1)
+    x = torch.bmm(tok, _tc(p["token_embedding.weight"]))
+    x.view(G, B, dm.T, dm.d).add_(_t(p["postn_embedding.weight"])[:, None, :dm.T])
+    mask = torch.full((dm.T, dm.T), float("-inf"), device=xs.device, dtype=xs.dtype).triu(1)
     saved = []
-    for i in range(nl):  # block: y = x + attn(LN0 x); x <- x + (y + mlp(LN1 y))  (the doubled residual)
-        W = lambda n: p[f"blocks.{i}.{n}"]  # noqa: E731
-        last = slice_last and i == nl - 1
-        Wqkv = W("attention.qkv.weight").view(G, H, 3, dh, d).transpose(1, 2)  # (G, 3, H, dh, d): rows q|k|v per head
-        Wo = W("attention.out.weight")
-        a, s0 = _ln(x, W("layer_norms.0.weight"), W("layer_norms.0.bias"))
-        if not last:
-            q, k, v = _heads_in(a, trc(Wqkv.reshape(G, 3 * H, dh, d))).view(3, H * G * B, T, dh)
-            Tq, xr, aq = T, x, a
-        else:
-            k, v = _heads_in(a, trc(Wqkv[:, 1:].reshape(G, 2 * H, dh, d))).view(2, H * G * B, T, dh)
-            aq = a.view(G, M, 2 * d)[:, :, :d]  # the x-token rows (a strided view)
-            q = _heads_in(aq, trc(Wqkv[:, 0])).view(H * G * B, K, dh)
-            Tq, xr = K, x.view(G, M, 2 * d)[:, :, :d]
-        P = torch.baddbmm(mask[::T // Tq], q, tr(k), alpha=scale).softmax(-1)
-        o = torch.bmm(P, v).view(H, G, B * Tq, dh)
-        y = _heads_out(o, Wo.view(G, d, H, dh).permute(0, 2, 3, 1).contiguous(), xr)
-        a2, s1 = _ln(y, W("layer_norms.1.weight"), W("layer_norms.1.bias"))
-        r = torch.baddbmm(W("compute.0.bias").unsqueeze(1), a2, trc(W("compute.0.weight"))).relu_()
-        m = torch.baddbmm(W("compute.2.bias").unsqueeze(1), r, trc(W("compute.2.weight")))
-        x = xr + (y + m)
-        saved.append((a, aq, s0, q, k, v, P, o, a2, s1, r, last, Wqkv, Wo))
+    for i in range(nl):
+        x, kept = _block_forward(_block(p, i), x, slice_last and i == nl - 1, mask, dm)
+        saved.append(kept)
     if not slice_last:
-        x = x.view(G, M, 2 * d)[:, :, :d]
+        x = x.view(G, dm.M, 2 * dm.d)[:, :, :dm.d]
     f, sf = _ln(x, p["unembedding.0.weight"], p["unembedding.0.bias"])
     Wu0 = p["unembedding.1.weight"][:, 0]  # output channel 0 is the prediction
     pred = torch.baddbmm(p["unembedding.1.bias"][:, :1, None], f, Wu0.unsqueeze(2)).view(G, B, K)
@@ -117,69 +125,106 @@ def icl_loss_and_grads(cfg, p, xs, ys, per_token=False, slice_last=True):
     loss_tok = (err * err).mean(1)
     loss = loss_tok if per_token else loss_tok.mean(1)
 
-    g = {}  # ------------------------------------------------------------------ backward of the mean loss
-    dpred = (err * (2.0 / (B * K))).view(G, M, 1)
+    g = {}  # ----------------------------------------------------------- backward of the mean loss
+    dpred = (err * (2.0 / (B * K))).view(G, dm.M, 1)
     g["unembedding.1.weight"] = torch.zeros_like(p["unembedding.1.weight"])
-    g["unembedding.1.weight"][:, 0] = torch.bmm(tr(f), dpred)[..., 0]
+    g["unembedding.1.weight"][:, 0] = torch.bmm(_t(f), dpred)[..., 0]
     g["unembedding.1.bias"] = torch.zeros_like(p["unembedding.1.bias"])
     g["unembedding.1.bias"][:, 0] = dpred.sum((1, 2))
     dx, g["unembedding.0.weight"], g["unembedding.0.bias"] = _ln_backward(
         torch.bmm(dpred, Wu0.unsqueeze(1)), p["unembedding.0.weight"], sf)
     if not slice_last:
-        full = dx.new_zeros(G, N, d)
-        full.view(G, M, 2 * d)[:, :, :d] = dx
+        full = dx.new_zeros(G, dm.N, dm.d)
+        full.view(G, dm.M, 2 * dm.d)[:, :, :dm.d] = dx
         dx = full
     for i in reversed(range(nl)):
-        pre = f"blocks.{i}."
-        W = lambda n: p[pre + n]  # noqa: E731
-        a, aq, s0, q, k, v, P, o, a2, s1, r, last, Wqkv, Wo = saved[i]
-        Tq = q.shape[1]
-        dxn = dx
-        g[pre + "compute.2.weight"] = torch.bmm(tr(dxn), r)
-        g[pre + "compute.2.bias"] = dxn.sum(1)
-        dh_ = _aten.threshold_backward(torch.bmm(dxn, W("compute.2.weight")), r, 0)
-        g[pre + "compute.0.weight"] = torch.bmm(tr(dh_), a2)
-        g[pre + "compute.0.bias"] = dh_.sum(1)
-        dy, g[pre + "layer_norms.1.weight"], g[pre + "layer_norms.1.bias"] = _ln_backward(
-            torch.bmm(dh_, W("compute.0.weight")), W("layer_norms.1.weight"), s1)
-        dy += dxn
-        g[pre + "attention.out.weight"] = _heads_wgrad(o, dy).permute(1, 3, 0, 2).reshape(G, d, d)
-        do = _heads_in(dy, Wo.view(G, d, H, dh).transpose(1, 2).contiguous()).view(H * G * B, Tq, dh)
-        dS = torch._softmax_backward_data(torch.bmm(do, tr(v)), P, -1, P.dtype).mul_(scale)
-        J = 3 if not last else 2  # the per-head projections computed at all T rows
-        buf = torch.empty(J, H * G * B, T, dh, dtype=a.dtype, device=a.device)  # d(q|k|v) or d(k|v), head-major
-        if not last:
-            torch.bmm(dS, k, out=buf[0])
-        torch.bmm(tr(dS), q, out=buf[J - 2])
-        torch.bmm(tr(P), do, out=buf[J - 1])
-        dproj = buf.view(J * H, G, N, dh)
-        gw = _heads_wgrad(dproj, a).view(J, H, G, dh, d)
-        Wrows = Wqkv[:, 3 - J:].reshape(G, J * H, dh, d)
-        da = _heads_out(dproj, Wrows)
-        if last:
-            dq = torch.bmm(dS, k).view(H, G, M, dh)
-            gw = torch.cat([_heads_wgrad(dq, aq).view(1, H, G, dh, d), gw])
-            da.view(G, M, 2 * d)[:, :, :d].add_(_heads_out(dq, Wqkv[:, 0]))
-        g[pre + "attention.qkv.weight"] = gw.permute(2, 1, 0, 3, 4).reshape(G, 3 * d, d)
-        dx, g[pre + "layer_norms.0.weight"], g[pre + "layer_norms.0.bias"] = _ln_backward(
-            da, W("layer_norms.0.weight"), s0)
-        if last:
-            dx.view(G, M, 2 * d)[:, :, :d] += dxn + dy
-        else:
-            dx += dxn
-            dx += dy
-    g["token_embedding.weight"] = torch.bmm(tr(dx), tok)
-    g["postn_embedding.weight"] = torch.zeros_like(p["postn_embedding.weight"])  # (G, d, 2K_cfg): T columns used
-    g["postn_embedding.weight"][:, :, :T] = tr(dx.view(G, B, T, d).sum(1))
+        dx = _block_backward(_block(p, i), f"blocks.{i}.", dx, saved[i], dm, g)
+    g["token_embedding.weight"] = torch.bmm(_t(dx), tok)
+    # (G, d, 2K of the config): T columns used
+    g["postn_embedding.weight"] = torch.zeros_like(p["postn_embedding.weight"])
+    g["postn_embedding.weight"][:, :, :dm.T] = _t(dx.view(G, B, dm.T, dm.d).sum(1))
     return loss, g
 
 
-# --------------------------------------------------------------------------- the fused SGLD update
+def _block(p, i):
+    """Block i's parameters by their name within the block."""
+    return lambda n: p[f"blocks.{i}.{n}"]
+
+
+def _block_forward(W, x, last, mask, dm):
+    """One block, y = x + attn(LN0 x); x <- x + (y + mlp(LN1 y)) (the doubled residual), and what
+    its backward needs; `last`: only at the x-token rows (queries, residual and MLP)."""
+    G, B, K, T, d, H, dh, N, M = dm
+    # (G, 3, H, dh, d): the rows of q, k and v per head
+    Wqkv = W("attention.qkv.weight").view(G, H, 3, dh, d).transpose(1, 2)
+    Wo = W("attention.out.weight")
+    a, s0 = _ln(x, W("layer_norms.0.weight"), W("layer_norms.0.bias"))
+    if not last:
+        q, k, v = _heads_in(a, _tc(Wqkv.reshape(G, 3 * H, dh, d))).view(3, H * G * B, T, dh)
+        Tq, xr, aq = T, x, a
+    else:
+        k, v = _heads_in(a, _tc(Wqkv[:, 1:].reshape(G, 2 * H, dh, d))).view(2, H * G * B, T, dh)
+        aq = a.view(G, M, 2 * d)[:, :, :d]  # the x-token rows (a strided view)
+        q = _heads_in(aq, _tc(Wqkv[:, 0])).view(H * G * B, K, dh)
+        Tq, xr = K, x.view(G, M, 2 * d)[:, :, :d]
+    P = torch.baddbmm(mask[::T // Tq], q, _t(k), alpha=1.0 / math.sqrt(dh)).softmax(-1)
+    o = torch.bmm(P, v).view(H, G, B * Tq, dh)
+    y = _heads_out(o, Wo.view(G, d, H, dh).permute(0, 2, 3, 1).contiguous(), xr)
+    a2, s1 = _ln(y, W("layer_norms.1.weight"), W("layer_norms.1.bias"))
+    r = torch.baddbmm(W("compute.0.bias").unsqueeze(1), a2, _tc(W("compute.0.weight"))).relu_()
+    m = torch.baddbmm(W("compute.2.bias").unsqueeze(1), r, _tc(W("compute.2.weight")))
+    return xr + (y + m), (a, aq, s0, q, k, v, P, o, a2, s1, r, last, Wqkv, Wo)
+
+
+def _block_backward(W, pre, dx, saved, dm, g):
+    """The block's backward: its weight gradients into g (names prefixed `pre`), the gradient at its
+    input returned."""
+    G, B, K, T, d, H, dh, N, M = dm
+    a, aq, s0, q, k, v, P, o, a2, s1, r, last, Wqkv, Wo = saved
+    Tq, dxn = q.shape[1], dx
+    g[pre + "compute.2.weight"] = torch.bmm(_t(dxn), r)
+    g[pre + "compute.2.bias"] = dxn.sum(1)
+    dh_ = _aten.threshold_backward(torch.bmm(dxn, W("compute.2.weight")), r, 0)
+    g[pre + "compute.0.weight"] = torch.bmm(_t(dh_), a2)
+    g[pre + "compute.0.bias"] = dh_.sum(1)
+    dy, g[pre + "layer_norms.1.weight"], g[pre + "layer_norms.1.bias"] = _ln_backward(
+        torch.bmm(dh_, W("compute.0.weight")), W("layer_norms.1.weight"), s1)
+    dy += dxn
+    g[pre + "attention.out.weight"] = _heads_wgrad(o, dy).permute(1, 3, 0, 2).reshape(G, d, d)
+    do = _heads_in(dy, Wo.view(G, d, H, dh).transpose(1, 2).contiguous()).view(H * G * B, Tq, dh)
+    dS = torch._softmax_backward_data(torch.bmm(do, _t(v)), P, -1, P.dtype)
+    dS.mul_(1.0 / math.sqrt(dh))
+    J = 3 if not last else 2  # the per-head projections computed at all T rows
+    buf = torch.empty(J, H * G * B, T, dh, dtype=a.dtype, device=a.device)  # d(q|k|v) or d(k|v)
+    if not last:
+        torch.bmm(dS, k, out=buf[0])
+    torch.bmm(_t(dS), q, out=buf[J - 2])
+    torch.bmm(_t(P), do, out=buf[J - 1])
+    dproj = buf.view(J * H, G, N, dh)
+    gw = _heads_wgrad(dproj, a).view(J, H, G, dh, d)
+    da = _heads_out(dproj, Wqkv[:, 3 - J:].reshape(G, J * H, dh, d))
+    if last:
+        dq = torch.bmm(dS, k).view(H, G, M, dh)
+        gw = torch.cat([_heads_wgrad(dq, aq).view(1, H, G, dh, d), gw])
+        da.view(G, M, 2 * d)[:, :, :d].add_(_heads_out(dq, Wqkv[:, 0]))
+    g[pre + "attention.qkv.weight"] = gw.permute(2, 1, 0, 3, 4).reshape(G, 3 * d, d)
+    dx, g[pre + "layer_norms.0.weight"], g[pre + "layer_norms.0.bias"] = _ln_backward(
+        da, W("layer_norms.0.weight"), s0)
+    if last:
+        dx.view(G, M, 2 * d)[:, :, :d] += dxn + dy
+    else:
+        dx += dxn
+        dx += dy
+    return dx
+
+
+# -------------------------------------------------------------------------- the fused SGLD update
 if triton is not None:
     @triton.jit
     def _sgld_kernel(w_ptr, w0_ptr, g_ptr, key_ptr, P, CG, a, b, c, BLOCK: tl.constexpr):
-        """W[ch] <- W - a*G - b*(W - W0[ch // CG]) + c*randn, the noise never stored. Chain ch draws the noise of
-        chain ch % CG (common random numbers across checkpoints); the key is read from memory (CUDA graphs)."""
+        """W[ch] <- W - a*G - b*(W - W0[ch // CG]) + c*randn, the noise never stored. Chain ch draws
+        the noise of chain ch % CG (common random numbers across checkpoints); the key is read from
+        memory (CUDA graphs)."""
         chain = tl.program_id(1).to(tl.int64)
         j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = j < P
@@ -187,84 +232,81 @@ if triton is not None:
         w = tl.load(w_ptr + idx, mask=mask)
         w0 = tl.load(w0_ptr + (chain // CG) * P + j, mask=mask)
         g = tl.load(g_ptr + idx, mask=mask)
-        z = tl.randn(tl.load(key_ptr), (chain % CG) * P + j)  # the Philox counter: unique per (chain, element)
+        # the Philox counter: unique per (chain, element)
+        z = tl.randn(tl.load(key_ptr), (chain % CG) * P + j)
         tl.store(w_ptr + idx, w - a * g - b * (w - w0) + c * z, mask=mask)
 
 
-def sgld_update_torch(W, W0, G, noise, a, b, c):
-    """The update in torch (CPU/XLA, and the kernel's oracle), in the kernel's order. W0: (P,) or a row per group
-    of chains (R, P); noise: (C, P), or one group's (C / R, P) used by every group."""
-    R, P = (W0.shape[0] if W0.dim() == 2 else 1), W.shape[1]
-    Wg, z = W.view(R, -1, P), noise.view(-1, P) if noise.shape[0] != W.shape[0] else noise.view(R, -1, P)
-    Wg.copy_(Wg - a * G.view(R, -1, P) - b * (Wg - W0.view(R, 1, P)) + c * z)
-
-
-def noise_key(seed, step):
-    """Philox key for one step: seed in the high word, step in the low word."""
-    return ((int(seed) & 0x7FFFFFFF) << 32) | (int(step) & 0xFFFFFFFF)
-
-
 def sgld_update_triton(W, W0, G, a, b, c, key, block=1024):
-    """The fused update of all chains in place; `key` an int or a one-element int64 tensor on W's device. CPU
-    tensors need TRITON_INTERPRET=1 set before this module is imported."""
+    """The fused update of all chains in place; `key` an int or a one-element int64 tensor on W's
+    device. CPU tensors need TRITON_INTERPRET=1 set before this module is imported."""
     if triton is None:
         raise RuntimeError("update_backend='triton' needs the triton package")
     if not W.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("the Triton update on CPU tensors needs TRITON_INTERPRET=1 set before importing sgld")
+        raise RuntimeError("the Triton update on CPU tensors needs TRITON_INTERPRET=1 set before "
+                           "importing fast")
     assert W.is_contiguous() and G.is_contiguous() and W0.is_contiguous() and W.shape == G.shape
     if not torch.is_tensor(key):
         key = torch.tensor([key], dtype=torch.int64, device=W.device)
     C, P = W.shape
     R = W0.shape[0] if W0.dim() == 2 else 1
     assert W0.shape[-1] == P and C % R == 0
-    _sgld_kernel[(triton.cdiv(P, block), C)](W, W0, G, key, P, C // R, float(a), float(b), float(c), BLOCK=block)
+    _sgld_kernel[(triton.cdiv(P, block), C)](W, W0, G, key, P, C // R, float(a), float(b), float(c),
+                                              BLOCK=block)
 
 
 _TRITON_CHECKED = {}
 
 
 def triton_update_ok(device) -> bool:
-    """Once per device: the kernel against the torch update, the noise-free part to float rounding and the noise's
-    mean and variance within 6 standard errors. On a mismatch: one warning, and the torch update is used."""
+    """Once per device: the kernel against the torch update, the noise-free part to float rounding
+    and the noise's mean and variance within 6 standard errors. On a mismatch: one warning, and the
+    torch update is used."""
     if str(device) not in _TRITON_CHECKED:
         gen = torch.Generator().manual_seed(0)
-        W, G, W0 = (torch.randn(*s, generator=gen).to(device) for s in ((4, 4099), (4, 4099), (4099,)))
+        shapes = ((4, 4099), (4, 4099), (4099,))
+        W, G, W0 = (torch.randn(*s, generator=gen).to(device) for s in shapes)
         want, got, z = W.clone(), W.clone(), W.clone()
         sgld_update_torch(want, W0, G, torch.zeros_like(W), 0.01, 0.02, 0.1)
         sgld_update_triton(got, W0, G, 0.01, 0.02, 0.0, key=123)
         sgld_update_triton(z, W0, G, 0.01, 0.02, 1.0, key=124)
         z, se = (z - want).double(), 1 / math.sqrt(W.numel())
-        why = (None if torch.allclose(got, want, rtol=1e-5, atol=1e-6) else "the noise-free update differs") or (
+        exact = torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+        why = (None if exact else "the noise-free update differs") or (
             None if abs(z.mean()) < 6 * se and abs(z.var() - 1) < 6 * math.sqrt(2) * se else
             f"the noise has mean {float(z.mean()):.4f}, variance {float(z.var()):.4f}")
         if why:
-            warnings.warn(f"the Triton SGLD update failed its check on {device} ({why}): using the torch update")
+            warnings.warn(f"the Triton SGLD update failed its check on {device} ({why}): using the "
+                          "torch update")
         _TRITON_CHECKED[str(device)] = why is None
     return _TRITON_CHECKED[str(device)]
 
 
-# -------------------------------------------------------------------- the hand-derived gradient's check
+# -------------------------------------------------------------- the hand-derived gradient's check
 def batched_grad_mismatch(loss_fn, params, names, batch, rtol=1e-3):
-    """None when loss_fn.batched_grad matches autograd of loss_fn at w* on `batch`, else the relative errors: a
-    hand-derived gradient goes stale when the model's code is edited."""
+    """None when loss_fn.batched_grad matches autograd of loss_fn at w* on `batch`, else the
+    relative errors: a hand-derived gradient goes stale when the model's code is edited."""
     def mean_and_loss(q):
         loss = loss_fn(q, batch)
         return loss.mean(), loss.detach()
     try:
-        loss_h, g_h = loss_fn.batched_grad({k: v[None] for k, v in params.items()}, tuple(x[None] for x in batch))
+        stacked = {k: v[None] for k, v in params.items()}
+        loss_h, g_h = loss_fn.batched_grad(stacked, tuple(x[None] for x in batch))
         g_a, loss_a = grad(mean_and_loss, has_aux=True)(params)
-        errs = {k: float((g_h[k][0] - g_a[k]).abs().max() / g_a[k].abs().max().clamp_min(1e-12)) for k in names}
-        errs["(loss)"] = float((loss_h[0] - loss_a).abs().max() / loss_a.abs().max().clamp_min(1e-12))
+        rel = lambda x, y: float((x - y).abs().max() / y.abs().max().clamp_min(1e-12))  # noqa: E731
+        errs = {k: rel(g_h[k][0], g_a[k]) for k in names}
+        errs["(loss)"] = rel(loss_h[0], loss_a)
     except Exception as e:  # noqa: BLE001  (a model whose shapes no longer fit the derivation)
         return {"error": f"{type(e).__name__}: {e}"}
     bad = {k: round(e, 6) for k, e in errs.items() if not e <= rtol}
     return bad or None
 
 
-# -------------------------------------------------------------------------------------- CUDA graphs
+# ------------------------------------------------------------------------------------ CUDA graphs
 def cuda_graph_step(step, first, W, key):
-    """sgld_step captured in a CUDA graph on static batch buffers, once checked against the eager step (on a
-    mismatch: one warning, eager steps). W and the noise key are restored, so the chains start where they would."""
+    """sgld_step captured in a CUDA graph on static batch buffers, once checked against the eager
+    step (on a mismatch: one warning, eager steps). W and the noise key are restored, so the chains
+    start where they would."""
     static = tuple(x.clone() for x in first)
     W_keep, key_keep = W.clone(), key.clone()
     side = torch.cuda.Stream()
@@ -286,8 +328,10 @@ def cuda_graph_step(step, first, W, key):
     W.copy_(W_keep), key.copy_(key_keep)
     eager_loss, eager_W = step(first).clone(), W.clone()
     W.copy_(W_keep), key.copy_(key_keep)
-    ok = all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in ((replay(first), eager_loss), (W, eager_W)))
+    pairs = ((replay(first), eager_loss), (W, eager_W))
+    ok = all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in pairs)
     W.copy_(W_keep), key.copy_(key_keep)
     if not ok:
-        warnings.warn("the CUDA-graph SGLD step does not replay the eager step: running eager steps")
+        warnings.warn("the CUDA-graph SGLD step does not replay the eager step: running eager "
+                      "steps")
     return replay if ok else step

@@ -1,6 +1,6 @@
-"""Estimate the local learning coefficient (LLC) at every checkpoint of a run, one row per checkpoint appended
-to <run>/llc.jsonl, resumable; under torchrun the checkpoints are shared out across ranks. The estimator itself
-is sgld.estimate_llc (re-exported here)."""
+"""Estimate the local learning coefficient (LLC) at every checkpoint of a run, one row per
+checkpoint appended to <run>/llc.jsonl, resumable; under torchrun the checkpoints are shared out
+across ranks. The estimator itself is sgld.estimate_llc (re-exported here)."""
 import json
 import math
 import os
@@ -14,7 +14,8 @@ import torch
 import common
 import data
 import lm_eval
-from sgld import CHAIN_MODES, AllChainsDivergedError, Settings, estimate_llc, make_generators  # noqa: F401
+from sgld import (CHAIN_MODES, AllChainsDivergedError, Settings, estimate_llc,  # noqa: F401
+                  make_generators)
 
 USAGE = """
 
@@ -75,8 +76,9 @@ WHEN_SET = {"restrictions": "restriction_set", "data_refine": "data_refine", "se
 
 
 def llc_row(step, res, trace_points):
-    """One flat llc.jsonl row: the estimate, its diagnostics, binned loss and per-draw LLC traces (a chain's mean
-    over its first k bins is the estimate a shorter run would give) and the settings."""
+    """One flat llc.jsonl row: the estimate, its diagnostics, binned loss and per-draw LLC traces (a
+    chain's mean over its first k bins is the estimate a shorter run would give) and the
+    settings."""
     T = res["loss_trace"].shape[1]
     edges = np.linspace(0, T, min(trace_points, T) + 1).astype(int)
     binned = lambda tr: [[float(r[lo:hi].mean()) for lo, hi in zip(edges[:-1], edges[1:])]  # noqa: E731
@@ -88,7 +90,8 @@ def llc_row(step, res, trace_points):
 
 
 class Run:
-    """A run folder as the estimator sees it: its task, its L(w*)/minibatch data and its checkpoints' parameters."""
+    """A run folder as the estimator sees it: its task, its L(w*)/minibatch data and its
+    checkpoints' parameters."""
 
     def __init__(self, out_dir, cfg, device):
         self.dir, self.cfg, self.device = out_dir, cfg, device
@@ -104,7 +107,8 @@ class Run:
             self.data = self.task.sample(g_set, cfg["n"])
 
     def estimate(self, steps, restriction=None, models=None, **over):
-        """estimate_llc at a list of checkpoints, batched into one computation; `over` replaces settings."""
+        """estimate_llc at a list of checkpoints, batched into one computation; `over` replaces
+        settings."""
         models = models or [data.load_model(self.dir, s).to(self.device) for s in steps]
         s = {**self.cfg, **over}
         settings = {k: s[k] for k in Settings.__dataclass_fields__ if k in s and k not in ("device", "workers")}
@@ -116,7 +120,8 @@ class Run:
                             [{k: v.detach() for k, v in m.named_parameters()} for m in models], self.data, **settings)
 
     def published(self, res):
-        """With --published: the estimate restated as the paper's LM curves computed it (lm_eval.published_llc)."""
+        """With --published: the estimate restated as the paper's LM curves computed it
+        (lm_eval.published_llc)."""
         if not self.cfg["published"]:
             return {}
         ok = [i for i, v in enumerate(res["llc_per_chain"]) if np.isfinite(v)]
@@ -125,8 +130,9 @@ class Run:
         return {f"{k}_published": common.finite(v) for k, v in pub.items()}
 
     def rows(self, steps, done=frozenset()):
-        """The rows of a group of checkpoints, for each restriction the steps not `done` (step, restriction). If every
-        chain of one diverged, each is redone alone: the others keep their estimates; the failure is recorded."""
+        """The rows of a group of checkpoints, for each restriction the steps not `done` (step,
+        restriction). If every chain of one diverged, each is redone alone: the others keep their
+        estimates; the failure is recorded."""
         out, models, init = [], {}, {}  # each checkpoint loaded, and its L(w*) computed, once for all restrictions
         for r in self.restrictions:
             todo = [s for s in steps if (s, r) not in done]
@@ -151,8 +157,8 @@ class Run:
 
 
 def plan(cfg, path, restrictions):
-    """(all requested steps, those still to do); a usage error when a checkpoint is missing or the output file
-    holds rows made with other settings."""
+    """(all requested steps, those still to do); a usage error when a checkpoint is missing or the
+    output file holds rows made with other settings."""
     have = common.list_checkpoints(cfg["ckpt"])
     try:
         steps = [int(s) for s in cfg["steps"].split(",")] if cfg["steps"] else have
@@ -175,8 +181,9 @@ def plan(cfg, path, restrictions):
 
 
 def sweep(run, todo, finished, path, dist, rank, world):
-    """Groups of ckpt_batch checkpoints, dealt round-robin to the ranks; after each round the rows are gathered
-    and rank 0 alone appends them in step order, so the file reads as a single process's would."""
+    """Groups of ckpt_batch checkpoints, dealt round-robin to the ranks; after each round the rows
+    are gathered and rank 0 alone appends them in step order, so the file reads as a single
+    process's would."""
     kb = max(1, run.cfg["ckpt_batch"])
     groups = [todo[i:i + kb] for i in range(0, len(todo), kb)]
     t0, failed, mine = time.time(), 0, groups[rank::world]
@@ -214,8 +221,8 @@ def sweep(run, todo, finished, path, dist, rank, world):
 
 
 def follow(run, cfg, path):
-    """--follow: estimate checkpoints as a training run writes them; ends once the run's last step has its row, or
-    when no new checkpoint has come for `follow` seconds."""
+    """--follow: estimate checkpoints as a training run writes them; ends once the run's last step
+    has its row, or when no new checkpoint has come for `follow` seconds."""
     rc = common.load_run(cfg["ckpt"])  # the last step train.py saves (unknown: wait for the timeout)
     last = rc["stop_at"] if rc.get("stop_at", -1) >= 0 else rc.get("max_steps", math.inf) - 1
     have, waited, poll = common.list_checkpoints(cfg["ckpt"]), 0.0, min(10.0, cfg["follow"])
@@ -234,9 +241,10 @@ def follow(run, cfg, path):
 
 
 def calibrate(run, steps):
-    """The epsilon x nbeta x gamma grid on a few checkpoints: <run>/llc_calibration.json (also printed) and one figure
-    per (step, gamma) of every chain's per-draw LLC with its running mean. Healthy: running means that flatten,
-    R-hat near 1, no diverged chains, an LLC that changes little when epsilon is halved."""
+    """The epsilon x nbeta x gamma grid on a few checkpoints: <run>/llc_calibration.json (also
+    printed) and one figure per (step, gamma) of every chain's per-draw LLC with its running mean.
+    Healthy: running means that flatten, R-hat near 1, no diverged chains, an LLC that changes
+    little when epsilon is halved."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -295,8 +303,9 @@ def pick_device(cfg, rank, world):
 
 
 def main(argv=None):
-    """The command line (see the module docstring). Under torchrun every rank estimates its share of the
-    checkpoints on its own device (gloo, Python objects only); the rows equal a single process's."""
+    """The command line (see the module docstring). Under torchrun every rank estimates its share of
+    the checkpoints on its own device (gloo, Python objects only); the rows equal a single
+    process's."""
     cfg, runs = common.parse_args("llc.py", __doc__ + USAGE, DEFAULTS, sys.argv[1:] if argv is None else argv,
                                   sources=[__file__], choices=CHOICES, positional=True)
     if runs and cfg["ckpt"] or len(runs) > 1:

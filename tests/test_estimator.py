@@ -1,7 +1,10 @@
 """The estimator's error budget: L(w*) paired with each draw's own minibatch, a standard error that is at least the
 chain means' spread (validated by coverage over independent sampler seeds), the drift diagnostic, and llc.py's
 follow mode (checkpoints estimated as a training run writes them)."""
+import json
 import math
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -154,3 +157,32 @@ def test_zero_dim_parameters_are_sampled_in_every_autograd_mode():
                                     batch_size=32, chain_mode=mode) for mode in ("vmap", "loop")}
     assert rows["vmap"]["num_params"] == 8
     np.testing.assert_allclose(rows["vmap"]["llc_per_chain"], rows["loop"]["llc_per_chain"], rtol=1e-4)
+
+
+def test_sgld_py_alone_runs_the_documented_devinterp_style_call(tmp_path):
+    """docs/estimator.md's devinterp-style snippet (its first python block), run with sgld.py copied alone
+    into an empty folder, the project not importable: an nn.Module, a DataLoader whose last batch is short
+    (2,000 = 31 x 64 + 16 rows), and a finite, sensible row; no fast paths there."""
+    doc = (ROOT / "docs" / "estimator.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", doc.split("## A devinterp-style call", 1)[1], re.S)[1]
+    assert snippet == re.search(r"```python\n(.*?)```", doc, re.S)[1]  # the section's block is the first
+    shutil.copy(ROOT / "sgld.py", tmp_path / "sgld.py")
+    check = """
+import json, os, sys
+import sgld
+assert sgld.fast_paths() is None  # fast.py (or any project module) is on no path
+assert not any(os.path.isfile(os.path.join(p or ".", "fast.py")) for p in sys.path)
+print("ROW " + json.dumps({k: v for k, v in row.items() if not hasattr(v, "shape")}))
+"""
+    (tmp_path / "snippet.py").write_text(snippet + check)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout.split("ROW ", 1)[1])
+    print(out.stdout.split("ROW ", 1)[0].strip())
+    assert math.isfinite(row["llc_mean"]) and 0 < row["llc_mean"] < row["num_params"] / 2
+    assert 0 < row["llc_se"] < row["llc_mean"] and not row["nan_chains"]
+    assert (row["batch_size"], row["n"], row["num_chains"], row["num_draws"]) == (64, 16 * 64, 4, 200)
+    assert len(row["llc_per_chain"]) == 4 and row["update_backend"] == "torch"
+    assert row["num_params"] == 8 * 16 + 16 + 16 + 1
