@@ -1,5 +1,6 @@
-"""Stage detection on the paper's own curves, through `analyze.py --curve`: the paper's four regression
-boundaries (about 1k, 40k, 126k, 320k) on each of its five per-seed v1 LLC curves, and bad curve files."""
+"""Stage detection on the paper's own curves, through `analyze.py --curve`: the paper's four
+regression boundaries (about 1k, 40k, 126k, 320k) on each of its five per-seed v1 LLC curves, and
+bad curve files."""
 import csv
 import json
 import subprocess
@@ -47,7 +48,8 @@ def test_the_papers_four_boundaries_on_each_of_its_seed_curves(seed, tmp_path, c
 
 
 def test_a_curve_with_standard_errors(tmp_path, capsys):
-    """A devinterp-style file (step, llc_mean, llc_se): the seed mean with its se; same four stages."""
+    """A devinterp-style file (step, llc_mean, llc_se): the seed mean with its se; same four stages.
+    """
     ref = np.genfromtxt(ROOT / "reference" / "paper_v1_seedmean.csv", delimiter=",", names=True)
     path = tmp_path / "mean.csv"
     path.write_text("step,llc_mean,llc_se\n" + "".join(
