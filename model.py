@@ -1,6 +1,7 @@
-"""The paper's two models: the in-context regression transformer (L2H4, `ICLTransformer`) and the attention-only
-language model (L2W256, `LMTransformer`). Module creation order follows the reference code, so `build_model(cfg,
-seed)` gives its initial weights; attention is a plain masked softmax so that torch.func.vmap covers every op."""
+"""The paper's in-context regression transformer (L2H4, `ICLTransformer`); the language model
+(L2W256) is lm/model.py's. Module creation order follows the reference code, so `build_model(cfg,
+seed)` gives its initial weights; attention is a plain masked softmax so that torch.func.vmap covers
+every op."""
 import math
 from dataclasses import dataclass
 
@@ -28,13 +29,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         T = 2 * cfg.K
-        # additive causal mask, log(tril(1)) as in the reference; a buffer (not a parameter, not saved)
+        # additive causal mask, log(tril(1)) as in the reference; a buffer (not a parameter, not
+        # saved)
         self.register_buffer("mask", torch.full((T, T), float("-inf")).triu(1), persistent=False)
 
     def forward(self, x):
         B, T, d = x.shape
         H = self.n_head
-        # rows of qkv are interleaved per head: [q_h, k_h, v_h] for h = 0..H-1 (the reference layout)
+        # rows of qkv are interleaved per head: [q_h, k_h, v_h] for h = 0..H-1 (the reference
+        # layout)
         q, k, v = self.qkv(x).view(B, T, H, -1).transpose(1, 2).chunk(3, dim=-1)
         att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]) + self.mask[:T, :T]
         y = att.softmax(dim=-1) @ v
@@ -45,7 +48,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ICLConfig):
         super().__init__()
         self.attention = Attention(cfg)
-        self.compute = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_mlp), nn.ReLU(), nn.Linear(cfg.d_mlp, cfg.d_model))
+        self.compute = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_mlp), nn.ReLU(),
+                                     nn.Linear(cfg.d_mlp, cfg.d_model))
         self.layer_norms = nn.ModuleList([nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)])
 
     def forward(self, x):
@@ -60,28 +64,35 @@ class ICLTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.token_embedding = nn.Linear(cfg.D + 1, cfg.d_model, bias=False)
-        self.postn_embedding = nn.Linear(2 * cfg.K, cfg.d_model, bias=False)  # used as a (2K, d) table
+        # used as a (2K, d) table
+        self.postn_embedding = nn.Linear(2 * cfg.K, cfg.d_model, bias=False)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.unembedding = nn.Sequential(nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, cfg.D + 1))
+        self.unembedding = nn.Sequential(nn.LayerNorm(cfg.d_model),
+                                         nn.Linear(cfg.d_model, cfg.D + 1))
 
     def head_masks(self, layer, head):
-        """{parameter name: bool mask} of one attention head's weights: its interleaved [q_h, k_h, v_h] rows of qkv and
-        its columns of the output projection (refined LLCs sample only these)."""
+        """{parameter name: bool mask} of one attention head's weights: its interleaved [q_h, k_h,
+        v_h] rows of qkv and its columns of the output projection (refined LLCs sample only these).
+        """
         a, dh = self.blocks[layer].attention, self.cfg.d_model // self.cfg.n_head
-        qkv, out = torch.zeros_like(a.qkv.weight, dtype=torch.bool), torch.zeros_like(a.out.weight, dtype=torch.bool)
+        qkv = torch.zeros_like(a.qkv.weight, dtype=torch.bool)
+        out = torch.zeros_like(a.out.weight, dtype=torch.bool)
         qkv[3 * dh * head:3 * dh * (head + 1)] = out[:, dh * head:dh * (head + 1)] = True
-        return {f"blocks.{layer}.attention.qkv.weight": qkv, f"blocks.{layer}.attention.out.weight": out}
+        p = f"blocks.{layer}.attention"
+        return {f"{p}.qkv.weight": qkv, f"{p}.out.weight": out}
 
     def forward(self, tokens):
         T = tokens.shape[-2]
         x = self.token_embedding(tokens) + self.postn_embedding.weight.T[:T]
         for block in self.blocks:
-            x = x + block(x)  # the block already contains x: the paper's doubled residual, x <- 2x + a + m
+            # the block already contains x: the paper's doubled residual, x <- 2x + a + m
+            x = x + block(x)
         return self.unembedding(x)
 
 
 def build_model(cfg, seed: int) -> nn.Module:
-    """Seed, then build on CPU in the reference's module order: the paper's exact initial weights."""
+    """Seed, then build on CPU in the reference's module order: the paper's exact initial
+    weights."""
     torch.manual_seed(seed)
     return cfg.build()
 

@@ -1,4 +1,5 @@
-"""analyze.py's per-checkpoint evaluator of a language-model run (data.TASKS["lm"].evaluator names it)."""
+"""analyze.py's per-checkpoint evaluator of a language-model run (data.TASKS["lm"].evaluator names
+it)."""
 import data
 from lm import eval as lm_eval
 from model import weight_norm
@@ -7,9 +8,10 @@ SUMMARY_KEYS = ("loss", "loss_pos_ablated", "icl", "bigram", "ngram/3", "weight_
 
 
 def evaluator(out_dir, cfg, opt, dev):
-    """analyze.Evaluator's fields (a dict) for an LM run: per-position, position-ablated, bigram, n-gram and ICL
-    scores, per-head previous-token / prefix-matching scores, K-composition (layer 0 -> 1), positional and
-    weight norms; the ED features are the true-token logits (lm.eval.true_token_logits). On the CPU."""
+    """analyze.Evaluator's fields (a dict) for an LM run: per-position, position-ablated, bigram,
+    n-gram and ICL scores, per-head previous-token / prefix-matching scores, K-composition (layer 0
+    -> 1), positional and weight norms; the ED features are the true-token logits
+    (lm.eval.true_token_logits). On the CPU."""
     task = data.task_for(cfg)
     meta = {k: opt[k] for k in ("eval_seed", "lm_rows", "lm_ed", "lm_head_seqs", "lm_bigram_seqs",
                                 "lm_ngrams")}
@@ -34,8 +36,8 @@ def evaluator(out_dir, cfg, opt, dev):
 
 
 def checkpoint_metrics(model, tokens, opt, fixed):
-    """One checkpoint's analysis.jsonl metrics; `fixed` holds the run's bigram table, its entropy, the n-gram
-    sequences and the seed."""
+    """One checkpoint's analysis.jsonl metrics; `fixed` holds the run's bigram table, its entropy,
+    the n-gram sequences and the seed."""
     pp = lm_eval.per_position_loss(model, tokens)
     ab = lm_eval.position_ablated_loss(model, tokens)
     row = {"loss": float(pp.mean()), "loss_pos_ablated": float(ab.mean()),

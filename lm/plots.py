@@ -1,5 +1,5 @@
-"""The figures of a language-model run (data.TASKS["lm"].figures names `figures`), drawn with plots.py's
-shared panels. `metrics`: analyze.py's tables, {metric: (runs, checkpoints) array}."""
+"""The figures of a language-model run (data.TASKS["lm"].figures names `figures`), drawn with
+plots.py's shared panels. `metrics`: analyze.py's tables, {metric: (runs, checkpoints) array}."""
 import math
 from pathlib import Path
 
@@ -11,7 +11,8 @@ FIGURES = ("1_loss_llc.png", "2_essential_dynamics.png", "3_lm_behaviour.png", "
 
 
 def figures(fig_dir, steps, metrics, llc_steps, L, llc_rows, diverged, det, ed, cfg, ref=None):
-    """plots.regression_figures for a language-model run: the behaviour and head-score panels differ."""
+    """plots.regression_figures for a language-model run: the behaviour and head-score panels
+    differ."""
     paths = [Path(fig_dir) / f for f in FIGURES]
     plots.loss_llc(paths[0], steps, metrics, llc_steps, L, det, math.log(cfg["vocab_size"]),
                    loss_label="test loss (nats)", zero_label="uniform ln V")
@@ -23,7 +24,8 @@ def figures(fig_dir, steps, metrics, llc_steps, L, llc_rows, diverged, det, ed, 
 
 
 def behaviour(path, steps, metrics, det):
-    """Per-position loss, ICL, bigram and n-gram scores, the position-ablation cost and the weight norm."""
+    """Per-position loss, ICL, bigram and n-gram scores, the position-ablation cost and the weight
+    norm."""
     fig, ax = _axes(2, 3, "Language model: behaviour on held-out text")
     st = det["stages"]
     ks = sorted(int(k.split("/")[1]) for k in metrics if k.startswith("loss/"))
