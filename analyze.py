@@ -114,8 +114,9 @@ class Evaluator:
 
 
 def evaluator(out_dir, opt) -> Evaluator:
-    """The run's Evaluator, from the function its task names: one of this file's, or 'module:function'
-    of another (the LM's, imported only for an LM run), which may return the Evaluator's fields as a dict."""
+    """The run's Evaluator, from the function its task names: one of this file's, or
+    'module:function' of another (the LM's, imported only for an LM run), which may return the
+    Evaluator's fields as a dict."""
     cfg = common.load_run(out_dir)
     dev = torch.device(opt["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = data.kind(cfg).evaluator
@@ -411,14 +412,14 @@ def curve_stages(opt):
 
 
 def stage_signal(run_dirs, runs, steps, warn):
-    """The LLC tables of the runs and the curve the stages are detected on: (llc rows, diverged steps,
-    llc_steps, llc tables, (signal steps, seed-mean signal, its standard error or None)). Without 5
-    common LLC estimates the signal is the test loss (a warning in `warn`)."""
+    """The LLC tables of the runs and the curve the stages are detected on: (llc rows, diverged
+    steps, llc_steps, llc tables, (signal steps, seed-mean signal, its standard error or None)).
+    Without 5 common LLC estimates the signal is the test loss (a warning in `warn`)."""
     llcs, diverged = zip(*[read_llc(d) for d in run_dirs])
     for d, bad in zip(run_dirs, diverged):
         if bad:
-            warn.append(f"{d}/llc.jsonl: all chains diverged (llc_mean null) at step(s) {bad}: left "
-                        "out of the stage detection and the LLC curves")
+            warn.append(f"{d}/llc.jsonl: all chains diverged (llc_mean null) at step(s) {bad}: "
+                        "left out of the stage detection and the LLC curves")
     llc_steps = sorted(set.intersection(*[{r["step"] for r in rows} for rows in llcs]))
     llc = tables(llcs, llc_steps, ("llc_mean", "llc_std", "llc_se", "rhat", "llc_per_chain"))
     if len(llc_steps) >= 5:
@@ -426,8 +427,8 @@ def stage_signal(run_dirs, runs, steps, warn):
         se = np.sqrt(np.nansum(llc["llc_se"] ** 2, 0)) / n
         se = np.where(np.isnan(llc["llc_se"]).all(0), np.nan, se)
         return llcs, diverged, llc_steps, llc, (llc_steps, np.nanmean(llc["llc_mean"], 0), se)
-    warn.append(f"no usable llc.jsonl (fewer than 5 common LLC estimates in {run_dirs}): stages are "
-                "detected on the test loss instead")
+    warn.append(f"no usable llc.jsonl (fewer than 5 common LLC estimates in {run_dirs}): stages "
+                "are detected on the test loss instead")
     return llcs, diverged, [], llc, (steps, np.nanmean(table(runs, "loss", steps), 0), None)
 
 
@@ -465,7 +466,8 @@ def main(argv=None):
         figs += plots.refined_figures(out / "figures", curves, llc_steps, L, det)
     summary = dict(runs=[str(d) for d in run_dirs], signal=det["signal"], warnings=warn,
                    n_checkpoints=len(steps), boundaries=det["boundaries"], stages=changes,
-                   detector=dict(params=det["params"], gp=det["gp"]), llc_diverged_steps=list(diverged),
+                   detector=dict(params=det["params"], gp=det["gp"]),
+                   llc_diverged_steps=list(diverged),
                    essential_dynamics=dict(explained_variance=ed["evr"].tolist(),
                                            explained_variance_y=ed["evr_y"].tolist(), cusps=ed["cusps"]),
                    figures=[str(f.relative_to(out)) for f in figs])

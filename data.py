@@ -1,8 +1,8 @@
 """The task table (`TASKS`: per task its config defaults, model, data, evaluator, figures and stage
 names; the scripts look a run's task up there and nowhere else) and the in-context linear regression
-task: sampling, token layout, readout, Bayes baselines and metrics. Every random draw takes an explicit
-torch.Generator. The language model (package lm/) is named in the table by its module path and imported
-only when a config has task = "lm"."""
+task: sampling, token layout, readout, Bayes baselines and metrics. Every random draw takes an
+explicit torch.Generator. The language model (package lm/) is named in the table by its module path
+and imported only when a config has task = "lm"."""
 import importlib
 import math
 from dataclasses import dataclass
@@ -249,15 +249,15 @@ def restriction_set(cfg, name, model):
 # ---------------------------------------------------------------------------------------- the task table
 @dataclass(frozen=True)
 class TaskKind:
-    """One task: everything train.py, llc.py and analyze.py need to know about it. The functions named by
-    a string are 'module:function' (imported when first used) or, bare, a function of analyze.py
-    (evaluator) or plots.py (figures)."""
+    """One task: everything train.py, llc.py and analyze.py need to know about it. The functions
+    named by a string are 'module:function' (imported when first used) or, bare, a function of
+    analyze.py (evaluator) or plots.py (figures)."""
     defaults: dict           # its own config keys and their defaults (train.py adds them to its own)
     model_config: type       # the model's config dataclass (its build() makes the model)
-    task: type               # the data: from_config(cfg) -> sample, model_input, loss, eval_data, ...
+    task: type               # the data: from_config(cfg) -> sample, model_input, loss, ...
     prepare: Callable | None  # run config -> None: one-off data preparation before training
-    paper_restrictions: dict  # the paper's component restrictions (--restrictions=paper), may be empty
-    evaluator: str           # analyze.py's per-checkpoint evaluator (train.py, llc.py never load it)
+    paper_restrictions: dict  # the paper's component restrictions (--restrictions=paper) or {}
+    evaluator: str           # analyze.py's per-checkpoint evaluator (never loaded by train, llc)
     figures: str             # the figure set
     stage_prefix: str        # stage names: LR1, LR2, ... / LM1, ...
     published_llc: str = ""  # llc.py --published: the paper's restatement of an estimate, if any

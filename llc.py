@@ -321,8 +321,8 @@ def main(argv=None):
     except (FileNotFoundError, common.ConfigError) as e:
         common.fail("llc.py", e)
     if cfg["published"] and not kind.published_llc:
-        common.fail("llc.py", "--published restates the paper's language-model estimator: this run's task "
-                    "has none")
+        common.fail("llc.py", "--published restates the paper's language-model estimator: "
+                    "this run's task has none")
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if cfg["calibrate"] and rank != 0:
         return print(f"llc.py: rank {rank} idle (calibration runs on rank 0)", file=sys.stderr)

@@ -50,8 +50,8 @@ COMMON = {k: v for k, v in globals().items()
 
 
 def defaults_for(task):
-    """Every option of a run of `task`: the common ones above and the task's own keys (data.py: D, K,
-    ...; lm/data.py: corpus, vocab_size, ...; the LM's are imported only for task = "lm")."""
+    """Every option of a run of `task`: the common ones above and the task's own keys (data.py: D,
+    K, ...; lm/data.py: corpus, vocab_size, ...; the LM's are imported only for task = "lm")."""
     return {**COMMON, **data.kind({"task": task}).defaults}
 
 
@@ -261,7 +261,8 @@ def _saved_config_check(cfg):
             old = json.load(f)
     except json.JSONDecodeError as e:
         raise common.ConfigError(f"{path} is not JSON ({e}); restore it from a copy") from None
-    saved = {k: old.get(k, defaults_for(cfg["task"]).get(k)) for k in cfg}  # keys newer than the run: defaults
+    defaults = defaults_for(cfg["task"])
+    saved = {k: old.get(k, defaults.get(k)) for k in cfg}  # keys newer than the run: defaults
     diff = {k: (saved[k], v) for k, v in cfg.items()
             if k not in RESUME_MAY_CHANGE and saved[k] != v}
     if diff:
@@ -457,8 +458,9 @@ def _cpu(obj):
     return obj
 
 
-# the LM's hub errors need no naming here: HubNotFound is a ConfigError (exit 2), HubError an OSError (1)
-@common.one_line_errors("train.py", usage=(FileNotFoundError,), after="the same command resumes the run")
+# the LM's hub errors need no naming: HubNotFound is a ConfigError (exit 2), HubError an OSError (1)
+@common.one_line_errors("train.py", usage=(FileNotFoundError,),
+                        after="the same command resumes the run")
 def main(argv):
     """The command line. Every expected failure is one line on stderr: exit 2 for usage and input,
     1 for the environment (a full disk, a permission, the hub), 130 for Ctrl-C."""
@@ -466,7 +468,7 @@ def main(argv):
         common.progress("no config given: running the CPU demo (the defaults, as configs/tiny.py)")
     task = task_in(argv)
     kind = data.kind({"task": task})  # an unknown task: a usage error
-    sources = [__file__, sys.modules[kind.task.__module__].__file__]  # where --help finds each comment
+    sources = [__file__, sys.modules[kind.task.__module__].__file__]  # --help's comments
     cfg = common.parse_args("train.py", __doc__ + USAGE, defaults_for(task), argv, sources=sources,
                             choices=CHOICES)
     if cfg["device"] == "cpu" or (cfg["device"] == "auto" and not torch.cuda.is_available()):

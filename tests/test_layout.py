@@ -1,8 +1,8 @@
-"""The shape of the code: the top-level modules import each other as a DAG of at most 4 levels, common.py
-imports nothing from the project, no module imports train.py, project imports sit at the top of a file
-(except data.py's lazy import of the language-model package lm/, named in its task table), files stay
-short; no top-level module imports lm/, and the regression path loads neither lm/ nor the LM's
-third-party packages (tokenizers, requests, huggingface_hub)."""
+"""The shape of the code: the top-level modules import each other as a DAG of at most 4 levels,
+common.py imports nothing from the project, no module imports train.py, project imports sit at the
+top of a file (except data.py's lazy import of the language-model package lm/, named in its task
+table), files stay short; no top-level module imports lm/, and the regression path loads neither lm/
+nor the LM's third-party packages (tokenizers, requests, huggingface_hub)."""
 import ast
 import subprocess
 import sys
@@ -16,7 +16,8 @@ LAZY_ALLOWED = {"data": {"lm.data"}}  # data.TASKS["lm"] = "lm.data:KIND", resol
 
 
 def _name(module, names=()):
-    """The project module an import statement names ('lm.eval' for import lm.eval / from lm import eval)."""
+    """The project module an import statement names ('lm.eval' for import lm.eval / from lm import
+    eval)."""
     out = set()
     for n in names or [module]:
         for cand in (f"{module}.{n}" if names else module, module):
