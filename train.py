@@ -78,8 +78,8 @@ USAGE = """
     torchrun --nproc_per_node=2 train.py configs/tiny.py   # DDP; the global batch is split across ranks
     python train.py configs/lm_tiny.py                # the language-model CPU demo (task = "lm")
 
-The options below are those of the task given (by --task or a config file): the language model's own
-(corpus, tokenizer, vocab_size, n_ctx, ...) are listed with `python train.py --task=lm --help`.
+Below: every task's options; a run takes the common ones and its own task's (--task or a config
+file sets the task: the regression's D, K, ...; the language model's corpus, vocab_size, ...).
 """
 RESUME_MAY_CHANGE = {"stop_at", "device", "compile", "tf32", "log_interval", "micro_batch",
                      "fast_grad", "fresh_optimizer",
@@ -466,10 +466,12 @@ def main(argv):
     1 for the environment (a full disk, a permission, the hub), 130 for Ctrl-C."""
     if not argv:
         common.progress("no config given: running the CPU demo (the defaults, as configs/tiny.py)")
-    task = task_in(argv)
-    kind = data.kind({"task": task})  # an unknown task: a usage error
-    sources = [__file__, sys.modules[kind.task.__module__].__file__]  # --help's comments
-    cfg = common.parse_args("train.py", __doc__ + USAGE, defaults_for(task), argv, sources=sources,
+    # a run parses its task's options; --help lists every task's (it alone imports lm/ unasked)
+    tasks = list(data.TASKS) if {"-h", "--help"} & set(argv) else [task_in(argv)]
+    kinds = [data.kind({"task": t}) for t in tasks]  # an unknown task: a usage error
+    defaults = {k: v for t in tasks for k, v in defaults_for(t).items()}
+    sources = [__file__, *(sys.modules[k.task.__module__].__file__ for k in kinds)]  # the comments
+    cfg = common.parse_args("train.py", __doc__ + USAGE, defaults, argv, sources=sources,
                             choices=CHOICES)
     if cfg["device"] == "cpu" or (cfg["device"] == "auto" and not torch.cuda.is_available()):
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))  # tiny models: 1 thread is fastest
