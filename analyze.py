@@ -12,7 +12,6 @@ from torch.func import functional_call
 
 import common
 import data
-import lm_eval
 import plots
 import stages
 from model import weight_norm
@@ -116,10 +115,19 @@ class Evaluator:
 
 
 def evaluator(out_dir, opt) -> Evaluator:
-    """The run's Evaluator, from the function its task names."""
+    """The run's Evaluator, from the function its task names: one of this file's, or
+    'module:function' of another (the LM's, imported only for an LM run), which may return the
+    Evaluator's fields as a dict."""
     cfg = common.load_run(out_dir)
     dev = torch.device(opt["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return globals()[data.kind(cfg).evaluator](out_dir, cfg, opt, dev)
+    name = data.kind(cfg).evaluator
+    ev = (data.resolve(name) if ":" in name else globals()[name])(out_dir, cfg, opt, dev)
+    return ev if isinstance(ev, Evaluator) else Evaluator(**ev)
+
+
+def figure_set(kind):
+    """The figure function of a task: plots.py's, or 'module:function' of another (the LM's)."""
+    return data.resolve(kind.figures) if ":" in kind.figures else getattr(plots, kind.figures)
 
 
 def evaluate_run(out_dir, ev):
@@ -201,44 +209,6 @@ def regression_evaluator(out_dir, cfg, opt, dev):
                                    "ln_collapse/unembed", "hessian_trace"),
                      ed_cols=np.arange(B * T * C).reshape(B, T, C)[:, 0::2, 0].ravel(),
                      reference=np.genfromtxt(REFERENCE, delimiter=",", names=True) if paper else None)
-
-
-def lm_evaluator(out_dir, cfg, opt, dev):
-    """Per-position, position-ablated, bigram, n-gram and ICL scores, per-head previous-token / prefix-matching
-    scores, K-composition (layer 0 -> 1), positional and weight norms; the ED features are the true-token logits
-    (lm_eval.true_token_logits). On the CPU."""
-    task = data.task_for(cfg)
-    meta = {k: opt[k] for k in ("eval_seed", "lm_rows", "lm_ed", "lm_head_seqs", "lm_bigram_seqs",
-                                "lm_ngrams")}
-    tokens = task.eval_data(opt["eval_seed"], opt["lm_rows"])
-    meta["width"] = min(opt["lm_ed"], len(tokens))
-
-    def setup():
-        table, tok, seed = task.bigram_table(), task.tokenizer(), opt["eval_seed"]
-        H2 = lm_eval.bigram_entropy(table, tokens, opt["lm_bigram_seqs"], seed)
-        seqs = {n: lm_eval.ngram_sequences(lambda w: tok.encode(w).ids, task.words(), n, opt["lm_ngrams"],
-                                           bos=task.bos, space_id=task.meta["space_id"]) for n in (2, 3, 4)}
-
-        def evaluate(model):
-            model = model.cpu()
-            pp, ab = lm_eval.per_position_loss(model, tokens), lm_eval.position_ablated_loss(model, tokens)
-            row = {"loss": float(pp.mean()), "loss_pos_ablated": float(ab.mean()),
-                   **{f"loss/{k}": float(pp[k]) for k in lm_eval.EVAL_POSITIONS if k < len(pp)},
-                   "icl": lm_eval.icl_score(pp), "bigram_entropy": H2,
-                   "bigram": lm_eval.bigram_score(model, tokens, table, opt["lm_bigram_seqs"], seed)}
-            for n, sq in seqs.items():
-                row[f"ngram/{n}"] = lm_eval.ngram_score(pp, lm_eval.ngram_loss(model, sq), n) if len(sq) else None
-            for key, fn in (("prev_token", lm_eval.previous_token_scores), ("prefix", lm_eval.prefix_matching_scores)):
-                S = fn(model, opt["lm_head_seqs"], seed)
-                row.update({f"{key}/L{a}H{b}": float(S[a, b]) for a in range(S.shape[0]) for b in range(S.shape[1])})
-            if len(model.blocks) >= 2:
-                S = lm_eval.k_composition_scores(model)
-                row.update({f"kcomp/{a}-{b}": float(S[a, b]) for a in range(S.shape[0]) for b in range(S.shape[1])})
-            row.update(pos_norms=lm_eval.positional_norms(model).tolist(),
-                       weight_norm=float(weight_norm(model.parameters())))
-            return row, lm_eval.true_token_logits(model, tokens, meta["width"], seed).numpy()
-        return evaluate
-    return Evaluator(meta, setup, ("loss", "loss_pos_ablated", "icl", "bigram", "ngram/3", "weight_norm"), final=True)
 
 
 def structure_stats(params, n_layer):
@@ -334,7 +304,7 @@ def refined_curves(run_dirs):
     return out
 
 
-def refined(run_dirs, opt, M, prefix):
+def refined(run_dirs, opt, metrics, prefix):
     """(curves for plots.refined_figures, summary["refined"]): the head clusters against the LM's head scores at
     the last checkpoint, and with --refined_stages each curve's stage boundaries. ({}, {}) without llc_*.jsonl."""
     curves = refined_curves(run_dirs)
@@ -346,7 +316,8 @@ def refined(run_dirs, opt, M, prefix):
         for j in range(k):
             cl = dict(cluster=j, heads=[n for n, lab in zip(c["names"], c["labels"]) if lab == j])
             for score in ("prev_token", "prefix"):
-                v = [np.nanmean(M[f"{score}/{h}"][:, -1]) for h in cl["heads"] if f"{score}/{h}" in M]
+                v = [np.nanmean(metrics[f"{score}/{h}"][:, -1]) for h in cl["heads"]
+                     if f"{score}/{h}" in metrics]
                 if v and np.isfinite(v).any():
                     cl[score] = float(np.nanmean(v))
             clusters.append(cl)
@@ -362,9 +333,9 @@ def refined(run_dirs, opt, M, prefix):
 
 
 # ------------------------------------------------------------------------------------ summary and main
-def stage_changes(det, steps, M, llc_steps, L, keys):
+def stage_changes(det, steps, metrics, llc_steps, L, keys):
     """For each stage, the seed-mean value of each metric (`keys`) at its first and last checkpoint."""
-    series = [(k, steps, M) for k in keys] + [("llc_mean", llc_steps, L)]
+    series = [(k, steps, metrics) for k in keys] + [("llc_mean", llc_steps, L)]
     out = []
     for s in det["stages"]:
         ch = {}
@@ -441,8 +412,30 @@ def curve_stages(opt):
     return out
 
 
+def stage_signal(run_dirs, runs, steps, warn):
+    """The LLC tables of the runs and the curve the stages are detected on: (llc rows, diverged
+    steps, llc_steps, llc tables, (signal steps, seed-mean signal, its standard error or None)).
+    Without 5 common LLC estimates the signal is the test loss (a warning in `warn`)."""
+    llcs, diverged = zip(*[read_llc(d) for d in run_dirs])
+    for d, bad in zip(run_dirs, diverged):
+        if bad:
+            warn.append(f"{d}/llc.jsonl: all chains diverged (llc_mean null) at step(s) {bad}: "
+                        "left out of the stage detection and the LLC curves")
+    llc_steps = sorted(set.intersection(*[{r["step"] for r in rows} for rows in llcs]))
+    llc = tables(llcs, llc_steps, ("llc_mean", "llc_std", "llc_se", "rhat", "llc_per_chain"))
+    if len(llc_steps) >= 5:
+        n = np.isfinite(llc["llc_mean"]).sum(0)
+        se = np.sqrt(np.nansum(llc["llc_se"] ** 2, 0)) / n
+        se = np.where(np.isnan(llc["llc_se"]).all(0), np.nan, se)
+        return llcs, diverged, llc_steps, llc, (llc_steps, np.nanmean(llc["llc_mean"], 0), se)
+    warn.append(f"no usable llc.jsonl (fewer than 5 common LLC estimates in {run_dirs}): stages "
+                "are detected on the test loss instead")
+    return llcs, diverged, [], llc, (steps, np.nanmean(table(runs, "loss", steps), 0), None)
+
+
 def main(argv=None):
-    """Analyse the runs named in argv (see USAGE); returns the summary also written to <out>/summary.json."""
+    """Analyse the runs named in argv (see USAGE); returns the summary also written to
+    <out>/summary.json."""
     opt, run_dirs = parse(sys.argv[1:] if argv is None else argv)
     if opt["threads"] > 0:
         torch.set_num_threads(opt["threads"])
@@ -457,43 +450,30 @@ def main(argv=None):
     cfg, ev, warn = common.load_run(run_dirs[0]), evs[0], []
     kind = data.kind(cfg)
     steps = sorted(set.intersection(*[{r["step"] for r in rows} for rows in runs]))
-    llcs, diverged = zip(*[read_llc(d) for d in run_dirs])
-    for d, bad in zip(run_dirs, diverged):
-        if bad:
-            warn.append(f"{d}/llc.jsonl: all chains diverged (llc_mean null) at step(s) {bad}: left out of the "
-                        "stage detection and the LLC curves")
-    llc_steps = sorted(set.intersection(*[{r["step"] for r in rows} for rows in llcs]))
-    L = tables(llcs, llc_steps, ("llc_mean", "llc_std", "llc_se", "rhat", "llc_per_chain"))
-    if len(llc_steps) >= 5:
-        n = np.isfinite(L["llc_mean"]).sum(0)
-        sig, se = np.nanmean(L["llc_mean"], 0), np.sqrt(np.nansum(L["llc_se"] ** 2, 0)) / n
-        sig_steps, se = llc_steps, np.where(np.isnan(L["llc_se"]).all(0), np.nan, se)
-    else:
-        warn.append(f"no usable llc.jsonl (fewer than 5 common LLC estimates in {run_dirs}): stages are "
-                    "detected on the test loss instead")
-        sig_steps, sig, se, llc_steps = steps, np.nanmean(table(runs, "loss", steps), 0), None, []
+    llcs, diverged, llc_steps, L, signal = stage_signal(run_dirs, runs, steps, warn)
     for w in warn:
         warnings.warn(w)
-    det = stages.detect_stages(sig_steps, sig, se, prefix=kind.stage_prefix, **{k: opt[k] for k in STAGE_RULE})
+    det = stages.detect_stages(*signal, prefix=kind.stage_prefix, **{k: opt[k] for k in STAGE_RULE})
     det["signal"] = "llc" if llc_steps else "loss"
     common.atomic_write(out / "stages.json", json.dumps(det, indent=1))
     ed = stages.essential_dynamics(runs, mats, steps, opt["ed_sigma_max"], ev.ed_cols)
-    M = tables(runs, steps)
+    metrics = tables(runs, steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of all-NaN columns (missing metrics)
-        figs = getattr(plots, kind.figures)(out / "figures", steps, M, llc_steps, L, llcs[0], diverged[0], det, ed,
-                                            cfg, ev.reference)
-        changes = stage_changes(det, steps, M, llc_steps, L, ev.summary_keys)
-        curves, refined_summary = refined(run_dirs, opt, M, kind.stage_prefix)
+        figs = figure_set(kind)(out / "figures", steps, metrics, llc_steps, L, llcs[0], diverged[0],
+                                det, ed, cfg, ev.reference)
+        changes = stage_changes(det, steps, metrics, llc_steps, L, ev.summary_keys)
+        curves, refined_summary = refined(run_dirs, opt, metrics, kind.stage_prefix)
         figs += plots.refined_figures(out / "figures", curves, llc_steps, L, det)
-    summary = dict(runs=[str(d) for d in run_dirs], signal=det["signal"], warnings=warn, n_checkpoints=len(steps),
-                   boundaries=det["boundaries"], stages=changes, detector=dict(params=det["params"], gp=det["gp"]),
+    summary = dict(runs=[str(d) for d in run_dirs], signal=det["signal"], warnings=warn,
+                   n_checkpoints=len(steps), boundaries=det["boundaries"], stages=changes,
+                   detector=dict(params=det["params"], gp=det["gp"]),
                    llc_diverged_steps=list(diverged),
                    essential_dynamics=dict(explained_variance=ed["evr"].tolist(),
                                            explained_variance_y=ed["evr_y"].tolist(), cusps=ed["cusps"]),
                    figures=[str(f.relative_to(out)) for f in figs])
     if ev.final:
-        last = {k: v[:, -1].mean() for k, v in M.items() if v.ndim == 2}
+        last = {k: v[:, -1].mean() for k, v in metrics.items() if v.ndim == 2}
         summary["final"] = {k: float(v) for k, v in last.items() if math.isfinite(v)}
     if refined_summary:
         summary["refined"] = refined_summary

@@ -1,6 +1,9 @@
-"""The task table (`TASKS`: per task its config defaults, model, data, evaluator, figures and stage names; the
-scripts look a run's task up there and nowhere else) and the in-context linear regression task: sampling, token
-layout, readout, Bayes baselines and metrics. Every random draw takes an explicit torch.Generator."""
+"""The task table (`TASKS`: per task its config defaults, model, data, evaluator, figures and stage
+names; the scripts look a run's task up there and nowhere else) and the in-context linear regression
+task: sampling, token layout, readout, Bayes baselines and metrics. Every random draw takes an
+explicit torch.Generator. The language model (package lm/) is named in the table by its module path
+and imported only when a config has task = "lm"."""
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -10,9 +13,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import common
-import lm_data
 from fast import icl_loss_and_grads
-from model import ICLConfig, LMConfig, build_model as _seeded, weight_norm
+from model import ICLConfig, build_model as _seeded, weight_norm
 
 OOD_SCALES = (3, 5, 10, 100)
 
@@ -73,7 +75,7 @@ class Task:
         """Mean squared error of the readout: the training loss and the loss the LLC is measured on."""
         return F.mse_loss(readout(out), ys)
 
-    # the interface every task offers (lm_data.LMTask too)
+    # the interface every task offers (lm.data.LMTask too)
     @staticmethod
     def model_input(xs, ys):
         """What the model is called on for a sampled batch: the interleaved tokens."""
@@ -247,32 +249,41 @@ def restriction_set(cfg, name, model):
 # ---------------------------------------------------------------------------------------- the task table
 @dataclass(frozen=True)
 class TaskKind:
-    """One task: everything train.py, llc.py and analyze.py need to know about it."""
+    """One task: everything train.py, llc.py and analyze.py need to know about it. The functions
+    named by a string are 'module:function' (imported when first used) or, bare, a function of
+    analyze.py (evaluator) or plots.py (figures)."""
     defaults: dict           # its own config keys and their defaults (train.py adds them to its own)
-    model_config: type       # the model's config dataclass (its build() makes the model), filled from the run config
-    task: type               # the data: from_config(cfg) -> sample, model_input, loss, eval_data, metrics, ...
+    model_config: type       # the model's config dataclass (its build() makes the model)
+    task: type               # the data: from_config(cfg) -> sample, model_input, loss, ...
     prepare: Callable | None  # run config -> None: one-off data preparation before training
-    paper_restrictions: dict  # the paper's named component restrictions (llc.py --restrictions=paper), may be empty
-    evaluator: str           # analyze.py's per-checkpoint evaluator (by name: train.py and llc.py never load analysis code)
-    figures: str             # plots.py's figure set
+    paper_restrictions: dict  # the paper's component restrictions (--restrictions=paper) or {}
+    evaluator: str           # analyze.py's per-checkpoint evaluator (never loaded by train, llc)
+    figures: str             # the figure set
     stage_prefix: str        # stage names: LR1, LR2, ... / LM1, ...
+    published_llc: str = ""  # llc.py --published: the paper's restatement of an estimate, if any
 
 
-TASKS = {
-    "regression": TaskKind(DEFAULTS, ICLConfig, Task, None, PAPER_RESTRICTIONS, "regression_evaluator",
-                           "regression_figures", "LR"),
-    "lm": TaskKind(lm_data.DEFAULTS, LMConfig, lm_data.LMTask, lm_data.prepare_for, {}, "lm_evaluator", "lm_figures",
-                   "LM"),
+TASKS = {  # a TaskKind, or the 'module:attribute' of one (imported by kind() on first use)
+    "regression": TaskKind(DEFAULTS, ICLConfig, Task, None, PAPER_RESTRICTIONS,
+                           "regression_evaluator", "regression_figures", "LR"),
+    "lm": "lm.data:KIND",  # the language model: lm/ is never imported for a regression run
 }
+
+
+def resolve(name):
+    """The object a task-table string 'module:attribute' names, importing the module."""
+    module, _, attr = name.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def kind(cfg) -> TaskKind:
     """The table row of a run config (a dict, or a run directory)."""
     cfg = cfg if isinstance(cfg, dict) else common.load_run(cfg)
     name = cfg.get("task", "regression")
-    if name not in TASKS:
+    if not isinstance(name, str) or name not in TASKS:
         raise common.ConfigError(f"task must be one of {', '.join(TASKS)}; got {name!r}")
-    return TASKS[name]
+    row = TASKS[name]
+    return resolve(row) if isinstance(row, str) else row
 
 
 def model_config(cfg):

@@ -13,7 +13,6 @@ import torch
 
 import common
 import data
-import lm_eval
 from sgld import (CHAIN_MODES, AllChainsDivergedError, Settings, estimate_llc,  # noqa: F401
                   make_generators)
 
@@ -96,6 +95,7 @@ class Run:
     def __init__(self, out_dir, cfg, device):
         self.dir, self.cfg, self.device = out_dir, cfg, device
         self.task, run_cfg = data.task_for(out_dir), common.load_run(out_dir)
+        self.published_llc = data.kind(run_cfg).published_llc  # "" unless the task has one (the LM)
         if cfg["data_refine"]:  # another data distribution; the model and its loss stay the run's
             self.task = self.task.refined(cfg["data_refine"])
         self.restrictions = {None: {}}  # None: the plain LLC (include / exclude as given)
@@ -120,13 +120,15 @@ class Run:
                             [{k: v.detach() for k, v in m.named_parameters()} for m in models], self.data, **settings)
 
     def published(self, res):
-        """With --published: the estimate restated as the paper's LM curves computed it
-        (lm_eval.published_llc)."""
+        """With --published: the estimate restated as the paper's LM curves computed it (the task's
+        published_llc, lm.eval.published_llc: imported only for an LM run)."""
         if not self.cfg["published"]:
             return {}
         ok = [i for i, v in enumerate(res["llc_per_chain"]) if np.isfinite(v)]
-        pub = lm_eval.published_llc(np.asarray(res["llc_per_chain"])[ok], res["init_loss"], res["nbeta"],
-                                    res.get("draws_used", res["num_draws"]), draw0=res["loss_trace"][ok, 0].numpy())
+        published_llc = data.resolve(self.published_llc)
+        pub = published_llc(np.asarray(res["llc_per_chain"])[ok], res["init_loss"], res["nbeta"],
+                            res.get("draws_used", res["num_draws"]),
+                            draw0=res["loss_trace"][ok, 0].numpy())
         return {f"{k}_published": common.finite(v) for k, v in pub.items()}
 
     def rows(self, steps, done=frozenset()):
@@ -323,9 +325,12 @@ def main(argv=None):
     cfg["out"] = cfg["out"] or "llc{}{}.jsonl".format(*(f"_{p}{v.replace('/', '-')}" if v else "" for p, v in (
         ("", cfg["restrictions"]), ("data-", cfg["data_refine"]))))
     try:
-        data.kind(cfg["ckpt"])
+        kind = data.kind(cfg["ckpt"])
     except (FileNotFoundError, common.ConfigError) as e:
         common.fail("llc.py", e)
+    if cfg["published"] and not kind.published_llc:
+        common.fail("llc.py", "--published restates the paper's language-model estimator: "
+                    "this run's task has none")
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if cfg["calibrate"] and rank != 0:
         return print(f"llc.py: rank {rank} idle (calibration runs on rank 0)", file=sys.stderr)

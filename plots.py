@@ -268,64 +268,6 @@ def llc_diagnostics(path, llc_steps, L, rows, diverged, det):
     _save(fig, path)
 
 
-# ------------------------------------------------------------------------------------------- language model
-LM_FIGURES = ("1_loss_llc.png", "2_essential_dynamics.png", "3_lm_behaviour.png", "4_head_scores.png",
-              "5_llc_diagnostics.png")
-
-
-def lm_figures(fig_dir, steps, M, llc_steps, L, llc_rows, diverged, det, ed, cfg, ref=None):
-    """regression_figures for a language-model run: the behaviour and head-score panels differ."""
-    paths = [Path(fig_dir) / f for f in LM_FIGURES]
-    loss_llc(paths[0], steps, M, llc_steps, L, det, math.log(cfg["vocab_size"]), loss_label="test loss (nats)",
-             zero_label="uniform ln V")
-    essential_dynamics(paths[1], ed, det, "true-token logits")
-    lm_behaviour(paths[2], steps, M, det)
-    head_scores(paths[3], steps, M, det)
-    llc_diagnostics(paths[4], llc_steps, L, llc_rows, diverged, det)
-    return paths
-
-
-def lm_behaviour(path, steps, M, det):
-    fig, ax = _axes(2, 3, "Language model: behaviour on held-out text")
-    st = det["stages"]
-    ks = sorted(int(k.split("/")[1]) for k in M if k.startswith("loss/"))
-    for k in ks:
-        _band(ax[0], steps, M[f"loss/{k}"], label=f"k={k}", color=plt.cm.viridis(ks.index(k) / max(len(ks) - 1, 1)))
-    _time_axis(ax[0], st, "per-token loss ℓ_k (nats)", names=True)
-    ax[0].legend(fontsize=5, ncol=2)
-    _band(ax[1], steps, M["icl"], label="ICL score (late − early)")
-    _time_axis(ax[1], st, "ICL score (lower = more ICL)")
-    _band(ax[2], steps, M["bigram"], label="bigram score")
-    _band(ax[2], steps, M["bigram_entropy"], label="bigram entropy (floor)", ls=":", color="grey")
-    _time_axis(ax[2], st, "H(B[c], model) (nats)")
-    for n in (2, 3, 4):
-        if f"ngram/{n}" in M:
-            _band(ax[3], steps, M[f"ngram/{n}"], label=f"{n}-gram")
-    _time_axis(ax[3], st, "n-gram score (test loss / n-gram loss)")
-    _band(ax[4], steps, M["loss_pos_ablated"] - M["loss"], label="ablated − loss")
-    _time_axis(ax[4], st, "position-ablation loss increase")
-    _band(ax[5], steps, M["weight_norm"], label="‖w‖")
-    _time_axis(ax[5], st, "weight norm")
-    _save(fig, path)
-
-
-def head_scores(path, steps, M, det):
-    """Previous-token and prefix-matching score of every head, and the layer 0 -> 1 K-composition of every pair,
-    over training (the paper's Figure 3 ingredients)."""
-    fig, ax = _axes(1, 3, "Attention heads over training", w=5.2, h=3.6)
-    st = det["stages"]
-    for a, key, label in ((ax[0], "prev_token/", "previous-token score"), (ax[1], "prefix/", "prefix-matching score"),
-                          (ax[2], "kcomp/", "K-composition (L0 head → L1 head)")):
-        keys = sorted(k for k in M if k.startswith(key))
-        for i, k in enumerate(keys):
-            _band(a, steps, M[k], label=k[len(key):], color=plt.cm.tab20(i % 20), ls="-" if "L0" in k or key ==
-                  "kcomp/" else "--")
-        _time_axis(a, st, label, names=a is ax[0])
-        if keys:
-            a.legend(fontsize=5, ncol=2)
-    _save(fig, path)
-
-
 # ------------------------------------------------------------------------------------------- refined LLCs
 def refined_figures(fig_dir, curves, llc_steps, L, det):
     """The refined-LLC figures that have data (curves: analyze.refined_curves' groups): 6 per-head wrLLCs by

@@ -17,7 +17,6 @@ import torch
 import common
 import data
 import fast
-import lm_hub
 
 # ------------------------------------------------------------------------- defaults: the CPU demo (configs/tiny.py)
 out_dir = "out/tiny"    # run folder: config.json, log.jsonl, checkpoints/
@@ -46,10 +45,31 @@ fast_grad = "auto"      # auto | True | False: hand-derived gradient (regression
 tf32 = False            # allow TF32 matmuls on CUDA
 fresh_optimizer = False  # resume checkpoints without .state.pt with a new optimizer (inexact)
 # ---------------------------------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
-for _kind in data.TASKS.values():  # each task's own keys (data.py: D, K, ...; lm_data.py: corpus, ...)
-    DEFAULTS.update(_kind.defaults)
-SOURCES = [__file__, *dict.fromkeys(sys.modules[k.task.__module__].__file__ for k in data.TASKS.values())]  # --help
+COMMON = {k: v for k, v in globals().items()
+          if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+
+
+def defaults_for(task):
+    """Every option of a run of `task`: the common ones above and the task's own keys (data.py: D,
+    K, ...; lm/data.py: corpus, vocab_size, ...; the LM's are imported only for task = "lm")."""
+    return {**COMMON, **data.kind({"task": task}).defaults}
+
+
+def task_in(argv):
+    """The task a command line asks for, before it is parsed: the last --task or config file setting
+    one (the default: regression), so that the parse knows the task's keys."""
+    task, args = COMMON["task"], list(argv)
+    for i, arg in enumerate(args):
+        if arg.endswith(".py") and not arg.startswith("--"):
+            task = common.read_config_file(arg).get("task", task)
+        elif arg.startswith("--task="):
+            task = arg.partition("=")[2]
+        elif arg == "--task" and i + 1 < len(args):
+            task = args[i + 1]
+    return task
+
+
+DEFAULTS = defaults_for("regression")  # the regression run's options (defaults_for("lm"): the LM's)
 USAGE = """
 
     python train.py                                   # the CPU demo (these defaults = configs/tiny.py)
@@ -57,6 +77,9 @@ USAGE = """
     python train.py configs/L2H4.py --stop_at=40292   # its first 40k steps, schedule unchanged
     torchrun --nproc_per_node=2 train.py configs/tiny.py   # DDP; the global batch is split across ranks
     python train.py configs/lm_tiny.py                # the language-model CPU demo (task = "lm")
+
+Below: every task's options; a run takes the common ones and its own task's (--task or a config
+file sets the task: the regression's D, K, ...; the language model's corpus, vocab_size, ...).
 """
 RESUME_MAY_CHANGE = {"stop_at", "device", "compile", "tf32", "log_interval", "micro_batch",
                      "fast_grad", "fresh_optimizer",
@@ -76,7 +99,7 @@ def validate(cfg):
     """Refuse a bad config before anything is written, so that a refused command leaves no
     config.json behind that would refuse the corrected one. Checks types, choices, ranges, the
     device and stop_at."""
-    for key, default in DEFAULTS.items():
+    for key, default in defaults_for(cfg["task"]).items():
         val, want = cfg.get(key), type(default)
         if not (type(val) is want or (want is float and type(val) is int)
                 or (key == "fast_grad" and type(val) is bool)):  # a bool in runs made before "auto"
@@ -238,7 +261,8 @@ def _saved_config_check(cfg):
             old = json.load(f)
     except json.JSONDecodeError as e:
         raise common.ConfigError(f"{path} is not JSON ({e}); restore it from a copy") from None
-    saved = {k: old.get(k, DEFAULTS.get(k)) for k in cfg}  # keys newer than the run: defaults
+    defaults = defaults_for(cfg["task"])
+    saved = {k: old.get(k, defaults.get(k)) for k in cfg}  # keys newer than the run: defaults
     diff = {k: (saved[k], v) for k, v in cfg.items()
             if k not in RESUME_MAY_CHANGE and saved[k] != v}
     if diff:
@@ -434,14 +458,21 @@ def _cpu(obj):
     return obj
 
 
-@common.one_line_errors("train.py", usage=(FileNotFoundError, lm_hub.HubNotFound),
-                        environment=(lm_hub.HubError,), after="the same command resumes the run")
+# the LM's hub errors need no naming: HubNotFound is a ConfigError (exit 2), HubError an OSError (1)
+@common.one_line_errors("train.py", usage=(FileNotFoundError,),
+                        after="the same command resumes the run")
 def main(argv):
     """The command line. Every expected failure is one line on stderr: exit 2 for usage and input,
     1 for the environment (a full disk, a permission, the hub), 130 for Ctrl-C."""
     if not argv:
         common.progress("no config given: running the CPU demo (the defaults, as configs/tiny.py)")
-    cfg = common.parse_args("train.py", __doc__ + USAGE, DEFAULTS, argv, sources=SOURCES, choices=CHOICES)
+    # a run parses its task's options; --help lists every task's (it alone imports lm/ unasked)
+    tasks = list(data.TASKS) if {"-h", "--help"} & set(argv) else [task_in(argv)]
+    kinds = [data.kind({"task": t}) for t in tasks]  # an unknown task: a usage error
+    defaults = {k: v for t in tasks for k, v in defaults_for(t).items()}
+    sources = [__file__, *(sys.modules[k.task.__module__].__file__ for k in kinds)]  # the comments
+    cfg = common.parse_args("train.py", __doc__ + USAGE, defaults, argv, sources=sources,
+                            choices=CHOICES)
     if cfg["device"] == "cpu" or (cfg["device"] == "auto" and not torch.cuda.is_available()):
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))  # tiny models: 1 thread is fastest
     common.tune_malloc()  # without it glibc maps and unmaps every ~1 MB activation: 6x the page faults of autograd

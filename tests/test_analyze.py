@@ -479,11 +479,12 @@ def test_lm_demo_pipeline_train_llc_analyze(tmp_path):
     """The LM demo pipeline (train -> llc -> analyze) end to end at a tiny size: figures (the head-score panel
     included), summary keys and per-head scores in analysis.jsonl."""
     import llc
-    import lm_data
+    import lm.data as lm_data
+    import lm.plots
     from conftest import ROOT
     data_dir, out = tmp_path / "python-v5000-ctx32", tmp_path / "run"
     lm_data.prepare(data_dir, "python", 5000, 32, 0.05, "train", progress=lambda msg: None)
-    train.train(common.configure(train.DEFAULTS, [
+    train.train(common.configure(train.defaults_for("lm"), [
         str(ROOT / "configs" / "lm_tiny.py"), f"--out_dir={out}", f"--data_dir={data_dir}", "--n_ctx=32",
         "--d_model=16", "--n_head=2", "--batch_size=8", "--max_steps=24", "--n_log=8", "--n_lin=0",
         "--ckpt_every=23", "--eval_batch_size=8", "--log_interval=8", "--device=cpu"]))
@@ -496,8 +497,8 @@ def test_lm_demo_pipeline_train_llc_analyze(tmp_path):
                             "--lm_ngrams=50", "--threads=1"])
     for key in ("signal", "boundaries", "stages", "essential_dynamics", "figures", "final"):
         assert key in summary
-    assert set(summary["figures"]) == {f"figures/{f}" for f in plots.LM_FIGURES}
-    for f in plots.LM_FIGURES:
+    assert set(summary["figures"]) == {f"figures/{f}" for f in lm.plots.FIGURES}
+    for f in lm.plots.FIGURES:
         w, h = png_size(out / "figures" / f)
         assert w > 200 and h > 200
     assert len(summary["essential_dynamics"]["explained_variance"]) >= 2

@@ -1,10 +1,30 @@
-"""The shape of the code: the top-level modules import each other as a DAG of at most 4 levels, common.py imports
-nothing from the project, no module imports train.py, project imports sit at the top of a file, files stay short."""
+"""The shape of the code: the top-level modules import each other as a DAG of at most 4 levels,
+common.py imports nothing from the project, no module imports train.py, project imports sit at the
+top of a file (except data.py's lazy import of the language-model package lm/, named in its task
+table), files stay short; no top-level module imports lm/, and the regression path loads neither lm/
+nor the LM's third-party packages (tokenizers, requests, huggingface_hub)."""
 import ast
+import subprocess
+import sys
 
 from conftest import ROOT
 
-MODULES = {p.stem: p for p in sorted(ROOT.glob("*.py"))}
+TOP = {p.stem: p for p in sorted(ROOT.glob("*.py"))}
+PACKAGE = {f"lm.{p.stem}": p for p in sorted((ROOT / "lm").glob("*.py")) if p.stem != "__init__"}
+MODULES = {**TOP, **PACKAGE}  # module name -> file
+LAZY_ALLOWED = {"data": {"lm.data"}}  # data.TASKS["lm"] = "lm.data:KIND", resolved with importlib
+
+
+def _name(module, names=()):
+    """The project module an import statement names ('lm.eval' for import lm.eval / from lm import
+    eval)."""
+    out = set()
+    for n in names or [module]:
+        for cand in (f"{module}.{n}" if names else module, module):
+            if cand in MODULES:
+                out.add(cand)
+                break
+    return out
 
 
 def project_imports(path, top_level_only=False):
@@ -14,10 +34,20 @@ def project_imports(path, top_level_only=False):
     found = set()
     for node in nodes:
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
+            for a in node.names:
+                found |= _name(a.name)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
-    return found & set(MODULES) - {path.stem}
+            found |= _name(node.module, [a.name for a in node.names])
+    me = next(m for m, p in MODULES.items() if p == path)
+    return found - {me}
+
+
+def importlib_targets(path):
+    """The string constants 'lm.<module>:attribute' of a file: the package's lazy imports."""
+    tree = ast.parse(path.read_text())
+    consts = {n.value.partition(":")[0] for n in ast.walk(tree)
+              if isinstance(n, ast.Constant) and isinstance(n.value, str) and ":" in n.value}
+    return consts & set(PACKAGE)
 
 
 def levels(graph):
@@ -38,11 +68,18 @@ def levels(graph):
 
 
 def test_the_import_graph_is_a_shallow_dag():
-    graph = {m: project_imports(p) for m, p in MODULES.items()}
+    graph = {m: project_imports(p) for m, p in TOP.items()}
     lv = levels(graph)
     assert max(lv.values()) <= 4, lv
     assert graph["common"] == set() and graph["model"] == set()
     assert not [m for m, deps in graph.items() if "train" in deps]
+
+
+def test_the_package_imports_no_script_and_no_cycle():
+    graph = {m: project_imports(p) for m, p in MODULES.items()}
+    levels(graph)  # no cycle through lm/ either
+    assert not [m for m, deps in graph.items() if deps & {"train", "llc", "analyze"}]
+    assert not {m: d for m, d in graph.items() if m in TOP and any(x.startswith("lm.") for x in d)}
 
 
 def test_the_cycle_check_finds_a_cycle():
@@ -57,5 +94,31 @@ def test_the_cycle_check_finds_a_cycle():
 def test_no_lazy_project_imports_and_short_files():
     lazy = {m: project_imports(p) - project_imports(p, top_level_only=True) for m, p in MODULES.items()}
     assert not {m: d for m, d in lazy.items() if d}
-    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 500}
-    assert not long and len(MODULES) <= 14, (long, sorted(MODULES))
+    by_string = {m: importlib_targets(p) - LAZY_ALLOWED.get(m, set()) for m, p in TOP.items()}
+    assert not {m: d for m, d in by_string.items() if d}
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 600}
+    assert not long and len(TOP) <= 14, (long, sorted(TOP))
+
+
+LM_ONLY = ("lm", "tokenizers", "requests", "huggingface_hub")
+REGRESSION_PATH = f"""
+import sys
+import train, llc, analyze, data
+cfg = dict(train.DEFAULTS)
+data.task_for(cfg).sample(__import__("torch").Generator().manual_seed(0), 2)
+data.build_model(cfg, 0)
+print(sorted(m for m in sys.modules if m.split(".")[0] in {LM_ONLY!r}))
+"""
+
+
+def test_the_regression_path_loads_nothing_of_the_language_model():
+    r = subprocess.run([sys.executable, "-c", REGRESSION_PATH], capture_output=True, text=True, cwd=ROOT,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
+def test_an_lm_config_reaches_the_package_through_the_task_table():
+    r = subprocess.run([sys.executable, "-c", "import sys, data; data.kind({'task': 'lm'}); "
+                        "print('lm.data' in sys.modules)"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr

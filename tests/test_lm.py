@@ -20,12 +20,15 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 
 import common
 import data
-import lm_data
-import lm_eval
-import lm_hub
+import lm.data as lm_data
+import lm.eval as lm_eval
+import lm.hub as lm_hub
 import train
 from conftest import ROOT
-from model import LMConfig, LMTransformer, build_model
+from lm.model import LMConfig, LMTransformer
+from model import build_model
+
+LM_DEFAULTS = train.defaults_for("lm")  # train.py's options of an LM run
 
 TINY = LMConfig(vocab_size=50, n_ctx=16, n_layer=2, n_head=2, d_model=8)
 CTX = 64  # packed row length of the test corpus
@@ -411,7 +414,7 @@ def test_import_skips_missing_steps_and_export_round_trips(hub, tmp_path, lm_dir
     """The paper's layout (checkpoints/checkpoint_*.pth) becomes a run folder; a step the hub lacks is skipped and
     reported; `export` writes the same layout with a config, and `import` reads that folder back."""
     H, url, cache = hub
-    cfg = common.configure(train.DEFAULTS, [str(ROOT / "configs" / "L2W256.py"), f"--out_dir={tmp_path / 'run'}",
+    cfg = common.configure(LM_DEFAULTS, [str(ROOT / "configs" / "L2W256.py"), f"--out_dir={tmp_path / 'run'}",
                                             f"--data_dir={lm_dir}", f"--n_ctx={CTX}", "--d_model=16", "--n_head=2"])
     models = {s: data.build_model(cfg, s) for s in (0, 200)}
     for s, m in models.items():
@@ -513,16 +516,16 @@ def test_published_llc_convention_matches_the_reference_estimator():
 
 
 def test_hub_command_lines(tmp_path):
-    for script in ("lm_hub.py", "lm_data.py"):
-        r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True)
+    for module in ("lm.hub", "lm.data"):
+        r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0 and "usage" in r.stdout
-        r = subprocess.run([sys.executable, str(ROOT / script), "download" if script == "lm_hub.py" else "import",
-                            "x", "--bogus=1"], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", module, "download" if module == "lm.hub" else "import",
+                            "x", "--bogus=1"], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "LM_HUB_BACKEND": "requests"}
-    r = subprocess.run([sys.executable, str(ROOT / "lm_hub.py"), "download", "o/r", "f.json"], capture_output=True,
-                       text=True, env=env)
-    assert r.returncode == 1 and r.stderr.startswith("lm_hub.py: o/r/f.json is not in the cache")
+    r = subprocess.run([sys.executable, "-m", "lm.hub", "download", "o/r", "f.json"], capture_output=True,
+                       text=True, env=env, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.startswith("lm.hub: o/r/f.json is not in the cache")
 
 
 # ---------------------------------------------------------------------------------------------- evaluations
@@ -638,7 +641,7 @@ def test_ngrams_icl_and_per_position_loss():
 
 # ---------------------------------------------------------------------------------------------- training
 def _lm_cfg(lm_dir, out, *extra):
-    return common.configure(train.DEFAULTS, [str(ROOT / "configs" / "lm_tiny.py"), f"--out_dir={out}",
+    return common.configure(LM_DEFAULTS, [str(ROOT / "configs" / "lm_tiny.py"), f"--out_dir={out}",
                                              f"--data_dir={lm_dir}", f"--n_ctx={CTX}", *extra])
 
 

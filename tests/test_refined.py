@@ -11,7 +11,8 @@ import common
 import data
 import llc
 import sgld
-from model import ICLConfig, LMConfig, build_model
+from lm.model import LMConfig
+from model import ICLConfig, build_model
 
 CLI = ["--num_chains=2", "--num_draws=6", "--num_burnin=2", "--batch_size=8", "--n=32", "--trace_points=4"]
 

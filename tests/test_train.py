@@ -64,7 +64,7 @@ def test_configure_errors(tmp_path):
     # every shipped config parses
     for f in ["L2H4.py", "L2H4K16.py", "L2H4M64.py", "tiny.py", "L2W256.py", "lm_tiny.py"]:
         os.chdir(ROOT)
-        common.configure(d, [f"configs/{f}"])
+        common.configure(train.defaults_for(train.task_in([f"configs/{f}"])), [f"configs/{f}"])
     assert common.configure(d, ["configs/L2H4K16.py"])["K"] == 16
 
 

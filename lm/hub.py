@@ -1,6 +1,7 @@
 """Model-hub access, the project's only network code: the paper's tokenizer, data and checkpoints, through
 huggingface_hub when it is installed, else resumable hash-checked downloads into the same cache; Arrow shards;
-TransformerLens state dicts and configs. Imports nothing from the project. Usage: see `python lm_hub.py --help`."""
+TransformerLens state dicts and configs. Imports only common.py from the project. Usage: see
+`python -m lm.hub --help`."""
 import argparse
 import gzip
 import hashlib
@@ -17,6 +18,8 @@ from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 
+import common
+
 PAPER = dict(  # the paper's files on the Hugging Face hub (README: how each name was confirmed)
     tokenizer=("georgeyw/TinyStories-tokenizer-5k", "tokenizer.json"),
     checkpoints=("georgeyw/L2W256-3m-rr", "checkpoints/checkpoint_{step:07d}.pth"),
@@ -28,12 +31,14 @@ PROGRESS_EVERY = 10.0  # seconds between byte-progress lines
 
 
 # -------------------------------------------------------------------------- the hub's settings and cache
-class HubError(RuntimeError):
-    """A download that failed, was cut off, or does not match the hub's size or hash."""
+class HubError(OSError):
+    """A download that failed, was cut off, or does not match the hub's size or hash: the environment's
+    fault (an OSError: the scripts say so in one line, exit code 1)."""
 
 
-class HubNotFound(HubError):
-    """The hub has no such file (404): a checkpoint step that was never uploaded, or a wrong name."""
+class HubNotFound(HubError, common.ConfigError):
+    """The hub has no such file (404): a checkpoint step that was never uploaded, or a wrong name (a
+    usage error too: the scripts exit with code 2)."""
 
 
 def endpoint():
@@ -485,7 +490,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv):
-    ap = Parser(prog="lm_hub.py", description=__doc__.split("Usage")[0] + "\n\nThe paper's files: "
+    ap = Parser(prog="python -m lm.hub", description=__doc__.split("Usage")[0] + "\n\nThe paper's files: "
                                  + "; ".join(f"{r} {f}" for r, f in PAPER.values()))
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("download", help="fetch files of a hub repository into the hub cache; print their paths")
@@ -510,4 +515,4 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except (HubError, OSError) as e:
-        sys.exit(f"lm_hub.py: {e}")
+        sys.exit(f"lm.hub: {e}")

@@ -18,19 +18,21 @@ import torch
 import torch.nn.functional as F
 
 import common
-import lm_eval
-import lm_hub
-from model import LMConfig, weight_norm
+import data
+import lm.eval as lm_eval
+import lm.hub as lm_hub
+from lm.model import LMConfig
+from model import weight_norm
 
 USAGE = """
 
-    python lm_data.py prepare configs/lm_tiny.py          # train.py does this by itself when needed
-    python lm_data.py stats data/python-v5000-ctx128
-    python lm_data.py import georgeyw/L2W256-3m-rr --steps=0,100,900 --out_dir=out/L2W256-paper
-    python lm_data.py export out/lm_tiny --out_dir=out/lm_tiny-tl    # TransformerLens; `import` reads it back
-    python lm_data.py words data/python-v5000-ctx64                  # the paper's GPT-2 word list (n-grams)
+    python -m lm.data prepare configs/lm_tiny.py          # train.py does this by itself when needed
+    python -m lm.data stats data/python-v5000-ctx128
+    python -m lm.data import georgeyw/L2W256-3m-rr --steps=0,100,900 --out_dir=out/L2W256-paper
+    python -m lm.data export out/lm_tiny --out_dir=out/lm_tiny-tl    # TransformerLens; `import` reads it back
+    python -m lm.data words data/python-v5000-ctx64                  # the paper's GPT-2 word list (n-grams)
 """
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 EOT = "<|endoftext|>"
 DEFAULTS = dict(  # the language model's data keys (train.py adds them to its own)
     corpus="python",    # python (CPython's docs, no download) | kjv (Debian bible-kjv) | a folder | hub:<repo>:<files>
@@ -224,7 +226,7 @@ def read_meta(data_dir):
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise FileNotFoundError(f"{data_dir} is not a prepared LM data folder ({path} is missing): run "
-                                "`python lm_data.py prepare <config>` (train.py does it by itself)")
+                                "`python -m lm.data prepare <config>` (train.py does it by itself)")
     return json.loads(path.read_text())
 
 
@@ -352,7 +354,7 @@ class LMTask:
         return sub
 
     def words(self):
-        """The n-gram word list: words.json (`lm_data.py words`: the paper's GPT-2 vocabulary), else words.txt."""
+        """The n-gram word list: words.json (`python -m lm.data words`: the paper's GPT-2 vocabulary), else words.txt."""
         if (self.data_dir / "words.json").exists():
             return json.loads((self.data_dir / "words.json").read_text())
         return [" " + w for w in (self.data_dir / "words.txt").read_text().split()]
@@ -442,12 +444,17 @@ def write_gpt2_words(data_dir, repo=lm_hub.PAPER["gpt2_vocab"][0]):
     return words
 
 
+# ------------------------------------------------------------------------------------- the task table
+KIND = data.TaskKind(DEFAULTS, LMConfig, LMTask, prepare_for, {}, "lm.analysis:evaluator",
+                     "lm.plots:figures", "LM", published_llc="lm.eval:published_llc")  # data.TASKS["lm"]
+
+
 # --------------------------------------------------------------------------------------- command line
 PAPER_CONFIG = ROOT / "configs" / "L2W256.py"
 
 
 def main(argv):
-    ap = lm_hub.Parser(prog="lm_data.py", description=__doc__ + USAGE,
+    ap = lm_hub.Parser(prog="python -m lm.data", description=__doc__ + USAGE,
                        formatter_class=lm_hub.argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="build the data folder of a training config (its data keys)")
@@ -496,5 +503,5 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # ConfigError: ValueError; HubError: RuntimeError
-        sys.exit(f"lm_data.py: {e}")
+    except (OSError, ValueError, RuntimeError) as e:  # ConfigError: ValueError; HubError: OSError
+        sys.exit(f"lm.data: {e}")
