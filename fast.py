@@ -1,8 +1,8 @@
 """The fast paths, each checked against its plain counterpart before use: the regression
 transformer's loss and gradient for stacked chains derived by hand (vs autograd), and the fused
-Triton SGLD update (vs the torch update). Imports only sgld (the torch update, the kernel's oracle);
-sgld.py imports this module lazily, when an estimate starts, and falls back to the plain paths, with
-a warning, when a check fails."""
+Triton SGLD update (vs the torch update, which sgld.py hands to the check). Imports nothing from
+the project: sgld.py imports this module lazily, when an estimate starts, and falls back to the
+plain paths, with a warning, when a check fails."""
 import math
 import os
 import warnings
@@ -10,8 +10,6 @@ from typing import NamedTuple
 
 import torch
 from torch.func import grad
-
-from sgld import noise_key, sgld_update_torch  # noqa: F401  (the kernel's oracle, and its key)
 
 try:  # optional: CPU-only installs use the torch update
     import triton
@@ -258,10 +256,10 @@ def sgld_update_triton(W, W0, G, a, b, c, key, block=1024):
 _TRITON_CHECKED = {}
 
 
-def triton_update_ok(device) -> bool:
-    """Once per device: the kernel against the torch update, the noise-free part to float rounding
-    and the noise's mean and variance within 6 standard errors. On a mismatch: one warning, and the
-    torch update is used."""
+def triton_update_ok(device, sgld_update_torch) -> bool:
+    """Once per device: the kernel against the torch update (sgld.py's, passed in), the noise-free
+    part to float rounding and the noise's mean and variance within 6 standard errors. On a
+    mismatch: one warning, and the torch update is used."""
     if str(device) not in _TRITON_CHECKED:
         gen = torch.Generator().manual_seed(0)
         shapes = ((4, 4099), (4, 4099), (4099,))

@@ -1,6 +1,7 @@
-"""The figures and the report of analyze.py: a figure set per task (data.kind(cfg).figures names it), each figure
-a function of metric tables {key: array (runs, steps[, width])} (several runs: mean ± std), stages.detect_stages'
-and stages.essential_dynamics' results; one file written atomically. matplotlib (headless Agg) is imported here only."""
+"""The figures and the report of analyze.py: a figure set per task (data.kind(cfg).figures names
+it), each figure a function of metric tables {key: array (runs, steps[, width])} (several runs: mean
+± std), stages.detect_stages' and stages.essential_dynamics' results; one file written atomically.
+matplotlib (headless Agg) is imported here only."""
 import io
 import math
 from pathlib import Path
@@ -15,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import LogFormatter  # noqa: E402
 
 class PlainLogFormatter(LogFormatter):
-    """Log-axis tick labels as plain numbers (0.6, 3, 2000), on the ticks matplotlib's LogFormatter labels."""
+    """Log-axis tick labels as plain numbers (0.6, 3, 2000), on the ticks matplotlib's LogFormatter
+    labels."""
 
     def __call__(self, x, pos=None):
         return f"{x:g}" if super().__call__(x, pos) else ""
@@ -27,8 +29,9 @@ FIGURES = ("1_loss_llc.png", "2_essential_dynamics.png", "3_behaviour.png", "4_s
 
 
 def regression_figures(fig_dir, steps, M, llc_steps, L, llc_rows, diverged, det, ed, cfg, ref=None):
-    """The regression run's figures into fig_dir; returns their paths. llc_rows: the first run's llc.jsonl rows
-    (for the traces), diverged: its steps without an estimate, ref: the paper's curves or None."""
+    """The regression run's figures into fig_dir; returns their paths. llc_rows: the first run's
+    llc.jsonl rows (for the traces), diverged: its steps without an estimate, ref: the paper's
+    curves or None."""
     paths = [Path(fig_dir) / f for f in FIGURES]
     loss_llc(paths[0], steps, M, llc_steps, L, det, cfg["D"] + cfg["sigma2"], ref)
     essential_dynamics(paths[1], ed, det, "all outputs (B×2K×(D+1))", "y-predictions only (B×K)")
@@ -38,7 +41,8 @@ def regression_figures(fig_dir, steps, M, llc_steps, L, llc_rows, diverged, det,
     return paths
 
 
-# ------------------------------------------------------------------------------------------ shared look
+# ------------------------------------------------------------------------------------------ shared
+# look
 def _axes(rows, cols, title, w=4.6, h=3.3):
     fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
     fig.suptitle(title, fontsize=11)
@@ -46,7 +50,8 @@ def _axes(rows, cols, title, w=4.6, h=3.3):
 
 
 def _time_axis(ax, stages, ylabel, names=False, logy=False):
-    """Shared look of every panel over training time: symlog steps, stages shaded, boundaries dashed."""
+    """Shared look of every panel over training time: symlog steps, stages shaded, boundaries
+    dashed."""
     for j, s in enumerate(stages):
         ax.axvspan(s["start"], s["end"], color=STAGE_COLORS[j % len(STAGE_COLORS)], alpha=0.12, lw=0)
         if j:
@@ -63,7 +68,8 @@ def _time_axis(ax, stages, ylabel, names=False, logy=False):
 
 
 def _log_y(ax, scale="log"):
-    """Log y with plain tick numbers (3, 0.6, not 3×10⁰); minor ticks labelled on ranges under a decade."""
+    """Log y with plain tick numbers (3, 0.6, not 3×10⁰); minor ticks labelled on ranges under a
+    decade."""
     ax.set_yscale(scale)
     if scale == "log":
         ax.yaxis.set_major_formatter(PlainLogFormatter())
@@ -92,12 +98,13 @@ def _save(fig, path):
 
 
 
-# ------------------------------------------------------------------------------------------------ figures
+# ------------------------------------------------------------------------------------------------
+# figures
 def loss_llc(path, steps, M, llc_steps, L, det, zero_loss, ref=None, loss_label="test loss (MSE)",
              zero_label="zero predictor D+σ²"):
-    """The paper's first figure: test loss and LLC over log-steps, stages shaded, the GP fit the stages were
-    detected on (±2 posterior sd); the paper's seed-mean curves overlaid when given (`ref`, a structured array
-    with step, loss_mean and llc_mean)."""
+    """The paper's first figure: test loss and LLC over log-steps, stages shaded, the GP fit the
+    stages were detected on (±2 posterior sd); the paper's seed-mean curves overlaid when given
+    (`ref`, a structured array with step, loss_mean and llc_mean)."""
     fig, (a, b) = _axes(2, 1, "Test loss and local learning coefficient", w=8, h=3.2)
     _band(a, steps, M["loss"], label="test loss (eval set)")
     a.axhline(zero_loss, color="grey", ls=":", lw=1, label=zero_label)
@@ -112,7 +119,8 @@ def loss_llc(path, steps, M, llc_steps, L, det, zero_loss, ref=None, loss_label=
     m, sd = np.array(det["smoothed"]), np.array(det["smoothed_sd"])
     fit.plot(det["steps"], m, "k", lw=0.8, label="GP fit (stages)")
     fit.fill_between(det["steps"], m - 2 * sd, m + 2 * sd, color="k", alpha=0.12, lw=0)
-    if ref is not None:  # up to this run's last step (a run stopped early is not squeezed against 500k steps)
+    # up to this run's last step (a run stopped early is not squeezed against 500k steps)
+    if ref is not None:
         ref = ref[ref["step"] <= max(steps)]
         a.plot(ref["step"], ref["loss_mean"], color="grey", ls="--", lw=1, label="paper v1 (seed mean)")
         b.plot(ref["step"], ref["llc_mean"], color="grey", ls="--", lw=1, label="paper v1 (seed mean)")
@@ -124,8 +132,8 @@ def loss_llc(path, steps, M, llc_steps, L, det, zero_loss, ref=None, loss_label=
 
 
 def _trajectory(ax, runs_scores, steps, stages, i, j, evr, label=False):
-    """PC_i vs PC_j of every run, each stage in its colour (the first run drawn thicker; dark grey: checkpoints
-    outside the detected stages, e.g. beyond the last LLC estimate)."""
+    """PC_i vs PC_j of every run, each stage in its colour (the first run drawn thicker; dark grey:
+    checkpoints outside the detected stages, e.g. beyond the last LLC estimate)."""
     for r, sc in enumerate(runs_scores):
         ax.plot(sc[:, i], sc[:, j], color="0.3", lw=0.8)
         for s_i, s in enumerate(stages):
@@ -136,8 +144,9 @@ def _trajectory(ax, runs_scores, steps, stages, i, j, evr, label=False):
 
 
 def essential_dynamics(path, ed, det, features, features_y=None):
-    """PC pairs coloured by stage with the evolute and cusps of the first run (grey: the unsmoothed scores),
-    explained variance, PCs over time, and the variant on a subset of the features (`features_y`, if any)."""
+    """PC pairs coloured by stage with the evolute and cusps of the first run (grey: the unsmoothed
+    scores), explained variance, PCs over time, and the variant on a subset of the features
+    (`features_y`, if any)."""
     fig, ax = _axes(2, 3, "Essential dynamics of the model outputs (PCA over checkpoints)")
     k, stages, steps = ed["scores"][0].shape[1], det["stages"], ed["steps"]
     for p, (i, j) in enumerate([(0, 1), (0, 2), (1, 2)]):
@@ -156,7 +165,8 @@ def essential_dynamics(path, ed, det, features, features_y=None):
         if pair in ed["cusps"]:
             cusp = ed["smoothed"][0][np.searchsorted(steps, ed["cusps"][pair]["cusps"])]
             ax[p].plot(cusp[:, i], cusp[:, j], "kx", ms=7, ls="none", label="evolute cusps" if p == 0 else None)
-        ax[p].set_xlim(xl), ax[p].set_ylim(yl)  # the evolute runs off to infinity on straight stretches
+        # the evolute runs off to infinity on straight stretches
+        ax[p].set_xlim(xl), ax[p].set_ylim(yl)
     n = np.arange(1, len(ed["evr"]) + 1)
     y = ed["scores_y"] is not None
     ax[3].bar(n - 0.2 * y, 100 * ed["evr"], 0.8 - 0.4 * y, label=features)
@@ -190,7 +200,8 @@ def behaviour(path, steps, M, det, K):
     _time_axis(ax[2], st, "E[(ŷ − ŷ_baseline)²]", logy=True)
     _band(ax[3], steps, M["pred_norm"], label="E[ŷ²]")
     _time_axis(ax[3], st, "prediction norm E[ŷ²]")
-    for g in sorted((k.split("/")[1] for k in M if k.startswith("ood_inputs/")), key=float):  # the OOD scales
+    # the OOD scales
+    for g in sorted((k.split("/")[1] for k in M if k.startswith("ood_inputs/")), key=float):
         _band(ax[4], steps, M[f"ood_inputs/{g}"] / float(g) ** 2, label=f"inputs ×{g}")
         _band(ax[5], steps, M[f"ood_tasks/{g}"] / float(g) ** 2, label=f"tasks ×{g}")
     _time_axis(ax[4], st, "OOD loss / g²  (x → g·x)", logy=True)
@@ -228,8 +239,9 @@ def structure(path, steps, M, det):
 
 
 def llc_diagnostics(path, llc_steps, L, rows, diverged, det):
-    """λ̂ with the per-chain estimates and the steps where every chain diverged, R̂, and the per-chain loss
-    traces of four checkpoints of the first run (rows: its llc.jsonl rows with an estimate)."""
+    """λ̂ with the per-chain estimates and the steps where every chain diverged, R̂, and the
+    per-chain loss traces of four checkpoints of the first run (rows: its llc.jsonl rows with an
+    estimate)."""
     fig, ax = _axes(2, 3, "LLC diagnostics (llc.jsonl)")
     if not len(llc_steps):
         for a in ax:
@@ -268,10 +280,12 @@ def llc_diagnostics(path, llc_steps, L, rows, diverged, det):
     _save(fig, path)
 
 
-# ------------------------------------------------------------------------------------------- refined LLCs
+# -------------------------------------------------------------------------------------------
+# refined LLCs
 def refined_figures(fig_dir, curves, llc_steps, L, det):
-    """The refined-LLC figures that have data (curves: analyze.refined_curves' groups): 6 per-head wrLLCs by
-    cluster, 7 the other restriction sets (paper's components, layers), 8 the drLLCs; returns their paths."""
+    """The refined-LLC figures that have data (curves: analyze.refined_curves' groups): 6 per-head
+    wrLLCs by cluster, 7 the other restriction sets (paper's components, layers), 8 the drLLCs;
+    returns their paths."""
     fig_dir, paths = Path(fig_dir), []
     sets = {g: c for g, c in curves.items() if g not in ("heads", "data")}
     if "heads" in curves:
@@ -292,8 +306,8 @@ def _positive(Y):
 
 
 def head_llc(path, c, det):
-    """A panel per layer with each head's wrLLC coloured by its k-means cluster, and the clusters' mean
-    standardised log-curve (what k-means compared)."""
+    """A panel per layer with each head's wrLLC coloured by its k-means cluster, and the clusters'
+    mean standardised log-curve (what k-means compared)."""
     layers = list(dict.fromkeys(n.partition("H")[0] for n in c["names"]))
     k = int(c["labels"].max()) + 1
     fig, ax = _axes(1, len(layers) + 1, f"Weight-refined LLC of each attention head ({k} clusters)")
@@ -311,7 +325,8 @@ def head_llc(path, c, det):
 
 
 def component_llc(path, sets, det):
-    """A panel per restriction set (the paper's components, the layers): a wrLLC curve per restriction."""
+    """A panel per restriction set (the paper's components, the layers): a wrLLC curve per
+    restriction."""
     fig, ax = _axes(1, len(sets), "Weight-refined LLC of each component", w=6.5, h=4.2)
     for a, (g, c) in zip(ax, sets.items()):
         for i, (n, y) in enumerate(zip(c["names"], c["llc"])):
@@ -335,8 +350,8 @@ def data_refined_llc(path, c, llc_steps, L, det):
 
 
 def cluster_table(hc):
-    """summary["refined"]["head_clusters"] as markdown lines: each cluster's heads and, for the LM, their mean
-    previous-token and prefix-matching scores at the last checkpoint."""
+    """summary["refined"]["head_clusters"] as markdown lines: each cluster's heads and, for the LM,
+    their mean previous-token and prefix-matching scores at the last checkpoint."""
     scores = [s for s in ("prev_token", "prefix") if any(s in c for c in hc["clusters"])]
     sil = ", ".join(f"k={j}: {v:.3f}" for j, v in hc["silhouette"].items())
     lines = [f"Head clusters of the wrLLC curves: k = {hc['k']} ({hc['chosen_by']}{'; ' + sil if sil else ''}).",
@@ -348,10 +363,11 @@ def cluster_table(hc):
     return lines
 
 
-# ------------------------------------------------------------------------------------------------ report
+# ------------------------------------------------------------------------------------------------
+# report
 def write_report(path, summary, figures):
-    """report.md: the stage table (each metric from the first to the last checkpoint of a stage), the warnings,
-    the explained variance and the figures (paths relative to the report's folder)."""
+    """report.md: the stage table (each metric from the first to the last checkpoint of a stage),
+    the warnings, the explained variance and the figures (paths relative to the report's folder)."""
     st, gp = summary["stages"], summary["detector"]["gp"]
     cols = [c for c in ("llc", "loss", "delta_ridge", "pred_norm", "icl", "bigram", "weight_norm")
             if c in st[0]["metrics"]]

@@ -10,7 +10,6 @@ CUDA-graph step, the check of a hand-derived gradient); they are looked up when 
 
 Reading order: Settings, then "the loop" (sgld_loop and its update, one screen), then
 estimate_llc."""
-import functools
 import math
 import re
 import sys
@@ -36,17 +35,17 @@ class AllChainsDivergedError(RuntimeError):
     there."""
 
 
-@functools.lru_cache(None)
+try:  # the project's optional fast paths; a copy of sgld.py alone runs without them
+    import fast as _fast
+except ImportError:
+    _fast = None
+
+
 def fast_paths():
     """The module fast.py when it is importable (it is, in the project), else None: then the torch
-    update and autograd only. Imported here, on first use, and not at the top of this file, because
-    fast.py imports sgld (its self-check compares the kernel with sgld_update_torch): the import
-    graph stays fast -> sgld."""
-    try:
-        import fast
-    except ImportError:
-        return None
-    return fast
+    update and autograd only. fast.py imports nothing from the project (its kernel check is handed
+    sgld_update_torch), so the import graph has no cycle."""
+    return _fast
 
 
 @dataclass
@@ -323,7 +322,7 @@ def choose_update(s, device, mode):
     if backend == "auto":
         backend = "xla" if device.type == "xla" else "torch"
         if device.type == "cuda" and fast is not None and fast.triton is not None:
-            backend = "triton" if fast.triton_update_ok(device) else "torch"
+            backend = "triton" if fast.triton_update_ok(device, sgld_update_torch) else "torch"
     if backend not in ("torch", "triton", "xla"):
         raise ValueError(f"unknown update_backend {backend!r} (auto, torch, triton, xla)")
     if backend == "triton" and fast is None:

@@ -1,6 +1,7 @@
-"""Language-model data: corpora, the byte-level BPE tokenizer, packed token files (tokenizer.json, train.bin and
-test.bin of uint16 rows, BOS first, words.txt, meta.json written last), the LM task, and the import of published
-checkpoints into a run folder. The test split is whole documents the tokenizer never sees."""
+"""Language-model data: corpora, the byte-level BPE tokenizer, packed token files (tokenizer.json,
+train.bin and test.bin of uint16 rows, BOS first, words.txt, meta.json written last), the LM task,
+and the import of published checkpoints into a run folder. The test split is whole documents the
+tokenizer never sees."""
 import ast
 import functools
 import io
@@ -29,26 +30,32 @@ USAGE = """
     python -m lm.data prepare configs/lm_tiny.py          # train.py does this by itself when needed
     python -m lm.data stats data/python-v5000-ctx128
     python -m lm.data import georgeyw/L2W256-3m-rr --steps=0,100,900 --out_dir=out/L2W256-paper
-    python -m lm.data export out/lm_tiny --out_dir=out/lm_tiny-tl    # TransformerLens; `import` reads it back
-    python -m lm.data words data/python-v5000-ctx64                  # the paper's GPT-2 word list (n-grams)
+    # TransformerLens; `import` reads it back
+    python -m lm.data export out/lm_tiny --out_dir=out/lm_tiny-tl
+    # the paper's GPT-2 word list (n-grams)
+    python -m lm.data words data/python-v5000-ctx64
 """
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 EOT = "<|endoftext|>"
 DEFAULTS = dict(  # the language model's data keys (train.py adds them to its own)
-    corpus="python",    # python (CPython's docs, no download) | kjv (Debian bible-kjv) | a folder | hub:<repo>:<files>
-    tokenizer="train",  # train (byte-level BPE on the training split) | a tokenizer.json | hub (the paper's)
-    data_dir="",        # tokenizer + packed tokens; "" = data/<corpus>-v<vocab_size>-ctx<n_ctx> in the repository
+    # python (CPython's docs, no download) | kjv (Debian bible-kjv) | a folder | hub:<repo>:<files>
+    corpus="python",
+    # train (byte-level BPE on the training split) | a tokenizer.json | hub (the paper's)
+    tokenizer="train",
+    # tokenizer + packed tokens; "" = data/<corpus>-v<vocab_size>-ctx<n_ctx> in the repository
+    data_dir="",
     vocab_size=5000,    # id vocab_size-1 = <|endoftext|> (BOS/EOS)
     n_ctx=1024,         # tokens per packed row (the model sees n_ctx-1 inputs per row)
     test_frac=0.05,     # held-out share of the documents (test loss and every LM evaluation)
 )
 
 
-# --------------------------------------------------------------------------------------------- corpora
+# ---------------------------------------------------------------------------------------------
+# corpora
 def python_docs_corpus():
-    """English that every CPython installation carries: the reference-manual topics of pydoc_data, then the
-    docstrings of each standard-library module (read with ast, never imported; source order). One document
-    per topic and per module."""
+    """English that every CPython installation carries: the reference-manual topics of pydoc_data,
+    then the docstrings of each standard-library module (read with ast, never imported; source
+    order). One document per topic and per module."""
     return list(_python_docs())
 
 
@@ -81,7 +88,8 @@ def _docstrings(node):
 
 
 def kjv_corpus():
-    """The King James Bible from Debian's bible-kjv(-text): one document per chapter, verses joined by spaces."""
+    """The King James Bible from Debian's bible-kjv(-text): one document per chapter, verses joined
+    by spaces."""
     if not shutil.which("bible"):
         raise RuntimeError("corpus 'kjv' needs Debian's King James Bible: apt-get install -y bible-kjv bible-kjv-text")
     out = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
@@ -92,7 +100,8 @@ def kjv_corpus():
 
 
 def folder_corpus(path):
-    """The documents of every .txt/.md/.jsonl(.gz)/.parquet/.arrow file under `path`, in sorted path order."""
+    """The documents of every .txt/.md/.jsonl(.gz)/.parquet/.arrow file under `path`, in sorted path
+    order."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"corpus folder {path} does not exist")
@@ -107,7 +116,8 @@ def folder_corpus(path):
 
 
 def load_corpus(corpus):
-    """'python' (no download), 'kjv' (Debian), a folder, or hub:<repo>:<file>[,<file>...] (README: the paper's)."""
+    """'python' (no download), 'kjv' (Debian), a folder, or hub:<repo>:<file>[,<file>...] (README:
+    the paper's)."""
     if corpus == "python":
         return python_docs_corpus()
     if corpus == "kjv":
@@ -119,7 +129,8 @@ def load_corpus(corpus):
 
 
 def split_documents(docs, test_frac, seed=0):
-    """(train, test) sorted document indices: seeded random documents go to test until it holds test_frac of the text."""
+    """(train, test) sorted document indices: seeded random documents go to test until it holds
+    test_frac of the text."""
     order = np.random.default_rng(seed).permutation(len(docs))
     target, held, test = test_frac * sum(map(len, docs)), 0, []
     for i in order:
@@ -131,10 +142,12 @@ def split_documents(docs, test_frac, seed=0):
     return [i for i in range(len(docs)) if i not in test_set], sorted(test)
 
 
-# ------------------------------------------------------------------------------------------- tokenizer
+# -------------------------------------------------------------------------------------------
+# tokenizer
 def train_tokenizer(texts, vocab_size=5000):
-    """GPT-2-style byte-level BPE with vocab_size-1 learned tokens, then <|endoftext|> as the last id. The
-    256-byte alphabet comes first in sorted order, so the space token "Ġ" is id 220 as in the paper."""
+    """GPT-2-style byte-level BPE with vocab_size-1 learned tokens, then <|endoftext|> as the last
+    id. The 256-byte alphabet comes first in sorted order, so the space token "Ġ" is id 220 as in
+    the paper."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -152,7 +165,8 @@ def load_tokenizer(path):
 
 
 def get_tokenizer(source, texts, vocab_size):
-    """'train' (BPE on `texts`), a tokenizer.json path, or 'hub' / 'hub:<repo>' (the paper's 5k tokenizer)."""
+    """'train' (BPE on `texts`), a tokenizer.json path, or 'hub' / 'hub:<repo>' (the paper's 5k
+    tokenizer)."""
     if source == "train":
         tok = train_tokenizer(texts, vocab_size)
     elif source.startswith("hub"):
@@ -166,11 +180,12 @@ def get_tokenizer(source, texts, vocab_size):
     return tok
 
 
-# --------------------------------------------------------------------------------------------- packing
+# ---------------------------------------------------------------------------------------------
+# packing
 def pack(tok, docs, n_ctx, path, batch_docs=256):
-    """Tokenise the documents, join them with EOS, cut the stream into rows of n_ctx-1 tokens (the remainder is
-    dropped) and prepend BOS: a uint16 (rows, n_ctx) file. Token rows (BOS first) are re-cut as they are.
-    Returns (rows, tokens in the stream)."""
+    """Tokenise the documents, join them with EOS, cut the stream into rows of n_ctx-1 tokens (the
+    remainder is dropped) and prepend BOS: a uint16 (rows, n_ctx) file. Token rows (BOS first) are
+    re-cut as they are. Returns (rows, tokens in the stream)."""
     eos, width = tok.token_to_id(EOT), n_ctx - 1
     tmp, rows, carry, seen = Path(str(path) + ".tmp"), 0, np.zeros(0, np.uint16), 0
     bar = common.Progress(f"packing {Path(path).name}", len(docs), "docs")
@@ -179,7 +194,8 @@ def pack(tok, docs, n_ctx, path, batch_docs=256):
             bar.update(i)
             part = docs[i:i + batch_docs]
             ids = ([np.append(np.asarray(e.ids, np.uint16), np.uint16(eos)) for e in tok.encode_batch(part)]
-                   if isinstance(part[0], str) else [d[1:] for d in part])  # token rows: their stream, BOS dropped
+                   # token rows: their stream, BOS dropped
+                   if isinstance(part[0], str) else [d[1:] for d in part])
             stream = np.concatenate([carry, *ids])
             seen += len(stream) - len(carry)
             k = len(stream) // width
@@ -203,7 +219,8 @@ def open_rows(data_dir, split):
 
 
 def unigram_entropy(rows, vocab_size):
-    """Shannon entropy (nats) of the token frequencies: the loss of the best context-free predictor."""
+    """Shannon entropy (nats) of the token frequencies: the loss of the best context-free predictor.
+    """
     counts = np.zeros(vocab_size, np.int64)
     for i in range(0, len(rows), 4096):
         counts += np.bincount(np.asarray(rows[i:i + 4096]).ravel(), minlength=vocab_size)
@@ -211,9 +228,11 @@ def unigram_entropy(rows, vocab_size):
     return float(-(p * np.log(p)).sum())
 
 
-# ------------------------------------------------------------------------------------------ data folder
+# ------------------------------------------------------------------------------------------ data
+# folder
 def data_dir_for(cfg):
-    """The run's data folder: cfg['data_dir'], or data/<corpus>-v<vocab>-ctx<n_ctx> in the repository."""
+    """The run's data folder: cfg['data_dir'], or data/<corpus>-v<vocab>-ctx<n_ctx> in the
+    repository."""
     if cfg["data_dir"]:
         return Path(cfg["data_dir"])
     name = Path(cfg["corpus"]).name if cfg["corpus"] not in ("python", "kjv") else cfg["corpus"]
@@ -232,8 +251,8 @@ def read_meta(data_dir):
 
 def prepare(data_dir, corpus="python", vocab_size=5000, n_ctx=1024, test_frac=0.05, tokenizer="train",
             seed=0, progress=common.progress):
-    """Build the data folder (idempotent: an existing complete folder with the same settings is reused;
-    one with other settings is an error). Returns its meta dict."""
+    """Build the data folder (idempotent: an existing complete folder with the same settings is
+    reused; one with other settings is an error). Returns its meta dict."""
     data_dir = Path(data_dir)
     want = dict(corpus=corpus, vocab_size=vocab_size, n_ctx=n_ctx, test_frac=test_frac, tokenizer=tokenizer,
                 split_seed=seed)
@@ -282,10 +301,12 @@ def prepare_for(cfg):
                    cfg["tokenizer"])
 
 
-# ---------------------------------------------------------------------------------------------- the task
+# ---------------------------------------------------------------------------------------------- the
+# task
 class LMTask:
-    """The data of an LM run, with data.Task's interface: sample -> (inputs, targets), rows without their last /
-    first token; loss: mean next-token cross-entropy (training and LLC); eval_data: the first held-out rows."""
+    """The data of an LM run, with data.Task's interface: sample -> (inputs, targets), rows without
+    their last / first token; loss: mean next-token cross-entropy (training and LLC); eval_data: the
+    first held-out rows."""
 
     batched_grad = None  # no hand-derived gradient: the LLC uses autograd
 
@@ -304,7 +325,8 @@ class LMTask:
         self.train, self.test = open_rows(data_dir, "train"), open_rows(data_dir, "test")
 
     def sample(self, gen, batch_size, device=None):
-        """Rows drawn uniformly with replacement from the training split by `gen`, on its device (or `device`)."""
+        """Rows drawn uniformly with replacement from the training split by `gen`, on its device (or
+        `device`)."""
         idx = torch.randint(len(self.train), (batch_size,), generator=gen, device=gen.device).cpu().numpy()
         rows = torch.from_numpy(self.train[idx].astype(np.int64)).to(device or gen.device)
         return rows[:, :-1], rows[:, 1:]
@@ -332,8 +354,9 @@ class LMTask:
         return load_tokenizer(self.data_dir / "tokenizer.json")
 
     def refined(self, name):
-        """The rows of a data-refined LLC (the model and loss stay the run's): 'code' / 'prose' training rows (at least
-        half / at most a tenth of the non-blank lines code-like), or a corpus folder packed with the run's tokenizer."""
+        """The rows of a data-refined LLC (the model and loss stay the run's): 'code' / 'prose'
+        training rows (at least half / at most a tenth of the non-blank lines code-like), or a
+        corpus folder packed with the run's tokenizer."""
         if Path(name).is_dir():
             out = self.data_dir.parent / f"{self.data_dir.name}-refine-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}"
             tok = str(self.data_dir / "tokenizer.json")
@@ -354,7 +377,8 @@ class LMTask:
         return sub
 
     def words(self):
-        """The n-gram word list: words.json (`python -m lm.data words`: the paper's GPT-2 vocabulary), else words.txt."""
+        """The n-gram word list: words.json (`python -m lm.data words`: the paper's GPT-2
+        vocabulary), else words.txt."""
         if (self.data_dir / "words.json").exists():
             return json.loads((self.data_dir / "words.json").read_text())
         return [" " + w for w in (self.data_dir / "words.txt").read_text().split()]
@@ -370,17 +394,20 @@ class LMTask:
             return {k: z[k] for k in z.files}
 
 
-# ------------------------------------------------------------------ published checkpoints, TransformerLens
+# ------------------------------------------------------------------ published checkpoints,
+# TransformerLens
 TL_KEYS = dict(n_layer="n_layers", d_model="d_model", n_head="n_heads", n_ctx="n_ctx", vocab_size="d_vocab")
 
 
 def import_checkpoints(repo, steps, out_dir, cfg, *, pattern=lm_hub.PAPER["checkpoints"][1], revision="main",
                        base_url=None, cache_dir=None, keep_download=False):
-    """Convert TransformerLens checkpoints (a hub repository, or a folder of the same layout such as `export`
-    writes) into this project's run format, so llc.py and analyze.py read them like a run of train.py. Steps that
-    are missing are skipped with a warning. torch.load(weights_only=True): no pickled code runs."""
+    """Convert TransformerLens checkpoints (a hub repository, or a folder of the same layout such as
+    `export` writes) into this project's run format, so llc.py and analyze.py read them like a run
+    of train.py. Steps that are missing are skipped with a warning. torch.load(weights_only=True):
+    no pickled code runs."""
     out_dir, src = Path(out_dir), Path(repo)
-    if src.is_dir() and (src / "config.json").exists():  # export's HookedTransformerConfig arguments
+    # export's HookedTransformerConfig arguments
+    if src.is_dir() and (src / "config.json").exists():
         tl = json.loads((src / "config.json").read_text())
         cfg = {**cfg, **{k: tl[v] for k, v in TL_KEYS.items()}}
     common.atomic_write(out_dir / "config.json", json.dumps(cfg, indent=1))
@@ -425,8 +452,8 @@ def import_checkpoints(repo, steps, out_dir, cfg, *, pattern=lm_hub.PAPER["check
 
 
 def export_transformer_lens(run_dir, out_dir, steps=None, pattern=lm_hub.PAPER["checkpoints"][1]):
-    """A run's checkpoints as TransformerLens state dicts in the paper's layout, with config.json holding the
-    HookedTransformerConfig arguments (lm_hub.hooked_transformer builds the model)."""
+    """A run's checkpoints as TransformerLens state dicts in the paper's layout, with config.json
+    holding the HookedTransformerConfig arguments (lm_hub.hooked_transformer builds the model)."""
     cfg, out_dir = common.load_run(run_dir), Path(out_dir)
     common.atomic_write(out_dir / "config.json", json.dumps(lm_hub.transformer_lens_config(cfg), indent=1))
     for step in steps or common.list_checkpoints(run_dir):
@@ -444,12 +471,14 @@ def write_gpt2_words(data_dir, repo=lm_hub.PAPER["gpt2_vocab"][0]):
     return words
 
 
-# ------------------------------------------------------------------------------------- the task table
+# ------------------------------------------------------------------------------------- the task
+# table
 KIND = data.TaskKind(DEFAULTS, LMConfig, LMTask, prepare_for, {}, "lm.analysis:evaluator",
                      "lm.plots:figures", "LM", published_llc="lm.eval:published_llc")  # data.TASKS["lm"]
 
 
-# --------------------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------------------- command
+# line
 PAPER_CONFIG = ROOT / "configs" / "L2W256.py"
 
 
@@ -483,7 +512,8 @@ def main(argv):
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     steps = a.steps.split(":") if getattr(a, "steps", "") else []
     steps = list(range(*map(int, steps))) if len(steps) > 1 else [int(x) for x in a.steps.split(",")] if steps else []
-    if a.cmd == "prepare":  # a training config holds more than the data keys: only those are read here
+    # a training config holds more than the data keys: only those are read here
+    if a.cmd == "prepare":
         files = [x for x in a.config + rest if not x.startswith("--")]
         known = {k: v for f in files for k, v in common.read_config_file(f).items() if k in DEFAULTS}
         cfg = common.configure({**DEFAULTS, **known}, [x for x in a.config + rest if x.startswith("--")])

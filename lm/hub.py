@@ -1,7 +1,7 @@
-"""Model-hub access, the project's only network code: the paper's tokenizer, data and checkpoints, through
-huggingface_hub when it is installed, else resumable hash-checked downloads into the same cache; Arrow shards;
-TransformerLens state dicts and configs. Imports only common.py from the project. Usage: see
-`python -m lm.hub --help`."""
+"""Model-hub access, the project's only network code: the paper's tokenizer, data and checkpoints,
+through huggingface_hub when it is installed, else resumable hash-checked downloads into the same
+cache; Arrow shards; TransformerLens state dicts and configs. Imports only common.py from the
+project. Usage: see `python -m lm.hub --help`."""
 import argparse
 import gzip
 import hashlib
@@ -30,10 +30,11 @@ PAPER_TOKENIZER = PAPER["tokenizer"][0]
 PROGRESS_EVERY = 10.0  # seconds between byte-progress lines
 
 
-# -------------------------------------------------------------------------- the hub's settings and cache
+# -------------------------------------------------------------------------- the hub's settings and
+# cache
 class HubError(OSError):
-    """A download that failed, was cut off, or does not match the hub's size or hash: the environment's
-    fault (an OSError: the scripts say so in one line, exit code 1)."""
+    """A download that failed, was cut off, or does not match the hub's size or hash: the
+    environment's fault (an OSError: the scripts say so in one line, exit code 1)."""
 
 
 class HubNotFound(HubError, common.ConfigError):
@@ -50,7 +51,8 @@ def _hf_home():
 
 
 def hub_cache():
-    """huggingface_hub's cache folder: HF_HUB_CACHE, else $HF_HOME/hub (default ~/.cache/huggingface/hub)."""
+    """huggingface_hub's cache folder: HF_HUB_CACHE, else $HF_HOME/hub (default
+    ~/.cache/huggingface/hub)."""
     return Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
                 or os.path.join(_hf_home(), "hub")).expanduser()
 
@@ -61,7 +63,8 @@ def offline():
 
 
 def hub_token():
-    """HF_TOKEN, else the token `huggingface-cli login` stored ($HF_TOKEN_PATH, default $HF_HOME/token)."""
+    """HF_TOKEN, else the token `huggingface-cli login` stored ($HF_TOKEN_PATH, default
+    $HF_HOME/token)."""
     tok = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     path = Path(os.environ.get("HF_TOKEN_PATH") or os.path.join(_hf_home(), "token")).expanduser()
     return tok or (path.read_text().strip() if path.is_file() else None)
@@ -148,11 +151,13 @@ def _progress(label, done, total, start, t0, end=""):
           file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------------------------------------------ downloads
+# ------------------------------------------------------------------------------------------------
+# downloads
 def hub_download(repo, filename, revision="main", *, base_url=None, cache_dir=None, backend=None, retries=3,
                  timeout=60):
-    """One file of a hub repository, its cached path returned. backend (default env LM_HUB_BACKEND, else auto):
-    huggingface_hub when installed, else requests. Both use its cache layout, token, endpoint and offline mode."""
+    """One file of a hub repository, its cached path returned. backend (default env LM_HUB_BACKEND,
+    else auto): huggingface_hub when installed, else requests. Both use its cache layout, token,
+    endpoint and offline mode."""
     backend = backend or os.environ.get("LM_HUB_BACKEND", "auto")
     if backend == "auto":
         try:
@@ -175,7 +180,8 @@ def _via_huggingface_hub(repo, filename, revision, base, cache, retries, timeout
         try:
             path = Path(hf.hf_hub_download(**kw, endpoint=base, local_files_only=offline(), etag_timeout=timeout,
                                            force_download=attempt > 0))
-        except Exception as e:  # huggingface_hub's own errors: 404s, misses offline, HTTP and connection failures
+        # huggingface_hub's own errors: 404s, misses offline, HTTP and connection failures
+        except Exception as e:
             name, status = type(e).__name__, getattr(getattr(e, "response", None), "status_code", None)
             if name == "LocalEntryNotFoundError":
                 raise HubError(f"{repo}/{filename} is not in the cache {cache} and the hub cannot be reached "
@@ -196,8 +202,9 @@ def _via_huggingface_hub(repo, filename, revision, base, cache, retries, timeout
 
 
 def _via_requests(repo, filename, revision, base, cache, retries, timeout):
-    """HEAD the hub without following its redirect (the 302 carries X-Linked-Etag = sha256 and X-Linked-Size; the
-    CDN's own ETag is not the file's hash), fetch blobs/<etag> from the Location, link snapshots/<commit>/<file>."""
+    """HEAD the hub without following its redirect (the 302 carries X-Linked-Etag = sha256 and
+    X-Linked-Size; the CDN's own ETag is not the file's hash), fetch blobs/<etag> from the Location,
+    link snapshots/<commit>/<file>."""
     import requests
     folder, url = repo_folder(repo, cache), hub_url(repo, filename, revision, base)
     cached = cached_file(repo, filename, revision, cache)
@@ -207,7 +214,8 @@ def _via_requests(repo, filename, revision, base, cache, retries, timeout):
         raise HubError(f"{repo}/{filename} is not in the cache {cache} and HF_HUB_OFFLINE is set")
     auth = {"Authorization": f"Bearer {tok}"} if (tok := hub_token()) else {}
     try:
-        for _ in range(5):  # redirects on the hub itself (a renamed repository) are followed; one to a CDN is not
+        # redirects on the hub itself (a renamed repository) are followed; one to a CDN is not
+        for _ in range(5):
             r = requests.head(url, headers=auth, allow_redirects=False, timeout=timeout)
             if not (r.is_redirect and _same_origin(url, urljoin(url, r.headers["Location"]))):
                 break
@@ -252,7 +260,8 @@ def _via_requests(repo, filename, revision, base, cache, retries, timeout):
 
 
 def _fetch(src, blob, etag, size, headers, retries, timeout, label):
-    """src into blob via blob.incomplete, resumed with Range requests; checked against the hub's size and hash."""
+    """src into blob via blob.incomplete, resumed with Range requests; checked against the hub's
+    size and hash."""
     import requests
     part = blob.with_name(blob.name + ".incomplete")
     part.parent.mkdir(parents=True, exist_ok=True)
@@ -264,7 +273,8 @@ def _fetch(src, blob, etag, size, headers, retries, timeout, label):
                 if r.status_code not in (200, 206, 416):
                     raise HubError(f"{src}: HTTP {r.status_code} {r.reason}")
                 if r.status_code != 416:  # 416: nothing left to send, the partial file is whole
-                    start = have if r.status_code == 206 else 0  # 200: the server ignored the range, start over
+                    # 200: the server ignored the range, start over
+                    start = have if r.status_code == 206 else 0
                     if start and not r.headers.get("Content-Range", "").startswith(f"bytes {start}-"):
                         raise HubError(f"{src}: a resume from byte {start} was answered with Content-Range "
                                        f"{r.headers.get('Content-Range')!r}")
@@ -295,10 +305,12 @@ def _fetch(src, blob, etag, size, headers, retries, timeout, label):
         print(f"{label}: {problem}; fetching again", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------------------------- Arrow shards
+# -----------------------------------------------------------------------------------------------
+# Arrow shards
 def read_documents(path):
-    """The documents of one file: a .txt/.md file is one; each row of a .jsonl(.gz), .parquet or .arrow shard is
-    one, its text in column `contents` (the paper's DSIR-filtered Pile) or `text`, or a `tokens` row of ids."""
+    """The documents of one file: a .txt/.md file is one; each row of a .jsonl(.gz), .parquet or
+    .arrow shard is one, its text in column `contents` (the paper's DSIR-filtered Pile) or `text`,
+    or a `tokens` row of ids."""
     p = Path(path)
     if p.suffix in (".txt", ".md"):
         return [p.read_text(encoding="utf-8", errors="replace")]
@@ -366,7 +378,8 @@ class _Table:
         return bytes(self.b[start:start + n]).decode()
 
 
-_BUFFERS = {1: 0, 4: 3, 5: 3, 12: 2, 13: 1, 16: 1, 17: 2, 19: 3, 20: 3, 21: 2}  # Arrow type id -> buffers (else 2)
+# Arrow type id -> buffers (else 2)
+_BUFFERS = {1: 0, 4: 3, 5: 3, 12: 2, 13: 1, 16: 1, 17: 2, 19: 3, 20: 3, 21: 2}
 
 
 def _field(t):  # name, type id, an integer's bit width, children
@@ -376,8 +389,9 @@ def _field(t):  # name, type id, an integer's bit width, children
 
 
 def read_arrow(path, columns=("contents", "text", "tokens")):
-    """Record batches of an Arrow IPC stream or file (datasets' .arrow shards) as {column: values}: string columns
-    as lists of str, list<int> columns as lists of int arrays. Uncompressed data only; no pyarrow needed."""
+    """Record batches of an Arrow IPC stream or file (datasets' .arrow shards) as {column: values}:
+    string columns as lists of str, list<int> columns as lists of int arrays. Uncompressed data
+    only; no pyarrow needed."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as b:
         pos, fields = 8 if m[:6] == b"ARROW1" else 0, None
         while pos + 8 <= len(b):
@@ -415,21 +429,25 @@ def _batch(b, body, rb, fields, columns):
             out[f["name"]] = [data[o[i]:o[i + 1]].decode() for i in range(n)]
         elif f["type"] in (12, 21) and f["children"][0]["type"] == 2:  # list / large list of int
             o = arr(own[1], "<i4" if f["type"] == 12 else "<i8")
-            vals = arr(kids[0][0][1], f"<i{f['children'][0]['bits'] // 8}").copy()  # the file's pages stay unpinned
+            # the file's pages stay unpinned
+            vals = arr(kids[0][0][1], f"<i{f['children'][0]['bits'] // 8}").copy()
             out[f["name"]] = [vals[o[i]:o[i + 1]] for i in range(n)]
     return out
 
 
-# ----------------------------------------------------------------------------------------- TransformerLens
+# -----------------------------------------------------------------------------------------
+# TransformerLens
 def transformer_lens_config(cfg):
-    """HookedTransformerConfig arguments for a run config: attention-only, LayerNorm, shortformer positions."""
+    """HookedTransformerConfig arguments for a run config: attention-only, LayerNorm, shortformer
+    positions."""
     return dict(n_layers=cfg["n_layer"], d_model=cfg["d_model"], n_ctx=cfg["n_ctx"], n_heads=cfg["n_head"],
                 d_head=cfg["d_model"] // cfg["n_head"], d_vocab=cfg["vocab_size"], attn_only=True,
                 normalization_type="LN", positional_embedding_type="shortformer", seed=cfg.get("seed"))
 
 
 def hooked_transformer(sd, tl_cfg):
-    """A transformer_lens.HookedTransformer holding state dict `sd` (strict load); needs transformer-lens."""
+    """A transformer_lens.HookedTransformer holding state dict `sd` (strict load); needs
+    transformer-lens."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     model = HookedTransformer(HookedTransformerConfig(**tl_cfg))
     model.load_state_dict(sd, strict=True)
@@ -437,7 +455,8 @@ def hooked_transformer(sd, tl_cfg):
 
 
 def from_transformer_lens(sd):
-    """A HookedTransformer or its state dict (the paper's checkpoint_*.pth) -> LMTransformer parameter names."""
+    """A HookedTransformer or its state dict (the paper's checkpoint_*.pth) -> LMTransformer
+    parameter names."""
     sd = sd.state_dict() if hasattr(sd, "state_dict") else sd
     out = {"embed.weight": sd["embed.W_E"], "pos_embed": sd["pos_embed.W_pos"],
            "ln_final.weight": sd["ln_final.w"], "ln_final.bias": sd["ln_final.b"],
@@ -458,8 +477,8 @@ def from_transformer_lens(sd):
 
 
 def to_transformer_lens(params, n_head):
-    """The inverse of from_transformer_lens, with TransformerLens' persistent buffers (attn.mask, attn.IGNORE), so
-    that HookedTransformer.load_state_dict(strict=True) accepts it."""
+    """The inverse of from_transformer_lens, with TransformerLens' persistent buffers (attn.mask,
+    attn.IGNORE), so that HookedTransformer.load_state_dict(strict=True) accepts it."""
     import torch
     d, n_ctx = params["embed.weight"].shape[1], params["pos_embed"].shape[0]
     sd = {"embed.W_E": params["embed.weight"], "pos_embed.W_pos": params["pos_embed"],
@@ -480,9 +499,11 @@ def to_transformer_lens(params, n_head):
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-# --------------------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------------------- command
+# line
 class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr with exit code 2, as in the project's other scripts."""
+    """argparse whose usage errors are one line on stderr with exit code 2, as in the project's
+    other scripts."""
 
     def error(self, message):
         print(f"{self.prog}: {message} (see --help)", file=sys.stderr)

@@ -1,6 +1,6 @@
-"""Test set-up: one torch thread (tiny models run 10x slower with two busy threads on these machines) and,
-without a GPU, the Triton interpreter, which must be switched on before any kernel module is imported (with a
-GPU the kernel tests run the compiled kernel on it)."""
+"""Test set-up: one torch thread (tiny models run 10x slower with two busy threads on these
+machines) and, without a GPU, the Triton interpreter, which must be switched on before any kernel
+module is imported (with a GPU the kernel tests run the compiled kernel on it)."""
 import os
 import sys
 from pathlib import Path
@@ -21,5 +21,6 @@ REFERENCE = ROOT / "reference"
 
 @pytest.fixture
 def reference_dir():
-    """The repository's reference/ folder (the paper's stored curves; committed, so never skipped)."""
+    """The repository's reference/ folder (the paper's stored curves; committed, so never skipped).
+    """
     return REFERENCE

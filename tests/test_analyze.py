@@ -1,5 +1,5 @@
-"""analyze.py and stages.py: stage detection, Gram-matrix PCA, smoothing, osculating circles, Hessian tools, the task
-table, the command line, end to end."""
+"""analyze.py and stages.py: stage detection, Gram-matrix PCA, smoothing, osculating circles,
+Hessian tools, the task table, the command line, end to end."""
 import json
 import math
 import struct
@@ -36,13 +36,14 @@ def true_minima(f, x0, x1):
     return x[[i for i in range(1, len(x) - 1) if a[i] < a[i - 1] and a[i] <= a[i + 1]]]
 
 
-# ------------------------------------------------------------------------------------ stage detection
+# ------------------------------------------------------------------------------------ stage
+# detection
 LOG_TOL = 0.3  # nats of log(t+1): a boundary within a factor e^0.3 = 1.35 of the target step
 
 
 def test_stages_found_on_synthetic_curve_with_known_critical_points():
-    """Rise, plateau, bigger rise, peak, fall, then a rise: boundaries at the minima of |f'| (x = log(t+1)
-    ≈ 6.1 plateau, 9.8 peak, 12.0 trough), typed A, A, B, A; noise adds none."""
+    """Rise, plateau, bigger rise, peak, fall, then a rise: boundaries at the minima of |f'| (x =
+    log(t+1) ≈ 6.1 plateau, 9.8 peak, 12.0 trough), typed A, A, B, A; noise adds none."""
     def f(x):
         return 20 * sigmoid((x - 5) / 0.3) + 130 * sigmoid((x - 8) / 0.35) - 40 * sigmoid((x - 11) / 0.3) \
             + 30 * sigmoid((x - 13) / 0.3)
@@ -74,10 +75,11 @@ def test_no_stage_boundaries_on_a_monotone_curve(kind):
 
 @pytest.mark.parametrize("seed", [1, 4])
 def test_a_saturated_curve_ends_in_a_flat_stage_where_it_stops_moving(seed):
-    """A loss that falls and then stays flat to within its noise (1% of the range) for the last ~2 nats of
-    log-time. Whether its slope is told apart from 0 there depends on the noise draw (a boundary for 6 of seeds
-    0-7; none for seed 4); where a boundary is placed does not: after the true slope has fallen below
-    slope_frac of its peak, with the rest of the curve moving by less than 1% of its range (last stage Other)."""
+    """A loss that falls and then stays flat to within its noise (1% of the range) for the last ~2
+    nats of log-time. Whether its slope is told apart from 0 there depends on the noise draw (a
+    boundary for 6 of seeds 0-7; none for seed 4); where a boundary is placed does not: after the
+    true slope has fallen below slope_frac of its peak, with the rest of the curve moving by less
+    than 1% of its range (last stage Other)."""
     steps = paper_steps()
     x = np.log1p(steps)
     f = lambda x: 4.3 - 2.5 * sigmoid((x - 8) / 0.8)  # noqa: E731
@@ -101,8 +103,8 @@ PAPER_BOUNDARIES = np.log1p([1_000, 40_000, 126_000, 320_000])  # the paper's LR
 
 
 def test_stages_on_the_paper_llc_curve(reference_dir):
-    """Boundaries near 1k, 40k, 126k, 320k, each within LOG_TOL nats of log(t+1), types A, A, B, B, Other; with
-    the standard errors as heteroscedastic noise and without them."""
+    """Boundaries near 1k, 40k, 126k, 320k, each within LOG_TOL nats of log(t+1), types A, A, B, B,
+    Other; with the standard errors as heteroscedastic noise and without them."""
     steps, llc, se = reference_curve(reference_dir)
     for s in (se, None):
         det = stages.detect_stages(steps, llc, s)
@@ -113,11 +115,12 @@ def test_stages_on_the_paper_llc_curve(reference_dir):
 
 
 def test_stages_on_the_paper_llc_curve_with_noise_of_two_standard_errors(reference_dir):
-    """Independent noise of 2 se per checkpoint (seeds 0-9), the GP told the se. Measured for seeds 0-99:
-    no boundary farther than LOG_TOL from the four (so none below step 300); 40k and 320k found for all 100
-    seeds, 1k for 99, 126k for 89, all four for 88 (here 8 of 10: seed 8 misses 1k, seed 9 126k).
-    Asserted: what held for every seed, and all four for at least 7 of the 10. The last stage's type is not
-    asserted: its rise (+4.5 LLC, 2.7% of the range, Other in the paper) smooths to 9-15 here, mostly typed A."""
+    """Independent noise of 2 se per checkpoint (seeds 0-9), the GP told the se. Measured for seeds
+    0-99: no boundary farther than LOG_TOL from the four (so none below step 300); 40k and 320k
+    found for all 100 seeds, 1k for 99, 126k for 89, all four for 88 (here 8 of 10: seed 8 misses
+    1k, seed 9 126k). Asserted: what held for every seed, and all four for at least 7 of the 10. The
+    last stage's type is not asserted: its rise (+4.5 LLC, 2.7% of the range, Other in the paper)
+    smooths to 9-15 here, mostly typed A."""
     steps, llc, se = reference_curve(reference_dir)
     complete = 0
     for seed in range(10):
@@ -160,7 +163,8 @@ def test_stage_names_take_the_prefix(reference_dir):
     assert [s["name"] for s in det["stages"]] == [f"LM{j}" for j in range(1, 6)]
 
 
-# ------------------------------------------------------------------------------------ essential dynamics
+# ------------------------------------------------------------------------------------ essential
+# dynamics
 def test_streaming_gram_pca_equals_svd_of_stacked_data(tmp_path):
     rng = np.random.default_rng(0)
     N, F = 30, 1500
@@ -208,12 +212,13 @@ def test_osculating_circle_of_a_circle(direction):
 
 
 def test_evolute_cusps_of_an_ellipse_are_at_its_vertices():
-    """The evolute of an ellipse (an astroid) has its four cusps at the ellipse's vertices, where the curvature
-    is extremal; the sharpest points are the two ends of the major axis."""
+    """The evolute of an ellipse (an astroid) has its four cusps at the ellipse's vertices, where
+    the curvature is extremal; the sharpest points are the two ends of the major axis."""
     n = 400
     t = 2 * np.pi * np.arange(n) / n + 0.05
     c = np.stack([3 * np.cos(t), np.sin(t)], 1)
-    vertices = np.round((np.pi / 2 * np.arange(1, 5) - 0.05) * n / (2 * np.pi)).astype(int)  # t = π/2 .. 2π
+    # t = π/2 .. 2π
+    vertices = np.round((np.pi / 2 * np.arange(1, 5) - 0.05) * n / (2 * np.pi)).astype(int)
     out = stages.cusp_candidates(c, skip=1, top=4)
     assert np.abs(np.sort(out["cusps"]) - vertices).max() <= 2, (out, vertices)
     out = stages.cusp_candidates(c, skip=1, top=2)
@@ -232,7 +237,8 @@ def test_variable_sigma_smoother():
     # weights sum to 1: constants are preserved, also at the ends and with several channels
     np.testing.assert_allclose(stages.smooth_variable_sigma(np.full((n, 3), 2.5), sig), 2.5, rtol=1e-12)
     y = rng.standard_normal(n)
-    np.testing.assert_array_equal(stages.smooth_variable_sigma(y, np.zeros(n)), y)  # sigma 0: identity
+    # sigma 0: identity
+    np.testing.assert_array_equal(stages.smooth_variable_sigma(y, np.zeros(n)), y)
     # constant sigma: a reflect-mode ('symmetric' padding) convolution with the normalised Gaussian
     s, r = 2.5, int(4 * 2.5 + 0.5)
     w = np.exp(-0.5 * (np.arange(-r, r + 1) / s) ** 2)
@@ -297,7 +303,8 @@ def test_hessian_tools_match_the_exact_hessian(which):
     assert top1 == pytest.approx(exact[0], rel=0.05)
 
 
-# ------------------------------------------------------------------------------------------ end to end
+# ------------------------------------------------------------------------------------------ end to
+# end
 def png_size(path):
     head = path.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
@@ -305,9 +312,9 @@ def png_size(path):
 
 
 def tiny_run(out_dir, seed, diverged=(), holes=()):
-    """A 60-step run and synthetic llc.jsonl rows in llc.py's format (rise, peak, fall). At the indices in
-    `diverged` all chains diverged (llc_mean null, as llc.py writes it); at those in `holes` one chain did (null
-    in llc_per_chain and loss_trace) and llc_se and rhat are null."""
+    """A 60-step run and synthetic llc.jsonl rows in llc.py's format (rise, peak, fall). At the
+    indices in `diverged` all chains diverged (llc_mean null, as llc.py writes it); at those in
+    `holes` one chain did (null in llc_per_chain and loss_trace) and llc_se and rhat are null."""
     cfg = common.configure(train.DEFAULTS, [f"--out_dir={out_dir}", f"--seed={seed}", "--max_steps=60",
                                             "--batch_size=32", "--n_log=12", "--n_lin=4", "--eval_batch_size=64",
                                             "--log_interval=20", "--d_model=16", "--d_mlp=16", "--n_head=2",
@@ -340,7 +347,8 @@ FIGURES = ["1_loss_llc.png", "2_essential_dynamics.png", "3_behaviour.png", "4_s
 
 
 def fake_run(path, cfg=None):
-    """A folder that passes as a run on the command line: config.json and one (empty) checkpoint file."""
+    """A folder that passes as a run on the command line: config.json and one (empty) checkpoint
+    file."""
     (path / "checkpoints").mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(cfg or {}))
     common.ckpt_path(path, 0).touch()
@@ -357,8 +365,9 @@ def one_line_exit(capsys, argv):
 
 
 def test_command_line_runs_options_and_errors(tmp_path, capsys):
-    """Bare arguments are run directories, .py files are config files, `--key value` keeps its value; bad options,
-    no run directory or one that is not a run fail with one line and exit code 2, before anything is written."""
+    """Bare arguments are run directories, .py files are config files, `--key value` keeps its
+    value; bad options, no run directory or one that is not a run fail with one line and exit code
+    2, before anything is written."""
     fast = tmp_path / "fast.py"
     fast.write_text("eval_size = 64\n")
     s0, s1 = fake_run(tmp_path / "s0"), fake_run(tmp_path / "s1")
@@ -383,8 +392,9 @@ def test_command_line_runs_options_and_errors(tmp_path, capsys):
 
 
 def test_help_lists_every_option_and_a_misspelt_option_exits_2(tmp_path):
-    """`python analyze.py --help` exits 0 and lists every option with its default and a one-line meaning;
-    `--eval_sise=3` exits 2 with one line on stderr (naming the option and its likely spelling), writing nothing."""
+    """`python analyze.py --help` exits 0 and lists every option with its default and a one-line
+    meaning; `--eval_sise=3` exits 2 with one line on stderr (naming the option and its likely
+    spelling), writing nothing."""
     from conftest import ROOT
     r = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -402,8 +412,9 @@ def test_help_lists_every_option_and_a_misspelt_option_exits_2(tmp_path):
 
 
 def test_each_task_names_an_evaluator_and_a_figure_set():
-    """data.TASKS names functions that exist here and in plots; the regression evaluator brings the ED variant's
-    columns (the y-predictions), its summary keys, and the in-repo paper curves only for K=8 on the 500k schedule."""
+    """data.TASKS names functions that exist here and in plots; the regression evaluator brings the
+    ED variant's columns (the y-predictions), its summary keys, and the in-repo paper curves only
+    for K=8 on the 500k schedule."""
     for name, kind in data.TASKS.items():
         assert callable(getattr(analyze, kind.evaluator)) and callable(getattr(plots, kind.figures)), name
     assert analyze.REFERENCE.resolve().is_relative_to(analyze.Path(analyze.__file__).resolve().parent)
@@ -412,7 +423,8 @@ def test_each_task_names_an_evaluator_and_a_figure_set():
     ev = analyze.regression_evaluator(None, cfg, opt, torch.device("cpu"))
     assert ev.meta["width"] == 3 * 16 * 5 and not ev.final and "icl_1_4" in ev.summary_keys
     feats = np.arange(ev.meta["width"]).reshape(3, 16, 5)
-    np.testing.assert_array_equal(ev.ed_cols, feats[:, 0::2, 0].ravel())  # channel 0 at the x tokens
+    # channel 0 at the x tokens
+    np.testing.assert_array_equal(ev.ed_cols, feats[:, 0::2, 0].ravel())
     assert len(ev.reference) == 190 and ev.reference["step"][-1] == 499_999
     assert {"llc_mean", "loss_mean"} <= set(ev.reference.dtype.names)
     assert analyze.regression_evaluator(None, dict(cfg, max_steps=60), opt, torch.device("cpu")).reference is None
@@ -474,10 +486,11 @@ def test_end_to_end_two_seeds_cache_and_fallback(tmp_path):
     assert all((out / "figures" / f).stat().st_size > 10_000 for f in FIGURES)
 
 
-# --------------------------------------------------------------------------------------- language model
+# --------------------------------------------------------------------------------------- language
+# model
 def test_lm_demo_pipeline_train_llc_analyze(tmp_path):
-    """The LM demo pipeline (train -> llc -> analyze) end to end at a tiny size: figures (the head-score panel
-    included), summary keys and per-head scores in analysis.jsonl."""
+    """The LM demo pipeline (train -> llc -> analyze) end to end at a tiny size: figures (the
+    head-score panel included), summary keys and per-head scores in analysis.jsonl."""
     import llc
     import lm.data as lm_data
     import lm.plots
@@ -513,8 +526,9 @@ def test_lm_demo_pipeline_train_llc_analyze(tmp_path):
         assert all(isinstance(r[k], float) and math.isfinite(r[k]) for k in heads), r
         assert r["loss"] > 0 and len(r["pos_norms"]) == 32 and {"bigram", "icl", "ngram/2"} <= r.keys()
     assert (out / "report.md").exists() and json.loads((out / "summary.json").read_text())["signal"] in ("llc", "loss")
-    # cached: a second call evaluates nothing new and gives the same stages; with synthetic refined LLCs of the
-    # model's four heads (two planted shapes) the clusters carry the mean head scores at the last checkpoint
+    # cached: a second call evaluates nothing new and gives the same stages; with synthetic refined
+    # LLCs of the model's four heads (two planted shapes) the clusters carry the mean head scores at
+    # the last checkpoint
     names, groups = ["L0H0", "L0H1", "L1H0", "L1H1"], [0, 1, 1, 0]
     Y = planted_curves(steps, groups)
     write_refined(out / "llc_heads.jsonl", steps, dict(zip(names, Y)), restriction_set="heads", restriction=None)
@@ -532,23 +546,26 @@ def test_lm_demo_pipeline_train_llc_analyze(tmp_path):
     assert len(common.read_jsonl(out / "analysis.jsonl")) == len(steps)
 
 
-# ------------------------------------------------------------------------------------------ refined LLCs
+# ------------------------------------------------------------------------------------------ refined
+# LLCs
 def planted_curves(steps, groups, seed=0):
-    """Curves over `steps` of three shapes in log-time (0 rising, 1 rise-and-fall, 2 falling), one per entry of
-    `groups`, each scaled by a random factor with 5% multiplicative noise."""
+    """Curves over `steps` of three shapes in log-time (0 rising, 1 rise-and-fall, 2 falling), one
+    per entry of `groups`, each scaled by a random factor with 5% multiplicative noise."""
     rng, x = np.random.default_rng(seed), np.log1p(np.asarray(steps, float)) / np.log1p(max(steps)) * 8
     shapes = [5 + 40 * sigmoid(x - 3), 2 + 50 * np.exp(-((x - 4) / 1.5) ** 2), 60 - 50 * sigmoid(x - 5)]
     return np.array([shapes[g] * rng.uniform(0.5, 2) * (1 + 0.05 * rng.standard_normal(len(x))) for g in groups])
 
 
 def same_partition(labels, groups):
-    pairs = lambda v: {(i, j) for i in range(len(v)) for j in range(len(v)) if v[i] == v[j]}  # noqa: E731
+    # noqa: E731
+    pairs = lambda v: {(i, j) for i in range(len(v)) for j in range(len(v)) if v[i] == v[j]}
     return pairs(list(labels)) == pairs(list(groups))
 
 
 def test_kmeans_and_silhouette_recover_planted_clusters():
-    """Three shapes of curve (scales differ, 5% noise, a negative and a missing estimate): the silhouette picks
-    k = 3 and k-means finds the planted groups (up to relabelling); a given k is used as is."""
+    """Three shapes of curve (scales differ, 5% noise, a negative and a missing estimate): the
+    silhouette picks k = 3 and k-means finds the planted groups (up to relabelling); a given k is
+    used as is."""
     groups = [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 0, 1]
     Y = planted_curves(np.arange(30) ** 3, groups)
     Y[0, 3], Y[4, 5] = -1.0, np.nan
@@ -556,8 +573,10 @@ def test_kmeans_and_silhouette_recover_planted_clusters():
     assert k == 3 and same_partition(labels, groups), (labels, sil)
     assert sil[3] == max(sil.values()) and set(sil) == {2, 3, 4, 5, 6} and labels[0] == 0
     Z = stages.normalise_curves(Y)
-    assert np.isfinite(Z).all() and np.allclose(Z.mean(1), 0) and Z[4, 5] == 0  # missing: the row's mean
-    assert np.allclose(np.delete(Z, 4, 0).std(1), 1) and Z[0, 3] == Z[0].min()  # negative: on the floor
+    # missing: the row's mean
+    assert np.isfinite(Z).all() and np.allclose(Z.mean(1), 0) and Z[4, 5] == 0
+    # negative: on the floor
+    assert np.allclose(np.delete(Z, 4, 0).std(1), 1) and Z[0, 3] == Z[0].min()
     assert stages.silhouette(Z, labels) > 0.5 > stages.silhouette(Z, np.arange(len(Z)) % 3)
     labels2, k2, sil2 = stages.cluster_curves(Y, k=2)
     assert k2 == 2 and sil2 == {} and len(set(labels2.tolist())) == 2
@@ -565,8 +584,9 @@ def test_kmeans_and_silhouette_recover_planted_clusters():
 
 
 def write_refined(path, steps, curves, **keys):
-    """llc.py's refined rows: {name: curve} into path, each row with `keys` and its name under the one key whose
-    value is None (restriction or data_refine); a NaN value is a diverged estimate (llc_mean null)."""
+    """llc.py's refined rows: {name: curve} into path, each row with `keys` and its name under the
+    one key whose value is None (restriction or data_refine); a NaN value is a diverged estimate
+    (llc_mean null)."""
     name_key = next(k for k, v in keys.items() if v is None)
     for name, y in curves.items():
         for s, v in zip(steps, y):
@@ -577,9 +597,10 @@ def write_refined(path, steps, curves, **keys):
 
 @pytest.mark.slow
 def test_refined_llcs_clusters_figures_and_stages(tmp_path):
-    """A run without llc_*.jsonl: no refined outputs. With synthetic head, paper-component and data-refined rows:
-    figures 6-8, the head clusters (the planted pairs, no head scores for regression) in summary.json, report.md
-    and on stdout, --head_clusters fixes k, --refined_stages gives every curve's boundaries."""
+    """A run without llc_*.jsonl: no refined outputs. With synthetic head, paper-component and
+    data-refined rows: figures 6-8, the head clusters (the planted pairs, no head scores for
+    regression) in summary.json, report.md and on stdout, --head_clusters fixes k, --refined_stages
+    gives every curve's boundaries."""
     run = tmp_path / "run"
     steps = tiny_run(run, 0)
     plain = analyze.main([str(run), *FAST])
@@ -616,8 +637,8 @@ def test_refined_llcs_clusters_figures_and_stages(tmp_path):
 
 
 def test_weight_and_data_refined_rows_of_one_sweep_stay_apart(tmp_path):
-    """A heads sweep on the run's data and one on a refined distribution are different curves, not one overwriting
-    the other."""
+    """A heads sweep on the run's data and one on a refined distribution are different curves, not
+    one overwriting the other."""
     row = lambda **kw: {"step": 5, "llc_mean": 1.0, "llc_se": 0.1, **kw}  # noqa: E731
     common.append_jsonl(tmp_path / "llc_heads.jsonl", row(restriction_set="heads", restriction="L0H0"))
     common.append_jsonl(tmp_path / "llc_heads_data-code.jsonl",

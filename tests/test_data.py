@@ -21,7 +21,8 @@ def test_sample_batch_shapes_and_noise():
     g = torch.Generator().manual_seed(0)
     b = sample_batch(g, 4096, 4, 16, 4.0, tasks=torch.zeros(1, 4))
     assert b["xs"].shape == (4096, 16, 4) and b["ys"].shape == (4096, 16)
-    # w = 0: y is pure noise with variance sigma2 = 4 (std of the variance estimate ~ 4*sqrt(2/65536) = 0.02)
+    # w = 0: y is pure noise with variance sigma2 = 4 (std of the variance estimate ~
+    # 4*sqrt(2/65536) = 0.02)
     assert b["ys"].mean().item() == pytest.approx(0, abs=0.05)
     assert b["ys"].var().item() == pytest.approx(4.0, abs=0.1)
     b = sample_batch(g, 8, 4, 3, 0.0, tasks=torch.arange(1., 5.).view(1, 4))
@@ -45,8 +46,8 @@ def test_same_seed_same_data():
 
 
 def test_reference_losses_monte_carlo():
-    """regression.md §7: zero predictor D + sigma2 = 4.125; ridge mean over K=8 = 1.6615 (both +- 0.01).
-    With these sample sizes the Monte Carlo standard errors are ~0.003 and ~0.002."""
+    """regression.md §7: zero predictor D + sigma2 = 4.125; ridge mean over K=8 = 1.6615 (both +-
+    0.01). With these sample sizes the Monte Carlo standard errors are ~0.003 and ~0.002."""
     t = Task()
     b = t.eval_batch(0, 1_000_000)
     assert b["ys"].pow(2).mean().item() == pytest.approx(4.125, abs=0.01)
@@ -102,7 +103,8 @@ def test_baseline_edge_cases():
 
 
 class RidgeModel(nn.Module):
-    """A 'transformer' whose channel-0 output at each x-token is the ridge prediction: checks the metric plumbing."""
+    """A 'transformer' whose channel-0 output at each x-token is the ridge prediction: checks the
+    metric plumbing."""
 
     def __init__(self, s2):
         super().__init__()
@@ -124,7 +126,8 @@ def test_regression_metrics_on_a_ridge_model():
     assert m["icl_1_4"] == pytest.approx(m["loss/4"] - m["loss/1"])
     assert m["icl_4_8"] < 0 and m["icl_1_4"] < -2
     assert m["weight_norm"] == pytest.approx(math.sqrt(3))
-    assert m["pred_norm"] == pytest.approx(2.57, abs=0.1)  # mean of the spec's E[yhat_k^2] for ridge
+    # mean of the spec's E[yhat_k^2] for ridge
+    assert m["pred_norm"] == pytest.approx(2.57, abs=0.1)
     # scaled tasks are out of distribution for ridge's prior too: the loss grows with g
     assert m["loss"] < m["ood_tasks/3"] < m["ood_tasks/10"] < m["ood_tasks/100"]
     assert m["ood_inputs/3"] < m["ood_tasks/3"]  # scaled inputs are more informative about w

@@ -1,6 +1,6 @@
-"""The estimator's error budget: L(w*) paired with each draw's own minibatch, a standard error that is at least the
-chain means' spread (validated by coverage over independent sampler seeds), the drift diagnostic, and llc.py's
-follow mode (checkpoints estimated as a training run writes them)."""
+"""The estimator's error budget: L(w*) paired with each draw's own minibatch, a standard error that
+is at least the chain means' spread (validated by coverage over independent sampler seeds), the
+drift diagnostic, and llc.py's follow mode (checkpoints estimated as a training run writes them)."""
 import json
 import math
 import os
@@ -24,7 +24,8 @@ from test_llc import CLI, quad_expected, quad_loss, tiny_run  # noqa: F401  (a f
 
 
 def regression(n, paired, seed=0):
-    """The regression task on a small model at its initialisation, paired or not, L(w*) on n rows."""
+    """The regression task on a small model at its initialisation, paired or not, L(w*) on n rows.
+    """
     model, task = build_model(ICLConfig(d_model=16, d_mlp=16), 0), Task()
     params = {k: v.detach() for k, v in model.named_parameters()}
     return sgld.estimate_llc(data.RunLoss(model, task), params, task.sample, epsilon=1e-3, gamma=6.0,
@@ -33,24 +34,28 @@ def regression(n, paired, seed=0):
 
 
 def test_paired_llc_owes_nothing_to_the_l_w_star_set():
-    """Paired, the estimate is the same whatever the size of the separate L(w*) set (it is only reported), the
-    unpaired one moves with that set's sampling error; pairing also narrows the spread of the chain means."""
+    """Paired, the estimate is the same whatever the size of the separate L(w*) set (it is only
+    reported), the unpaired one moves with that set's sampling error; pairing also narrows the
+    spread of the chain means."""
     small, big = regression(64, True), regression(2048, True)
     assert small["llc_mean"] == big["llc_mean"] and small["llc_se"] == big["llc_se"]
     assert small["init_loss"] != big["init_loss"] and small["paired"] is True
     plain_small, plain_big = regression(64, False), regression(2048, False)
-    shift = 60.0 * (plain_big["init_loss"] - plain_small["init_loss"])  # nbeta x the sets' difference
+    # nbeta x the sets' difference
+    shift = 60.0 * (plain_big["init_loss"] - plain_small["init_loss"])
     assert math.isclose(plain_small["llc_mean"] - plain_big["llc_mean"], shift, rel_tol=1e-6, abs_tol=1e-6)
     assert big["llc_std"] < plain_big["llc_std"]
-    plain_huge = regression(2 ** 18, False)  # its L(w*) error, about 60 x 4 / 512 = 0.5, is small beside the se's
+    # its L(w*) error, about 60 x 4 / 512 = 0.5, is small beside the se's
+    plain_huge = regression(2 ** 18, False)
     assert abs(big["llc_mean"] - plain_huge["llc_mean"]) <= 2 * math.hypot(big["llc_se"], plain_huge["llc_se"])
     assert abs(big["init_loss_paired"] - big["init_loss"]) < 0.05 * big["init_loss"]
 
 
 def test_the_standard_error_covers_the_truth_over_independent_seeds():
-    """40 estimates with independent sampler seeds on a quadratic whose stationary answer is exact: +-2 llc_se covers
-    it in about 95 % (>= 34 of 40: 3 binomial sd below 38), the mean reported se is within [0.8, 1.6] of the
-    estimates' actual spread, and llc_se is never below either of its two parts."""
+    """40 estimates with independent sampler seeds on a quadratic whose stationary answer is exact:
+    +-2 llc_se covers it in about 95 % (>= 34 of 40: 3 binomial sd below 38), the mean reported se
+    is within [0.8, 1.6] of the estimates' actual spread, and llc_se is never below either of its
+    two parts."""
     eps, nbeta = 1e-2, 2.0
     exact = quad_expected(4, eps, nbeta, 0.0)
     rows = [sgld.estimate_llc(quad_loss, {"w": torch.zeros(4)}, (torch.zeros(1, 1),), epsilon=eps, gamma=0.0,
@@ -66,8 +71,9 @@ def test_the_standard_error_covers_the_truth_over_independent_seeds():
 
 
 def test_the_drift_statistic_flags_chains_that_have_not_settled():
-    """From w* = 0 with the loss relaxing on ~50 steps, 100 draws without burn-in still climb (large drift, one
-    warning); after 1,000 burn-in steps the last half of 400 draws is flat (|z| < 3, no warning)."""
+    """From w* = 0 with the loss relaxing on ~50 steps, 100 draws without burn-in still climb (large
+    drift, one warning); after 1,000 burn-in steps the last half of 400 draws is flat (|z| < 3, no
+    warning)."""
     kw = dict(epsilon=1e-3, gamma=0.0, nbeta=20.0, num_chains=32, seed=0)
     w = {"w": torch.zeros(1024)}
     with warnings.catch_warnings(record=True) as caught:
@@ -84,9 +90,9 @@ def test_the_drift_statistic_flags_chains_that_have_not_settled():
 
 
 def test_follow_mode_estimates_checkpoints_as_they_appear(tiny_run):  # noqa: F811
-    """llc.py --follow on a run whose last checkpoint is not there yet: it estimates what exists, waits, takes the
-    later checkpoints as they are written, and stops once the run's last step (max_steps - 1) has its row; with no
-    new checkpoint it stops after the timeout, saying so."""
+    """llc.py --follow on a run whose last checkpoint is not there yet: it estimates what exists,
+    waits, takes the later checkpoints as they are written, and stops once the run's last step
+    (max_steps - 1) has its row; with no new checkpoint it stops after the timeout, saying so."""
     cfg = common.load_run(tiny_run)
     common.atomic_write(tiny_run / "config.json", __import__("json").dumps({**cfg, "max_steps": 21}))
     held = tiny_run / "held"
@@ -111,8 +117,9 @@ def test_follow_mode_estimates_checkpoints_as_they_appear(tiny_run):  # noqa: F8
 
 
 def test_a_horizon_extrapolates_each_chain_from_the_last_half_of_its_draws():
-    """horizon = the draws run is the plain mean; a longer horizon counts the steps not run at each chain's mean
-    over the last half of its draws (per chain, then averaged); with burn-in a horizon is refused."""
+    """horizon = the draws run is the plain mean; a longer horizon counts the steps not run at each
+    chain's mean over the last half of its draws (per chain, then averaged); with burn-in a horizon
+    is refused."""
     kw = dict(epsilon=1e-3, gamma=0.0, nbeta=20.0, num_chains=4, num_draws=100, num_burnin=0, seed=0)
     w, d = {"w": torch.zeros(64)}, (torch.zeros(1, 1),)
     plain = sgld.estimate_llc(quad_loss, w, d, **kw)
@@ -122,7 +129,8 @@ def test_a_horizon_extrapolates_each_chain_from_the_last_half_of_its_draws():
     want = (x.sum(1) + 300 * x[:, 50:].mean(1)) / 400
     assert same["llc_mean"] == plain["llc_mean"]
     assert np.allclose(longer["llc_per_chain"], want) and math.isclose(longer["llc_mean"], want.mean())
-    assert longer["llc_mean"] > plain["llc_mean"]  # the chains climb from w*: the unrun steps sit higher
+    # the chains climb from w*: the unrun steps sit higher
+    assert longer["llc_mean"] > plain["llc_mean"]
     assert longer["llc_se"] == longer["llc_se_chains"]
     try:
         sgld.estimate_llc(quad_loss, w, d, **{**kw, "num_burnin": 10, "horizon": 400})
@@ -146,8 +154,8 @@ class Gated(torch.nn.Module):
 
 
 def test_zero_dim_parameters_are_sampled_in_every_autograd_mode():
-    """0-dim parameters (a gate, a temperature) go through the flat buffer and back in vmap and loop modes, giving
-    the same chains."""
+    """0-dim parameters (a gate, a temperature) go through the flat buffer and back in vmap and loop
+    modes, giving the same chains."""
     torch.manual_seed(0)
     x = torch.randn(256, 3)
     y = Gated()(x).detach() + 0.1 * torch.randn(256, 2)
@@ -160,12 +168,13 @@ def test_zero_dim_parameters_are_sampled_in_every_autograd_mode():
 
 
 def test_sgld_py_alone_runs_the_documented_devinterp_style_call(tmp_path):
-    """docs/estimator.md's devinterp-style snippet (its first python block), run with sgld.py copied alone
-    into an empty folder, the project not importable: an nn.Module, a DataLoader whose last batch is short
-    (2,000 = 31 x 64 + 16 rows), and a finite, sensible row; no fast paths there."""
+    """docs/estimator.md's devinterp-style snippet (its first python block), run with sgld.py copied
+    alone into an empty folder, the project not importable: an nn.Module, a DataLoader whose last
+    batch is short (2,000 = 31 x 64 + 16 rows), and a finite, sensible row; no fast paths there."""
     doc = (ROOT / "docs" / "estimator.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", doc.split("## A devinterp-style call", 1)[1], re.S)[1]
-    assert snippet == re.search(r"```python\n(.*?)```", doc, re.S)[1]  # the section's block is the first
+    # the section's block is the first
+    assert snippet == re.search(r"```python\n(.*?)```", doc, re.S)[1]
     shutil.copy(ROOT / "sgld.py", tmp_path / "sgld.py")
     check = """
 import json, os, sys

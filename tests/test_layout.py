@@ -51,7 +51,8 @@ def importlib_targets(path):
 
 
 def levels(graph):
-    """Level 1: imports nothing from the project; else 1 + the highest level imported. Raises on a cycle."""
+    """Level 1: imports nothing from the project; else 1 + the highest level imported. Raises on a
+    cycle."""
     level, visiting = {}, []
 
     def visit(m):

@@ -76,7 +76,7 @@ def test_oracle_update_is_the_closed_form():
     # by hand for one entry: 1 - 0.005 * (50*0.2 + 3*0.5) + 0.1*1 = 1.0425
     assert math.isclose(want[0, 0].item(), 1.0425, rel_tol=1e-6)
     Wt = W.clone()
-    fast.sgld_update_torch(Wt, W0, G, xi, *sgld.sgld_coefficients(eps, gamma, nbeta))
+    sgld.sgld_update_torch(Wt, W0, G, xi, *sgld.sgld_coefficients(eps, gamma, nbeta))
     torch.testing.assert_close(Wt, want, rtol=1e-6, atol=1e-7)
 
 
@@ -93,10 +93,10 @@ def test_triton_kernel_matches_oracle_and_noise_is_standard_normal():
     W, G, W0 = (torch.randn(*s, generator=gen).to(KDEV) for s in ((C, P), (C, P), (P,)))
     a, b, c = sgld.sgld_coefficients(1e-3, 6.0, 60.0)
     det = W.clone()
-    fast.sgld_update_torch(det, W0, G, torch.zeros_like(W), a, b, c)
+    sgld.sgld_update_torch(det, W0, G, torch.zeros_like(W), a, b, c)
     torch.testing.assert_close(_kernel_step(W, W0, G, (a, b, 0.0), 123), det, rtol=0, atol=1e-6)
     # noise: the kernel's result minus the deterministic part, over 3 steps (keys) x C chains x P
-    z = torch.stack([(_kernel_step(W, W0, G, (a, b, c), fast.noise_key(7, t)) - det) / c for t in range(3)])
+    z = torch.stack([(_kernel_step(W, W0, G, (a, b, c), sgld.noise_key(7, t)) - det) / c for t in range(3)])
     z = z.double()
     N = z.numel()
     assert abs(z.mean().item()) < 5 / math.sqrt(N)
@@ -107,14 +107,14 @@ def test_triton_kernel_matches_oracle_and_noise_is_standard_normal():
     off = corr[~torch.eye(len(flat), dtype=torch.bool)]
     assert off.abs().max().item() < 5 / math.sqrt(P), "noise correlated across chains or steps"
     # the same key reproduces the same noise
-    torch.testing.assert_close(_kernel_step(W, W0, G, (a, b, c), fast.noise_key(7, 1)), z[1].float() * c + det)
+    torch.testing.assert_close(_kernel_step(W, W0, G, (a, b, c), sgld.noise_key(7, 1)), z[1].float() * c + det)
     # two checkpoints (rows of W0) of 2 chains each: each chain pulled to its own row; chain 2 + c draws chain c's noise
     W0s = torch.stack([W0, -W0])
     det2 = W.clone()
-    fast.sgld_update_torch(det2, W0s, G, torch.zeros(2, P, device=KDEV), a, b, c)
+    sgld.sgld_update_torch(det2, W0s, G, torch.zeros(2, P, device=KDEV), a, b, c)
     torch.testing.assert_close(det2[2:], W[2:] - a * G[2:] - b * (W[2:] + W0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(_kernel_step(W, W0s, G, (a, b, 0.0), 123), det2, rtol=0, atol=1e-6)
-    z2 = _kernel_step(W, W0s, G, (a, b, c), fast.noise_key(7, 0)) - det2
+    z2 = _kernel_step(W, W0s, G, (a, b, c), sgld.noise_key(7, 0)) - det2
     torch.testing.assert_close(z2[2:], z2[:2], rtol=0, atol=1e-5)
     assert (z2[1] - z2[0]).abs().max() > 0.1
 
@@ -670,15 +670,15 @@ def test_triton_update_checks_itself_and_a_broken_kernel_falls_back(monkeypatch)
     """Before its first use on a device the kernel is compared with the torch update (the noise-free part exactly,
     the noise's mean and variance statistically); a kernel that disagrees is reported once and not used."""
     monkeypatch.setattr(fast, "_TRITON_CHECKED", {})
-    assert fast.triton_update_ok(KDEV)
+    assert fast.triton_update_ok(KDEV, sgld.sgld_update_torch)
     real = fast.sgld_update_triton
     for broken in (lambda W, W0, G, a, b, c, key: real(W, W0, G, a * 1.01, b, c, key),  # a wrong drift
                    lambda W, W0, G, a, b, c, key: real(W, W0, G, a, b, 1.2 * c, key)):  # noise variance 1.44
         monkeypatch.setattr(fast, "_TRITON_CHECKED", {})
         monkeypatch.setattr(fast, "sgld_update_triton", broken)
         with pytest.warns(UserWarning, match="Triton SGLD update failed its check"):
-            assert not fast.triton_update_ok(KDEV)
-        assert not fast.triton_update_ok(KDEV)  # checked once per device
+            assert not fast.triton_update_ok(KDEV, sgld.sgld_update_torch)
+        assert not fast.triton_update_ok(KDEV, sgld.sgld_update_torch)  # checked once per device
 
 
 def test_cli_help_and_bad_options(tiny_run, capsys):

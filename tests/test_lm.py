@@ -1,4 +1,5 @@
-"""The language-model half: model, tokenizer and packed data, hub downloads, evaluations, training."""
+"""The language-model half: model, tokenizer and packed data, hub downloads, evaluations, training.
+"""
 import gzip
 import hashlib
 import http.server
@@ -34,7 +35,8 @@ TINY = LMConfig(vocab_size=50, n_ctx=16, n_layer=2, n_head=2, d_model=8)
 CTX = 64  # packed row length of the test corpus
 
 
-# ------------------------------------------------------------------------------------------------ model
+# ------------------------------------------------------------------------------------------------
+# model
 def test_parameter_count_and_init():
     m = build_model(LMConfig(), 1)
     assert sum(p.numel() for p in m.parameters()) == 3_355_016
@@ -57,7 +59,8 @@ def test_shortformer_positions_never_enter_the_residual_stream():
             c.pos_embed.mul_(scale)
         return c(tokens)
 
-    # 1. no attention output: the stream is the token embedding alone, whatever the position table holds
+    # 1. no attention output: the stream is the token embedding alone, whatever the position table
+    #    holds
     with torch.no_grad():
         for b in m.blocks:
             b.attn.o.weight.zero_()
@@ -67,7 +70,8 @@ def test_shortformer_positions_never_enter_the_residual_stream():
     m(tokens)
     torch.testing.assert_close(seen["x"], m.embed(tokens))
     torch.testing.assert_close(with_positions(m, 0.0), with_positions(m, 50.0))
-    # 2. uniform attention (q = k = 0): positions only reach the scores, so they cannot change the output
+    # 2. uniform attention (q = k = 0): positions only reach the scores, so they cannot change the
+    #    output
     m = build_model(TINY, 1)
     with torch.no_grad():
         for b in m.blocks:
@@ -95,7 +99,8 @@ def test_causal():
 
 
 def test_vmap_over_stacked_models_and_the_task_loss():
-    """What llc.py does: vmap(grad(loss of functional_call)) over chains equals a loop over models."""
+    """What llc.py does: vmap(grad(loss of functional_call)) over chains equals a loop over models.
+    """
     models = [build_model(TINY, s) for s in range(3)]
     params, buffers = stack_module_state(models)
     base = LMTransformer(TINY).to("meta")
@@ -117,7 +122,8 @@ def test_vmap_over_stacked_models_and_the_task_loss():
 
 
 def _transformer_lens_forward(sd, tokens, n_head):
-    """A separate reading of TransformerLens' attention-only shortformer model, on its own state dict."""
+    """A separate reading of TransformerLens' attention-only shortformer model, on its own state
+    dict."""
     T = tokens.shape[1]
     ln = lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-5)  # noqa: E731
     x, pos = sd["embed.W_E"][tokens], sd["pos_embed.W_pos"][:T]
@@ -151,7 +157,8 @@ def test_transformer_lens_state_dict_conversion():
     torch.testing.assert_close(m(tokens), _transformer_lens_forward(sd, tokens, 2), atol=1e-5, rtol=1e-5)
 
 
-# -------------------------------------------------------------------------------- tokenizer and packing
+# -------------------------------------------------------------------------------- tokenizer and
+# packing
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
     """The default corpus (CPython's docs), prepared once for these tests with rows of 64 tokens."""
@@ -230,11 +237,13 @@ def test_lm_task_interface(lm_dir):
     assert "loss/100" not in row  # beyond the 63 predicted positions
 
 
-# ---------------------------------------------------------------------------------------------- the hub
+# ---------------------------------------------------------------------------------------------- the
+# hub
 class _Hub(http.server.BaseHTTPRequestHandler):
-    """The hub and its CDN on two loopback servers: /resolve/ answers a 302 with X-Linked-Etag, X-Linked-Size and
-    X-Repo-Commit (or a 404); the CDN serves /cdn/<sha256> with ranges and a sha256-like ETag that is not the file's.
-    corrupt / cut: sha256s whose next CDN GET is damaged / stops halfway."""
+    """The hub and its CDN on two loopback servers: /resolve/ answers a 302 with X-Linked-Etag,
+    X-Linked-Size and X-Repo-Commit (or a 404); the CDN serves /cdn/<sha256> with ranges and a
+    sha256-like ETag that is not the file's. corrupt / cut: sha256s whose next CDN GET is damaged /
+    stops halfway."""
     files, corrupt, cut, log, cdn, commit = {}, set(), set(), [], "", "c0" * 20
 
     def do_HEAD(self):
@@ -292,7 +301,8 @@ class _Hub(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    """(handler class, hub URL, cache folder); the requests backend, online, no token, unless a test says otherwise."""
+    """(handler class, hub URL, cache folder); the requests backend, online, no token, unless a test
+    says otherwise."""
     for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
@@ -318,9 +328,11 @@ def test_hub_download_reads_the_redirect_and_uses_the_hub_cache_layout(hub, monk
     H, url, cache = hub
     blob = np.random.default_rng(0).bytes(100_000)
     sha = _put(H, "o/L2", "checkpoints/checkpoint_0000000.pth", blob)
-    get = lambda name, **kw: lm_hub.hub_download("o/L2", name, base_url=url, cache_dir=cache, **kw)  # noqa: E731
-    # a good file is accepted although the CDN's ETag looks like a sha256: the 302's X-Linked-Etag is the hash.
-    # Without huggingface_hub (as on a clean CI machine) the automatic choice is this requests path.
+    # noqa: E731
+    get = lambda name, **kw: lm_hub.hub_download("o/L2", name, base_url=url, cache_dir=cache, **kw)
+    # a good file is accepted although the CDN's ETag looks like a sha256: the 302's X-Linked-Etag
+    # is the hash. Without huggingface_hub (as on a clean CI machine) the automatic choice is this
+    # requests path.
     monkeypatch.setenv("LM_HUB_BACKEND", "auto")
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     path = get("checkpoints/checkpoint_0000000.pth")
@@ -336,7 +348,8 @@ def test_hub_download_reads_the_redirect_and_uses_the_hub_cache_layout(hub, monk
     with pytest.raises(lm_hub.HubError, match="not in the cache"):
         get("losses.txt")
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    # a new version under `main` replaces the cached one; the token goes to the hub, never to the CDN
+    # a new version under `main` replaces the cached one; the token goes to the hub, never to the
+    # CDN
     monkeypatch.setenv("HF_TOKEN", "secret")
     new = _put(H, "o/L2", "checkpoints/checkpoint_0000000.pth", blob[::-1])
     assert get("checkpoints/checkpoint_0000000.pth").read_bytes() == blob[::-1]
@@ -355,7 +368,8 @@ def test_hub_download_rejects_corrupt_files_and_resumes_partial_ones(hub):
     H, url, cache = hub
     blob = np.random.default_rng(1).bytes(300_000)
     sha = _put(H, "o/tok", "tokenizer.json", blob)
-    get = lambda **kw: lm_hub.hub_download("o/tok", "tokenizer.json", base_url=url, cache_dir=cache, **kw)  # noqa
+    # noqa
+    get = lambda **kw: lm_hub.hub_download("o/tok", "tokenizer.json", base_url=url, cache_dir=cache, **kw)
     # a corrupt transfer (right length, wrong bytes) is rejected, removed and fetched again
     H.corrupt.add(sha)
     with pytest.raises(lm_hub.HubError, match="sha256 mismatch.*removed"):
@@ -363,7 +377,8 @@ def test_hub_download_rejects_corrupt_files_and_resumes_partial_ones(hub):
     assert not list(cache.rglob(f"{sha}*"))
     H.corrupt.add(sha)
     assert get().read_bytes() == blob and [m for m, p, _, _ in H.log if p.startswith("/cdn/")] == ["GET"] * 3
-    # an interrupted transfer leaves blobs/<sha>.incomplete; the next call resumes it with a Range request
+    # an interrupted transfer leaves blobs/<sha>.incomplete; the next call resumes it with a Range
+    # request
     blob2 = blob[::-1]
     sha2 = _put(H, "o/tok", "vocab.json", blob2)
     H.cut.add(sha2)
@@ -386,7 +401,8 @@ def test_hub_download_through_huggingface_hub_shares_the_cache(hub, monkeypatch)
     H, url, cache = hub
     a, b = np.random.default_rng(2).bytes(50_000), np.random.default_rng(3).bytes(40_000)
     sha_a, _ = _put(H, "o/L2", "checkpoints/checkpoint_0000000.pth", a), _put(H, "o/L2", "losses.txt", b)
-    H.corrupt.add(sha_a)  # caught by our sha256 check (huggingface_hub checks only the length) and fetched again
+    # caught by our sha256 check (huggingface_hub checks only the length) and fetched again
+    H.corrupt.add(sha_a)
     got = lm_hub.hub_download("o/L2", "checkpoints/checkpoint_0000000.pth", base_url=url, cache_dir=cache,
                               backend="huggingface_hub")
     assert got.read_bytes() == a and got.resolve().name == sha_a
@@ -411,8 +427,9 @@ def _tl_bytes(model, wrap=False):
 
 
 def test_import_skips_missing_steps_and_export_round_trips(hub, tmp_path, lm_dir):
-    """The paper's layout (checkpoints/checkpoint_*.pth) becomes a run folder; a step the hub lacks is skipped and
-    reported; `export` writes the same layout with a config, and `import` reads that folder back."""
+    """The paper's layout (checkpoints/checkpoint_*.pth) becomes a run folder; a step the hub lacks
+    is skipped and reported; `export` writes the same layout with a config, and `import` reads that
+    folder back."""
     H, url, cache = hub
     cfg = common.configure(LM_DEFAULTS, [str(ROOT / "configs" / "L2W256.py"), f"--out_dir={tmp_path / 'run'}",
                                             f"--data_dir={lm_dir}", f"--n_ctx={CTX}", "--d_model=16", "--n_head=2"])
@@ -430,7 +447,8 @@ def test_import_skips_missing_steps_and_export_round_trips(hub, tmp_path, lm_dir
     assert kept.is_file() and not lm_hub.cached_file("o/L2", "checkpoints/checkpoint_0000200.pth", cache_dir=cache)
     with pytest.raises(lm_hub.HubError, match="none of the 1 steps"):
         lm_data.import_checkpoints("o/L2", [300], tmp_path / "run3", cfg, base_url=url, cache_dir=cache)
-    # export -> TransformerLens state dicts and config -> import from the folder: the same parameters
+    # export -> TransformerLens state dicts and config -> import from the folder: the same
+    # parameters
     tl = lm_data.export_transformer_lens(tmp_path / "run", tmp_path / "tl")
     assert json.loads((tl / "config.json").read_text())["n_heads"] == 2
     sd = torch.load(tl / "checkpoints/checkpoint_0000200.pth", weights_only=True)
@@ -450,7 +468,8 @@ def test_transformer_lens_export_loads_strictly_with_equal_logits():
             if p.dim() == 1:
                 p.normal_()
     sd = lm_hub.to_transformer_lens({k: v.detach() for k, v in m.named_parameters()}, 2)
-    hooked = lm_hub.hooked_transformer(sd, lm_hub.transformer_lens_config(cfg))  # load_state_dict(strict=True)
+    # load_state_dict(strict=True)
+    hooked = lm_hub.hooked_transformer(sd, lm_hub.transformer_lens_config(cfg))
     assert isinstance(hooked, tl.HookedTransformer)
     tokens = torch.randint(0, 50, (3, 16))
     torch.testing.assert_close(hooked(tokens), m(tokens), atol=1e-5, rtol=1e-5)
@@ -458,15 +477,19 @@ def test_transformer_lens_export_loads_strictly_with_equal_logits():
     assert all(torch.equal(back[k], v) for k, v in m.named_parameters())
 
 
-# ------------------------------------------------------------------------------------ the paper's data files
-FIXTURES = ROOT / "tests" / "fixtures"  # written by pyarrow 26's RecordBatchStreamWriter, as datasets' save_to_disk
+# ------------------------------------------------------------------------------------ the paper's
+# data files
+# written by pyarrow 26's RecordBatchStreamWriter, as datasets' save_to_disk
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def test_arrow_shards_and_hub_corpora(hub, tmp_path, lm_dir, monkeypatch):
-    docs = lm_hub.read_documents(FIXTURES / "dsir-sample.arrow")  # contents, a metadata struct, an id; 2 batches
+    # contents, a metadata struct, an id; 2 batches
+    docs = lm_hub.read_documents(FIXTURES / "dsir-sample.arrow")
     assert docs == ["The first document of the sample.", "Ünïcode ✓ and a second line.\nNew line here.", "",
                     "Last one"]
-    rows = lm_hub.read_documents(FIXTURES / "dsir-tokens-sample.arrow")  # a *-tokens shard: rows of 16 ids
+    # a *-tokens shard: rows of 16 ids
+    rows = lm_hub.read_documents(FIXTURES / "dsir-tokens-sample.arrow")
     assert len(rows) == 40 and all(r.dtype == np.uint16 and len(r) == 16 and r[0] == 4999 for r in rows)
     # token rows pack as they are: with rows of the same length every row comes back unchanged
     (tmp_path / "tok").mkdir()
@@ -491,8 +514,9 @@ def test_arrow_shards_and_hub_corpora(hub, tmp_path, lm_dir, monkeypatch):
 
 
 def test_published_llc_convention_matches_the_reference_estimator():
-    """The paper's online estimator, replayed on a loss trace: chains run one after another and each update uses
-    the mean of all C draw-0 slots, those of chains not yet run still 0 (language.md §3)."""
+    """The paper's online estimator, replayed on a loss trace: chains run one after another and each
+    update uses the mean of all C draw-0 slots, those of chains not yet run still 0 (language.md
+    §3)."""
     rng = np.random.default_rng(0)
     C, T, nbeta = 5, 7, 100 / math.log(100)
     trace = 3 + rng.random((C, T))
@@ -528,7 +552,8 @@ def test_hub_command_lines(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("lm.hub: o/r/f.json is not in the cache")
 
 
-# ---------------------------------------------------------------------------------------------- evaluations
+# ----------------------------------------------------------------------------------------------
+# evaluations
 def test_head_scores_on_hand_built_patterns():
     B, H, T = 6, 3, 20
     lengths = torch.tensor([16, 17, 18, 19, 20, 20])
@@ -544,7 +569,8 @@ def test_head_scores_on_hand_built_patterns():
     first, second = torch.tensor([2, 5, 7, 3, 1, 4]), torch.tensor([12, 15, 18, 11, 19, 13])
     p = torch.zeros(B, H, T, T)
     p[torch.arange(B), 0, second, first + 1] = 1  # induction head
-    p[torch.arange(B), 1, second, first] = 1      # attends to the earlier copy itself: not induction
+    # attends to the earlier copy itself: not induction
+    p[torch.arange(B), 1, second, first] = 1
     s = lm_eval.prefix_matching_score(p, first, second)
     assert s.tolist() == [1.0, 0.0, 0.0]
 
@@ -590,7 +616,8 @@ def test_k_composition_against_the_formula():
 
 
 class _Bigram(nn.Module):
-    """A model whose logits at each position are log B[current token]: the bigram score's optimum."""
+    """A model whose logits at each position are log B[current token]: the bigram score's optimum.
+    """
 
     def __init__(self, table, V):
         super().__init__()
@@ -606,7 +633,8 @@ def test_bigram_table_entropy_and_score():
     t = lm_eval.bigram_table(rows, 5)
     dense = lm_eval._dense_rows(t, torch.arange(5), 5)
     torch.testing.assert_close(dense[0], torch.tensor([0, 4 / 5, 1 / 5, 0, 0], dtype=torch.float64))
-    torch.testing.assert_close(dense.sum(1), torch.ones(5, dtype=torch.float64))  # every token is followed here
+    # every token is followed here
+    torch.testing.assert_close(dense.sum(1), torch.ones(5, dtype=torch.float64))
     tokens = torch.from_numpy(rows.astype(np.int64))
     H = lm_eval.bigram_entropy(t, tokens, n=2000)
     assert 0 < H < math.log(5)
@@ -639,7 +667,8 @@ def test_ngrams_icl_and_per_position_loss():
     assert words[:2] == [" the", " and"]
 
 
-# ---------------------------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------------------------
+# training
 def _lm_cfg(lm_dir, out, *extra):
     return common.configure(LM_DEFAULTS, [str(ROOT / "configs" / "lm_tiny.py"), f"--out_dir={out}",
                                              f"--data_dir={lm_dir}", f"--n_ctx={CTX}", *extra])
@@ -671,7 +700,8 @@ def test_lm_tiny_loss_falls_below_the_unigram_entropy(lm_dir, tmp_path):
 
 
 def test_llc_py_published_convention_columns(lm_dir, tmp_path):
-    """llc.py --published adds the paper's LM convention next to our estimate, equal to lm_eval.published_llc."""
+    """llc.py --published adds the paper's LM convention next to our estimate, equal to
+    lm_eval.published_llc."""
     import llc
     cfg = _lm_cfg(lm_dir, tmp_path / "run", "--d_model=16", "--n_head=2", "--batch_size=4", "--max_steps=3",
                   "--n_log=1", "--n_lin=2", "--ckpt_every=0")
@@ -682,12 +712,14 @@ def test_llc_py_published_convention_columns(lm_dir, tmp_path):
     want = lm_eval.published_llc(row["llc_per_chain"], row["init_loss"], row["nbeta"], row["num_draws"],
                                  draw0=[t[0] for t in row["loss_trace"]])
     assert row["llc_mean_published"] == pytest.approx(want["llc_mean"], rel=1e-6)
-    assert row["llc_mean_published"] > row["llc_mean"]  # the reference's running init loss biases upward
+    # the reference's running init loss biases upward
+    assert row["llc_mean_published"] > row["llc_mean"]
 
 
 def test_code_and_prose_subsets_for_data_refined_llcs(lm_dir):
-    """The default corpus mixes prose and Python examples: 'code' rows are mostly code-like lines, 'prose' rows
-    hardly any; together they are a strict subset of the training rows, and the task interface is kept."""
+    """The default corpus mixes prose and Python examples: 'code' rows are mostly code-like lines,
+    'prose' rows hardly any; together they are a strict subset of the training rows, and the task
+    interface is kept."""
     task = lm_data.LMTask(lm_dir)
     code, prose = task.refined("code"), task.refined("prose")
     tok = task.tokenizer()
@@ -706,7 +738,8 @@ def test_code_and_prose_subsets_for_data_refined_llcs(lm_dir):
 
 
 def test_a_corpus_folder_as_data_refined_distribution(lm_dir, tmp_path):
-    """data_refine=<folder>: its documents packed once with the run's own tokenizer, beside the run's data."""
+    """data_refine=<folder>: its documents packed once with the run's own tokenizer, beside the
+    run's data."""
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "a.txt").write_text("def f(x):\n    return x + 1\n" * 200)
@@ -715,4 +748,5 @@ def test_a_corpus_folder_as_data_refined_distribution(lm_dir, tmp_path):
     sub = task.refined(str(folder))
     assert sub.data_dir.parent == lm_dir.parent and sub.vocab_size == task.vocab_size and sub.n_ctx == task.n_ctx
     assert (sub.data_dir / "tokenizer.json").read_text() == (lm_dir / "tokenizer.json").read_text()
-    assert len(sub.train) > 0 and task.refined(str(folder)).data_dir == sub.data_dir  # prepared once, reused
+    # prepared once, reused
+    assert len(sub.train) > 0 and task.refined(str(folder)).data_dir == sub.data_dir

@@ -23,7 +23,8 @@ def test_positional_init_range_depends_on_K():
 
 
 def test_doubled_residual():
-    """With every sublayer output zeroed, the stream entering the final LN is 2^L times the embedding."""
+    """With every sublayer output zeroed, the stream entering the final LN is 2^L times the
+    embedding."""
     cfg = ICLConfig()
     m = build_model(cfg, 0)
     with torch.no_grad():
@@ -49,7 +50,8 @@ def test_causal():
 
 
 def test_attention_uses_per_head_interleaved_qkv():
-    """Rows of qkv are [q_0, k_0, v_0, q_1, ...] (the reference layout), checked against a slow loop."""
+    """Rows of qkv are [q_0, k_0, v_0, q_1, ...] (the reference layout), checked against a slow
+    loop."""
     torch.manual_seed(0)
     cfg = ICLConfig()
     att = build_model(cfg, 0).blocks[0].attention

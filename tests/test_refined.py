@@ -1,5 +1,6 @@
-"""Refined LLCs: element masks (a known answer, frozen elements never move), named restriction sets on both models,
-data-refined rows, and the devinterp-style call (an nn.Module, a loss, a DataLoader, nbeta="default")."""
+"""Refined LLCs: element masks (a known answer, frozen elements never move), named restriction sets
+on both models, data-refined rows, and the devinterp-style call (an nn.Module, a loss, a DataLoader,
+nbeta="default")."""
 import json
 import math
 
@@ -18,8 +19,9 @@ CLI = ["--num_chains=2", "--num_draws=6", "--num_burnin=2", "--batch_size=8", "-
 
 
 def linear_network(rank_deficient, n=1000, d_in=4, h=3, d_out=5, seed=0):
-    """y = A B x + noise with A frozen, B's first two rows sampled (the mask), the other row frozen: the loss is
-    quadratic in the free weights. Returns the model fitted exactly over them, its data and the mask."""
+    """y = A B x + noise with A frozen, B's first two rows sampled (the mask), the other row frozen:
+    the loss is quadratic in the free weights. Returns the model fitted exactly over them, its data
+    and the mask."""
     g = torch.Generator().manual_seed(seed)
     A, B = torch.randn(d_out, h, generator=g), torch.randn(h, d_in, generator=g)
     if rank_deficient:
@@ -27,7 +29,8 @@ def linear_network(rank_deficient, n=1000, d_in=4, h=3, d_out=5, seed=0):
     x = torch.randn(n, d_in, generator=g)
     y = x @ B.T @ A.T + 0.3 * torch.randn(n, d_out, generator=g)
     S = torch.tensor([True, True, False])
-    # least squares over the free rows: T = y - x B_~S^T A_~S^T = x B_S^T A_S^T, i.e. vec(T) = (A_S kron x) vec(B_S^T)
+    # least squares over the free rows: T = y - x B_~S^T A_~S^T = x B_S^T A_S^T, i.e. vec(T) = (A_S
+    # kron x) vec(B_S^T)
     T = (y - x @ B[~S].T @ A[:, ~S].T).double()
     sol = torch.linalg.lstsq(torch.kron(A[:, S].double(), x.double()), T.T.reshape(-1, 1), driver="gelsd").solution
     model = torch.nn.Sequential(torch.nn.Linear(d_in, h, bias=False), torch.nn.Linear(h, d_out, bias=False))
@@ -41,8 +44,9 @@ def linear_network(rank_deficient, n=1000, d_in=4, h=3, d_out=5, seed=0):
 
 
 def exact_stationary_llc(model, batch, mask, eps, gamma, nbeta):
-    """E[nbeta (L - L(w*))] under the discrete SGLD chain's exact (Gaussian) stationary law on a quadratic loss:
-    per Hessian eigenvalue l, k = nbeta l + gamma and variance 1 / (k (1 - eps k / 4))."""
+    """E[nbeta (L - L(w*))] under the discrete SGLD chain's exact (Gaussian) stationary law on a
+    quadratic loss: per Hessian eigenvalue l, k = nbeta l + gamma and variance 1 / (k (1 - eps k /
+    4))."""
     w0 = model[0].weight.detach()
     free = w0[mask].double()
 
@@ -57,9 +61,10 @@ def exact_stationary_llc(model, batch, mask, eps, gamma, nbeta):
 
 @pytest.mark.parametrize("rank_deficient", [False, True])
 def test_masked_llc_of_a_linear_network_is_rank_times_input_dim_over_two(rank_deficient):
-    """Freeze A at w* and sample a row-slice S of B: the model is linear in the free weights, so lambda =
-    rank(A[:, S]) * d_in / 2; the estimate must match the chain's exact stationary mean within 4 standard errors,
-    and the true value within that plus the (computed) discretisation and localisation bias."""
+    """Freeze A at w* and sample a row-slice S of B: the model is linear in the free weights, so
+    lambda = rank(A[:, S]) * d_in / 2; the estimate must match the chain's exact stationary mean
+    within 4 standard errors, and the true value within that plus the (computed) discretisation and
+    localisation bias."""
     model, (x, y), mask, twice_lam = linear_network(rank_deficient)
     eps, gamma, nbeta = 1e-4, 1.0, 1000 / math.log(1000)
     r = llc.estimate_llc(model, None, (x, y), loss=lambda out, b: F.mse_loss(out, b[1]), masks={"0.weight": mask},
@@ -74,8 +79,9 @@ def test_masked_llc_of_a_linear_network_is_rank_times_input_dim_over_two(rank_de
 
 @pytest.mark.parametrize("mode", ["native", "loop", "vmap"])
 def test_masked_elements_never_move(mode):
-    """Frozen elements never move: recorded bit-exactly at every step in the native mode (the autograd modes build
-    the masked tensors from w* alone by construction); every mode samples only the free elements."""
+    """Frozen elements never move: recorded bit-exactly at every step in the native mode (the
+    autograd modes build the masked tensors from w* alone by construction); every mode samples only
+    the free elements."""
     w0 = {"a": torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), "b": torch.ones(2)}
     mask = torch.zeros(3, 4, dtype=torch.bool)
     mask[1, 1:3] = True
@@ -96,7 +102,8 @@ def test_masked_elements_never_move(mode):
     if mode == "native":
         assert len(seen) == 20 + 1  # every step, plus the check against autograd
         for a in seen[1:]:
-            assert torch.equal(a[:, ~mask], w0["a"][~mask].expand(3, -1))  # b is not sampled: never moves either
+            # b is not sampled: never moves either
+            assert torch.equal(a[:, ~mask], w0["a"][~mask].expand(3, -1))
         assert not torch.equal(seen[-1][:, mask], w0["a"][mask].expand(3, -1))
     assert r["llc_mean"] > 0
 
@@ -133,8 +140,9 @@ def two_layer_run(tmp_path):
 
 
 def test_restriction_sets_write_a_row_per_checkpoint_and_restriction(two_layer_run, capsys):
-    """--restrictions=paper: the 22 rows per checkpoint (the baseline equals a plain llc.py row at the same seed);
-    heads: the element-masked heads; a resumed sweep adds only what is missing; a bad set is a usage error."""
+    """--restrictions=paper: the 22 rows per checkpoint (the baseline equals a plain llc.py row at
+    the same seed); heads: the element-masked heads; a resumed sweep adds only what is missing; a
+    bad set is a usage error."""
     run = two_layer_run
     llc.main([str(run), *CLI, "--restrictions=paper"])
     rows = common.read_jsonl(run / "llc_paper.jsonl")
@@ -145,7 +153,8 @@ def test_restriction_sets_write_a_row_per_checkpoint_and_restriction(two_layer_r
     for plain in common.read_jsonl(run / "plain.jsonl"):
         base = next(r for r in rows if r["step"] == plain["step"] and r["restriction"] == "all")
         assert {k: v for k, v in base.items() if k not in timing} == {k: v for k, v in plain.items() if k not in timing}
-    llc.main([str(run), *CLI, "--include=blocks.1.**", "--out=block1.jsonl"])  # L(w*) reused: the same rows
+    # L(w*) reused: the same rows
+    llc.main([str(run), *CLI, "--include=blocks.1.**", "--out=block1.jsonl"])
     for alone in common.read_jsonl(run / "block1.jsonl"):
         sweep = next(r for r in rows if r["step"] == alone["step"] and r["restriction"] == "blocks.1")
         assert {k: v for k, v in sweep.items() if k not in timing | {"include"}} == {
@@ -153,7 +162,8 @@ def test_restriction_sets_write_a_row_per_checkpoint_and_restriction(two_layer_r
     llc.main([str(run), *CLI, "--restrictions=heads", "--steps=10"])
     heads = common.read_jsonl(run / "llc_heads.jsonl")
     assert [r["restriction"] for r in heads] == ["L0H0", "L0H1", "L1H0", "L1H1"]
-    assert {r["num_params"] for r in heads} == {3 * 4 * 8 + 8 * 4}  # q, k, v rows and o columns of a head
+    # q, k, v rows and o columns of a head
+    assert {r["num_params"] for r in heads} == {3 * 4 * 8 + 8 * 4}
     llc.main([str(run), *CLI, "--restrictions=heads"])  # resumed: step 0's four heads only
     assert [(r["step"], r["restriction"]) for r in common.read_jsonl(run / "llc_heads.jsonl")][4:] == [
         (0, "L0H0"), (0, "L0H1"), (0, "L1H0"), (0, "L1H1")]
@@ -165,8 +175,9 @@ def test_restriction_sets_write_a_row_per_checkpoint_and_restriction(two_layer_r
 
 
 def test_a_fork_whose_head_masks_no_longer_fit_gets_a_usage_error(two_layer_run, monkeypatch, capsys):
-    """An edited attention without an updated model.head_masks: --restrictions=heads is one line and exit 2,
-    whether head_masks raises or returns masks of the wrong shape or type; nothing is written."""
+    """An edited attention without an updated model.head_masks: --restrictions=heads is one line and
+    exit 2, whether head_masks raises or returns masks of the wrong shape or type; nothing is
+    written."""
     import model as model_py
     real = model_py.ICLTransformer.head_masks
     for broken in (lambda self, i, h: {"blocks.0.attention.qkv.weight": torch.ones(3, 3, dtype=torch.bool)},
@@ -197,8 +208,8 @@ def test_data_refined_rows(two_layer_run):
 
 
 def test_devinterp_style_call_with_a_module_a_dataloader_and_default_nbeta():
-    """An nn.Module, loss(output, batch), a DataLoader of dict batches and nbeta='default' (B / ln B): a linear
-    regression with d = 6 weights has lambda = d / 2."""
+    """An nn.Module, loss(output, batch), a DataLoader of dict batches and nbeta='default' (B / ln
+    B): a linear regression with d = 6 weights has lambda = d / 2."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 6, generator=g)
     y = x @ torch.randn(6, generator=g) + 0.1 * torch.randn(4096, generator=g)

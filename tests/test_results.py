@@ -1,5 +1,6 @@
-"""The committed reproduction (results/L2H4-s0-40k: our seed-0 run's first 40,292 steps, LLC from configs/llc_cpu.py at all
-80 checkpoints) against the paper's stored seed-mean curve: the claims the README makes, checked on the committed files."""
+"""The committed reproduction (results/L2H4-s0-40k: our seed-0 run's first 40,292 steps, LLC from
+configs/llc_cpu.py at all 80 checkpoints) against the paper's stored seed-mean curve: the claims the
+README makes, checked on the committed files."""
 import json
 import math
 
@@ -24,7 +25,8 @@ def load():
 def test_the_curve_lies_in_the_papers_seed_band_at_nine_in_ten_checkpoints():
     """Inside: |ours - seed mean| <= 2 seed std + 2 of our standard errors (the README's band)."""
     rows, ref = load()
-    assert len({r["step"] for r in rows}) == len(rows) == 80 and max(r["step"] for r in rows) == 40292  # all of them
+    # all of them
+    assert len({r["step"] for r in rows}) == len(rows) == 80 and max(r["step"] for r in rows) == 40292
     assert all(r["step"] in ref and r["llc_mean"] is not None for r in rows)
     inside = [abs(r["llc_mean"] - ref[r["step"]]["llc_mean"]) <= 2 * ref[r["step"]]["llc_std"] + 2 * r["llc_se"]
               for r in rows]
@@ -32,7 +34,8 @@ def test_the_curve_lies_in_the_papers_seed_band_at_nine_in_ten_checkpoints():
 
 
 def test_the_committed_rows_are_the_presets():
-    """Every committed row was made with configs/llc_cpu.py as it stands (the settings a resumed sweep checks)."""
+    """Every committed row was made with configs/llc_cpu.py as it stands (the settings a resumed
+    sweep checks)."""
     rows, _ = load()
     cfg = common.configure(llc.DEFAULTS, [str(ROOT / "configs" / "llc_cpu.py")])
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
@@ -62,10 +65,11 @@ def test_the_first_transition_and_the_peak_region():
 
 
 def test_the_preset_at_initialisation_matches_the_papers_five_seeds():
-    """Our models at step 0 are the paper's (same init, seeds 0-4), so the preset's five step-0 estimates should have
-    the paper's seed mean and std up to our estimator's errors. The five share the sampler's random numbers, so their
-    errors are correlated: the mean's error has sd at most the mean se (any correlation), and the std of five values
-    moves by at most |errors| / 2 <= sqrt(sum se^2) / 2 at 1 sd; both asserted at 2 sd."""
+    """Our models at step 0 are the paper's (same init, seeds 0-4), so the preset's five step-0
+    estimates should have the paper's seed mean and std up to our estimator's errors. The five share
+    the sampler's random numbers, so their errors are correlated: the mean's error has sd at most
+    the mean se (any correlation), and the std of five values moves by at most |errors| / 2 <=
+    sqrt(sum se^2) / 2 at 1 sd; both asserted at 2 sd."""
     _, ref = load()
     rows = [json.loads(line) for line in (RESULTS / "init_seeds.jsonl").read_text().splitlines() if line.strip()]
     assert [r["model_seed"] for r in rows] == [0, 1, 2, 3, 4] and all(r["step"] == 0 for r in rows)
@@ -77,8 +81,8 @@ def test_the_preset_at_initialisation_matches_the_papers_five_seeds():
 def test_pairing_l_w_star_with_each_draw_at_step_0_of_the_five_seeds():
     """results/L2H4-s0-500k/step0_pairing.jsonl: configs/llc_cpu.py at step 0 of the paper's seeds
     0-4, L(w*) from its own 65,536-sequence set (as committed in L2H4-s0-40k) and paired with each
-    draw's minibatch. Unpaired reproduces the committed values (to 0.01) and sits +1.22 above the paper's
-    per-seed values on average; paired, each seed is within 2 se of the paper's and the mean
+    draw's minibatch. Unpaired reproduces the committed values (to 0.01) and sits +1.22 above the
+    paper's per-seed values on average; paired, each seed is within 2 se of the paper's and the mean
     difference is within the issue's +-0.6."""
     path = ROOT / "results" / "L2H4-s0-500k" / "step0_pairing.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -50,7 +50,8 @@ def test_configure_errors(tmp_path):
     cfg = common.configure(d, ["--lr=1", "--out_dir=out/x", "--compile=True", "--seed", "3", "--tf32"])
     assert cfg["lr"] == 1.0 and isinstance(cfg["lr"], float) and cfg["out_dir"] == "out/x" and cfg["compile"]
     assert cfg["seed"] == 3 and cfg["tf32"] is True
-    assert common.configure(d, ["--out_dir=123"])["out_dir"] == "123"  # string keys are taken verbatim
+    # string keys are taken verbatim
+    assert common.configure(d, ["--out_dir=123"])["out_dir"] == "123"
     with pytest.raises(common.ConfigError, match="unknown option 'lrr'.*did you mean lr"):
         common.configure(d, ["--lrr=1"])
     with pytest.raises(common.ConfigError, match="batch_size must be int"):
@@ -80,21 +81,24 @@ def test_cli_reports_config_errors_before_work(tmp_path):
 
 
 def test_flags_without_a_config_file_mean_the_demo():
-    """No config file: the defaults are the CPU demo's (configs/tiny.py), never the paper's 500k-step run."""
+    """No config file: the defaults are the CPU demo's (configs/tiny.py), never the paper's
+    500k-step run."""
     cfg = common.configure(train.DEFAULTS, ["--device=cpu"])
     tiny = common.read_config_file(ROOT / "configs" / "tiny.py")
     assert cfg["max_steps"] == 2000 and all(cfg[k] == v for k, v in tiny.items())
 
 
 def test_micro_batches_give_the_whole_batch_gradient(tmp_path):
-    """Gradient accumulation over micro-batches (memory) trains the same model as whole batches, up to rounding."""
+    """Gradient accumulation over micro-batches (memory) trains the same model as whole batches, up
+    to rounding."""
     runs = {}
     for m in (0, 8):
         cfg = common.configure(train.DEFAULTS, [*SMALL, f"--out_dir={tmp_path}/m{m}", "--stop_at=3",
                                                 f"--micro_batch={m}"])
         train.train(cfg)
         runs[m] = _final_params(tmp_path / f"m{m}")
-    assert any(not torch.equal(runs[0][k], runs[8][k]) for k in runs[0])  # the accumulation really ran
+    # the accumulation really ran
+    assert any(not torch.equal(runs[0][k], runs[8][k]) for k in runs[0])
     for k in runs[0]:
         torch.testing.assert_close(runs[8][k], runs[0][k], rtol=1e-4, atol=1e-6)
 
@@ -123,7 +127,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     a, b = _final_params(ref), _final_params(cut)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the log has each eval step once, and the same values as the uninterrupted run
-    evals = lambda d: [r for r in common.read_jsonl(d / "log.jsonl") if r["kind"] == "eval"]  # noqa: E731
+    # noqa: E731
+    evals = lambda d: [r for r in common.read_jsonl(d / "log.jsonl") if r["kind"] == "eval"]
     steps = [r["step"] for r in evals(cut)]
     assert steps == sorted(set(steps)) == [r["step"] for r in evals(ref)]
     assert [r["loss"] for r in evals(cut)] == [r["loss"] for r in evals(ref)]
@@ -183,7 +188,8 @@ def test_torchrun_two_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_demo_learns_in_context(tmp_path):
-    """The CPU demo config must show ICL: final test loss < 2.3 (zero predictor 4.125, ridge 1.66)."""
+    """The CPU demo config must show ICL: final test loss < 2.3 (zero predictor 4.125, ridge 1.66).
+    """
     cfg = common.configure(train.DEFAULTS, [str(ROOT / "configs" / "tiny.py"), f"--out_dir={tmp_path}"])
     row = train.train(cfg)
     assert row["step"] == cfg["max_steps"] - 1 and row["loss"] < 2.3
@@ -202,8 +208,9 @@ def test_jsonl_torn_line(tmp_path):
 
 
 def test_training_fast_path_equals_autograd_and_falls_back_on_an_edited_model(tmp_path, monkeypatch, recwarn):
-    """The hand-derived gradient trains the regression model: on a batch its loss and gradients equal autograd's;
-    a forked model (its MLP branch scaled) fails the check, trains with autograd and says so once."""
+    """The hand-derived gradient trains the regression model: on a batch its loss and gradients
+    equal autograd's; a forked model (its MLP branch scaled) fails the check, trains with autograd
+    and says so once."""
     import model as model_py
     cfg = common.configure(train.DEFAULTS, [*SMALL, f"--out_dir={tmp_path}/a", "--stop_at=2", "--fast_grad=True"])
     model, task = data.build_model(cfg, 0), data.task_for(cfg)

@@ -1,7 +1,8 @@
-"""The preset study and sweep of results/L2H4-s0-500k (PRESET_RULE.md) in one process: the candidates at checkpoints
-in all five stages, the fixed choice rule, step 0 of the paper's five seeds, repeated sampler seeds for the standard
-error's coverage, then every checkpoint with the chosen preset. Rows are appended as they come to <dest>/study.jsonl,
-init_seeds.jsonl, coverage.jsonl and llc.jsonl (resumable); a part that would not fit in --budget seconds is skipped.
+"""The preset study and sweep of results/L2H4-s0-500k (PRESET_RULE.md) in one process: the
+candidates at checkpoints in all five stages, the fixed choice rule, step 0 of the paper's five
+seeds, repeated sampler seeds for the standard error's coverage, then every checkpoint with the
+chosen preset. Rows are appended as they come to <dest>/study.jsonl, init_seeds.jsonl,
+coverage.jsonl and llc.jsonl (resumable); a part that would not fit in --budget seconds is skipped.
 
     python results/L2H4-s0-500k/study.py --run=out/L2H4-s0 --inits=out/init-s --dest=results/L2H4-s0-500k
 """
@@ -20,7 +21,8 @@ import common  # noqa: E402
 import data  # noqa: E402
 import llc  # noqa: E402
 
-V1 = dict(epsilon=3e-4, gamma=20 / 3, nbeta=200 / 3, num_burnin=0, num_draws=5000)  # the paper's sampler
+# the paper's sampler
+V1 = dict(epsilon=3e-4, gamma=20 / 3, nbeta=200 / 3, num_burnin=0, num_draws=5000)
 BASE = dict(V1, num_chains=8, batch_size=128, data_mode="stream", paired=True, seed=0, n=65536, trace_points=100)
 BIN = 50  # steps per trace bin (5,000 draws in 100 bins)
 CANDIDATES = {f"mean{h}": (h, 0) for h in (500, 1000, 1500, 2500)}  # name: (steps run, horizon)
@@ -38,8 +40,8 @@ def paper_values():
 
 
 def candidate_values(row, steps, horizon):
-    """Each chain's estimate had it run only `steps` steps (the first bins of the same chains), extrapolated to
-    `horizon` as sgld.extrapolate does."""
+    """Each chain's estimate had it run only `steps` steps (the first bins of the same chains),
+    extrapolated to `horizon` as sgld.extrapolate does."""
     x = np.array(row["llc_trace"], dtype=float)[:, :steps // BIN]  # (chains, bins)
     plain = x.mean(1)
     if horizon <= steps:
@@ -48,8 +50,9 @@ def candidate_values(row, steps, horizon):
 
 
 def choose(rows):
-    """PRESET_RULE.md: the cheapest candidate within 2 se + TOLERANCE of the full 5,000-step value of the same
-    chains at all but one study checkpoint, with no diverged chain; else the full 5,000 steps."""
+    """PRESET_RULE.md: the cheapest candidate within 2 se + TOLERANCE of the full 5,000-step value
+    of the same chains at all but one study checkpoint, with no diverged chain; else the full 5,000
+    steps."""
     score = {}
     for name, (steps, horizon) in CANDIDATES.items():
         diffs = []
@@ -66,7 +69,8 @@ def choose(rows):
 
 class Study:
     def __init__(self, args):
-        self.args, self.t0, self.rate = args, time.time(), None  # rate: seconds per (step x row x sequence)
+        # rate: seconds per (step x row x sequence)
+        self.args, self.t0, self.rate = args, time.time(), None
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if args.tf32:  # bench.py on an H200: the same LLC to 0.01 se, 2.1x the chain-steps/s
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -80,7 +84,8 @@ class Study:
         return c
 
     def fits(self, cfg, k, what):
-        """Whether k checkpoints of these settings fit in the budget left (after one measured call)."""
+        """Whether k checkpoints of these settings fit in the budget left (after one measured call).
+        """
         need = 0 if self.rate is None else self.rate * cfg["num_draws"] * k * cfg["num_chains"] * cfg["batch_size"]
         left = self.args.budget - (time.time() - self.t0)
         if need > left:
@@ -88,7 +93,8 @@ class Study:
         return need <= left
 
     def estimate(self, run_dir, cfg, steps, models=None):
-        """Rows of `steps` (or of `models`) estimated together (on CUDA: vmap, bench.py's fastest mode there)."""
+        """Rows of `steps` (or of `models`) estimated together (on CUDA: vmap, bench.py's fastest
+        mode there)."""
         over = dict(chain_mode="vmap") if self.device.type == "cuda" else {}
         res = llc.Run(run_dir, {**cfg, **over}, self.device).estimate(steps, models=models, progress=None)
         self.rate = res[0]["sample_time"] / (cfg["num_draws"] * len(res) * cfg["num_chains"] * cfg["batch_size"])
@@ -108,8 +114,8 @@ def snap(have, step):
 
 
 def candidates(st, steps):
-    """Part 1: the paper's 5,000 steps at the study checkpoints (kept if already in study.jsonl); every candidate
-    is read off the same chains' traces; the rule picks one."""
+    """Part 1: the paper's 5,000 steps at the study checkpoints (kept if already in study.jsonl);
+    every candidate is read off the same chains' traces; the rule picks one."""
     path = os.path.join(st.args.dest, "study.jsonl")
     todo = [s for s in steps if s not in {r["step"] for r in common.read_jsonl(path)}]
     cfg = st.cfg("full5000", **({"num_draws": 400} if st.args.dry else {}))
@@ -126,7 +132,8 @@ def candidates(st, steps):
 
 
 def seeds_and_coverage(st, pick, have):
-    """Parts 2 and 3: step 0 of the paper's five seeds; repeated sampler seeds at two checkpoints."""
+    """Parts 2 and 3: step 0 of the paper's five seeds; repeated sampler seeds at two checkpoints.
+    """
     cfg, dest = st.cfg(pick), st.args.dest
     done = [r for r in common.read_jsonl(os.path.join(dest, "init_seeds.jsonl")) if r["candidate"] == pick]
     if not done and st.fits(cfg, 5, "step 0 of five seeds"):
@@ -145,7 +152,8 @@ def sweep(st, pick, have):
     """Part 4: every checkpoint with the chosen preset, ckpt_batch at a time, in step order."""
     cfg, path = st.cfg(pick), os.path.join(st.args.dest, "llc.jsonl")
     todo = [s for s in have if s not in {r["step"] for r in common.read_jsonl(path)}]
-    todo = todo[:2] if st.args.dry else todo[::3] + [s for i, s in enumerate(todo) if i % 3]  # coarse first
+    # coarse first
+    todo = todo[:2] if st.args.dry else todo[::3] + [s for i, s in enumerate(todo) if i % 3]
     for i in range(0, len(todo), st.args.ckpt_batch):
         group = todo[i:i + st.args.ckpt_batch]
         if not st.fits(cfg, len(group), f"the sweep from step {group[0]} on ({len(todo) - i} left)"):
@@ -154,8 +162,8 @@ def sweep(st, pick, have):
 
 
 def report(path):
-    """--report=FILE: the rule applied to rows of the paper's 5,000 steps in FILE, with each row's place in the
-    paper's per-seed range; printed as JSON."""
+    """--report=FILE: the rule applied to rows of the paper's 5,000 steps in FILE, with each row's
+    place in the paper's per-seed range; printed as JSON."""
     rows, paper = [r for r in common.read_jsonl(path) if r.get("llc_trace")], paper_values()
     pick, score = choose(rows)
     band = [dict(step=r["step"], llc=round(r["llc_mean"], 2), se=round(r["llc_se"], 2),
@@ -183,7 +191,8 @@ def main():
         return report(args.report)
     os.makedirs(args.dest, exist_ok=True)
     st, have = Study(args), common.list_checkpoints(args.run)
-    near = [snap(have, s) for s in STUDY_STEPS if abs(snap(have, s) - s) <= 0.05 * s]  # not yet trained: later
+    # not yet trained: later
+    near = [snap(have, s) for s in STUDY_STEPS if abs(snap(have, s) - s) <= 0.05 * s]
     steps = sorted(set(near) | ({have[-1]} if have[-1] >= 320_000 else set()))
     print(f"study: {len(have)} checkpoints up to {have[-1]}; study steps {steps}; {st.device}", flush=True)
     pick = candidates(st, steps[:2] if args.dry else steps)
