@@ -213,18 +213,33 @@ def regression_evaluator(out_dir, cfg, opt, dev):
 
 def structure_stats(params, n_layer):
     """LN collapse (fraction of |gamma| < 0.1 per LN), embedding spectra sigma^2/sum and the effective
-    unembedding (the final LN's affine folded into output row 0)."""
+    unembedding (the final LN's affine folded into output row 0). A statistic whose parameters an edited model
+    lacks (renamed or removed) or has in another shape is left out, named in a warning."""
+    def spectrum(M):
+        s2 = torch.linalg.svdvals(M.double()) ** 2
+        return (s2 / s2.sum()).tolist()
     lns = {f"b{i + 1}-{k}": f"blocks.{i}.layer_norms.{j}"
            for i in range(n_layer) for j, k in enumerate(("attn", "mlp"))}
     lns["unembed"] = "unembedding.0"
-    row = {f"ln_collapse/{n}": float((params[p + ".weight"].abs() < 0.1).float().mean()) for n, p in lns.items()}
-    for name, key in (("tok_spec", "token_embedding.weight"), ("pos_spec", "postn_embedding.weight")):
-        s2 = torch.linalg.svdvals(params[key].double()) ** 2
-        row[name] = (s2 / s2.sum()).tolist()
-    gamma, beta = params["unembedding.0.weight"], params["unembedding.0.bias"]
-    W, b = params["unembedding.1.weight"], params["unembedding.1.bias"]
-    row["unembed_w"] = (gamma * W[0]).tolist()
-    row["unembed_b"] = float(W[0] @ beta + b[0])
+    stats = [(f"ln_collapse/{n}", [p + ".weight"], lambda g: float((g.abs() < 0.1).float().mean()))
+             for n, p in lns.items()]
+    stats += [("tok_spec", ["token_embedding.weight"], spectrum), ("pos_spec", ["postn_embedding.weight"], spectrum)]
+    unembed = ["unembedding.0.weight", "unembedding.0.bias", "unembedding.1.weight", "unembedding.1.bias"]
+    stats += [("unembed_w", unembed, lambda gamma, beta, W, b: (gamma * W[0]).tolist()),
+              ("unembed_b", unembed, lambda gamma, beta, W, b: float(W[0] @ beta + b[0]))]
+    row, skipped = {}, []
+    for name, keys, stat in stats:
+        lacks = [k for k in keys if k not in params]
+        try:
+            if not lacks:
+                row[name] = stat(*(params[k] for k in keys))
+        except (IndexError, RuntimeError) as e:  # another shape
+            lacks = [f"{type(e).__name__}: {e}"]
+        if lacks:
+            skipped.append(f"{name} ({', '.join(lacks)})")
+    if skipped:
+        warnings.warn(f"analyze.py: structure statistics left out (model.py renamed or changed their parameters): "
+                      f"{'; '.join(skipped)}")
     return row
 
 

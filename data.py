@@ -5,6 +5,7 @@ explicit torch.Generator. The language model (package lm/) is named in the table
 and imported only when a config has task = "lm"."""
 import importlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -216,7 +217,8 @@ PAPER_RESTRICTIONS = {  # the unrestricted baseline, then the 21 component restr
 
 def restriction_set(cfg, name, model):
     """{restriction: estimate_llc settings} of a named set: 'heads' (L<i>H<h>: one attention head's weights, element
-    masks from model.head_masks), 'layers' (L<i>: one block), 'paper' (the task's component restrictions)."""
+    masks from model.head_masks), 'layers' (L<i>: one block), 'paper' (the task's component restrictions). Entries that
+    match no parameter (a smaller or edited model) are left out and named in one warning; none matching: ConfigError."""
     shapes = {k: p.shape for k, p in model.named_parameters()}
     names = list(shapes)
     if name == "heads":  # model.head_masks must describe the (possibly edited) model's attention
@@ -231,16 +233,22 @@ def restriction_set(cfg, name, model):
             raise common.ConfigError(f"restrictions=heads: model.head_masks(layer, head) does not fit this model's "
                                      f"parameters ({bad[0]}); update it in model.py after editing the attention")
         return out
-    if name == "layers":
-        return {f"L{i}": {"include": f"blocks.{i}.**"} for i in range(model.cfg.n_layer)}
-    if name == "paper" and kind(cfg).paper_restrictions:
-        out = {}
-        for r, pattern in kind(cfg).paper_restrictions.items():
-            try:  # a smaller model lacks some components: those restrictions are left out
+    if name == "layers" or name == "paper" and kind(cfg).paper_restrictions:
+        patterns = ({f"L{i}": f"blocks.{i}.**" for i in range(model.cfg.n_layer)} if name == "layers"
+                    else kind(cfg).paper_restrictions)
+        out, unmapped = {}, []
+        for r, pattern in patterns.items():
+            try:  # a smaller model lacks some components, a fork may have renamed them: said, then left out
                 common.select_params(names, pattern)
                 out[r] = {"include": pattern}
             except ValueError:
-                continue
+                unmapped.append(f"{r} ({pattern})")
+        if not out:
+            raise common.ConfigError(f"restrictions={name}: no restriction of the set matches this model's parameters "
+                                     f"(renamed modules in model.py?): {', '.join(names[:6])}, ...")
+        if unmapped:
+            warnings.warn(f"restrictions={name}: {len(unmapped)} of {len(patterns)} restrictions match no parameter of "
+                          f"this model (a smaller or edited model.py) and are left out: {'; '.join(unmapped)}")
         return out
     raise common.ConfigError(f"restrictions must be heads, layers{', paper' if kind(cfg).paper_restrictions else ''} "
                              f"for this task; got {name!r}")

@@ -14,7 +14,7 @@ import torch
 import common
 import data
 from sgld import (CHAIN_MODES, AllChainsDivergedError, Settings, estimate_llc,  # noqa: F401
-                  make_generators)
+                  make_generators, pick_chain_mode)
 
 USAGE = """
 
@@ -52,7 +52,7 @@ DEFAULTS = dict(  # the quick CPU setting for the demo runs; configs/llc_v1.py a
     data_refine="",         # data-refined LLC on another distribution: ood_inputs/<g>, tasks/<M> | code, prose (LM)
     device="",              # default: cuda (LOCAL_RANK under torchrun) if available, else cpu
     update_backend="auto",  # auto | torch | triton | xla
-    chain_mode="auto",      # auto | native | native_loop | vmap | loop (see sgld.GRADIENTS)
+    chain_mode="autograd",  # autograd (vmap, or loop on a CPU if large) | auto (hand-derived once checked) | see sgld
     cuda_graph=False,       # capture the SGLD step in a CUDA graph (CUDA, native mode)
     tf32=False,             # allow TF32 matmuls on CUDA
     threads=0,              # CPU threads / chain workers (0: this process's share of the cores)
@@ -66,7 +66,7 @@ DEFAULTS = dict(  # the quick CPU setting for the demo runs; configs/llc_v1.py a
     calib_nbeta="20,60,200",         # calibration grid: nbeta values
     calib_gamma="6,60",              # calibration grid: localisation strengths (one figure each)
 )
-CHOICES = {"data_mode": ("stream", "fixed"), "chain_mode": CHAIN_MODES,
+CHOICES = {"data_mode": ("stream", "fixed"), "chain_mode": ("autograd", *CHAIN_MODES),
            "update_backend": ("auto", "torch", "triton", "xla")}
 RUN_KEYS = ("epsilon", "gamma", "nbeta", "num_chains", "num_draws", "num_burnin", "batch_size", "seed", "n",
             "data_mode", "per_token", "include", "exclude")  # a resumed file must agree on all of these
@@ -116,6 +116,9 @@ class Run:
                         n=s["n"] if s["data_mode"] == "stream" else None,
                         progress=over.get("progress", f"llc step(s) {steps}{' ' + restriction if restriction else ''}"))
         settings.update(self.restrictions[restriction])  # a named restriction: its include or element masks
+        if settings["chain_mode"] == "autograd":  # the default: plain torch.func gradients, auto's choice among them
+            settings["chain_mode"] = pick_chain_mode(None, self.device, s["batch_size"],
+                                                     sum(p.numel() for p in models[0].parameters()))
         return estimate_llc(data.RunLoss(models[0], self.task, s["per_token"]),
                             [{k: v.detach() for k, v in m.named_parameters()} for m in models], self.data, **settings)
 

@@ -41,7 +41,7 @@ eval_batch_size = 1024  # sequences (rows) of the fixed eval set, evaluated at e
 eval_seed = 0           # seeds the eval set
 device = "auto"         # auto | cpu | cuda | xla
 compile = False         # torch.compile the model
-fast_grad = "auto"      # auto | True | False: hand-derived gradient (regression); auto: CPU only
+fast_grad = "False"     # False (autograd) | True | auto (CPU only): hand-derived gradient (regression; L2H4.py)
 tf32 = False            # allow TF32 matmuls on CUDA
 fresh_optimizer = False  # resume checkpoints without .state.pt with a new optimizer (inexact)
 # ---------------------------------------------------------------------------------------------------

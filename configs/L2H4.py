@@ -15,3 +15,4 @@ max_steps = 500_000
 n_log = 100
 n_lin = 100
 log_interval = 100
+fast_grad = "auto"      # the hand-derived gradient on CPU (self-checked; an edited model: autograd, one warning)

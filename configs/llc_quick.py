@@ -12,3 +12,4 @@ num_burnin = 50
 batch_size = 32
 data_mode = "stream"
 n = 4096
+chain_mode = "auto"     # unlike the defaults: the hand-derived gradient where it matches autograd at w* (else autograd)

@@ -12,3 +12,4 @@ batch_size = 1024
 data_mode = "fixed"
 n = 2 ** 20
 seed = 0
+chain_mode = "auto"     # the hand-derived gradient where it matches autograd at w*, else autograd with one warning

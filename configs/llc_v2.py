@@ -11,3 +11,4 @@ batch_size = 1024
 data_mode = "stream"
 n = 131072
 seed = 42
+chain_mode = "auto"     # the hand-derived gradient where it matches autograd at w*, else autograd with one warning

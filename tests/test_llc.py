@@ -547,8 +547,9 @@ def test_native_modes_refuse_a_stale_hand_derived_gradient():
 
 
 def test_a_forked_model_falls_back_to_autograd_in_llc_py(tmp_path, monkeypatch, recwarn):
-    """The most common fork: edit model.py (here the MLP branch scaled by 1.5) and rerun llc.py. The hand-derived
-    gradient fails its check, llc.py warns once and completes, and its row equals --chain_mode=loop's."""
+    """The most common fork: edit model.py (here the MLP branch scaled by 1.5) and rerun llc.py with a paper config's
+    --chain_mode=auto. The hand-derived gradient fails its check, llc.py warns once and completes, and its row equals
+    --chain_mode=loop's (tests/test_forks.py: the default, autograd, never warns)."""
     import model as model_py
     cfg = dict(task="regression", D=4, K=8, sigma2=0.125, num_tasks=0, task_seed=0, n_layer=2, n_head=4, d_model=64,
                d_mlp=64, seed=0)  # the L2H4 model: at batch 256, auto's autograd choice on a CPU is the loop
@@ -561,7 +562,8 @@ def test_a_forked_model_falls_back_to_autograd_in_llc_py(tmp_path, monkeypatch, 
         return y + 1.5 * self.compute(self.layer_norms[1](y))
     monkeypatch.setattr(model_py.Block, "forward", forked)
     assert model_py.Block.forward is not block_forward
-    cli = ["--num_chains=2", "--num_draws=3", "--num_burnin=1", "--batch_size=256", "--n=512", "--device=cpu"]
+    cli = ["--num_chains=2", "--num_draws=3", "--num_burnin=1", "--batch_size=256", "--n=512", "--device=cpu",
+           "--chain_mode=auto"]
     llc.main([str(tmp_path), *cli, "--out=auto.jsonl"])
     warned = [w for w in recwarn if "hand-derived gradient disagrees" in str(w.message)]
     assert len(warned) == 1 and "chain_mode='loop'" in str(warned[0].message)

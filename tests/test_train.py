@@ -238,9 +238,9 @@ def test_training_fast_path_equals_autograd_and_falls_back_on_an_edited_model(tm
 
 
 def test_fast_grad_auto_is_the_hand_derived_gradient_on_cpu_only(tmp_path):
-    """The default (auto) takes the hand-derived gradient on CPU and autograd on CUDA and XLA (where
-    it was slower); an explicit True/False wins; a run resumes under another setting, also one whose
-    config.json holds the old boolean."""
+    """The default is autograd (False); auto (configs/L2H4.py) takes the hand-derived gradient on CPU and
+    autograd on CUDA and XLA (where it was slower); True/False win; a run resumes under another setting, also
+    one whose config.json holds the old boolean."""
     cpu, cuda, xla = (torch.device(d) for d in ("cpu", "cuda", "xla"))
     got = {(s, d.type): train.wants_fast_grad(s, d) for s in ("auto", "True", "False", True, False)
            for d in (cpu, cuda, xla)}
@@ -250,12 +250,14 @@ def test_fast_grad_auto_is_the_hand_derived_gradient_on_cpu_only(tmp_path):
     def parse(*args):
         return common.configure(train.DEFAULTS, [*SMALL, *args], train.CHOICES)
     cfg = parse(f"--out_dir={tmp_path}", "--stop_at=1")
-    assert cfg["fast_grad"] == "auto" and parse("--fast_grad=False")["fast_grad"] == "False"
+    assert cfg["fast_grad"] == "False" and parse("--fast_grad=auto")["fast_grad"] == "auto"
     with pytest.raises(common.ConfigError, match="fast_grad must be one of auto, True, False"):
         parse("--fast_grad=yes")
     model, task, gen = data.build_model(cfg, 0), data.task_for(cfg), torch.Generator()
-    assert train.hand_derived(cfg, model, task, gen, 32, cuda, False) is None  # (touches no CUDA)
-    assert train.hand_derived(cfg, model, task, gen, 32, cpu, False) is not None
+    assert train.hand_derived(cfg, model, task, gen, 32, cpu, False) is None  # the default: autograd
+    auto = {**cfg, "fast_grad": "auto"}
+    assert train.hand_derived(auto, model, task, gen, 32, cuda, False) is None  # (touches no CUDA)
+    assert train.hand_derived(auto, model, task, gen, 32, cpu, False) is not None
     train.train({**cfg, "device": "cpu"})
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "fast_grad": True}))  # an older run
