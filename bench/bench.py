@@ -155,20 +155,20 @@ def time_plain_loop(steps, batch, device, hand_written):
 
 
 def bench_train(cfg, device, log):
-    """Steps/s of train.py as it runs by default and with its other gradient (subprocesses; an
-    (S+1)-step run minus a 3-step run, both with checkpoints and evals at steps 0, 1 and the last,
-    leaves S-2 bare steps) and of plain loops at the same model and batch. train.py's default
-    (--fast_grad=auto) is the hand-derived gradient on CPU, autograd elsewhere (227.6 vs 155.8
-    steps/s on an H200); bench does not import train, so that rule is restated here."""
+    """Steps/s of train.py as the paper's config runs it (--fast_grad=auto, configs/L2H4.py) and
+    with its other gradient (subprocesses; an (S+1)-step run minus a 3-step run, both with
+    checkpoints and evals at steps 0, 1 and the last, leaves S-2 bare steps) and of plain loops at
+    the same model and batch. auto is the hand-derived gradient on CPU, autograd elsewhere (227.6
+    vs 155.8 steps/s on an H200); bench does not import train, so that rule is restated here."""
     S, bs, tmp = cfg["train_steps"], cfg["train_batch"], tempfile.mkdtemp(prefix="bench_train_")
-    hand = torch.device(device).type == "cpu"  # the default's gradient: hand-derived on CPU only
+    hand = torch.device(device).type == "cpu"  # auto's gradient: hand-derived on CPU only
     other = ("train.py --fast_grad=False (autograd)" if hand
              else "train.py --fast_grad=True (hand-derived)")
-    names = [f"train.py ({'hand-derived' if hand else 'autograd'}, the default here)", other,
+    names = [f"train.py --fast_grad=auto ({'hand-derived' if hand else 'autograd'} here)", other,
              "plain nn.Module + Adam loop", "plain loop, fast.icl_loss_and_grads gradient"]
     total = dict.fromkeys(names, 0.0)
     for r in range(cfg["rounds"]):
-        for i, (k, fast) in enumerate(((names[0], None), (names[1], not hand))):  # None: no flag
+        for i, (k, fast) in enumerate(((names[0], "auto"), (names[1], not hand))):
             run = os.path.join(tmp, f"r{r}_{i}")
             t3 = time_train_py(run + "_short", 3, bs, device, fast)
             tS = time_train_py(run + "_long", S + 1, bs, device, fast)

@@ -124,7 +124,7 @@ def test_quick_bench_prints_every_table_and_skips_a_missing_devinterp(tmp_path, 
                       "--devinterp_python=/nonexistent/python", f"--md={md}", f"--json={js}"])
     out = capsys.readouterr().out
     assert "devinterp skipped" in out and "| ours (sgld.py, native_loop) | 1 |" in out
-    assert "| train.py (hand-derived, the default here) |" in out and "fp32 matmul peak" in out
+    assert "| train.py --fast_grad=auto (hand-derived here) |" in out and "fp32 matmul peak" in out
     assert "| train.py --fast_grad=False (autograd) |" in out
     assert set(res["sgld"]["table"]) == {"ours@1", "plain@1", "ours@2", "plain@2"}
     assert "| ours (sgld.py, native_loop) | 2 |" in out and set(res["sgld"]["peaks"]) == {1, 2}
