@@ -415,8 +415,12 @@ def test_each_task_names_an_evaluator_and_a_figure_set():
     """data.TASKS names functions that exist here and in plots; the regression evaluator brings the
     ED variant's columns (the y-predictions), its summary keys, and the in-repo paper curves only
     for K=8 on the 500k schedule."""
-    for name, kind in data.TASKS.items():
-        assert callable(getattr(analyze, kind.evaluator)) and callable(getattr(plots, kind.figures)), name
+    def named(name, module):  # the task table's 'module:function' (the LM's) or a local name
+        return data.resolve(name) if ":" in name else getattr(module, name)
+    for name in data.TASKS:
+        kind = data.kind({"task": name})
+        assert callable(named(kind.evaluator, analyze)), name
+        assert callable(named(kind.figures, plots)), name
     assert analyze.REFERENCE.resolve().is_relative_to(analyze.Path(analyze.__file__).resolve().parent)
     opt = dict(analyze.DEFAULTS, ed_batch=3)
     cfg = dict(K=8, D=4, max_steps=500_000)

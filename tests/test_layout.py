@@ -1,5 +1,5 @@
-"""The shape of the code: the top-level modules import each other as a DAG of at most 4 levels,
-common.py imports nothing from the project, no module imports train.py, project imports sit at the
+"""The shape of the code: the top-level modules import each other as a DAG of at most 5 levels,
+sgld.py at most the optional fast.py, no module imports train.py, project imports sit at the
 top of a file (except data.py's lazy import of the language-model package lm/, named in its task
 table), files stay short; no top-level module imports lm/, and the regression path loads neither lm/
 nor the LM's third-party packages (tokenizers, requests, huggingface_hub)."""
@@ -30,7 +30,9 @@ def _name(module, names=()):
 def project_imports(path, top_level_only=False):
     """The project modules a file imports (anywhere in it, or only in its top-level statements)."""
     tree = ast.parse(path.read_text())
-    nodes = tree.body if top_level_only else ast.walk(tree)
+    top = [n for stmt in tree.body  # a top-level try: import (an optional module) counts as top
+           for n in ([stmt, *stmt.body] if isinstance(stmt, ast.Try) else [stmt])]
+    nodes = top if top_level_only else ast.walk(tree)
     found = set()
     for node in nodes:
         if isinstance(node, ast.Import):
@@ -69,10 +71,13 @@ def levels(graph):
 
 
 def test_the_import_graph_is_a_shallow_dag():
+    """sgld.py is copyable alone: it imports at most the optional fast paths (fast.py), and fast.py
+    and model.py import nothing from the project; common.py only what sgld.py holds for it."""
     graph = {m: project_imports(p) for m, p in TOP.items()}
     lv = levels(graph)
-    assert max(lv.values()) <= 4, lv
-    assert graph["common"] == set() and graph["model"] == set()
+    assert max(lv.values()) <= 5, lv
+    assert graph["sgld"] <= {"fast"} and graph["fast"] == set() and graph["model"] == set()
+    assert graph["common"] <= {"sgld"}
     assert not [m for m, deps in graph.items() if "train" in deps]
 
 
@@ -92,13 +97,33 @@ def test_the_cycle_check_finds_a_cycle():
         raise AssertionError("a cycle went unnoticed")
 
 
-def test_no_lazy_project_imports_and_short_files():
-    lazy = {m: project_imports(p) - project_imports(p, top_level_only=True) for m, p in MODULES.items()}
+# Files that meet the 100-character limit; the rest are being rewrapped (issue "Minimal again").
+# A file leaves this list never: one that is rewrapped joins it.
+WRAPPED = ("sgld.py", "fast.py", "common.py", "stages.py", "model.py", "lm/model.py",
+           "lm/analysis.py", "lm/plots.py", "bench/bench.py", "bench/report.py",
+           "bench/devinterp_worker.py", "tests/conftest.py", "tests/test_bench.py",
+           "tests/test_model.py", "tests/test_stages.py", "tests/test_layout.py")
+LONG_FUNCTIONS = {"llc.py:main", "train.py:_train"}  # still over 60 lines: to be split
+
+
+def test_no_lazy_project_imports_few_files_short_lines_and_functions():
+    lazy = {m: project_imports(p) - project_imports(p, top_level_only=True)
+            for m, p in MODULES.items()}
     assert not {m: d for m, d in lazy.items() if d}
     by_string = {m: importlib_targets(p) - LAZY_ALLOWED.get(m, set()) for m, p in TOP.items()}
     assert not {m: d for m, d in by_string.items() if d}
-    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 600}
-    assert not long and len(TOP) <= 14, (long, sorted(TOP))
+    assert len(TOP) <= 10, sorted(TOP)
+    long_lines = {f: n for f in WRAPPED
+                  if (n := sum(len(ln) > 100 for ln in (ROOT / f).read_text().splitlines()))}
+    assert not long_lines
+    files = [*TOP.values(), *PACKAGE.values(), *sorted((ROOT / "bench").glob("*.py"))]
+    long_fns = set()
+    for path in files:
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if n.end_lineno - n.lineno + 1 > 60:
+                    long_fns.add(f"{path.relative_to(ROOT)}:{n.name}")
+    assert long_fns <= LONG_FUNCTIONS, long_fns - LONG_FUNCTIONS
 
 
 LM_ONLY = ("lm", "tokenizers", "requests", "huggingface_hub")
@@ -113,7 +138,8 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in {LM_ONLY!r}))
 
 
 def test_the_regression_path_loads_nothing_of_the_language_model():
-    r = subprocess.run([sys.executable, "-c", REGRESSION_PATH], capture_output=True, text=True, cwd=ROOT,
+    r = subprocess.run([sys.executable, "-c", REGRESSION_PATH], capture_output=True, text=True,
+                       cwd=ROOT,
                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", r.stdout
@@ -121,5 +147,6 @@ def test_the_regression_path_loads_nothing_of_the_language_model():
 
 def test_an_lm_config_reaches_the_package_through_the_task_table():
     r = subprocess.run([sys.executable, "-c", "import sys, data; data.kind({'task': 'lm'}); "
-                        "print('lm.data' in sys.modules)"], capture_output=True, text=True, cwd=ROOT)
+                        "print('lm.data' in sys.modules)"],
+                       capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr
