@@ -23,7 +23,8 @@ class PlainLogFormatter(LogFormatter):
         return f"{x:g}" if super().__call__(x, pos) else ""
 
 
-STAGE_COLORS = ["#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#dd8452", "#937860"]
+STAGE_COLORS = ["#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#dd8452",
+                "#937860"]
 FIGURES = ("1_loss_llc.png", "2_essential_dynamics.png", "3_behaviour.png", "4_structure.png",
            "5_llc_diagnostics.png")
 
@@ -53,12 +54,14 @@ def _time_axis(ax, stages, ylabel, names=False, logy=False):
     """Shared look of every panel over training time: symlog steps, stages shaded, boundaries
     dashed."""
     for j, s in enumerate(stages):
-        ax.axvspan(s["start"], s["end"], color=STAGE_COLORS[j % len(STAGE_COLORS)], alpha=0.12, lw=0)
+        ax.axvspan(s["start"], s["end"], color=STAGE_COLORS[j % len(STAGE_COLORS)], alpha=0.12,
+                   lw=0)
         if j:
             ax.axvline(s["start"], color="k", ls="--", lw=0.7)
         if names:
-            ax.text(math.sqrt((s["start"] + 1) * (s["end"] + 1)), 1.01, f"{s['name']} ({s['type']})",
-                    transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7)
+            ax.text(math.sqrt((s["start"] + 1) * (s["end"] + 1)), 1.01,
+                    f"{s['name']} ({s['type']})", transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=7)
     ax.set_xscale("symlog", linthresh=1, linscale=0.25)
     ax.set_xlim(left=0)
     ax.set_xlabel("training step (symlog)")
@@ -73,7 +76,8 @@ def _log_y(ax, scale="log"):
     ax.set_yscale(scale)
     if scale == "log":
         ax.yaxis.set_major_formatter(PlainLogFormatter())
-        ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+        minor = PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4))
+        ax.yaxis.set_minor_formatter(minor)
 
 
 def _band(ax, steps, Y, label=None, **kw):
@@ -112,9 +116,11 @@ def loss_llc(path, steps, M, llc_steps, L, det, zero_loss, ref=None, loss_label=
         _band(b, llc_steps, L["llc_mean"], label="LLC λ̂", color="C3")
         if len(L["llc_mean"]) == 1:
             mean, se = L["llc_mean"][0], L["llc_se"][0]
-            b.fill_between(llc_steps, mean - 2 * se, mean + 2 * se, color="C3", alpha=0.2, lw=0, label="±2 s.e.")
+            b.fill_between(llc_steps, mean - 2 * se, mean + 2 * se, color="C3", alpha=0.2, lw=0,
+                           label="±2 s.e.")
     else:
-        b.text(0.5, 0.5, "no llc.jsonl: stages detected on the test loss", transform=b.transAxes, ha="center")
+        b.text(0.5, 0.5, "no llc.jsonl: stages detected on the test loss", transform=b.transAxes,
+               ha="center")
     fit = a if det["signal"] == "loss" else b
     m, sd = np.array(det["smoothed"]), np.array(det["smoothed_sd"])
     fit.plot(det["steps"], m, "k", lw=0.8, label="GP fit (stages)")
@@ -122,10 +128,14 @@ def loss_llc(path, steps, M, llc_steps, L, det, zero_loss, ref=None, loss_label=
     # up to this run's last step (a run stopped early is not squeezed against 500k steps)
     if ref is not None:
         ref = ref[ref["step"] <= max(steps)]
-        a.plot(ref["step"], ref["loss_mean"], color="grey", ls="--", lw=1, label="paper v1 (seed mean)")
-        b.plot(ref["step"], ref["llc_mean"], color="grey", ls="--", lw=1, label="paper v1 (seed mean)")
-        b.fill_between(ref["step"], ref["llc_mean"] - 2 * ref["llc_std"], ref["llc_mean"] + 2 * ref["llc_std"],
-                       color="grey", alpha=0.25, lw=0, label="paper: seed mean ± 2 std")
+        a.plot(ref["step"], ref["loss_mean"], color="grey", ls="--", lw=1,
+               label="paper v1 (seed mean)")
+        b.plot(ref["step"], ref["llc_mean"], color="grey", ls="--", lw=1,
+               label="paper v1 (seed mean)")
+        lo = ref["llc_mean"] - 2 * ref["llc_std"]
+        hi = ref["llc_mean"] + 2 * ref["llc_std"]
+        b.fill_between(ref["step"], lo, hi, color="grey", alpha=0.25, lw=0,
+                       label="paper: seed mean ± 2 std")
     _time_axis(a, det["stages"], loss_label, names=True)
     _time_axis(b, det["stages"], "LLC λ̂")
     _save(fig, path)
@@ -138,9 +148,11 @@ def _trajectory(ax, runs_scores, steps, stages, i, j, evr, label=False):
         ax.plot(sc[:, i], sc[:, j], color="0.3", lw=0.8)
         for s_i, s in enumerate(stages):
             sel = (steps >= s["start"]) & (steps <= s["end"])
-            ax.plot(sc[sel, i], sc[sel, j], color=STAGE_COLORS[s_i % len(STAGE_COLORS)], lw=1.6 if r == 0 else 0.8,
+            ax.plot(sc[sel, i], sc[sel, j], color=STAGE_COLORS[s_i % len(STAGE_COLORS)],
+                    lw=1.6 if r == 0 else 0.8,
                     label=f"{s['name']} ({s['type']})" if label and r == 0 else None)
-    ax.set_xlabel(f"PC{i + 1} ({100 * evr[i]:.1f}%)"), ax.set_ylabel(f"PC{j + 1} ({100 * evr[j]:.1f}%)")
+    ax.set_xlabel(f"PC{i + 1} ({100 * evr[i]:.1f}%)")
+    ax.set_ylabel(f"PC{j + 1} ({100 * evr[j]:.1f}%)")
 
 
 def essential_dynamics(path, ed, det, features, features_y=None):
@@ -164,7 +176,8 @@ def essential_dynamics(path, ed, det, features, features_y=None):
                           label="evolute (colour: time)" if p == 0 else None)
         if pair in ed["cusps"]:
             cusp = ed["smoothed"][0][np.searchsorted(steps, ed["cusps"][pair]["cusps"])]
-            ax[p].plot(cusp[:, i], cusp[:, j], "kx", ms=7, ls="none", label="evolute cusps" if p == 0 else None)
+            ax[p].plot(cusp[:, i], cusp[:, j], "kx", ms=7, ls="none",
+                       label="evolute cusps" if p == 0 else None)
         # the evolute runs off to infinity on straight stretches
         ax[p].set_xlim(xl), ax[p].set_ylim(yl)
     n = np.arange(1, len(ed["evr"]) + 1)
@@ -223,9 +236,12 @@ def structure(path, steps, M, det):
         _time_axis(a, st, f"{name} embedding spectrum σ_i²/Σσ²")
     _band(ax[3], steps, M["weight_norm"], label="‖w‖₂")
     _time_axis(ax[3], st, "weight norm ‖w‖₂")
-    hess = [(M["hessian_trace"][:, :, None], ["trace (Hutchinson mean)"])] if "hessian_trace" in M else []
+    hess = []
+    if "hessian_trace" in M:
+        hess = [(M["hessian_trace"][:, :, None], ["trace (Hutchinson mean)"])]
     if "hessian_eigs" in M:
-        hess.append((M["hessian_eigs"], [f"λ{c + 1} (Lanczos)" for c in range(M["hessian_eigs"].shape[2])]))
+        eig_labels = [f"λ{c + 1} (Lanczos)" for c in range(M["hessian_eigs"].shape[2])]
+        hess.append((M["hessian_eigs"], eig_labels))
     for vals, labels in hess:
         for c, lab in enumerate(labels):
             _band(ax[4], steps, vals[:, :, c], label=lab, ls="--" if c else "-")
@@ -247,7 +263,8 @@ def llc_diagnostics(path, llc_steps, L, rows, diverged, det):
         for a in ax:
             a.axis("off")
         msg = "no usable llc.jsonl: run `python llc.py --ckpt=<out_dir>` first"
-        ax[0].text(0, 0.5, msg + (f"\n(all chains diverged at steps {diverged})" if diverged else ""), fontsize=11)
+        note = f"\n(all chains diverged at steps {diverged})" if diverged else ""
+        ax[0].text(0, 0.5, msg + note, fontsize=11)
         return _save(fig, path)
     st = det["stages"]
     chains = L["llc_per_chain"] if "llc_per_chain" in L and L["llc_per_chain"].ndim == 3 else None
@@ -257,8 +274,9 @@ def llc_diagnostics(path, llc_steps, L, rows, diverged, det):
                        label="per chain (run 1)" if c == 0 else None)
     _band(ax[0], llc_steps, L["llc_mean"], label="λ̂ (mean over chains)", color="C3")
     if diverged:
-        ax[0].plot(diverged, np.zeros(len(diverged)), "rx", ms=6, transform=ax[0].get_xaxis_transform(),
-                   clip_on=False, label="all chains diverged")
+        ax[0].plot(diverged, np.zeros(len(diverged)), "rx", ms=6,
+                   transform=ax[0].get_xaxis_transform(), clip_on=False,
+                   label="all chains diverged")
     _time_axis(ax[0], st, "LLC λ̂", names=True)
     _band(ax[1], llc_steps, L["llc_std"], label="std over chains", color="0.4")
     _band(ax[1], llc_steps, L["llc_se"], label="standard error", color="C0")
@@ -271,7 +289,8 @@ def llc_diagnostics(path, llc_steps, L, rows, diverged, det):
         r = rows[i]
         for tr in r.get("loss_trace") or []:
             if tr is not None:
-                a.plot(r["trace_draws"][:len(tr)], r["nbeta"] * (np.array(tr, dtype=float) - r["init_loss"]), lw=0.8)
+                excess = r["nbeta"] * (np.array(tr, dtype=float) - r["init_loss"])
+                a.plot(r["trace_draws"][:len(tr)], excess, lw=0.8)
         a.axhline(r["llc_mean"], color="k", ls="--", lw=1, label=f"λ̂ = {r['llc_mean']:.1f}")
         a.set_title(f"step {r['step']}: per-chain traces (run 1)", fontsize=9)
         a.set_xlabel("SGLD draw"), a.set_ylabel("nβ·(L_t − L(w*))")
@@ -316,9 +335,11 @@ def head_llc(path, c, det):
         ax[i].plot(c["steps"], y, color=plt.cm.tab10(lab % 10), lw=1.2, ls=("-", "--", ":", "-.")[
             len(ax[i].lines) % 4], label=f"{n} (cluster {lab})")
     for i, layer in enumerate(layers):
-        _time_axis(ax[i], det["stages"], f"wrLLC, layer {layer}", names=i == 0, logy=_positive(c["llc"]))
+        _time_axis(ax[i], det["stages"], f"wrLLC, layer {layer}", names=i == 0,
+                   logy=_positive(c["llc"]))
     for j in range(k):
-        ax[-1].plot(c["steps"], np.nanmean(c["z"][c["labels"] == j], 0), color=plt.cm.tab10(j % 10), lw=1.5,
+        ax[-1].plot(c["steps"], np.nanmean(c["z"][c["labels"] == j], 0),
+                    color=plt.cm.tab10(j % 10), lw=1.5,
                     label=f"cluster {j} ({(c['labels'] == j).sum()} heads)")
     _time_axis(ax[-1], det["stages"], "standardised log wrLLC (cluster mean)")
     _save(fig, path)
@@ -342,7 +363,8 @@ def data_refined_llc(path, c, llc_steps, L, det):
     fig, (a,) = _axes(1, 1, "Data-refined LLC of each distribution", w=8, h=4.2)
     for i, (n, y, se) in enumerate(zip(c["names"], c["llc"], c["se"])):
         a.plot(c["steps"], y, color=plt.cm.tab10(i % 10), lw=1.3, label=n)
-        a.fill_between(c["steps"], y - 2 * se, y + 2 * se, color=plt.cm.tab10(i % 10), alpha=0.15, lw=0)
+        a.fill_between(c["steps"], y - 2 * se, y + 2 * se, color=plt.cm.tab10(i % 10), alpha=0.15,
+                       lw=0)
     if len(llc_steps):
         _band(a, llc_steps, L["llc_mean"], label="unrefined (llc.jsonl)", color="k", ls="--")
     _time_axis(a, det["stages"], "drLLC", names=True, logy=_positive(c["llc"]))
@@ -354,11 +376,14 @@ def cluster_table(hc):
     their mean previous-token and prefix-matching scores at the last checkpoint."""
     scores = [s for s in ("prev_token", "prefix") if any(s in c for c in hc["clusters"])]
     sil = ", ".join(f"k={j}: {v:.3f}" for j, v in hc["silhouette"].items())
-    lines = [f"Head clusters of the wrLLC curves: k = {hc['k']} ({hc['chosen_by']}{'; ' + sil if sil else ''}).",
-             "", "| " + " | ".join(["cluster", "heads"] + [f"mean {s} score" for s in scores]) + " |",
+    header = ["cluster", "heads"] + [f"mean {s} score" for s in scores]
+    lines = [f"Head clusters of the wrLLC curves: k = {hc['k']} "
+             f"({hc['chosen_by']}{'; ' + sil if sil else ''}).",
+             "", "| " + " | ".join(header) + " |",
              "|---" * (2 + len(scores)) + "|"]
     for c in hc["clusters"]:
-        cells = [str(c["cluster"]), ", ".join(c["heads"])] + [f"{c[s]:.3f}" if s in c else "–" for s in scores]
+        means = [f"{c[s]:.3f}" if s in c else "–" for s in scores]
+        cells = [str(c["cluster"]), ", ".join(c["heads"])] + means
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -372,23 +397,28 @@ def write_report(path, summary, figures):
     cols = [c for c in ("llc", "loss", "delta_ridge", "pred_norm", "icl", "bigram", "weight_norm")
             if c in st[0]["metrics"]]
     lines = [f"# Developmental stages: {', '.join(summary['runs'])}", "",
-             f"{summary['n_checkpoints']} checkpoints, {len(summary['runs'])} run(s); stages detected on "
-             f"**{summary['signal']}** (GP fit in log(t+{gp.get('t0', 1):.0f}), significant minima of |slope| in "
-             "log(t+1); rule, parameters and GP hyperparameters in stages.json).", ""]
+             f"{summary['n_checkpoints']} checkpoints, {len(summary['runs'])} run(s); "
+             f"stages detected on **{summary['signal']}** (GP fit in log(t+{gp.get('t0', 1):.0f}), "
+             "significant minima of |slope| in log(t+1); rule, parameters and GP hyperparameters "
+             "in stages.json).", ""]
     lines += [f"> warning: {w}" for w in summary["warnings"]] + [""] * bool(summary["warnings"])
     lines += ["| stage | steps | type | " + " | ".join(cols) + " |", "|---" * (3 + len(cols)) + "|"]
     for s in st:
         cells = [f"{s['metrics'][c]['start']:.4g} → {s['metrics'][c]['end']:.4g}" for c in cols]
-        lines.append(f"| {s['name']} | {s['start']:,}–{s['end']:,} | {s['type']} | " + " | ".join(cells) + " |")
+        row = f"| {s['name']} | {s['start']:,}–{s['end']:,} | {s['type']} | "
+        lines.append(row + " | ".join(cells) + " |")
     ev = summary["essential_dynamics"]["explained_variance"]
-    lines += ["", "Types: A = signal rising, B = falling, Other = flat. Essential dynamics: explained variance "
+    lines += ["", "Types: A = signal rising, B = falling, Other = flat. "
+              "Essential dynamics: explained variance "
               + ", ".join(f"PC{i + 1} {100 * v:.1f}%" for i, v in enumerate(ev)) + ".", ""]
     ref = summary.get("refined", {})
     if ref:
         lines += ["## Refined LLCs", "", "Curves: " + "; ".join(f"{g}: {', '.join(n)}" for g, n in
                                                              ref["curves"].items()) + ".", ""]
         lines += cluster_table(ref["head_clusters"]) + [""] if "head_clusters" in ref else []
-        lines += [f"- stages of {g} / {n}: boundaries {d['boundaries']}, types {', '.join(d['types'])}"
-                  for g, per in ref.get("stages", {}).items() for n, d in per.items()] + [""] * ("stages" in ref)
+        lines += [f"- stages of {g} / {n}: boundaries {d['boundaries']}, "
+                  f"types {', '.join(d['types'])}"
+                  for g, per in ref.get("stages", {}).items() for n, d in per.items()]
+        lines += [""] * ("stages" in ref)
     lines += [f"![{Path(f).stem}]({Path(f).relative_to(Path(path).parent)})" for f in figures]
     common.atomic_write(path, "\n".join(lines) + "\n")

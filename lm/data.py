@@ -91,8 +91,10 @@ def kjv_corpus():
     """The King James Bible from Debian's bible-kjv(-text): one document per chapter, verses joined
     by spaces."""
     if not shutil.which("bible"):
-        raise RuntimeError("corpus 'kjv' needs Debian's King James Bible: apt-get install -y bible-kjv bible-kjv-text")
-    out = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
+        raise RuntimeError("corpus 'kjv' needs Debian's King James Bible: "
+                           "apt-get install -y bible-kjv bible-kjv-text")
+    out = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True,
+                         check=True).stdout
     chapters, verse = {}, re.compile(r"^(\d?[A-Za-z]+\d+):\d+ (.*)$")
     for m in filter(None, map(verse.match, out.splitlines())):
         chapters.setdefault(m[1], []).append(m[2].strip())
@@ -111,7 +113,8 @@ def folder_corpus(path):
         if p.stat().st_size > 1e7:
             common.progress(f"read {p.name}: {len(docs):,} documents so far")
     if not docs:
-        raise ValueError(f"corpus folder {path} holds no .txt, .md, .jsonl(.gz), .parquet or .arrow files")
+        raise ValueError(f"corpus folder {path} holds no .txt, .md, .jsonl(.gz), .parquet or "
+                         ".arrow files")
     return docs
 
 
@@ -124,7 +127,8 @@ def load_corpus(corpus):
         return kjv_corpus()
     if corpus.startswith("hub:"):
         repo, _, files = corpus[4:].partition(":")
-        return [d for f in files.split(",") for d in lm_hub.read_documents(lm_hub.hub_download(repo, f))]
+        return [d for f in files.split(",")
+                for d in lm_hub.read_documents(lm_hub.hub_download(repo, f))]
     return folder_corpus(corpus)
 
 
@@ -152,7 +156,8 @@ def train_tokenizer(texts, vocab_size=5000):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=[], show_progress=True)
     tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens([EOT])
@@ -170,13 +175,14 @@ def get_tokenizer(source, texts, vocab_size):
     if source == "train":
         tok = train_tokenizer(texts, vocab_size)
     elif source.startswith("hub"):
-        tok = load_tokenizer(lm_hub.hub_download(source.partition(":")[2] or lm_hub.PAPER_TOKENIZER, "tokenizer.json"))
+        repo = source.partition(":")[2] or lm_hub.PAPER_TOKENIZER
+        tok = load_tokenizer(lm_hub.hub_download(repo, "tokenizer.json"))
     else:
         tok = load_tokenizer(source)
     if tok.get_vocab_size() != vocab_size or tok.token_to_id(EOT) != vocab_size - 1:
         raise ValueError(f"tokenizer {source!r} has {tok.get_vocab_size()} ids with {EOT} at "
-                         f"{tok.token_to_id(EOT)}; need {vocab_size} ids with {EOT} last (a corpus too small "
-                         "for that many merges? lower vocab_size)")
+                         f"{tok.token_to_id(EOT)}; need {vocab_size} ids with {EOT} last "
+                         "(a corpus too small for that many merges? lower vocab_size)")
     return tok
 
 
@@ -193,7 +199,8 @@ def pack(tok, docs, n_ctx, path, batch_docs=256):
         for i in range(0, len(docs), batch_docs):
             bar.update(i)
             part = docs[i:i + batch_docs]
-            ids = ([np.append(np.asarray(e.ids, np.uint16), np.uint16(eos)) for e in tok.encode_batch(part)]
+            ids = ([np.append(np.asarray(e.ids, np.uint16), np.uint16(eos))
+                    for e in tok.encode_batch(part)]
                    # token rows: their stream, BOS dropped
                    if isinstance(part[0], str) else [d[1:] for d in part])
             stream = np.concatenate([carry, *ids])
@@ -237,68 +244,76 @@ def data_dir_for(cfg):
         return Path(cfg["data_dir"])
     name = Path(cfg["corpus"]).name if cfg["corpus"] not in ("python", "kjv") else cfg["corpus"]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-    tok = "" if cfg["tokenizer"] == "train" else "-" + re.sub(r"[^A-Za-z0-9]+", "_", cfg["tokenizer"])[-24:]
+    tok = ("" if cfg["tokenizer"] == "train"
+           else "-" + re.sub(r"[^A-Za-z0-9]+", "_", cfg["tokenizer"])[-24:])
     return ROOT / "data" / f"{name}{tok}-v{cfg['vocab_size']}-ctx{cfg['n_ctx']}"
 
 
 def read_meta(data_dir):
     path = Path(data_dir) / "meta.json"
     if not path.exists():
-        raise FileNotFoundError(f"{data_dir} is not a prepared LM data folder ({path} is missing): run "
-                                "`python -m lm.data prepare <config>` (train.py does it by itself)")
+        raise FileNotFoundError(f"{data_dir} is not a prepared LM data folder ({path} is missing): "
+                                "run `python -m lm.data prepare <config>` "
+                                "(train.py does it by itself)")
     return json.loads(path.read_text())
 
 
-def prepare(data_dir, corpus="python", vocab_size=5000, n_ctx=1024, test_frac=0.05, tokenizer="train",
-            seed=0, progress=common.progress):
+def prepare(data_dir, corpus="python", vocab_size=5000, n_ctx=1024, test_frac=0.05,
+            tokenizer="train", seed=0, progress=common.progress):
     """Build the data folder (idempotent: an existing complete folder with the same settings is
     reused; one with other settings is an error). Returns its meta dict."""
     data_dir = Path(data_dir)
-    want = dict(corpus=corpus, vocab_size=vocab_size, n_ctx=n_ctx, test_frac=test_frac, tokenizer=tokenizer,
-                split_seed=seed)
+    want = dict(corpus=corpus, vocab_size=vocab_size, n_ctx=n_ctx, test_frac=test_frac,
+                tokenizer=tokenizer, split_seed=seed)
     if (data_dir / "meta.json").exists():
         meta = read_meta(data_dir)
         diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
         if diff:
-            raise common.ConfigError(f"{data_dir} holds data prepared with other settings (saved vs now: {diff});"
-                                     " use another data_dir or delete it")
+            raise common.ConfigError(f"{data_dir} holds data prepared with other settings "
+                                     f"(saved vs now: {diff}); use another data_dir or delete it")
         return meta
     if vocab_size > 65536:
         raise common.ConfigError(f"vocab_size {vocab_size} does not fit the uint16 token files")
     progress(f"preparing LM data in {data_dir}: corpus {corpus!r}")
     docs = load_corpus(corpus)
     if not isinstance(docs[0], str) and tokenizer == "train":
-        raise common.ConfigError(f"corpus {corpus!r} holds token rows: name the tokenizer that made them (hub)")
+        raise common.ConfigError(f"corpus {corpus!r} holds token rows: "
+                                 "name the tokenizer that made them (hub)")
     train_ids, test_ids = split_documents(docs, test_frac, seed)
     train_docs, test_docs = [docs[i] for i in train_ids], [docs[i] for i in test_ids]
-    progress(f"tokenizer: {tokenizer} ({len(train_docs)} training documents, {sum(map(len, train_docs)):,} characters)")
+    progress(f"tokenizer: {tokenizer} ({len(train_docs)} training documents, "
+             f"{sum(map(len, train_docs)):,} characters)")
     tok = get_tokenizer(tokenizer, train_docs, vocab_size)
     data_dir.mkdir(parents=True, exist_ok=True)
     common.atomic_write(data_dir / "tokenizer.json", tok.to_str())
     splits = {}
     for name, part in (("train", train_docs), ("test", test_docs)):
         rows, seen = pack(tok, part, n_ctx, data_dir / f"{name}.bin")
-        splits[name] = {"docs": len(part), "chars": sum(map(len, part)), "tokens": seen, "rows": rows}
+        splits[name] = {"docs": len(part), "chars": sum(map(len, part)), "tokens": seen,
+                        "rows": rows}
     if splits["train"]["rows"] == 0 or splits["test"]["rows"] == 0:
         raise ValueError(f"corpus {corpus!r} is too small for rows of {n_ctx} tokens: {splits}")
-    texts = train_docs if isinstance(train_docs[0], str) else [tok.decode(d.tolist()) for d in train_docs[:2000]]
-    common.atomic_write(data_dir / "words.txt", "\n".join(w[1:] for w in lm_eval.words_from_texts(texts)) + "\n")
+    texts = (train_docs if isinstance(train_docs[0], str)
+             else [tok.decode(d.tolist()) for d in train_docs[:2000]])
+    common.atomic_write(data_dir / "words.txt",
+                        "\n".join(w[1:] for w in lm_eval.words_from_texts(texts)) + "\n")
     meta = {**want, "bos": vocab_size - 1, "eos": vocab_size - 1, "dtype": "uint16",
             "space_id": tok.token_to_id("Ġ"), "splits": splits, "test_doc_ids": test_ids,
             "python": sys.version.split()[0] if corpus == "python" else None}
-    meta["unigram_entropy"] = unigram_entropy(np.fromfile(data_dir / "train.bin", np.uint16).reshape(-1, n_ctx),
-                                              vocab_size)
+    train_rows = np.fromfile(data_dir / "train.bin", np.uint16).reshape(-1, n_ctx)
+    meta["unigram_entropy"] = unigram_entropy(train_rows, vocab_size)
     common.atomic_write(data_dir / "meta.json", json.dumps(meta, indent=1))
     s = splits["train"]
-    progress(f"prepared {data_dir}: {s['docs']} + {splits['test']['docs']} documents, {s['tokens']:,} training "
-             f"tokens ({s['chars'] / s['tokens']:.2f} chars/token), {s['rows']} + {splits['test']['rows']} rows, "
+    progress(f"prepared {data_dir}: {s['docs']} + {splits['test']['docs']} documents, "
+             f"{s['tokens']:,} training tokens ({s['chars'] / s['tokens']:.2f} chars/token), "
+             f"{s['rows']} + {splits['test']['rows']} rows, "
              f"unigram entropy {meta['unigram_entropy']:.3f} nats")
     return meta
 
 
 def prepare_for(cfg):
-    return prepare(data_dir_for(cfg), cfg["corpus"], cfg["vocab_size"], cfg["n_ctx"], cfg["test_frac"],
-                   cfg["tokenizer"])
+    return prepare(data_dir_for(cfg), cfg["corpus"], cfg["vocab_size"], cfg["n_ctx"],
+                   cfg["test_frac"], cfg["tokenizer"])
 
 
 # ---------------------------------------------------------------------------------------------- the
@@ -317,17 +332,19 @@ class LMTask:
     def __init__(self, data_dir, n_ctx=None, vocab_size=None):
         self.data_dir = Path(data_dir)
         self.meta = read_meta(data_dir)
-        self.vocab_size, self.n_ctx, self.bos = self.meta["vocab_size"], self.meta["n_ctx"], self.meta["bos"]
+        self.vocab_size, self.n_ctx, self.bos = (self.meta["vocab_size"], self.meta["n_ctx"],
+                                                 self.meta["bos"])
         for key, want in (("n_ctx", n_ctx), ("vocab_size", vocab_size)):
             if want is not None and self.meta[key] != want:
-                raise common.ConfigError(f"{data_dir} holds data with {key}={self.meta[key]}, but the run has "
-                                         f"{key}={want}")
+                raise common.ConfigError(f"{data_dir} holds data with {key}={self.meta[key]}, "
+                                         f"but the run has {key}={want}")
         self.train, self.test = open_rows(data_dir, "train"), open_rows(data_dir, "test")
 
     def sample(self, gen, batch_size, device=None):
         """Rows drawn uniformly with replacement from the training split by `gen`, on its device (or
         `device`)."""
-        idx = torch.randint(len(self.train), (batch_size,), generator=gen, device=gen.device).cpu().numpy()
+        idx = torch.randint(len(self.train), (batch_size,), generator=gen,
+                            device=gen.device).cpu().numpy()
         rows = torch.from_numpy(self.train[idx].astype(np.int64)).to(device or gen.device)
         return rows[:, :-1], rows[:, 1:]
 
@@ -358,20 +375,25 @@ class LMTask:
         training rows (at least half / at most a tenth of the non-blank lines code-like), or a
         corpus folder packed with the run's tokenizer."""
         if Path(name).is_dir():
-            out = self.data_dir.parent / f"{self.data_dir.name}-refine-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}"
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+            out = self.data_dir.parent / f"{self.data_dir.name}-refine-{slug}"
             tok = str(self.data_dir / "tokenizer.json")
             prepare(out, name, self.vocab_size, self.n_ctx, self.meta["test_frac"], tok)
             return LMTask(out)
         if name not in ("code", "prose"):
-            raise common.ConfigError(f"data_refine {name!r}: the language model offers code, prose or a corpus folder")
-        code = re.compile(r"\s*(>>>|\.\.\.|\s{4}\S|(def|class|import|from|return|if|for|while|raise|try)\b|@\w)")
+            raise common.ConfigError(f"data_refine {name!r}: the language model offers code, prose "
+                                     "or a corpus folder")
+        code = re.compile(r"\s*(>>>|\.\.\.|\s{4}\S"
+                          r"|(def|class|import|from|return|if|for|while|raise|try)\b|@\w)")
         tok, share = self.tokenizer(), []
         for row in self.train:
-            lines = [ln for ln in tok.decode(row.astype(np.int64).tolist()).splitlines() if ln.strip()]
+            text = tok.decode(row.astype(np.int64).tolist())
+            lines = [ln for ln in text.splitlines() if ln.strip()]
             share.append(sum(bool(code.match(ln)) for ln in lines) / max(len(lines), 1))
         keep = np.flatnonzero(np.array(share) >= 0.5 if name == "code" else np.array(share) <= 0.1)
         if len(keep) == 0:
-            raise common.ConfigError(f"data_refine {name!r}: no training row of {self.data_dir} qualifies")
+            raise common.ConfigError(f"data_refine {name!r}: no training row of {self.data_dir} "
+                                     "qualifies")
         sub = LMTask.__new__(LMTask)
         sub.__dict__.update(self.__dict__, train=np.asarray(self.train[keep]))
         return sub
@@ -396,11 +418,12 @@ class LMTask:
 
 # ------------------------------------------------------------------ published checkpoints,
 # TransformerLens
-TL_KEYS = dict(n_layer="n_layers", d_model="d_model", n_head="n_heads", n_ctx="n_ctx", vocab_size="d_vocab")
+TL_KEYS = dict(n_layer="n_layers", d_model="d_model", n_head="n_heads", n_ctx="n_ctx",
+               vocab_size="d_vocab")
 
 
-def import_checkpoints(repo, steps, out_dir, cfg, *, pattern=lm_hub.PAPER["checkpoints"][1], revision="main",
-                       base_url=None, cache_dir=None, keep_download=False):
+def import_checkpoints(repo, steps, out_dir, cfg, *, pattern=lm_hub.PAPER["checkpoints"][1],
+                       revision="main", base_url=None, cache_dir=None, keep_download=False):
     """Convert TransformerLens checkpoints (a hub repository, or a folder of the same layout such as
     `export` writes) into this project's run format, so llc.py and analyze.py read them like a run
     of train.py. Steps that are missing are skipped with a warning. torch.load(weights_only=True):
@@ -425,7 +448,8 @@ def import_checkpoints(repo, steps, out_dir, cfg, *, pattern=lm_hub.PAPER["check
                     raise lm_hub.HubNotFound(f"{path} does not exist")
             else:
                 cached = cached or lm_hub.cached_file(repo, name, revision, cache_dir) is not None
-                path = lm_hub.hub_download(repo, name, revision, base_url=base_url, cache_dir=cache_dir)
+                path = lm_hub.hub_download(repo, name, revision, base_url=base_url,
+                                           cache_dir=cache_dir)
         except lm_hub.HubNotFound as e:
             common.progress(f"step {step} skipped: {e}")
             missing.append(step)
@@ -438,16 +462,19 @@ def import_checkpoints(repo, steps, out_dir, cfg, *, pattern=lm_hub.PAPER["check
         params = lm_hub.from_transformer_lens(sd)
         wrong = set(dict(model.named_parameters())) ^ set(params)
         if wrong:
-            raise common.CheckpointError(f"{path} does not match the configured model: {sorted(wrong)}")
+            raise common.CheckpointError(f"{path} does not match the configured model: "
+                                         f"{sorted(wrong)}")
         model.load_state_dict(params, strict=False)
         common.save_checkpoint(out_dir, step, model)
         if not cached:  # downloaded only for this: the converted copy replaces it
             lm_hub.forget(path)
         done.append(step)
         common.progress(f"imported step {step} -> {common.ckpt_path(out_dir, step)}")
-    common.progress(f"{out_dir}: {len(done)} of {len(steps)} steps" + (f"; missing: {missing}" if missing else ""))
+    common.progress(f"{out_dir}: {len(done)} of {len(steps)} steps"
+                    + (f"; missing: {missing}" if missing else ""))
     if not done:
-        raise lm_hub.HubError(f"none of the {len(steps)} steps could be found in {repo} ({pattern})")
+        raise lm_hub.HubError(f"none of the {len(steps)} steps could be found in {repo} "
+                              f"({pattern})")
     return done, missing
 
 
@@ -455,10 +482,12 @@ def export_transformer_lens(run_dir, out_dir, steps=None, pattern=lm_hub.PAPER["
     """A run's checkpoints as TransformerLens state dicts in the paper's layout, with config.json
     holding the HookedTransformerConfig arguments (lm_hub.hooked_transformer builds the model)."""
     cfg, out_dir = common.load_run(run_dir), Path(out_dir)
-    common.atomic_write(out_dir / "config.json", json.dumps(lm_hub.transformer_lens_config(cfg), indent=1))
+    tl_cfg = lm_hub.transformer_lens_config(cfg)
+    common.atomic_write(out_dir / "config.json", json.dumps(tl_cfg, indent=1))
     for step in steps or common.list_checkpoints(run_dir):
         buf = io.BytesIO()
-        torch.save(lm_hub.to_transformer_lens(common.load_params(run_dir, step), cfg["n_head"]), buf)
+        sd = lm_hub.to_transformer_lens(common.load_params(run_dir, step), cfg["n_head"])
+        torch.save(sd, buf)
         common.atomic_write(out_dir / pattern.format(step=step), buf.getvalue())
     common.progress(f"exported {run_dir} -> {out_dir}")
     return out_dir
@@ -473,8 +502,9 @@ def write_gpt2_words(data_dir, repo=lm_hub.PAPER["gpt2_vocab"][0]):
 
 # ------------------------------------------------------------------------------------- the task
 # table
+# data.TASKS["lm"]
 KIND = data.TaskKind(DEFAULTS, LMConfig, LMTask, prepare_for, {}, "lm.analysis:evaluator",
-                     "lm.plots:figures", "LM", published_llc="lm.eval:published_llc")  # data.TASKS["lm"]
+                     "lm.plots:figures", "LM", published_llc="lm.eval:published_llc")
 
 
 # --------------------------------------------------------------------------------------- command
@@ -482,53 +512,74 @@ KIND = data.TaskKind(DEFAULTS, LMConfig, LMTask, prepare_for, {}, "lm.analysis:e
 PAPER_CONFIG = ROOT / "configs" / "L2W256.py"
 
 
-def main(argv):
+def _parser():
     ap = lm_hub.Parser(prog="python -m lm.data", description=__doc__ + USAGE,
                        formatter_class=lm_hub.argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="build the data folder of a training config (its data keys)")
-    p.add_argument("config", nargs="*", help="config files and --key=value overrides of the data keys")
+    p.add_argument("config", nargs="*",
+                   help="config files and --key=value overrides of the data keys")
     p = sub.add_parser("stats", help="print a data folder's meta.json")
     p.add_argument("data_dir")
-    p = sub.add_parser("words", help="write the GPT-2 vocabulary into a data folder (n-gram word list)")
+    p = sub.add_parser("words",
+                       help="write the GPT-2 vocabulary into a data folder (n-gram word list)")
     p.add_argument("data_dir")
-    p = sub.add_parser("export", help="a run's checkpoints as TransformerLens state dicts + config.json")
+    p = sub.add_parser("export",
+                       help="a run's checkpoints as TransformerLens state dicts + config.json")
     p.add_argument("run_dir")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--steps", default="", help="comma-separated, or start:stop:step (default: all)")
-    p = sub.add_parser("import", help="TransformerLens checkpoints (a hub repository or a folder) into a run folder")
-    p.add_argument("repo", help=f"e.g. {lm_hub.PAPER['checkpoints'][0]}, or a folder that `export` wrote")
+    p = sub.add_parser("import", help="TransformerLens checkpoints (a hub repository or a folder) "
+                                      "into a run folder")
+    p.add_argument("repo", help=f"e.g. {lm_hub.PAPER['checkpoints'][0]}, "
+                                "or a folder that `export` wrote")
     p.add_argument("--steps", required=True, help="comma-separated, or start:stop:step")
     p.add_argument("--out_dir", required=True)
-    p.add_argument("--data_dir", default="", help="the LM data folder the run's evaluations should read")
+    p.add_argument("--data_dir", default="",
+                   help="the LM data folder the run's evaluations should read")
     p.add_argument("--pattern", default=lm_hub.PAPER["checkpoints"][1])
-    p.add_argument("--config", default=str(PAPER_CONFIG), help="the run's training config (model sizes, data)")
+    p.add_argument("--config", default=str(PAPER_CONFIG),
+                   help="the run's training config (model sizes, data)")
     p.add_argument("--revision", default="main")
-    p.add_argument("--endpoint", default=None, help="default $HF_ENDPOINT or https://huggingface.co")
-    p.add_argument("--cache_dir", default=None, help="default $HF_HUB_CACHE or ~/.cache/huggingface/hub")
-    p.add_argument("--keep_download", action="store_true", help="keep the .pth files in the hub cache")
+    p.add_argument("--endpoint", default=None,
+                   help="default $HF_ENDPOINT or https://huggingface.co")
+    p.add_argument("--cache_dir", default=None,
+                   help="default $HF_HUB_CACHE or ~/.cache/huggingface/hub")
+    p.add_argument("--keep_download", action="store_true",
+                   help="keep the .pth files in the hub cache")
+    return ap
+
+
+def main(argv):
+    ap = _parser()
     a, rest = ap.parse_known_args(argv)
     if rest and a.cmd != "prepare":
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     steps = a.steps.split(":") if getattr(a, "steps", "") else []
-    steps = list(range(*map(int, steps))) if len(steps) > 1 else [int(x) for x in a.steps.split(",")] if steps else []
+    steps = (list(range(*map(int, steps))) if len(steps) > 1
+             else [int(x) for x in a.steps.split(",")] if steps else [])
     # a training config holds more than the data keys: only those are read here
     if a.cmd == "prepare":
         files = [x for x in a.config + rest if not x.startswith("--")]
-        known = {k: v for f in files for k, v in common.read_config_file(f).items() if k in DEFAULTS}
-        cfg = common.configure({**DEFAULTS, **known}, [x for x in a.config + rest if x.startswith("--")])
+        known = {k: v for f in files for k, v in common.read_config_file(f).items()
+                 if k in DEFAULTS}
+        cfg = common.configure({**DEFAULTS, **known},
+                               [x for x in a.config + rest if x.startswith("--")])
         prepare_for(cfg)
     elif a.cmd == "stats":
-        print(json.dumps({k: v for k, v in read_meta(a.data_dir).items() if k != "test_doc_ids"}, indent=1))
+        meta = {k: v for k, v in read_meta(a.data_dir).items() if k != "test_doc_ids"}
+        print(json.dumps(meta, indent=1))
     elif a.cmd == "words":
-        print(f"{len(write_gpt2_words(read_meta(a.data_dir) and a.data_dir)):,} words -> {a.data_dir}/words.json")
+        n_words = len(write_gpt2_words(read_meta(a.data_dir) and a.data_dir))
+        print(f"{n_words:,} words -> {a.data_dir}/words.json")
     elif a.cmd == "export":
         export_transformer_lens(a.run_dir, a.out_dir, steps)
     else:
-        cfg = {**DEFAULTS, **common.read_config_file(a.config), "out_dir": a.out_dir, "data_dir": a.data_dir}
+        cfg = {**DEFAULTS, **common.read_config_file(a.config), "out_dir": a.out_dir,
+               "data_dir": a.data_dir}
         import_checkpoints(a.repo, steps, a.out_dir, cfg, pattern=a.pattern, revision=a.revision,
-                           base_url=a.endpoint, cache_dir=a.cache_dir, keep_download=a.keep_download)
-
+                           base_url=a.endpoint, cache_dir=a.cache_dir,
+                           keep_download=a.keep_download)
 
 if __name__ == "__main__":
     try:
