@@ -105,7 +105,8 @@ def _dense_rows(table, ids, V):
 def bigram_entropy(table, tokens, n=10000, seed=0):
     """The bigram score's floor: mean Shannon entropy (nats) of B[c] over n sampled positions (c =
     the token there); positions whose token never occurs in the table are skipped."""
-    p, cur = table["probs"], np.repeat(np.arange(len(table["indptr"]) - 1), np.diff(table["indptr"]))
+    p, cur = table["probs"], np.repeat(np.arange(len(table["indptr"]) - 1),
+                                       np.diff(table["indptr"]))
     H = np.bincount(cur, weights=-p * np.log(p), minlength=len(table["indptr"]) - 1)
     rng = np.random.default_rng(seed)
     rows, pos = rng.integers(0, len(tokens), n), rng.integers(1, tokens.shape[1], n)
@@ -238,7 +239,8 @@ def head_scores(model, tokens, score_fn, *args, batch_size=None):
     batch_size = batch_size or rows_per_pass(model, tokens.shape[1], patterns=True)
     for i in range(0, len(tokens), batch_size):
         _, patterns = model.residual(tokens[i:i + batch_size])
-        s = torch.stack([score_fn(p, *(a[i:i + batch_size] for a in args)) for p in patterns]) * len(patterns[0])
+        s = torch.stack([score_fn(p, *(a[i:i + batch_size] for a in args))
+                         for p in patterns]) * len(patterns[0])
         total = s if total is None else total + s
     return (total / len(tokens)).float()
 
@@ -247,7 +249,8 @@ def previous_token_scores(model, n=10000, seed=0):
     """Per-head previous-token scores (n_layer, n_head) on the paper's synthetic sequences (lengths
     16-64)."""
     cfg = model.cfg
-    tokens, lengths = previous_token_data(n, cfg.vocab_size, seed, min(16, cfg.n_ctx), min(64, cfg.n_ctx))
+    tokens, lengths = previous_token_data(n, cfg.vocab_size, seed, min(16, cfg.n_ctx),
+                                          min(64, cfg.n_ctx))
     return head_scores(model, tokens, previous_token_score, lengths)
 
 
@@ -275,7 +278,8 @@ def ov_qk(model, layer):
 
 def composition_score(A, B):
     """||A B||_F / (||A||_F ||B||_F) (Elhage et al. 2021), broadcasting over leading dimensions."""
-    return torch.linalg.matrix_norm(A @ B) / (torch.linalg.matrix_norm(A) * torch.linalg.matrix_norm(B))
+    return torch.linalg.matrix_norm(A @ B) / (torch.linalg.matrix_norm(A)
+                                              * torch.linalg.matrix_norm(B))
 
 
 def k_composition_scores(model, src=0, dst=1):

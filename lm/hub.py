@@ -47,7 +47,8 @@ def endpoint():
 
 
 def _hf_home():
-    return os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return (os.environ.get("HF_HOME")
+            or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface"))
 
 
 def hub_cache():
@@ -73,7 +74,9 @@ def hub_token():
 def split_repo(repo):
     """'datasets/o/n' -> ('o/n', 'dataset'); 'o/n' -> ('o/n', 'model')."""
     kind, _, rest = repo.partition("/")
-    return (rest, kind[:-1]) if kind in ("datasets", "spaces", "models") and rest.count("/") == 1 else (repo, "model")
+    if kind in ("datasets", "spaces", "models") and rest.count("/") == 1:
+        return rest, kind[:-1]
+    return repo, "model"
 
 
 def repo_folder(repo, cache_dir=None):
@@ -90,7 +93,8 @@ def cached_file(repo, filename, revision="main", cache_dir=None):
     """The cached copy (snapshots/<commit>/<filename>, the commit from refs/<revision>), or None."""
     folder = repo_folder(repo, cache_dir)
     ref = folder / "refs" / revision
-    path = folder / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision) / filename
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    path = folder / "snapshots" / commit / filename
     return path if path.is_file() else None
 
 
@@ -133,7 +137,8 @@ def _problem(path, etag, size=None):
     got = path.stat().st_size
     if size is not None and got != size:
         return f"got {got:,} bytes but the hub says {size:,}"
-    kind = {64: "sha256", 40: "git-sha1"}.get(len(etag)) if re.fullmatch(r"[0-9a-f]+", etag or "") else None
+    hexed = re.fullmatch(r"[0-9a-f]+", etag or "")
+    kind = {64: "sha256", 40: "git-sha1"}.get(len(etag)) if hexed else None
     if kind:
         h = hashlib.sha256() if kind == "sha256" else hashlib.sha1(b"blob %d\0" % got)
         with open(path, "rb") as f:
@@ -147,14 +152,14 @@ def _problem(path, etag, size=None):
 def _progress(label, done, total, start, t0, end=""):
     rate = (done - start) / max(time.time() - t0, 1e-9)
     eta = f", ETA {(total - done) / rate:.0f}s" if total and rate > 0 and not end else ""
-    print(f"{label}: {done / 1e6:,.1f}/{(total or done) / 1e6:,.1f} MB, {rate / 1e6:.2f} MB/s{eta}{end}",
-          file=sys.stderr, flush=True)
+    print(f"{label}: {done / 1e6:,.1f}/{(total or done) / 1e6:,.1f} MB, "
+          f"{rate / 1e6:.2f} MB/s{eta}{end}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
 # downloads
-def hub_download(repo, filename, revision="main", *, base_url=None, cache_dir=None, backend=None, retries=3,
-                 timeout=60):
+def hub_download(repo, filename, revision="main", *, base_url=None, cache_dir=None, backend=None,
+                 retries=3, timeout=60):
     """One file of a hub repository, its cached path returned. backend (default env LM_HUB_BACKEND,
     else auto): huggingface_hub when installed, else requests. Both use its cache layout, token,
     endpoint and offline mode."""
@@ -168,26 +173,30 @@ def hub_download(repo, filename, revision="main", *, base_url=None, cache_dir=No
     fetch = {"huggingface_hub": _via_huggingface_hub, "requests": _via_requests}.get(backend)
     if fetch is None:
         raise HubError(f"unknown hub backend {backend!r} (auto, huggingface_hub, requests)")
-    return fetch(repo, filename, revision, base_url or endpoint(), Path(cache_dir or hub_cache()), retries, timeout)
+    return fetch(repo, filename, revision, base_url or endpoint(), Path(cache_dir or hub_cache()),
+                 retries, timeout)
 
 
 def _via_huggingface_hub(repo, filename, revision, base, cache, retries, timeout):
     import huggingface_hub as hf
     repo_id, kind = split_repo(repo)
-    kw = dict(repo_id=repo_id, filename=filename, repo_type=kind, revision=revision, cache_dir=str(cache))
+    kw = dict(repo_id=repo_id, filename=filename, repo_type=kind, revision=revision,
+              cache_dir=str(cache))
     before = hf.try_to_load_from_cache(**kw)
     for attempt in range(retries + 1):
         try:
-            path = Path(hf.hf_hub_download(**kw, endpoint=base, local_files_only=offline(), etag_timeout=timeout,
-                                           force_download=attempt > 0))
+            path = Path(hf.hf_hub_download(**kw, endpoint=base, local_files_only=offline(),
+                                           etag_timeout=timeout, force_download=attempt > 0))
         # huggingface_hub's own errors: 404s, misses offline, HTTP and connection failures
         except Exception as e:
-            name, status = type(e).__name__, getattr(getattr(e, "response", None), "status_code", None)
+            name = type(e).__name__
+            status = getattr(getattr(e, "response", None), "status_code", None)
             if name == "LocalEntryNotFoundError":
-                raise HubError(f"{repo}/{filename} is not in the cache {cache} and the hub cannot be reached "
-                               f"(offline: {offline()}): {e}") from e
+                raise HubError(f"{repo}/{filename} is not in the cache {cache} and the hub cannot "
+                               f"be reached (offline: {offline()}): {e}") from e
             if status == 404 and "Repository" not in name:
-                raise HubNotFound(f"{hub_url(repo, filename, revision, base)}: not found (404)") from e
+                url = hub_url(repo, filename, revision, base)
+                raise HubNotFound(f"{url}: not found (404)") from e
             if attempt == retries or status in (401, 403, 404):
                 raise HubError(f"{repo}/{filename}: {name}: {e}") from e
             continue
@@ -222,13 +231,15 @@ def _via_requests(repo, filename, revision, base, cache, retries, timeout):
             url = urljoin(url, r.headers["Location"])
     except (requests.ConnectionError, requests.Timeout) as e:
         if cached:
-            print(f"{url}: the hub cannot be reached ({e.__class__.__name__}); using {cached}", file=sys.stderr)
+            print(f"{url}: the hub cannot be reached ({e.__class__.__name__}); using {cached}",
+                  file=sys.stderr)
             return cached
         raise HubError(f"{url}: the hub cannot be reached ({e})") from e
     if r.status_code == 404:
         raise HubNotFound(f"{url}: not found (404); check the repository, file name and revision")
     if r.status_code >= 400:
-        gated = " (a private or gated repository needs a token: HF_TOKEN)" if r.status_code in (401, 403) else ""
+        gated = (" (a private or gated repository needs a token: HF_TOKEN)"
+                 if r.status_code in (401, 403) else "")
         raise HubError(f"{url}: HTTP {r.status_code} {r.reason}{gated}")
     h = r.headers
     etag = (h.get("X-Linked-Etag") or h.get("ETag") or "").removeprefix("W/").strip('"')
@@ -242,8 +253,15 @@ def _via_requests(repo, filename, revision, base, cache, retries, timeout):
     name = etag if plain else hashlib.sha256((etag or src).encode()).hexdigest()
     blob = folder / "blobs" / name
     if not blob.is_file():
-        _fetch(src, blob, etag, int(size) if size else None, auth if _same_origin(url, src) else {}, retries,
-               timeout, filename)
+        _fetch(src, blob, etag, int(size) if size else None,
+               auth if _same_origin(url, src) else {}, retries, timeout, filename)
+    _link_snapshot(folder, blob, link, commit, revision)
+    return link
+
+
+def _link_snapshot(folder, blob, link, commit, revision):
+    """snapshots/<commit>/<file> as a relative link to the blob (a copy where links fail), and
+    refs/<revision> naming the commit."""
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = link.with_name(link.name + ".tmp")
     tmp.unlink(missing_ok=True)
@@ -256,7 +274,6 @@ def _via_requests(repo, filename, revision, base, cache, retries, timeout):
         ref = _inside(folder / "refs", folder / "refs" / revision)
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(commit)
-    return link
 
 
 def _fetch(src, blob, etag, size, headers, retries, timeout, label):
@@ -268,16 +285,18 @@ def _fetch(src, blob, etag, size, headers, retries, timeout, label):
     for attempt in range(retries + 1):
         have = part.stat().st_size if part.exists() else 0
         try:
-            with requests.get(src, headers={**headers, **({"Range": f"bytes={have}-"} if have else {})}, stream=True,
+            resume = {"Range": f"bytes={have}-"} if have else {}
+            with requests.get(src, headers={**headers, **resume}, stream=True,
                               timeout=timeout) as r:
                 if r.status_code not in (200, 206, 416):
                     raise HubError(f"{src}: HTTP {r.status_code} {r.reason}")
                 if r.status_code != 416:  # 416: nothing left to send, the partial file is whole
                     # 200: the server ignored the range, start over
                     start = have if r.status_code == 206 else 0
-                    if start and not r.headers.get("Content-Range", "").startswith(f"bytes {start}-"):
-                        raise HubError(f"{src}: a resume from byte {start} was answered with Content-Range "
-                                       f"{r.headers.get('Content-Range')!r}")
+                    if start and not (r.headers.get("Content-Range", "")
+                                      .startswith(f"bytes {start}-")):
+                        raise HubError(f"{src}: a resume from byte {start} was answered with "
+                                       f"Content-Range {r.headers.get('Content-Range')!r}")
                     with open(part, "r+b" if start else "wb") as f:
                         f.seek(start)
                         f.truncate()
@@ -288,11 +307,12 @@ def _fetch(src, blob, etag, size, headers, retries, timeout, label):
                                 shown = time.time()
                                 _progress(label, f.tell(), size, start, t0)
                         _progress(label, f.tell(), size, start, t0, ", done")
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+        except (requests.ConnectionError, requests.Timeout,
+                requests.exceptions.ChunkedEncodingError) as e:
             got = part.stat().st_size if part.exists() else 0
             if attempt == retries:
-                raise HubError(f"download of {src} was interrupted after {got:,} bytes ({e.__class__.__name__}); "
-                               f"run again to resume from {part}") from e
+                raise HubError(f"download of {src} was interrupted after {got:,} bytes "
+                               f"({e.__class__.__name__}); run again to resume from {part}") from e
             print(f"download of {src} interrupted after {got:,} bytes; resuming", file=sys.stderr)
             continue
         problem = _problem(part, etag, size)
@@ -315,7 +335,8 @@ def read_documents(path):
     if p.suffix in (".txt", ".md"):
         return [p.read_text(encoding="utf-8", errors="replace")]
     if p.name.endswith((".jsonl", ".jsonl.gz")):
-        with (gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else open(p, encoding="utf-8")) as f:
+        with (gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz"
+              else open(p, encoding="utf-8")) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         bad = [sorted(r) for r in rows if "contents" not in r and "text" not in r]
         if bad:
@@ -336,7 +357,8 @@ def _parquet(p):
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise RuntimeError(f"{p}: reading parquet shards needs pyarrow (pip install pyarrow)") from e
+        raise RuntimeError(f"{p}: reading parquet shards needs pyarrow "
+                           "(pip install pyarrow)") from e
     return pq.read_table(p).to_pydict()
 
 
@@ -371,7 +393,8 @@ class _Table:
 
     def tables(self, i):
         start, n = self.vector(i)
-        return [_Table(self.b, start + 4 * k + struct.unpack_from("<I", self.b, start + 4 * k)[0]) for k in range(n)]
+        return [_Table(self.b, start + 4 * k + struct.unpack_from("<I", self.b, start + 4 * k)[0])
+                for k in range(n)]
 
     def string(self, i):
         start, n = self.vector(i)
@@ -392,11 +415,13 @@ def read_arrow(path, columns=("contents", "text", "tokens")):
     """Record batches of an Arrow IPC stream or file (datasets' .arrow shards) as {column: values}:
     string columns as lists of str, list<int> columns as lists of int arrays. Uncompressed data
     only; no pyarrow needed."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as b:
+    with (open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m,
+          memoryview(m) as b):
         pos, fields = 8 if m[:6] == b"ARROW1" else 0, None
         while pos + 8 <= len(b):
             n = struct.unpack_from("<I", b, pos)[0]
-            pos, n = (pos + 8, struct.unpack_from("<i", b, pos + 4)[0]) if n == 0xFFFFFFFF else (pos + 4, n)
+            pos, n = ((pos + 8, struct.unpack_from("<i", b, pos + 4)[0]) if n == 0xFFFFFFFF
+                      else (pos + 4, n))
             if n == 0:
                 break
             msg = _Table(b, pos + struct.unpack_from("<I", b, pos)[0])
@@ -440,9 +465,10 @@ def _batch(b, body, rb, fields, columns):
 def transformer_lens_config(cfg):
     """HookedTransformerConfig arguments for a run config: attention-only, LayerNorm, shortformer
     positions."""
-    return dict(n_layers=cfg["n_layer"], d_model=cfg["d_model"], n_ctx=cfg["n_ctx"], n_heads=cfg["n_head"],
-                d_head=cfg["d_model"] // cfg["n_head"], d_vocab=cfg["vocab_size"], attn_only=True,
-                normalization_type="LN", positional_embedding_type="shortformer", seed=cfg.get("seed"))
+    return dict(n_layers=cfg["n_layer"], d_model=cfg["d_model"], n_ctx=cfg["n_ctx"],
+                n_heads=cfg["n_head"], d_head=cfg["d_model"] // cfg["n_head"],
+                d_vocab=cfg["vocab_size"], attn_only=True, normalization_type="LN",
+                positional_embedding_type="shortformer", seed=cfg.get("seed"))
 
 
 def hooked_transformer(sd, tl_cfg):
@@ -489,7 +515,8 @@ def to_transformer_lens(params, n_head):
         p = f"blocks.{i}."
         sd[p + "ln1.w"], sd[p + "ln1.b"] = params[p + "ln.weight"], params[p + "ln.bias"]
         for x in "QKV":
-            sd[p + f"attn.W_{x}"] = params[p + f"attn.{x.lower()}.weight"].reshape(n_head, -1, d).permute(0, 2, 1)
+            W = params[p + f"attn.{x.lower()}.weight"]
+            sd[p + f"attn.W_{x}"] = W.reshape(n_head, -1, d).permute(0, 2, 1)
             sd[p + f"attn.b_{x}"] = params[p + f"attn.{x.lower()}.bias"].reshape(n_head, -1)
         sd[p + "attn.W_O"] = params[p + "attn.o.weight"].T.reshape(n_head, -1, d)
         sd[p + "attn.b_O"] = params[p + "attn.o.bias"]
@@ -511,20 +538,26 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv):
-    ap = Parser(prog="python -m lm.hub", description=__doc__.split("Usage")[0] + "\n\nThe paper's files: "
-                                 + "; ".join(f"{r} {f}" for r, f in PAPER.values()))
+    ap = Parser(prog="python -m lm.hub",
+                description=__doc__.split("Usage")[0] + "\n\nThe paper's files: "
+                + "; ".join(f"{r} {f}" for r, f in PAPER.values()))
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("download", help="fetch files of a hub repository into the hub cache; print their paths")
+    p = sub.add_parser("download", help="fetch files of a hub repository into the hub cache; "
+                                        "print their paths")
     p.add_argument("repo", help="owner/name, or datasets/owner/name")
     p.add_argument("files", nargs="+")
     p.add_argument("--revision", default="main")
-    p.add_argument("--endpoint", default=None, help="default $HF_ENDPOINT or https://huggingface.co")
-    p.add_argument("--cache_dir", default=None, help="default $HF_HUB_CACHE or ~/.cache/huggingface/hub")
+    p.add_argument("--endpoint", default=None,
+                   help="default $HF_ENDPOINT or https://huggingface.co")
+    p.add_argument("--cache_dir", default=None,
+                   help="default $HF_HUB_CACHE or ~/.cache/huggingface/hub")
     p.add_argument("--backend", default=None, choices=("auto", "huggingface_hub", "requests"))
-    p.add_argument("--link_dir", default=None, help="also link each file here (e.g. a corpus folder)")
+    p.add_argument("--link_dir", default=None,
+                   help="also link each file here (e.g. a corpus folder)")
     a = ap.parse_args(argv)
     for f in a.files:
-        path = hub_download(a.repo, f, a.revision, base_url=a.endpoint, cache_dir=a.cache_dir, backend=a.backend)
+        path = hub_download(a.repo, f, a.revision, base_url=a.endpoint, cache_dir=a.cache_dir,
+                            backend=a.backend)
         if a.link_dir:
             Path(a.link_dir).mkdir(parents=True, exist_ok=True)
             (Path(a.link_dir) / Path(f).name).unlink(missing_ok=True)

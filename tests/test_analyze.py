@@ -21,7 +21,8 @@ import train
 
 
 def paper_steps(N=500_000):
-    """The reference checkpoint schedule (log 100 ∪ linear 100 below N): 190 steps for N = 500k."""
+    """The reference checkpoint schedule (log 100 ∪ linear 100 below N): 190 steps for N =
+    500k."""
     return np.array(train.checkpoint_steps(N, 100, 100), dtype=float)
 
 
@@ -45,8 +46,8 @@ def test_stages_found_on_synthetic_curve_with_known_critical_points():
     """Rise, plateau, bigger rise, peak, fall, then a rise: boundaries at the minima of |f'| (x =
     log(t+1) ≈ 6.1 plateau, 9.8 peak, 12.0 trough), typed A, A, B, A; noise adds none."""
     def f(x):
-        return 20 * sigmoid((x - 5) / 0.3) + 130 * sigmoid((x - 8) / 0.35) - 40 * sigmoid((x - 11) / 0.3) \
-            + 30 * sigmoid((x - 13) / 0.3)
+        return (20 * sigmoid((x - 5) / 0.3) + 130 * sigmoid((x - 8) / 0.35)
+                - 40 * sigmoid((x - 11) / 0.3) + 30 * sigmoid((x - 13) / 0.3))
     steps = paper_steps()
     x = np.log1p(steps)
     expected = true_minima(f, 0, x[-1])
@@ -56,7 +57,8 @@ def test_stages_found_on_synthetic_curve_with_known_critical_points():
         det = stages.detect_stages(steps, f(x) + noise * rng.standard_normal(len(x)))
         found = np.log1p(det["boundaries"])
         assert len(found) == 3, (noise, det["boundaries"], np.expm1(expected))
-        assert np.abs(found - expected).max() < LOG_TOL, (noise, det["boundaries"], np.expm1(expected))
+        assert np.abs(found - expected).max() < LOG_TOL, (noise, det["boundaries"],
+                                                          np.expm1(expected))
         assert [s["type"] for s in det["stages"]] == ["A", "A", "B", "A"]
 
 
@@ -83,7 +85,8 @@ def test_a_saturated_curve_ends_in_a_flat_stage_where_it_stops_moving(seed):
     steps = paper_steps()
     x = np.log1p(steps)
     f = lambda x: 4.3 - 2.5 * sigmoid((x - 8) / 0.8)  # noqa: E731
-    det = stages.detect_stages(steps, f(x) + 0.025 * np.random.default_rng(seed).standard_normal(len(x)))
+    noise = 0.025 * np.random.default_rng(seed).standard_normal(len(x))
+    det = stages.detect_stages(steps, f(x) + noise)
     assert len(det["boundaries"]) <= 1
     assert det["stages"][0]["type"] == "B"
     for b in det["boundaries"]:
@@ -158,7 +161,8 @@ def test_stages_degenerate_inputs():
 def test_stage_names_take_the_prefix(reference_dir):
     """LR1, LR2, ... by default; the prefix a task gives (LM for the language model) otherwise."""
     steps, llc, se = reference_curve(reference_dir)
-    assert [s["name"] for s in stages.detect_stages(steps, llc, se)["stages"]] == [f"LR{j}" for j in range(1, 6)]
+    names = [s["name"] for s in stages.detect_stages(steps, llc, se)["stages"]]
+    assert names == [f"LR{j}" for j in range(1, 6)]
     det = stages.detect_stages(steps, llc, se, prefix="LM")
     assert [s["name"] for s in det["stages"]] == [f"LM{j}" for j in range(1, 6)]
 
@@ -235,7 +239,8 @@ def test_variable_sigma_smoother():
     n = 200
     sig = np.linspace(0.1, 30, n)
     # weights sum to 1: constants are preserved, also at the ends and with several channels
-    np.testing.assert_allclose(stages.smooth_variable_sigma(np.full((n, 3), 2.5), sig), 2.5, rtol=1e-12)
+    np.testing.assert_allclose(stages.smooth_variable_sigma(np.full((n, 3), 2.5), sig), 2.5,
+                               rtol=1e-12)
     y = rng.standard_normal(n)
     # sigma 0: identity
     np.testing.assert_array_equal(stages.smooth_variable_sigma(y, np.zeros(n)), y)
@@ -260,8 +265,8 @@ def flat_loss(model, loss_of_output, inputs):
 
     def f(w):
         chunks = torch.split(w, [p.numel() for p in ps])
-        return loss_of_output(functional_call(model, {n: c.view_as(p) for n, c, p in zip(names, chunks, ps)},
-                                              (inputs,)))
+        params = {n: c.view_as(p) for n, c, p in zip(names, chunks, ps)}
+        return loss_of_output(functional_call(model, params, (inputs,)))
     return f, w0
 
 
@@ -315,25 +320,28 @@ def tiny_run(out_dir, seed, diverged=(), holes=()):
     """A 60-step run and synthetic llc.jsonl rows in llc.py's format (rise, peak, fall). At the
     indices in `diverged` all chains diverged (llc_mean null, as llc.py writes it); at those in
     `holes` one chain did (null in llc_per_chain and loss_trace) and llc_se and rhat are null."""
-    cfg = common.configure(train.DEFAULTS, [f"--out_dir={out_dir}", f"--seed={seed}", "--max_steps=60",
-                                            "--batch_size=32", "--n_log=12", "--n_lin=4", "--eval_batch_size=64",
-                                            "--log_interval=20", "--d_model=16", "--d_mlp=16", "--n_head=2",
-                                            "--device=cpu"])
+    argv = [f"--out_dir={out_dir}", f"--seed={seed}", "--max_steps=60", "--batch_size=32",
+            "--n_log=12", "--n_lin=4", "--eval_batch_size=64", "--log_interval=20",
+            "--d_model=16", "--d_mlp=16", "--n_head=2", "--device=cpu"]
+    cfg = common.configure(train.DEFAULTS, argv)
     train.train(cfg)
     steps = common.list_checkpoints(out_dir)
     rng = np.random.default_rng(seed)
     for i, s in enumerate(steps):
         if i in diverged:
-            common.append_jsonl(out_dir / "llc.jsonl", dict(step=s, llc_mean=None, nan_chains=[0, 1],
-                                                            error="all 2 SGLD chains diverged"))
+            common.append_jsonl(out_dir / "llc.jsonl",
+                                dict(step=s, llc_mean=None, nan_chains=[0, 1],
+                                     error="all 2 SGLD chains diverged"))
             continue
         llc = 5 + 40 * math.exp(-((math.log1p(s) - 2.5) / 1.2) ** 2) + 20 * math.log1p(s) / 4
-        traces = [(0.5 + llc / 60 * (1 - np.exp(-np.arange(1, 11) / 3)) + 0.01 * rng.standard_normal(10)).tolist()
+        traces = [(0.5 + llc / 60 * (1 - np.exp(-np.arange(1, 11) / 3))
+                   + 0.01 * rng.standard_normal(10)).tolist()
                   for _ in range(2)]
-        row = dict(step=s, llc_mean=llc, llc_std=3.0, llc_se=0.5, llc_per_chain=[llc - 1, llc + 1],
-                   rhat=1.01 + 0.01 * i, init_loss=0.5, nan_chains=[], loss_trace=traces,
-                   trace_draws=list(range(10, 101, 10)), epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=2,
-                   num_draws=100, num_burnin=0, batch_size=32, seed=0, wall_time=0.1)
+        row = dict(step=s, llc_mean=llc, llc_std=3.0, llc_se=0.5,
+                   llc_per_chain=[llc - 1, llc + 1], rhat=1.01 + 0.01 * i, init_loss=0.5,
+                   nan_chains=[], loss_trace=traces, trace_draws=list(range(10, 101, 10)),
+                   epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=2, num_draws=100,
+                   num_burnin=0, batch_size=32, seed=0, wall_time=0.1)
         if i in holes:
             row.update(llc_per_chain=[llc, None], llc_se=None, rhat=None, nan_chains=[1],
                        loss_trace=[traces[0], traces[1][:4] + [None] * 6])
@@ -341,7 +349,8 @@ def tiny_run(out_dir, seed, diverged=(), holes=()):
     return steps
 
 
-FAST = ["--eval_size=128", "--ed_batch=32", "--hessian_batch=16", "--hessian_probes=1", "--lanczos_iters=3"]
+FAST = ["--eval_size=128", "--ed_batch=32", "--hessian_batch=16", "--hessian_probes=1",
+        "--lanczos_iters=3"]
 FIGURES = ["1_loss_llc.png", "2_essential_dynamics.png", "3_behaviour.png", "4_structure.png",
            "5_llc_diagnostics.png"]
 
@@ -371,9 +380,11 @@ def test_command_line_runs_options_and_errors(tmp_path, capsys):
     fast = tmp_path / "fast.py"
     fast.write_text("eval_size = 64\n")
     s0, s1 = fake_run(tmp_path / "s0"), fake_run(tmp_path / "s1")
-    opt, runs = analyze.parse([s0, "--out", "out/seeds", s1, str(fast), "--chunk", "0", "--device=cpu"])
+    argv = [s0, "--out", "out/seeds", s1, str(fast), "--chunk", "0", "--device=cpu"]
+    opt, runs = analyze.parse(argv)
     assert runs == [s0, s1]
-    assert (opt["out"], opt["eval_size"], opt["chunk"], opt["device"]) == ("out/seeds", 64, 0, "cpu")
+    parsed = (opt["out"], opt["eval_size"], opt["chunk"], opt["device"])
+    assert parsed == ("out/seeds", 64, 0, "cpu")
     nowhere, bare, nockpt = tmp_path / "nowhere", tmp_path / "bare", tmp_path / "nockpt"
     bare.mkdir(), nockpt.mkdir()
     (nockpt / "config.json").write_text("{}")
@@ -381,8 +392,8 @@ def test_command_line_runs_options_and_errors(tmp_path, capsys):
     before = sorted(tmp_path.rglob("*"))
     assert "unknown option 'eval_sise'" in one_line_exit(capsys, [s0, "--eval_sise=64"])
     assert "eval_size must be int" in one_line_exit(capsys, [s0, "--eval_size=lots"])
-    assert one_line_exit(capsys, [s0, "--alpha=high"]) == ("analyze.py: alpha must be float, got str 'high' in "
-                                                           "argument --alpha=high")
+    err = one_line_exit(capsys, [s0, "--alpha=high"])
+    assert err == "analyze.py: alpha must be float, got str 'high' in argument --alpha=high"
     assert "run directories" in one_line_exit(capsys, ["--eval_size=64"])
     for d in (nowhere, bare):
         assert "not a training run" in one_line_exit(capsys, [s0, str(d)])
@@ -396,16 +407,18 @@ def test_help_lists_every_option_and_a_misspelt_option_exits_2(tmp_path):
     meaning; `--eval_sise=3` exits 2 with one line on stderr (naming the option and its likely
     spelling), writing nothing."""
     from conftest import ROOT
-    r = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--help"], capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     for key, val in analyze.DEFAULTS.items():
         line = next((ln for ln in lines if ln.strip().startswith(f"--{key}={val!r} ")), None)
-        assert line is not None and len(line.split(f"--{key}={val!r}", 1)[1].strip()) > 10, (key, line)
+        assert line is not None and len(line.split(f"--{key}={val!r}", 1)[1].strip()) > 10, (
+            key, line)
     run = fake_run(tmp_path / "run")
     before = sorted(tmp_path.rglob("*"))
-    r = subprocess.run([sys.executable, str(ROOT / "analyze.py"), run, "--eval_sise=3"], capture_output=True,
-                       text=True, cwd=tmp_path)
+    r = subprocess.run([sys.executable, str(ROOT / "analyze.py"), run, "--eval_sise=3"],
+                       capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "eval_sise" in r.stderr and "eval_size" in r.stderr and r.stdout == ""
     assert sorted(tmp_path.rglob("*")) == before
@@ -421,7 +434,8 @@ def test_each_task_names_an_evaluator_and_a_figure_set():
         kind = data.kind({"task": name})
         assert callable(named(kind.evaluator, analyze)), name
         assert callable(named(kind.figures, plots)), name
-    assert analyze.REFERENCE.resolve().is_relative_to(analyze.Path(analyze.__file__).resolve().parent)
+    repo = analyze.Path(analyze.__file__).resolve().parent
+    assert analyze.REFERENCE.resolve().is_relative_to(repo)
     opt = dict(analyze.DEFAULTS, ed_batch=3)
     cfg = dict(K=8, D=4, max_steps=500_000)
     ev = analyze.regression_evaluator(None, cfg, opt, torch.device("cpu"))
@@ -431,7 +445,8 @@ def test_each_task_names_an_evaluator_and_a_figure_set():
     np.testing.assert_array_equal(ev.ed_cols, feats[:, 0::2, 0].ravel())
     assert len(ev.reference) == 190 and ev.reference["step"][-1] == 499_999
     assert {"llc_mean", "loss_mean"} <= set(ev.reference.dtype.names)
-    assert analyze.regression_evaluator(None, dict(cfg, max_steps=60), opt, torch.device("cpu")).reference is None
+    short = analyze.regression_evaluator(None, dict(cfg, max_steps=60), opt, torch.device("cpu"))
+    assert short.reference is None
 
 
 @pytest.mark.slow
@@ -444,7 +459,8 @@ def test_end_to_end_two_seeds_cache_and_fallback(tmp_path):
     out = runs[0]
     for name in FIGURES:
         w, h = png_size(out / "figures" / name)
-        assert 300 <= w <= 3000 and 200 <= h <= 3000 and (out / "figures" / name).stat().st_size > 10_000, name
+        assert 300 <= w <= 3000 and 200 <= h <= 3000, name
+        assert (out / "figures" / name).stat().st_size > 10_000, name
     disk = json.loads((out / "summary.json").read_text())
     assert disk == json.loads(json.dumps(summary))
     assert {"runs", "signal", "warnings", "n_checkpoints", "boundaries", "stages", "detector",
@@ -457,7 +473,8 @@ def test_end_to_end_two_seeds_cache_and_fallback(tmp_path):
     assert steps[3] not in det["steps"] and {steps[0], steps[5]} <= set(det["steps"])
     assert det["params"]["heteroscedastic"]
     st = disk["stages"]
-    assert st[0]["start"] == 0 and st[-1]["end"] == steps[-1] and all(s["type"] in ("A", "B", "Other") for s in st)
+    assert st[0]["start"] == 0 and st[-1]["end"] == steps[-1]
+    assert all(s["type"] in ("A", "B", "Other") for s in st)
     assert all(a["end"] == b["start"] for a, b in zip(st, st[1:]))
     assert {"loss", "delta_ridge", "llc", "weight_norm"} <= set(st[0]["metrics"])
     ev = disk["essential_dynamics"]["explained_variance"]
@@ -466,8 +483,9 @@ def test_end_to_end_two_seeds_cache_and_fallback(tmp_path):
     assert "| LR1 |" in (out / "report.md").read_text()
     assert [s["name"] for s in st] == [f"LR{j + 1}" for j in range(len(st))]
     rows = common.read_jsonl(out / "analysis.jsonl")
-    assert len(rows) == len(steps) and {"hessian_trace", "hessian_eigs", "ln_collapse/unembed", "tok_spec",
-                                        "unembed_w", "loss/8", "pred_norm"} <= set(rows[0])
+    assert len(rows) == len(steps)
+    assert {"hessian_trace", "hessian_eigs", "ln_collapse/unembed", "tok_spec", "unembed_w",
+            "loss/8", "pred_norm"} <= set(rows[0])
 
     # cached: a rerun evaluates nothing new
     ed_size = (out / "ed_outputs.f32").stat().st_size
@@ -480,7 +498,8 @@ def test_end_to_end_two_seeds_cache_and_fallback(tmp_path):
     both = tmp_path / "both"
     with pytest.warns(UserWarning, match="diverged"):
         summary2 = analyze.main([*map(str, runs), f"--out={both}", *FAST])
-    assert summary2["runs"] == [str(r) for r in runs] and all((both / "figures" / f).exists() for f in FIGURES)
+    assert summary2["runs"] == [str(r) for r in runs]
+    assert all((both / "figures" / f).exists() for f in FIGURES)
 
     # no llc.jsonl: stages from the test loss, with a warning in the output and in summary.json
     (out / "llc.jsonl").unlink()
@@ -502,16 +521,17 @@ def test_lm_demo_pipeline_train_llc_analyze(tmp_path):
     data_dir, out = tmp_path / "python-v5000-ctx32", tmp_path / "run"
     lm_data.prepare(data_dir, "python", 5000, 32, 0.05, "train", progress=lambda msg: None)
     train.train(common.configure(train.defaults_for("lm"), [
-        str(ROOT / "configs" / "lm_tiny.py"), f"--out_dir={out}", f"--data_dir={data_dir}", "--n_ctx=32",
-        "--d_model=16", "--n_head=2", "--batch_size=8", "--max_steps=24", "--n_log=8", "--n_lin=0",
-        "--ckpt_every=23", "--eval_batch_size=8", "--log_interval=8", "--device=cpu"]))
+        str(ROOT / "configs" / "lm_tiny.py"), f"--out_dir={out}", f"--data_dir={data_dir}",
+        "--n_ctx=32", "--d_model=16", "--n_head=2", "--batch_size=8", "--max_steps=24",
+        "--n_log=8", "--n_lin=0", "--ckpt_every=23", "--eval_batch_size=8", "--log_interval=8",
+        "--device=cpu"]))
     steps = common.list_checkpoints(out)
     assert len(steps) >= 6
-    llc.main([f"--ckpt={out}", "--num_chains=2", "--num_draws=8", "--num_burnin=0", "--batch_size=4", "--n=16",
-              "--epsilon=1e-3", "--gamma=100", "--nbeta=10"])
+    llc.main([f"--ckpt={out}", "--num_chains=2", "--num_draws=8", "--num_burnin=0",
+              "--batch_size=4", "--n=16", "--epsilon=1e-3", "--gamma=100", "--nbeta=10"])
     assert len(common.read_jsonl(out / "llc.jsonl")) == len(steps)
-    summary = analyze.main([str(out), "--lm_rows=48", "--lm_ed=48", "--lm_head_seqs=20", "--lm_bigram_seqs=48",
-                            "--lm_ngrams=50", "--threads=1"])
+    summary = analyze.main([str(out), "--lm_rows=48", "--lm_ed=48", "--lm_head_seqs=20",
+                            "--lm_bigram_seqs=48", "--lm_ngrams=50", "--threads=1"])
     for key in ("signal", "boundaries", "stages", "essential_dynamics", "figures", "final"):
         assert key in summary
     assert set(summary["figures"]) == {f"figures/{f}" for f in lm.plots.FIGURES}
@@ -528,17 +548,21 @@ def test_lm_demo_pipeline_train_llc_analyze(tmp_path):
     heads += [f"kcomp/{a}-{b}" for a in range(2) for b in range(2)]
     for r in rows:
         assert all(isinstance(r[k], float) and math.isfinite(r[k]) for k in heads), r
-        assert r["loss"] > 0 and len(r["pos_norms"]) == 32 and {"bigram", "icl", "ngram/2"} <= r.keys()
-    assert (out / "report.md").exists() and json.loads((out / "summary.json").read_text())["signal"] in ("llc", "loss")
+        assert r["loss"] > 0 and len(r["pos_norms"]) == 32
+        assert {"bigram", "icl", "ngram/2"} <= r.keys()
+    assert (out / "report.md").exists()
+    assert json.loads((out / "summary.json").read_text())["signal"] in ("llc", "loss")
     # cached: a second call evaluates nothing new and gives the same stages; with synthetic refined
     # LLCs of the model's four heads (two planted shapes) the clusters carry the mean head scores at
     # the last checkpoint
     names, groups = ["L0H0", "L0H1", "L1H0", "L1H1"], [0, 1, 1, 0]
     Y = planted_curves(steps, groups)
-    write_refined(out / "llc_heads.jsonl", steps, dict(zip(names, Y)), restriction_set="heads", restriction=None)
+    write_refined(out / "llc_heads.jsonl", steps, dict(zip(names, Y)), restriction_set="heads",
+                  restriction=None)
     write_refined(out / "llc_data-code.jsonl", steps, {"code": Y[0]}, data_refine=None)
-    again = analyze.main([str(out), "--lm_rows=48", "--lm_ed=48", "--lm_head_seqs=20", "--lm_bigram_seqs=48",
-                          "--lm_ngrams=50", "--threads=1", "--head_clusters=2"])
+    again = analyze.main([str(out), "--lm_rows=48", "--lm_ed=48", "--lm_head_seqs=20",
+                          "--lm_bigram_seqs=48", "--lm_ngrams=50", "--threads=1",
+                          "--head_clusters=2"])
     assert again["boundaries"] == summary["boundaries"]
     assert again["figures"][-2:] == ["figures/6_head_llc.png", "figures/8_data_refined_llc.png"]
     clusters = again["refined"]["head_clusters"]["clusters"]
@@ -555,9 +579,12 @@ def test_lm_demo_pipeline_train_llc_analyze(tmp_path):
 def planted_curves(steps, groups, seed=0):
     """Curves over `steps` of three shapes in log-time (0 rising, 1 rise-and-fall, 2 falling), one
     per entry of `groups`, each scaled by a random factor with 5% multiplicative noise."""
-    rng, x = np.random.default_rng(seed), np.log1p(np.asarray(steps, float)) / np.log1p(max(steps)) * 8
-    shapes = [5 + 40 * sigmoid(x - 3), 2 + 50 * np.exp(-((x - 4) / 1.5) ** 2), 60 - 50 * sigmoid(x - 5)]
-    return np.array([shapes[g] * rng.uniform(0.5, 2) * (1 + 0.05 * rng.standard_normal(len(x))) for g in groups])
+    rng = np.random.default_rng(seed)
+    x = np.log1p(np.asarray(steps, float)) / np.log1p(max(steps)) * 8
+    shapes = [5 + 40 * sigmoid(x - 3), 2 + 50 * np.exp(-((x - 4) / 1.5) ** 2),
+              60 - 50 * sigmoid(x - 5)]
+    return np.array([shapes[g] * rng.uniform(0.5, 2) * (1 + 0.05 * rng.standard_normal(len(x)))
+                     for g in groups])
 
 
 def same_partition(labels, groups):
@@ -595,8 +622,9 @@ def write_refined(path, steps, curves, **keys):
     for name, y in curves.items():
         for s, v in zip(steps, y):
             ok = bool(np.isfinite(v))
-            common.append_jsonl(path, dict(step=s, llc_mean=float(v) if ok else None, llc_se=0.3 if ok else None,
-                                           llc_std=1.0, rhat=1.0, num_params=100, **{**keys, name_key: name}))
+            common.append_jsonl(path, dict(step=s, llc_mean=float(v) if ok else None,
+                                           llc_se=0.3 if ok else None, llc_std=1.0, rhat=1.0,
+                                           num_params=100, **{**keys, name_key: name}))
 
 
 @pytest.mark.slow
@@ -608,34 +636,41 @@ def test_refined_llcs_clusters_figures_and_stages(tmp_path):
     run = tmp_path / "run"
     steps = tiny_run(run, 0)
     plain = analyze.main([str(run), *FAST])
-    assert "refined" not in plain and len(plain["figures"]) == 5 and not (run / "figures" / "6_head_llc.png").exists()
+    assert "refined" not in plain and len(plain["figures"]) == 5
+    assert not (run / "figures" / "6_head_llc.png").exists()
     heads, groups = ["L0H0", "L0H1", "L1H0", "L1H1", "L1H2"], [0, 1, 1, 0, 1]
     Y = planted_curves(steps, groups)
     Y[2, 4] = np.nan
-    write_refined(run / "llc_heads.jsonl", steps, dict(zip(heads[::-1], Y[::-1])), restriction_set="heads",
-                  restriction=None)
-    write_refined(run / "llc_paper.jsonl", steps, {"all": Y.sum(0), "token_embedding": Y[0], "blocks.0.mlp": Y[1]},
-                  restriction_set="paper", restriction=None)
+    write_refined(run / "llc_heads.jsonl", steps, dict(zip(heads[::-1], Y[::-1])),
+                  restriction_set="heads", restriction=None)
+    paper = {"all": Y.sum(0), "token_embedding": Y[0], "blocks.0.mlp": Y[1]}
+    write_refined(run / "llc_paper.jsonl", steps, paper, restriction_set="paper", restriction=None)
     for name, y in (("tasks/64", Y[0]), ("ood_inputs/3", Y[1])):
-        write_refined(run / f"llc_data-{name.replace('/', '-')}.jsonl", steps, {name: y}, data_refine=None)
+        path = run / f"llc_data-{name.replace('/', '-')}.jsonl"
+        write_refined(path, steps, {name: y}, data_refine=None)
     summary = analyze.main([str(run), *FAST, "--refined_stages=True"])
     assert summary["boundaries"] == plain["boundaries"]
-    new = ["figures/6_head_llc.png", "figures/7_component_llc.png", "figures/8_data_refined_llc.png"]
+    new = ["figures/6_head_llc.png", "figures/7_component_llc.png",
+           "figures/8_data_refined_llc.png"]
     assert summary["figures"] == plain["figures"] + new
     for f in new:
         assert png_size(run / f)[0] > 300 and (run / f).stat().st_size > 10_000
     ref = json.loads((run / "summary.json").read_text())["refined"]
+    # heads in numeric order, files by name
     assert ref["curves"] == {"heads": heads, "paper": ["all", "token_embedding", "blocks.0.mlp"],
-                             "data": ["ood_inputs/3", "tasks/64"]}  # heads in numeric order, files by name
+                             "data": ["ood_inputs/3", "tasks/64"]}
     hc = ref["head_clusters"]
     assert hc["k"] == 2 and hc["chosen_by"] == "silhouette"
     assert [c["heads"] for c in hc["clusters"]] == [["L0H0", "L1H1"], ["L0H1", "L1H0", "L1H2"]]
-    assert all(set(c) == {"cluster", "heads"} for c in hc["clusters"])  # regression: no head scores
+    # regression: no head scores
+    assert all(set(c) == {"cluster", "heads"} for c in hc["clusters"])
     report = (run / "report.md").read_text()
-    assert "| 0 | L0H0, L1H1 |" in report and "| 1 | L0H1, L1H0, L1H2 |" in report and "## Refined LLCs" in report
-    assert set(ref["stages"]) == {"heads", "paper", "data"} and set(ref["stages"]["data"]) == {"tasks/64",
-                                                                                               "ood_inputs/3"}
-    assert all(isinstance(d["boundaries"], list) and d["types"] for per in ref["stages"].values() for d in per.values())
+    assert "| 0 | L0H0, L1H1 |" in report and "| 1 | L0H1, L1H0, L1H2 |" in report
+    assert "## Refined LLCs" in report
+    assert set(ref["stages"]) == {"heads", "paper", "data"}
+    assert set(ref["stages"]["data"]) == {"tasks/64", "ood_inputs/3"}
+    assert all(isinstance(d["boundaries"], list) and d["types"]
+               for per in ref["stages"].values() for d in per.values())
     fixed = analyze.main([str(run), *FAST, "--head_clusters=3"])
     assert fixed["refined"]["head_clusters"]["k"] == 3 and "stages" not in fixed["refined"]
 
@@ -644,10 +679,13 @@ def test_weight_and_data_refined_rows_of_one_sweep_stay_apart(tmp_path):
     """A heads sweep on the run's data and one on a refined distribution are different curves, not
     one overwriting the other."""
     row = lambda **kw: {"step": 5, "llc_mean": 1.0, "llc_se": 0.1, **kw}  # noqa: E731
-    common.append_jsonl(tmp_path / "llc_heads.jsonl", row(restriction_set="heads", restriction="L0H0"))
+    common.append_jsonl(tmp_path / "llc_heads.jsonl",
+                        row(restriction_set="heads", restriction="L0H0"))
     common.append_jsonl(tmp_path / "llc_heads_data-code.jsonl",
-                        row(restriction_set="heads", restriction="L0H0", data_refine="code", llc_mean=9.0))
+                        row(restriction_set="heads", restriction="L0H0", data_refine="code",
+                            llc_mean=9.0))
     common.append_jsonl(tmp_path / "llc_data-code.jsonl", row(data_refine="code", llc_mean=3.0))
     groups = analyze.read_refined(tmp_path)
-    assert groups["heads"]["L0H0"][5]["llc_mean"] == 1.0 and groups["heads on code"]["L0H0"][5]["llc_mean"] == 9.0
+    assert groups["heads"]["L0H0"][5]["llc_mean"] == 1.0
+    assert groups["heads on code"]["L0H0"][5]["llc_mean"] == 9.0
     assert groups["data"]["code"][5]["llc_mean"] == 3.0
