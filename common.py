@@ -117,10 +117,16 @@ def option_help(defaults: dict, *sources) -> str:
     files."""
     notes = {}
     for src in sources:
+        key, col = None, -1  # a comment line whose # is under the option's # continues its note
         for line in Path(src).read_text().splitlines():
-            m = re.match(r"\s*(\w+)\s*=.*?#\s*(.+)$", line)
-            if m and m[1] in defaults:
-                notes.setdefault(m[1], m[2].strip())
+            m = re.match(r"\s*(\w+)\s*=.*?(#)\s*(.+)$", line)
+            more = re.match(r"(\s*)#\s*(.+)$", line)
+            if more and len(more[1]) == col and key in notes:
+                notes[key] += " " + more[2].strip()
+                continue
+            key, col = None, -1
+            if m and m[1] in defaults and m[1] not in notes:
+                key, col, notes[m[1]] = m[1], m.start(2), m[3].strip()
     width = max(len(f"--{k}={v!r}") for k, v in defaults.items())
     lines = (f"  {f'--{k}={v!r}':<{width}}  {notes.get(k, '')}".rstrip()
              for k, v in defaults.items())
@@ -262,6 +268,15 @@ def append_jsonl(path, row: dict) -> None:
             raise
 
 
+def check_writable(path) -> None:
+    """An output that cannot be appended to fails now, before hours of compute go into it."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not an output file", str(path))
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise PermissionError(errno.EACCES, "cannot be written", str(path))
+
+
 def lock_dir(folder, name):
     """Hold the lock file folder/.{name}.lock (flock: the kernel drops it when the process ends,
     kill -9 included), so that a second process writing the same folder, under any spelling of its
@@ -283,7 +298,7 @@ def lock_dir(folder, name):
         f.close()
         raise
     f.truncate(0)
-    f.write(f"{name} pid {os.getpid()} on {os.uname().nodename}\n")
+    f.write(f"{Path(sys.argv[0]).name} pid {os.getpid()} on {os.uname().nodename}\n")
     f.flush()
     return f
 
@@ -331,10 +346,14 @@ def load_params(out_dir, step: int) -> dict:
     if not path.exists():
         raise CheckpointError(f"no checkpoint for step {step}: {path} does not exist")
     try:
-        return st_load(path.read_bytes())
+        params = st_load(path.read_bytes())
     except (SafetensorError, ValueError, OSError) as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({e}); delete it to fall "
                               "back to the previous one") from e
+    if bad := [k for k, v in params.items() if v.is_floating_point() and not v.isfinite().all()]:
+        raise CheckpointError(f"checkpoint {path} has non-finite values in {bad[0]}: it cannot be "
+                              "a training state to resume or estimate at")
+    return params
 
 
 def load_state(out_dir, step: int) -> dict:
@@ -349,7 +368,13 @@ def load_run(out_dir) -> dict:
     path = Path(out_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{out_dir} is not a training run: {path} is missing")
-    return json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is torn or not JSON ({e}): restore it from a copy") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} holds a {type(cfg).__name__}, not a run's config")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------- memory

@@ -1,66 +1,81 @@
 """Estimate the local learning coefficient (LLC) at every checkpoint of a run, one row per
 checkpoint appended to <run>/llc.jsonl, resumable; under torchrun the checkpoints are shared out
 across ranks. The estimator itself is sgld.estimate_llc (re-exported here)."""
+import contextlib
 import json
 import math
 import os
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads crawl under load
+# before torch loads OpenMP: spinning threads crawl under load
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 
 import common
 import data
 from sgld import (CHAIN_MODES, AllChainsDivergedError, Settings, estimate_llc,  # noqa: F401
-                  make_generators, pick_chain_mode)
+                  make_generators, pick_chain_mode, select_params)
 
 USAGE = """
 
-    python llc.py out/tiny                                       # quick CPU settings, every checkpoint
-    python llc.py configs/llc_v1.py out/L2H4-s0 --steps=984,9375  # the paper's sampler at two checkpoints
+    python llc.py out/tiny                        # quick CPU settings, every checkpoint
+    python llc.py configs/llc_v1.py out/L2H4-s0 --steps=984,9375
+        # the paper's sampler at two checkpoints
     python llc.py out/tiny --include='blocks.0.**' --out=llc_block0.jsonl   # restricted LLC
-    python llc.py out/tiny --restrictions=heads               # one LLC per attention head -> llc_heads.jsonl
-    python llc.py out/tiny --data_refine=ood_inputs/3         # inputs x3 -> llc_data-ood_inputs-3.jsonl
-    python llc.py out/tiny --calibrate                           # epsilon x nbeta x gamma grid + trace figures
-    python llc.py configs/llc_cpu.py out/L2H4-s0 --follow=3600   # beside train.py: each checkpoint as it appears
-    torchrun --standalone --nproc_per_node=4 llc.py configs/llc_v2.py out/L2H4-s0   # checkpoints across ranks
+    python llc.py out/tiny --restrictions=heads   # one LLC per attention head -> llc_heads.jsonl
+    python llc.py out/tiny --data_refine=ood_inputs/3  # inputs x3 -> llc_data-ood_inputs-3.jsonl
+    python llc.py out/tiny --calibrate            # epsilon x nbeta x gamma grid + trace figures
+    python llc.py configs/llc_cpu.py out/L2H4-s0 --follow=3600
+        # beside train.py: each checkpoint as it appears
+    torchrun --standalone --nproc_per_node=4 llc.py configs/llc_v2.py out/L2H4-s0
+        # checkpoints across ranks
 """
-DEFAULTS = dict(  # the quick CPU setting for the demo runs; configs/llc_v1.py and llc_v2.py hold the paper's
+# the quick CPU setting for the demo runs; configs/llc_v1.py and llc_v2.py hold the paper's
+DEFAULTS = dict(
     ckpt="",                # the run directory (or give it positionally)
     steps="",               # comma-separated checkpoint steps (default: every checkpoint)
-    out="",                 # output file in the run directory ("": llc.jsonl, llc_<restrictions>.jsonl, llc_data-<name>.jsonl)
+    out="",                 # output file in the run directory ("": llc.jsonl,
+                            # llc_<restrictions>.jsonl, llc_data-<name>.jsonl)
     epsilon=3e-4,           # SGLD step size
     gamma=6.0,              # localisation strength
     nbeta=60.0,             # n * inverse temperature
     num_chains=4,           # chains per checkpoint
     num_draws=100,          # recorded draws per chain
     num_burnin=50,          # steps discarded before the draws
-    se_target=0.0,          # > 0: stop a checkpoint once its llc_se is at most this (checked every 100 draws; num_draws caps)
+    se_target=0.0,          # > 0: stop a checkpoint once its llc_se is at most this (checked every
+                            # 100 draws; num_draws caps)
     batch_size=32,          # rows per chain and step
     n=4096,                 # stream: rows for L(w*); fixed: the size of the fixed set
-    data_mode="stream",     # stream (fresh rows every step) | fixed (one set of n rows, shuffled per chain)
+    data_mode="stream",     # stream (fresh rows every step) | fixed (one set of n rows, shuffled
+                            # per chain)
     seed=0,                 # seeds data order, noise and the L(w*) set
-    paired=False,           # L(w*) on each draw's own minibatch (removes the L(w*) set's sampling error)
-    horizon=0,              # > num_draws (no burn-in): the mean over this many steps from w*, extrapolated
+    paired=False,    # L(w*) on each draw's own minibatch (removes the L(w*) set's sampling error)
+    horizon=0,       # > num_draws (no burn-in): the mean over this many steps from w*, extrapolated
     per_token=False,        # also estimate one LLC per context position
-    include="",             # restricted LLC: glob patterns of the sampled parameters ('blocks.0.**')
+    include="",      # restricted LLC: glob patterns of the sampled parameters ('blocks.0.**')
     exclude="",             # ... minus these (the rest stays at w*)
-    restrictions="",        # a named set, one row per (checkpoint, restriction): heads | layers | paper (regression)
-    published=False,        # LM: also llc_*_published, the paper's online-estimator convention (needs num_burnin=0)
-    data_refine="",         # data-refined LLC on another distribution: ood_inputs/<g>, tasks/<M> | code, prose (LM)
+    restrictions="",        # a named set, one row per (checkpoint, restriction): heads | layers |
+                            # paper (regression)
+    published=False,        # LM: also llc_*_published, the paper's online-estimator convention
+                            # (needs num_burnin=0)
+    data_refine="",         # data-refined LLC on another distribution: ood_inputs/<g>, tasks/<M> |
+                            # code, prose (LM)
     device="",              # default: cuda (LOCAL_RANK under torchrun) if available, else cpu
     update_backend="auto",  # auto | torch | triton | xla
-    chain_mode="autograd",  # autograd (vmap, or loop on a CPU if large) | auto (hand-derived once checked) | see sgld
+    chain_mode="autograd",  # autograd (vmap, or loop on a CPU if large) | auto (hand-derived once
+                            # checked) | see sgld
     cuda_graph=False,       # capture the SGLD step in a CUDA graph (CUDA, native mode)
     tf32=False,             # allow TF32 matmuls on CUDA
     threads=0,              # CPU threads / chain workers (0: this process's share of the cores)
     grad_chunk=256,         # native_loop on CPU: rows per gradient pass (0: the whole batch)
     ckpt_batch=1,           # checkpoints estimated together in one batched computation (GPU)
-    follow=0,               # > 0: then wait for new checkpoints (a run still training) up to this many seconds each
+    follow=0,               # > 0: then wait for new checkpoints (a run still training) up to this
+                            # many seconds each
     trace_points=100,       # bins of the per-chain loss trace stored in each row
-    calibrate=False,        # run the epsilon x nbeta x gamma grid instead (llc_calibration.json + figures)
+    calibrate=False,        # run the epsilon x nbeta x gamma grid instead (llc_calibration.json +
+                            # figures)
     calib_steps="",         # calibration checkpoints (default: three spread over the run)
     calib_epsilon="3e-4,1e-3,3e-3",  # calibration grid: step sizes
     calib_nbeta="20,60,200",         # calibration grid: nbeta values
@@ -68,10 +83,12 @@ DEFAULTS = dict(  # the quick CPU setting for the demo runs; configs/llc_v1.py a
 )
 CHOICES = {"data_mode": ("stream", "fixed"), "chain_mode": ("autograd", *CHAIN_MODES),
            "update_backend": ("auto", "torch", "triton", "xla")}
-RUN_KEYS = ("epsilon", "gamma", "nbeta", "num_chains", "num_draws", "num_burnin", "batch_size", "seed", "n",
-            "data_mode", "per_token", "include", "exclude")  # a resumed file must agree on all of these
-WHEN_SET = {"restrictions": "restriction_set", "data_refine": "data_refine", "se_target": "se_target",
-            "paired": "paired", "horizon": "horizon"}  # row columns
+RUN_KEYS = (  # a resumed file must agree on all of these
+    "epsilon", "gamma", "nbeta", "num_chains", "num_draws", "num_burnin", "batch_size", "seed", "n",
+    "data_mode", "per_token", "include", "exclude")
+WHEN_SET = {  # row columns
+    "restrictions": "restriction_set", "data_refine": "data_refine", "se_target": "se_target",
+    "paired": "paired", "horizon": "horizon"}
 
 
 def llc_row(step, res, trace_points):
@@ -80,8 +97,8 @@ def llc_row(step, res, trace_points):
     settings."""
     T = res["loss_trace"].shape[1]
     edges = np.linspace(0, T, min(trace_points, T) + 1).astype(int)
-    binned = lambda tr: [[float(r[lo:hi].mean()) for lo, hi in zip(edges[:-1], edges[1:])]  # noqa: E731
-                         for r in tr.numpy()]
+    binned = lambda tr: [  # noqa: E731
+        [float(r[lo:hi].mean()) for lo, hi in zip(edges[:-1], edges[1:])] for r in tr.numpy()]
     row = {"step": step, **{k: v for k, v in res.items() if k not in ("loss_trace", "llc_trace")}}
     row.update(loss_trace=binned(res["loss_trace"]), llc_trace=binned(res["llc_trace"]),
                trace_draws=edges[1:].tolist())
@@ -99,10 +116,17 @@ class Run:
         if cfg["data_refine"]:  # another data distribution; the model and its loss stay the run's
             self.task = self.task.refined(cfg["data_refine"])
         self.restrictions = {None: {}}  # None: the plain LLC (include / exclude as given)
+        model = data.build_model(run_cfg, 0)
         if cfg["restrictions"]:
-            self.restrictions = data.restriction_set(run_cfg, cfg["restrictions"], data.build_model(run_cfg, 0))
+            self.restrictions = data.restriction_set(run_cfg, cfg["restrictions"], model)
+        try:  # the patterns match the run's parameters, before any checkpoint is loaded
+            select_params([k for k, _ in model.named_parameters()], cfg["include"] or None,
+                          cfg["exclude"] or None)
+        except ValueError as e:
+            raise common.ConfigError(f"--include/--exclude: {e}") from None
         self.data = self.task.sample  # a stream: sample(generator, m), on the generator's device
-        if cfg["data_mode"] == "fixed":  # one fixed set for every checkpoint (common random numbers)
+        # one fixed set for every checkpoint (common random numbers)
+        if cfg["data_mode"] == "fixed":
             (_, _, _, g_set), _ = make_generators(cfg["seed"], device)
             self.data = self.task.sample(g_set, cfg["n"])
 
@@ -111,16 +135,21 @@ class Run:
         settings."""
         models = models or [data.load_model(self.dir, s).to(self.device) for s in steps]
         s = {**self.cfg, **over}
-        settings = {k: s[k] for k in Settings.__dataclass_fields__ if k in s and k not in ("device", "workers")}
-        settings.update(include=s["include"] or None, exclude=s["exclude"] or None, device=self.device,
-                        n=s["n"] if s["data_mode"] == "stream" else None,
-                        progress=over.get("progress", f"llc step(s) {steps}{' ' + restriction if restriction else ''}"))
-        settings.update(self.restrictions[restriction])  # a named restriction: its include or element masks
-        if settings["chain_mode"] == "autograd":  # the default: plain torch.func gradients, auto's choice among them
+        settings = {k: s[k] for k in Settings.__dataclass_fields__
+                    if k in s and k not in ("device", "workers")}
+        settings.update(include=s["include"] or None, exclude=s["exclude"] or None,
+                        device=self.device, n=s["n"] if s["data_mode"] == "stream" else None,
+                        progress=over.get("progress", f"llc step(s) {steps}"
+                                          f"{' ' + restriction if restriction else ''}"))
+        # a named restriction: its include or element masks
+        settings.update(self.restrictions[restriction])
+        # the default: plain torch.func gradients, auto's choice among them
+        if settings["chain_mode"] == "autograd":
             settings["chain_mode"] = pick_chain_mode(None, self.device, s["batch_size"],
                                                      sum(p.numel() for p in models[0].parameters()))
         return estimate_llc(data.RunLoss(models[0], self.task, s["per_token"]),
-                            [{k: v.detach() for k, v in m.named_parameters()} for m in models], self.data, **settings)
+                            [{k: v.detach() for k, v in m.named_parameters()} for m in models],
+                            self.data, **settings)
 
     def published(self, res):
         """With --published: the estimate restated as the paper's LM curves computed it (the task's
@@ -138,26 +167,32 @@ class Run:
         """The rows of a group of checkpoints, for each restriction the steps not `done` (step,
         restriction). If every chain of one diverged, each is redone alone: the others keep their
         estimates; the failure is recorded."""
-        out, models, init = [], {}, {}  # each checkpoint loaded, and its L(w*) computed, once for all restrictions
+        # each checkpoint loaded, and its L(w*) computed, once for all restrictions
+        out, models, init = [], {}, {}
         for r in self.restrictions:
             todo = [s for s in steps if (s, r) not in done]
-            models.update({s: data.load_model(self.dir, s).to(self.device) for s in todo if s not in models})
+            models.update({s: data.load_model(self.dir, s).to(self.device)
+                           for s in todo if s not in models})
             base = {k: self.cfg[k] for k in RUN_KEYS}
-            base.update({col: self.cfg[k] for k, col in WHEN_SET.items() if self.cfg[k]}, **{"restriction": r} if r else {})
+            base.update({col: self.cfg[k] for k, col in WHEN_SET.items() if self.cfg[k]},
+                        **{"restriction": r} if r else {})
             try:
-                known = {"init_loss": [init[s] for s in todo]} if all(s in init for s in todo) else {}
+                known = ({"init_loss": [init[s] for s in todo]} if all(s in init for s in todo)
+                         else {})
                 res = self.estimate(todo, r, [models[s] for s in todo], **known) if todo else []
             except AllChainsDivergedError as err:
                 if len(todo) > 1:
-                    out += [row for s in todo for row in self.rows([s], {(s, q) for q in self.restrictions if q != r})]
+                    out += [row for s in todo for row in self.rows(
+                        [s], {(s, q) for q in self.restrictions if q != r})]
                     continue
                 print(f"llc.py: step {todo[0]}{' ' + r if r else ''}: {err}", file=sys.stderr)
-                out.append({"step": todo[0], **base, "llc_mean": None, "nan_chains": list(range(self.cfg["num_chains"])),
-                            "error": str(err)})
+                out.append({"step": todo[0], **base, "llc_mean": None,
+                            "nan_chains": list(range(self.cfg["num_chains"])), "error": str(err)})
                 continue
-            out += [{"step": s, **base, **llc_row(s, x, self.cfg["trace_points"]), **self.published(x)}
-                    for s, x in zip(todo, res)]
-            init.update({s: x.get("init_loss_per_token", x["init_loss"]) for s, x in zip(todo, res)})
+            out += [{"step": s, **base, **llc_row(s, x, self.cfg["trace_points"]),
+                     **self.published(x)} for s, x in zip(todo, res)]
+            init.update({s: x.get("init_loss_per_token", x["init_loss"])
+                         for s, x in zip(todo, res)})
         return out
 
 
@@ -165,23 +200,29 @@ def plan(cfg, path, restrictions):
     """(all requested steps, those still to do); a usage error when a checkpoint is missing or the
     output file holds rows made with other settings."""
     have = common.list_checkpoints(cfg["ckpt"])
-    try:
-        steps = [int(s) for s in cfg["steps"].split(",")] if cfg["steps"] else have
-    except ValueError:
-        common.fail("llc.py", f"steps must be comma-separated integers, got {cfg['steps']!r}")
+    steps = [int(s) for s in cfg["steps"].split(",")] if cfg["steps"] else have
     missing = sorted(set(steps) - set(have))
     if not steps or missing:
-        common.fail("llc.py", f"no checkpoint for step(s) {missing or 'any'} in {cfg['ckpt']}/checkpoints "
-                    f"(available: {have[:5]}{'...' if len(have) > 5 else ''})")
+        which = f"--steps={cfg['steps']}: " if cfg["steps"] else ""
+        common.fail("llc.py", f"{which}no checkpoint for step(s) {missing or 'any'} in "
+                    f"{cfg['ckpt']}/checkpoints (available: {have[:5]}"
+                    f"{'...' if len(have) > 5 else ''})")
     rows = common.read_jsonl(path)
-    for key, col in [(k, k) for k in RUN_KEYS] + list(WHEN_SET.items()):  # a WHEN_SET column: absent = the default
+    if bad := [i for i, r in enumerate(rows, 1) if not isinstance(r, dict)
+               or not isinstance(r.get("step"), int)]:
+        common.fail("llc.py", f"{path}: row {bad[0]} is not an llc row (no step): move the file "
+                    "away or give --out=<another file>")
+    common.check_writable(path)
+    # a WHEN_SET column: absent = the default
+    for key, col in [(k, k) for k in RUN_KEYS] + list(WHEN_SET.items()):
         old = {r.get(col, DEFAULTS[key] if key in WHEN_SET else None) for r in rows} - {cfg[key]}
         if old:
-            common.fail("llc.py", f"{path} holds rows with {col}={old.pop()!r}, but this run has {col}="
-                        f"{cfg[key]!r}; use --out=<other file> or the same settings")
+            common.fail("llc.py", f"{path} holds rows with {col}={old.pop()!r}, but this run has "
+                        f"{col}={cfg[key]!r}; use --out=<other file> or the same settings")
     done = {(r["step"], r.get("restriction")) for r in rows}
     todo = [s for s in steps if any((s, r) not in done for r in restrictions)]
-    print(f"llc.py: {len(todo)} checkpoint(s) to do, {len(steps) - len(todo)} already in {path}", file=sys.stderr)
+    print(f"llc.py: {len(todo)} checkpoint(s) to do, {len(steps) - len(todo)} already in {path}",
+          file=sys.stderr)
     return steps, todo, done
 
 
@@ -200,7 +241,8 @@ def sweep(run, todo, finished, path, dist, rank, world):
             except Exception as err:  # noqa: BLE001  tell the other ranks, then fail
                 if dist is None:
                     raise
-                payload = [{"fatal": f"rank {rank}, step(s) {mine[i]}: {type(err).__name__}: {err}"}]
+                payload = [{"fatal": f"rank {rank}, step(s) {mine[i]}: "
+                                     f"{type(err).__name__}: {err}"}]
             common.release_memory()
         got = [payload]
         if dist is not None:
@@ -217,24 +259,28 @@ def sweep(run, todo, finished, path, dist, rank, world):
             raise SystemExit("llc.py: " + "; ".join(fatal))
         el, done = time.time() - t0, sum(len(g) for g in groups[:(i + 1) * world])
         if rank == 0:
-            llcs = [round(r["llc_mean"], 2) if r.get("llc_mean") is not None else None for r in rows]
+            llcs = [round(r["llc_mean"], 2) if r.get("llc_mean") is not None else None
+                    for r in rows]
             used = f" draws={[r.get('draws_used') for r in rows]}" if run.cfg["se_target"] else ""
-            print(f"llc.py: step(s) {sorted({r['step'] for r in rows})} [{done}/{len(todo)}] llc={llcs}{used} "
-                  f"{el / done:.1f}s/ckpt, ETA {common.fmt_time(el / done * (len(todo) - done))}", file=sys.stderr)
+            print(f"llc.py: step(s) {sorted({r['step'] for r in rows})} [{done}/{len(todo)}] "
+                  f"llc={llcs}{used} {el / done:.1f}s/ckpt, "
+                  f"ETA {common.fmt_time(el / done * (len(todo) - done))}", file=sys.stderr)
     if failed:
-        raise SystemExit(f"llc.py: all chains diverged at {failed} checkpoint(s); rows written with llc_mean=null")
+        raise SystemExit(f"llc.py: all chains diverged at {failed} checkpoint(s); "
+                         "rows written with llc_mean=null")
 
 
 def follow(run, cfg, path):
     """--follow: estimate checkpoints as a training run writes them; ends once the run's last step
     has its row, or when no new checkpoint has come for `follow` seconds."""
-    rc = common.load_run(cfg["ckpt"])  # the last step train.py saves (unknown: wait for the timeout)
+    # the last step train.py saves (unknown: wait for the timeout)
+    rc = common.load_run(cfg["ckpt"])
     last = rc["stop_at"] if rc.get("stop_at", -1) >= 0 else rc.get("max_steps", math.inf) - 1
     have, waited, poll = common.list_checkpoints(cfg["ckpt"]), 0.0, min(10.0, cfg["follow"])
     while not (have and have[-1] >= last):
         if waited >= cfg["follow"]:
-            return print(f"llc.py: no new checkpoint in {cfg['ckpt']} for {cfg['follow']:g}s: stopping "
-                         f"(rerun to resume)", file=sys.stderr)
+            return print(f"llc.py: no new checkpoint in {cfg['ckpt']} for {cfg['follow']:g}s: "
+                         f"stopping (rerun to resume)", file=sys.stderr)
         time.sleep(poll)
         waited += poll
         now = common.list_checkpoints(cfg["ckpt"])
@@ -254,31 +300,39 @@ def calibrate(run, steps):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     cfg = run.cfg
-    E, NB, GA = ([float(v) for v in cfg[k].split(",")] for k in ("calib_epsilon", "calib_nbeta", "calib_gamma"))
+    E, NB, GA = ([float(v) for v in cfg[k].split(",")]
+                 for k in ("calib_epsilon", "calib_nbeta", "calib_gamma"))
     csteps = ([int(s) for s in cfg["calib_steps"].split(",")] if cfg["calib_steps"]
               else sorted({steps[min(1, len(steps) - 1)], steps[len(steps) // 2], steps[-1]}))
     table, fig_dir = [], os.path.join(run.dir, "llc_calibration")
     for step in csteps:
         for g in GA:
-            fig, axes = plt.subplots(len(E), len(NB), figsize=(max(3.2 * len(NB), 6), 2.4 * len(E) + 0.6),
+            fig, axes = plt.subplots(len(E), len(NB),
+                                     figsize=(max(3.2 * len(NB), 6), 2.4 * len(E) + 0.6),
                                      squeeze=False)
             for (i, e), (j, nb) in ((ie, jn) for ie in enumerate(E) for jn in enumerate(NB)):
                 ax, row = axes[i][j], dict(step=step, epsilon=e, nbeta=nb, gamma=g)
                 try:
-                    res = run.estimate([step], epsilon=e, nbeta=nb, gamma=g,
-                                       progress=f"calibrate step {step} eps={e} nbeta={nb} gamma={g}")[0]
+                    res = run.estimate(
+                        [step], epsilon=e, nbeta=nb, gamma=g,
+                        progress=f"calibrate step {step} eps={e} nbeta={nb} gamma={g}")[0]
                 except AllChainsDivergedError:
                     row.update(llc_mean=None, error="all chains diverged")
                     ax.set_title(f"eps={e:g} nb={nb:g}: all diverged", fontsize=8)
                 else:
-                    row.update({k: res[k] for k in ("llc_mean", "llc_std", "llc_se", "rhat", "nan_chains")})
-                    for k, r in enumerate(res["loss_trace"].numpy()):  # per-draw LLC, running mean bold
+                    row.update({k: res[k]
+                                for k in ("llc_mean", "llc_std", "llc_se", "rhat", "nan_chains")})
+                    # per-draw LLC, running mean bold
+                    for k, r in enumerate(res["loss_trace"].numpy()):
                         llc_t = nb * (r - res["init_loss"])
                         ax.plot(llc_t, lw=0.5, alpha=0.4, color=f"C{k}")
-                        ax.plot(np.cumsum(llc_t) / np.arange(1, len(llc_t) + 1), lw=1.5, color=f"C{k}")
-                    ax.set_title(f"eps={e:g} nb={nb:g}: {res['llc_mean']:.1f}±{res['llc_se']:.1f}", fontsize=8)
+                        ax.plot(np.cumsum(llc_t) / np.arange(1, len(llc_t) + 1), lw=1.5,
+                                color=f"C{k}")
+                    ax.set_title(f"eps={e:g} nb={nb:g}: "
+                                 f"{res['llc_mean']:.1f}±{res['llc_se']:.1f}", fontsize=8)
                 table.append({k: common.finite(v) for k, v in row.items()})
-            fig.suptitle(f"step {step}, gamma={g:g}: nbeta*(L_t - L(w*)) per chain (bold: running mean)", fontsize=9)
+            fig.suptitle(f"step {step}, gamma={g:g}: nbeta*(L_t - L(w*)) per chain "
+                         "(bold: running mean)", fontsize=9)
             fig.tight_layout()
             path = os.path.join(fig_dir, f"step_{step:07d}_gamma_{g:g}.png")
             os.makedirs(fig_dir, exist_ok=True)
@@ -287,10 +341,12 @@ def calibrate(run, steps):
             plt.close(fig)
     common.atomic_write(os.path.join(run.dir, "llc_calibration.json"), json.dumps(table, indent=1))
     fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
-    print(f"{'step':>8} {'eps':>8} {'nbeta':>7} {'gamma':>7} {'llc':>9} {'se':>7} {'std':>7} {'rhat':>6} nan")
+    print(f"{'step':>8} {'eps':>8} {'nbeta':>7} {'gamma':>7} {'llc':>9} {'se':>7} {'std':>7} "
+          f"{'rhat':>6} nan")
     for r in table:
-        print(f"{r['step']:>8} {r['epsilon']:>8g} {r['nbeta']:>7g} {r['gamma']:>7g} {fmt(r['llc_mean'], '9.2f')} "
-              f"{fmt(r.get('llc_se'), '7.2f')} {fmt(r.get('llc_std'), '7.2f')} {fmt(r.get('rhat'), '6.3f')} "
+        print(f"{r['step']:>8} {r['epsilon']:>8g} {r['nbeta']:>7g} {r['gamma']:>7g} "
+              f"{fmt(r['llc_mean'], '9.2f')} {fmt(r.get('llc_se'), '7.2f')} "
+              f"{fmt(r.get('llc_std'), '7.2f')} {fmt(r.get('rhat'), '6.3f')} "
               f"{len(r.get('nan_chains') or [])}")
     return table
 
@@ -302,38 +358,18 @@ def pick_device(cfg, rank, world):
         return torch.device("cpu")
     local = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else torch.cuda.current_device()
     if local >= torch.cuda.device_count():
-        common.fail("llc.py", f"rank {rank} would use cuda:{local}, but there are {torch.cuda.device_count()} CUDA "
-                    "devices: use --nproc_per_node <= that, or --device=cpu")
+        common.fail("llc.py", f"rank {rank} would use cuda:{local}, but there are "
+                    f"{torch.cuda.device_count()} CUDA devices: use --nproc_per_node <= that, "
+                    "or --device=cpu")
     return torch.device("cuda", local)
 
 
+@common.one_line_errors("llc.py", usage=(FileNotFoundError,), after="the same command resumes")
 def main(argv=None):
     """The command line (see the module docstring). Under torchrun every rank estimates its share of
     the checkpoints on its own device (gloo, Python objects only); the rows equal a single
     process's."""
-    cfg, runs = common.parse_args("llc.py", __doc__ + USAGE, DEFAULTS, sys.argv[1:] if argv is None else argv,
-                                  sources=[__file__], choices=CHOICES, positional=True)
-    if runs and cfg["ckpt"] or len(runs) > 1:
-        common.fail("llc.py", f"give one run directory (got {runs + [cfg['ckpt']] * bool(cfg['ckpt'])})")
-    cfg["ckpt"] = cfg["ckpt"] or (runs[0] if runs else "")
-    if not cfg["ckpt"]:
-        common.fail("llc.py", "give the run directory: python llc.py out/<run> [--key=value ...] (see --help)")
-    if cfg["published"] and cfg["num_burnin"]:
-        common.fail("llc.py", "--published restates the paper's estimator, which has no burn-in: set --num_burnin=0")
-    if cfg["follow"] and (cfg["steps"] or cfg["calibrate"] or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        common.fail("llc.py", "--follow takes every checkpoint as it appears, in one process: drop --steps, "
-                    "--calibrate and torchrun")
-    if cfg["restrictions"] and (cfg["include"] or cfg["exclude"]):
-        common.fail("llc.py", "give --restrictions or --include/--exclude, not both")
-    cfg["out"] = cfg["out"] or "llc{}{}.jsonl".format(*(f"_{p}{v.replace('/', '-')}" if v else "" for p, v in (
-        ("", cfg["restrictions"]), ("data-", cfg["data_refine"]))))
-    try:
-        kind = data.kind(cfg["ckpt"])
-    except (FileNotFoundError, common.ConfigError) as e:
-        common.fail("llc.py", e)
-    if cfg["published"] and not kind.published_llc:
-        common.fail("llc.py", "--published restates the paper's language-model estimator: "
-                    "this run's task has none")
+    cfg = _options(sys.argv[1:] if argv is None else argv)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if cfg["calibrate"] and rank != 0:
         return print(f"llc.py: rank {rank} idle (calibration runs on rank 0)", file=sys.stderr)
@@ -342,35 +378,101 @@ def main(argv=None):
         import torch.distributed as dist
         dist.init_process_group("gloo")
     try:
-        device = pick_device(cfg, rank, world if dist else 1)
-        if device.type == "cpu":  # this process's share of the usable cores (chain workers in native_loop)
-            torch.set_num_threads(cfg["threads"] or max(1, len(os.sched_getaffinity(0)) // (world if dist else 1)))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # Triton launches and CUDA graphs use the current device
-        if cfg["tf32"]:
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        common.tune_malloc()
-        try:  # the restriction set and the data distribution exist, before anything is written
-            run = Run(cfg["ckpt"], cfg, device)
-        except common.ConfigError as e:
-            common.fail("llc.py", e)
-        path = os.path.join(cfg["ckpt"], cfg["out"])
-        todo = [plan(cfg, path, run.restrictions) if rank == 0 else None]
-        if dist is not None:
-            dist.broadcast_object_list(todo, src=0)
-        steps, todo, done = todo[0]
-        if cfg["calibrate"]:
-            calibrate(run, steps)
-        else:
-            sweep(run, todo, done, path, dist, rank, world if dist else 1)
-            if cfg["follow"]:
-                follow(run, cfg, path)
+        _estimate(cfg, dist, rank, world)
         if dist is not None:  # no rank tears its connections down while another still uses them
             dist.barrier()
     finally:
         if dist is not None:
             dist.destroy_process_group()
         torch.set_num_threads(threads)
+
+
+def _options(argv):
+    """The parsed and checked options: every usage error exits (code 2) before any work starts."""
+    cfg, runs = common.parse_args("llc.py", __doc__ + USAGE, DEFAULTS, argv,
+                                  sources=[__file__], choices=CHOICES, positional=True)
+    if runs and cfg["ckpt"] or len(runs) > 1:
+        common.fail("llc.py",
+                    f"give one run directory (got {runs + [cfg['ckpt']] * bool(cfg['ckpt'])})")
+    cfg["ckpt"] = cfg["ckpt"] or (runs[0] if runs else "")
+    if not cfg["ckpt"]:
+        common.fail("llc.py", "give the run directory: python llc.py out/<run> [--key=value ...] "
+                    "(see --help)")
+    if cfg["published"] and cfg["num_burnin"]:
+        common.fail("llc.py", "--published restates the paper's estimator, which has no burn-in: "
+                    "set --num_burnin=0")
+    if cfg["follow"] and (cfg["steps"] or cfg["calibrate"]
+                          or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        common.fail("llc.py", "--follow takes every checkpoint as it appears, in one process: "
+                    "drop --steps, --calibrate and torchrun")
+    if cfg["restrictions"] and (cfg["include"] or cfg["exclude"]):
+        common.fail("llc.py", "give --restrictions or --include/--exclude, not both")
+    _check_values(cfg)
+    cfg["out"] = cfg["out"] or "llc{}{}.jsonl".format(
+        *(f"_{p}{v.replace('/', '-')}" if v else ""
+          for p, v in (("", cfg["restrictions"]), ("data-", cfg["data_refine"]))))
+    try:
+        kind = data.kind(cfg["ckpt"])
+    except (FileNotFoundError, common.ConfigError) as e:
+        common.fail("llc.py", e)
+    if cfg["published"] and not kind.published_llc:
+        common.fail("llc.py", "--published restates the paper's language-model estimator: "
+                    "this run's task has none")
+    return cfg
+
+
+MINIMUM = {"threads": 0, "ckpt_batch": 1, "trace_points": 1, "follow": 0}  # beside Settings's
+
+
+def _check_values(cfg):
+    """The ranges (the sampler's own checks among them), the step list and the fixed set's size,
+    before any file is read or written."""
+    sampler = {k: cfg[k] for k in Settings.__dataclass_fields__ if k in cfg}
+    try:
+        Settings(**{**sampler, "include": None, "exclude": None, "device": None})
+    except ValueError as e:
+        common.fail("llc.py", f"--{e}")
+    for k, lo in MINIMUM.items():
+        if cfg[k] < lo:
+            common.fail("llc.py", f"--{k}={cfg[k]!r} must be at least {lo}")
+    if cfg["data_mode"] == "fixed" and cfg["batch_size"] > cfg["n"]:
+        common.fail("llc.py", f"--batch_size={cfg['batch_size']} must be at most the fixed set's "
+                    f"n={cfg['n']} rows")
+    try:
+        if cfg["steps"]:  # each once, in order
+            cfg["steps"] = ",".join(map(str, sorted({int(s) for s in cfg["steps"].split(",")})))
+    except ValueError:
+        common.fail("llc.py", f"--steps must be comma-separated integers, got {cfg['steps']!r}")
+
+
+def _estimate(cfg, dist, rank, world):
+    """This rank's work on its own device: the sweep (and --follow) or the calibration."""
+    device = pick_device(cfg, rank, world if dist else 1)
+    # this process's share of the usable cores (chain workers in native_loop)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg["threads"]
+                              or max(1, len(os.sched_getaffinity(0)) // (world if dist else 1)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # Triton launches and CUDA graphs use the current device
+    if cfg["tf32"]:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    common.tune_malloc()
+    try:  # the restriction set and the data distribution exist, before anything is written
+        run = Run(cfg["ckpt"], cfg, device)
+    except common.ConfigError as e:
+        common.fail("llc.py", e)
+    path = os.path.join(cfg["ckpt"], cfg["out"])
+    # one writer per output file: the lock is held (rank 0 writes) until the sweep ends
+    with common.lock_dir(cfg["ckpt"], cfg["out"]) if rank == 0 else contextlib.nullcontext():
+        todo = [plan(cfg, path, run.restrictions) if rank == 0 else None]
+        if dist is not None:
+            dist.broadcast_object_list(todo, src=0)
+        steps, todo, done = todo[0]
+        if cfg["calibrate"]:
+            return calibrate(run, steps)
+        sweep(run, todo, done, path, dist, rank, world if dist else 1)
+        if cfg["follow"]:
+            follow(run, cfg, path)
 
 
 if __name__ == "__main__":

@@ -81,15 +81,18 @@ class Settings:
     horizon: int = 0                # > num_draws: the mean over this many steps, extrapolated
 
     def __post_init__(self):
-        if not (self.epsilon > 0 and (self.nbeta == "default" or self.nbeta > 0) and self.gamma >= 0
-                and self.num_chains >= 1 and self.num_draws >= 1
-                and min(self.num_burnin, self.grad_chunk, self.se_target, self.horizon) >= 0
-                and not (self.horizon and self.num_burnin)):
-            raise ValueError(
-                f"need epsilon, nbeta > 0, gamma >= 0, num_chains, num_draws >= 1, num_burnin, "
-                f"grad_chunk, se_target, horizon >= 0, horizon only without burn-in; got "
-                f"{self.epsilon}, {self.nbeta}, {self.gamma}, {self.num_chains}, {self.num_draws}, "
-                f"{self.num_burnin}, {self.grad_chunk}, {self.se_target}, {self.horizon}")
+        """A value out of range is named with its bound, e.g. "num_chains=0 must be at least 1"."""
+        nbeta = 1.0 if self.nbeta == "default" else self.nbeta
+        above = {"epsilon": self.epsilon, "nbeta": nbeta}
+        least = {"num_chains": 1, "num_draws": 1, "batch_size": 1, "n": 1, "gamma": 0,
+                 "num_burnin": 0, "grad_chunk": 0, "se_target": 0, "horizon": 0}
+        bad = [f"{k}={v!r} must be above 0" for k, v in above.items() if not v > 0]
+        bad += [f"{k}={getattr(self, k)!r} must be at least {lo}" for k, lo in least.items()
+                if getattr(self, k) is not None and not getattr(self, k) >= lo]
+        if self.horizon and self.num_burnin:
+            bad.append(f"horizon={self.horizon} needs num_burnin=0 (it extrapolates from w*)")
+        if bad:
+            raise ValueError("; ".join(bad))
 
 
 # ----------------------------------------------------------------------------------------- the loop

@@ -1,6 +1,7 @@
-"""Train the paper's in-context linear regression transformer (L2H4) or its attention-only language model
-(L2W256): config -> training loop -> safetensors checkpoints + log.jsonl. The run's task (data.TASKS) supplies data,
-loss and checkpoint metrics; rerunning a command resumes it, bit-identically on CPU."""
+"""Train the paper's in-context linear regression transformer (L2H4) or its attention-only language
+model (L2W256): config -> training loop -> safetensors checkpoints + log.jsonl. The run's task
+(data.TASKS) supplies data, loss and checkpoint metrics; rerunning a command resumes it,
+bit-identically on CPU."""
 import copy
 import importlib.util
 import json
@@ -10,7 +11,8 @@ import sys
 import time
 import warnings
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: busy-waiting threads crawl under load
+# before torch loads OpenMP: busy-waiting threads crawl under load
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 
@@ -18,19 +20,22 @@ import common
 import data
 import fast
 
-# ------------------------------------------------------------------------- defaults: the CPU demo (configs/tiny.py)
+# --------------------------------------------------------- defaults: the CPU demo (configs/tiny.py)
 out_dir = "out/tiny"    # run folder: config.json, log.jsonl, checkpoints/
 seed = 0                # model init (torch.manual_seed) and the training data stream
 task = "regression"     # a key of data.TASKS: regression | lm (the language model)
 n_layer = 2             # transformer layers
 n_head = 4              # attention heads per layer
 d_model = 64            # residual stream width
-optimizer = "adam"      # adam | adamw (decoupled weight decay, the language model's); betas 0.9/0.999, eps 1e-8
+optimizer = "adam"      # adam | adamw (decoupled weight decay, the language model's); betas
+                        # 0.9/0.999, eps 1e-8
 weight_decay = 0.0      # weight decay (adamw)
-lr_schedule = "onecycle"  # onecycle (triangle peaking at max_steps/2 - 1, the regression recipe) | constant
+lr_schedule = "onecycle"  # onecycle (triangle peaking at max_steps/2 - 1, the regression recipe) |
+                          # constant
 lr = 3e-3               # peak learning rate
 batch_size = 256        # sequences per step (all ranks together)
-micro_batch = 0         # sequences per forward/backward (gradients accumulated; bounds CPU memory); 0 = the batch
+micro_batch = 0         # sequences per forward/backward (gradients accumulated; bounds CPU memory);
+                        # 0 = the batch
 max_steps = 2000        # schedule length (the paper: 500,000)
 stop_at = -1            # stop after (and save) this step (>= 0); the schedule keeps its length
 n_log = 50              # checkpoints: int(logspace(0, log10 max_steps, n_log)) ...
@@ -41,10 +46,11 @@ eval_batch_size = 1024  # sequences (rows) of the fixed eval set, evaluated at e
 eval_seed = 0           # seeds the eval set
 device = "auto"         # auto | cpu | cuda | xla
 compile = False         # torch.compile the model
-fast_grad = "False"     # False (autograd) | True | auto (CPU only): hand-derived gradient (regression; L2H4.py)
+fast_grad = "False"     # False (autograd) | True | auto (CPU only): hand-derived gradient
+                        # (regression; L2H4.py)
 tf32 = False            # allow TF32 matmuls on CUDA
 fresh_optimizer = False  # resume checkpoints without .state.pt with a new optimizer (inexact)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 COMMON = {k: v for k, v in globals().items()
           if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 
@@ -72,10 +78,11 @@ def task_in(argv):
 DEFAULTS = defaults_for("regression")  # the regression run's options (defaults_for("lm"): the LM's)
 USAGE = """
 
-    python train.py                                   # the CPU demo (these defaults = configs/tiny.py)
+    python train.py                                # the CPU demo (these defaults = configs/tiny.py)
     python train.py configs/L2H4.py --seed=3          # the paper's run: 500k steps
     python train.py configs/L2H4.py --stop_at=40292   # its first 40k steps, schedule unchanged
-    torchrun --nproc_per_node=2 train.py configs/tiny.py   # DDP; the global batch is split across ranks
+    torchrun --nproc_per_node=2 train.py configs/tiny.py
+        # DDP; the global batch is split across ranks
     python train.py configs/lm_tiny.py                # the language-model CPU demo (task = "lm")
 
 Below: every task's options; a run takes the common ones and its own task's (--task or a config
@@ -147,8 +154,9 @@ def _check_device(name):
 
 
 def lr_at(step, peak, total):
-    """torch's OneCycleLR(pct_start=0.5, linear, div = final_div = total/2 - 1): a triangle from peak/div up to
-    peak at step total/2 - 1, then down to peak/div^2 at step total - 1 (regression.md §5)."""
+    """torch's OneCycleLR(pct_start=0.5, linear, div = final_div = total/2 - 1): a triangle from
+    peak/div up to peak at step total/2 - 1, then down to peak/div^2 at step total - 1
+    (regression.md §5)."""
     div = total / 2 - 1
     lo, top = peak / div, total / 2 - 1
     if step <= top:
@@ -157,14 +165,17 @@ def lr_at(step, peak, total):
 
 
 def lr_for(cfg, step):
-    return cfg["lr"] if cfg["lr_schedule"] == "constant" else lr_at(step, cfg["lr"], cfg["max_steps"])
+    return (cfg["lr"] if cfg["lr_schedule"] == "constant"
+            else lr_at(step, cfg["lr"], cfg["max_steps"]))
 
 
 def checkpoint_steps(total, n_log=100, n_lin=100, every=0):
-    """The reference's checkpoint set: int-truncated log- and linear-spaced steps below `total`, plus every
-    `every`-th step (the language model's: every 100), plus the last step (already there for the paper's
-    500k, where int(10**log10(500000)) = 499999; added so that shorter runs always save their final model)."""
-    s = {int(v) for v in np.logspace(0, np.log10(total), n_log)} | {int(v) for v in np.linspace(0, total, n_lin)}
+    """The reference's checkpoint set: int-truncated log- and linear-spaced steps below `total`,
+    plus every `every`-th step (the language model's: every 100), plus the last step (already there
+    for the paper's 500k, where int(10**log10(500000)) = 499999; added so that shorter runs always
+    save their final model)."""
+    s = ({int(v) for v in np.logspace(0, np.log10(total), n_log)}
+         | {int(v) for v in np.linspace(0, total, n_lin)})
     s |= set(range(0, total, every)) if every > 0 else set()
     s.add(total - 1)
     return sorted(v for v in s if v < total)
@@ -236,12 +247,14 @@ def train(cfg: dict) -> dict:
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
     if ddp:
-        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group(
+            backend="nccl" if torch.cuda.is_available() else "gloo")
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if cfg["device"] in ("auto", "cuda") and torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     if cfg["batch_size"] % world:
-        raise common.ConfigError(f"batch_size {cfg['batch_size']} is not divisible by the {world} ranks")
+        raise common.ConfigError(f"batch_size {cfg['batch_size']} is not divisible by the "
+                                 f"{world} ranks")
     lock = _open_run(cfg) if rank == 0 else None
     try:
         return _train(cfg, ddp, rank, world)
@@ -300,28 +313,7 @@ def _train(cfg, ddp, rank, world):
     if ddp:
         torch.distributed.barrier()
     task = data.task_for(cfg)
-    model = data.build_model(cfg, cfg["seed"])
-    start, params, state = find_resume_step(out, model, cfg["fresh_optimizer"])
-    if start is not None:
-        model.load_state_dict(params, strict=False)  # for the buffers: the parameters match
-    # on the device before the optimizer is built: CPU -> XLA replaces the Parameter objects (no set_data between
-    # those tensor types), and an optimizer built earlier would step the stale CPU copies
-    model.to(dev)
-    Opt = torch.optim.AdamW if cfg["optimizer"] == "adamw" else torch.optim.Adam
-    opt = Opt(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg["weight_decay"])
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-    if master:  # forget log rows after the checkpoint (a new run: all): they will be written again
-        _trim_log(out, -1 if start is None else start)
-        if start is not None:
-            common.progress(f"resuming {out} from step {start}" + ("" if state is not None else
-                            "'s weights with a new optimizer (--fresh_optimizer: no .state.pt); "
-                            "not bit-identical to an unbroken run"))
-    start = 0 if start is None else start + 1
-    _move_optimizer_state(opt, dev)
-    fwd = torch.compile(model) if cfg["compile"] else model
-    if ddp:
-        fwd = torch.nn.parallel.DistributedDataParallel(fwd)
+    model, fwd, opt, start = _model_and_optimizer(cfg, dev, ddp, master)
 
     last = min(cfg["stop_at"] if cfg["stop_at"] >= 0 else N - 1, N - 1)
     # the grid, the last step (--stop_at off the grid: its steps are saved too) and every step that
@@ -341,14 +333,7 @@ def _train(cfg, ddp, rank, world):
         for g in opt.param_groups:
             g["lr"] = lr_for(cfg, step)
         opt.zero_grad(set_to_none=True)
-        for i in range(0, local_bs, micro):  # gradient accumulation: the same mean-loss gradient as one pass
-            x, y = xs[i:i + micro], ys[i:i + micro]
-            if step_grads is not None:
-                loss_i = step_grads(x, y, len(y) / local_bs)
-            else:
-                loss_i = task.loss(fwd(task.model_input(x, y)), y) * (len(y) / local_bs)
-                loss_i.backward()
-            loss = loss_i.detach() if i == 0 else loss + loss_i.detach()
+        loss = _accumulate_grads(task, fwd, step_grads, xs, ys, local_bs, micro)
         opt.step()
         if dev.type == "xla":
             import torch_xla.core.xla_model as xm  # optional dependency (TPU)
@@ -359,23 +344,78 @@ def _train(cfg, ddp, rank, world):
                            "lr": lr_for(cfg, step)})
         if step in ckpts and master:
             step_time = (time.time() - t_last) / steps_since
-            model.eval()
-            row = {"step": step, "kind": "eval",
-                   **evaluate(model, eval_data, task), "lr": lr_for(cfg, step), "step_time": step_time}
-            model.train()
-            # the log row first: a kill between the two leaves a row past the newest checkpoint, which a resume
-            # drops and writes again (the other order could lose the row of the checkpoint it resumes from)
-            _log_row(cfg, row)
-            common.save_checkpoint(out, step, model, {"optimizer": _cpu(opt.state_dict()), "step": step})
-            bar.update(step + 1 - start, f"step {step}: test loss {row['loss']:.4f}, lr {row['lr']:.2e}", force=True)
+            row = _write_checkpoint(cfg, step, model, opt, task, eval_data, step_time)
+            bar.update(step + 1 - start,
+                       f"step {step}: test loss {row['loss']:.4f}, lr {row['lr']:.2e}", force=True)
             t_last, steps_since = time.time(), 0
         elif master:
             bar.update(step + 1 - start, f"step {step}")
-    if ddp:  # the master may still be writing: no rank tears its connections down before all are done
+    # the master may still be writing: no rank tears its connections down before all are done
+    if ddp:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if master:
-        common.progress(f"done: {out} (config.json, log.jsonl, checkpoints/) in {common.fmt_time(time.time() - bar.t0)}")
+        common.progress(f"done: {out} (config.json, log.jsonl, checkpoints/) in "
+                        f"{common.fmt_time(time.time() - bar.t0)}")
+    return row
+
+
+def _model_and_optimizer(cfg, dev, ddp, master):
+    """(model, forward, optimizer, first step), resumed from the newest usable checkpoint if any."""
+    out = cfg["out_dir"]
+    model = data.build_model(cfg, cfg["seed"])
+    start, params, state = find_resume_step(out, model, cfg["fresh_optimizer"])
+    if start is not None:
+        model.load_state_dict(params, strict=False)  # for the buffers: the parameters match
+    # on the device before the optimizer is built: CPU -> XLA replaces the Parameter objects (no
+    # set_data between those tensor types), and an optimizer built earlier would step the stale CPU
+    # copies
+    model.to(dev)
+    Opt = torch.optim.AdamW if cfg["optimizer"] == "adamw" else torch.optim.Adam
+    opt = Opt(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
+              weight_decay=cfg["weight_decay"])
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+    if master:  # forget log rows after the checkpoint (a new run: all): they will be written again
+        _trim_log(out, -1 if start is None else start)
+        if start is not None:
+            common.progress(f"resuming {out} from step {start}" + ("" if state is not None else
+                            "'s weights with a new optimizer (--fresh_optimizer: no .state.pt); "
+                            "not bit-identical to an unbroken run"))
+    start = 0 if start is None else start + 1
+    _move_optimizer_state(opt, dev)
+    fwd = torch.compile(model) if cfg["compile"] else model
+    if ddp:
+        fwd = torch.nn.parallel.DistributedDataParallel(fwd)
+    return model, fwd, opt, start
+
+
+def _accumulate_grads(task, fwd, step_grads, xs, ys, local_bs, micro):
+    """The batch's mean-loss gradient into .grad, micro-batch by micro-batch; returns its loss."""
+    # gradient accumulation: the same mean-loss gradient as one pass
+    for i in range(0, local_bs, micro):
+        x, y = xs[i:i + micro], ys[i:i + micro]
+        if step_grads is not None:
+            loss_i = step_grads(x, y, len(y) / local_bs)
+        else:
+            loss_i = task.loss(fwd(task.model_input(x, y)), y) * (len(y) / local_bs)
+            loss_i.backward()
+        loss = loss_i.detach() if i == 0 else loss + loss_i.detach()
+    return loss
+
+
+def _write_checkpoint(cfg, step, model, opt, task, eval_data, step_time):
+    """The eval row, then the checkpoint files: the order a resume relies on; returns the row."""
+    model.eval()
+    row = {"step": step, "kind": "eval", **evaluate(model, eval_data, task),
+           "lr": lr_for(cfg, step), "step_time": step_time}
+    model.train()
+    # the log row first: a kill between the two leaves a row past the newest checkpoint, which a
+    # resume drops and writes again (the other order could lose the row of the checkpoint it resumes
+    # from)
+    _log_row(cfg, row)
+    common.save_checkpoint(cfg["out_dir"], step, model,
+                           {"optimizer": _cpu(opt.state_dict()), "step": step})
     return row
 
 
@@ -410,23 +450,28 @@ def wants_fast_grad(setting, dev):
 
 
 def hand_derived(cfg, model, task, gen, rows, dev, ddp):
-    """The task's hand-derived gradient as step_grads(x, y, w) -> w * loss (w * its gradient into .grad), once it
-    matched autograd on a batch; None (autograd) when off, unavailable (DDP, compile, XLA) or failing (one warning)."""
+    """The task's hand-derived gradient as step_grads(x, y, w) -> w * loss (w * its gradient into
+    .grad), once it matched autograd on a batch; None (autograd) when off, unavailable (DDP,
+    compile, XLA) or failing (one warning)."""
     if (not wants_fast_grad(cfg["fast_grad"], dev) or getattr(task, "batched_grad", None) is None
             or ddp or cfg["compile"] or dev.type == "xla"):
         return None
     params = dict(model.named_parameters())
-    gen.manual_seed(common.derive_seed(cfg["seed"], 0x7E57))  # a check batch outside the training stream
+    # a check batch outside the training stream
+    gen.manual_seed(common.derive_seed(cfg["seed"], 0x7E57))
     batch = tuple(x.to(dev) for x in task.sample(gen, min(rows, 64)))
-    bad = fast.batched_grad_mismatch(data.RunLoss(model, task), {k: v.detach() for k, v in params.items()},
+    bad = fast.batched_grad_mismatch(data.RunLoss(model, task),
+                                     {k: v.detach() for k, v in params.items()},
                                      list(params), batch)
     if bad:
-        warnings.warn(f"train.py: the hand-derived gradient disagrees with autograd ({bad}): has the model's code "
-                      "changed? Training with autograd; --fast_grad=False silences this")
+        warnings.warn(f"train.py: the hand-derived gradient disagrees with autograd ({bad}): "
+                      "has the model's code changed? Training with autograd; --fast_grad=False "
+                      "silences this")
         return None
 
     def step_grads(x, y, w):
-        loss, g = task.batched_grad(model.cfg, {k: v.detach()[None] for k, v in params.items()}, x[None], y[None])
+        loss, g = task.batched_grad(model.cfg, {k: v.detach()[None] for k, v in params.items()},
+                                    x[None], y[None])
         for k, p in params.items():
             p.grad = g[k][0] * w if p.grad is None else p.grad + g[k][0] * w
         return loss[0] * w
@@ -434,8 +479,9 @@ def hand_derived(cfg, model, task, gen, rows, dev, ddp):
 
 
 def evaluate(model, batch, task):
-    """The task's checkpoint metrics on the fixed eval data, on the model's device (XLA: on a CPU copy, which keeps
-    the XLA graphs small; model.cpu() would replace the parameters the optimizer holds)."""
+    """The task's checkpoint metrics on the fixed eval data, on the model's device (XLA: on a CPU
+    copy, which keeps the XLA graphs small; model.cpu() would replace the parameters the optimizer
+    holds)."""
     if next(model.parameters()).device.type == "xla":
         return task.metrics(copy.deepcopy(model).cpu(), batch)
     return task.metrics(model, batch)
@@ -474,8 +520,10 @@ def main(argv):
     cfg = common.parse_args("train.py", __doc__ + USAGE, defaults, argv, sources=sources,
                             choices=CHOICES)
     if cfg["device"] == "cpu" or (cfg["device"] == "auto" and not torch.cuda.is_available()):
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))  # tiny models: 1 thread is fastest
-    common.tune_malloc()  # without it glibc maps and unmaps every ~1 MB activation: 6x the page faults of autograd
+        # tiny models: 1 thread is fastest
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+    # without it glibc maps and unmaps every ~1 MB activation: 6x the page faults of autograd
+    common.tune_malloc()
     train(cfg)
 
 

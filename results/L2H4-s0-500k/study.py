@@ -23,7 +23,7 @@ import llc  # noqa: E402
 
 # the paper's sampler
 V1 = dict(epsilon=3e-4, gamma=20 / 3, nbeta=200 / 3, num_burnin=0, num_draws=5000)
-BASE = dict(V1, num_chains=8, batch_size=128, data_mode="stream", paired=True, seed=0, n=65536, trace_points=100)
+BASE = dict(V1, chain_mode="auto", num_chains=8, batch_size=128, data_mode="stream", paired=True, seed=0, n=65536, trace_points=100)
 BIN = 50  # steps per trace bin (5,000 draws in 100 bins)
 CANDIDATES = {f"mean{h}": (h, 0) for h in (500, 1000, 1500, 2500)}  # name: (steps run, horizon)
 CANDIDATES.update({f"extrap{h}": (h, 5000) for h in (1000, 1500, 2500)})
@@ -96,7 +96,8 @@ class Study:
         """Rows of `steps` (or of `models`) estimated together (on CUDA: vmap, bench.py's fastest
         mode there)."""
         over = dict(chain_mode="vmap") if self.device.type == "cuda" else {}
-        res = llc.Run(run_dir, {**cfg, **over}, self.device).estimate(steps, models=models, progress=None)
+        res = llc.Run(run_dir, {**cfg, **over}, self.device).estimate(
+            steps, models=models, progress=f"study: step(s) {steps}")
         self.rate = res[0]["sample_time"] / (cfg["num_draws"] * len(res) * cfg["num_chains"] * cfg["batch_size"])
         keys = [k for k in llc.RUN_KEYS] + ["paired", "horizon"]
         return [{**{k: cfg[k] for k in keys}, **llc.llc_row(s, r, cfg["trace_points"]),
@@ -119,8 +120,11 @@ def candidates(st, steps):
     path = os.path.join(st.args.dest, "study.jsonl")
     todo = [s for s in steps if s not in {r["step"] for r in common.read_jsonl(path)}]
     cfg = st.cfg("full5000", **({"num_draws": 400} if st.args.dry else {}))
-    if todo and st.fits(cfg, len(todo), f"the study at {todo}"):
-        st.write("study.jsonl", st.estimate(st.args.run, cfg, todo))
+    for i in range(0, len(todo), st.args.ckpt_batch):  # a row is kept as soon as it is done
+        group = todo[i:i + st.args.ckpt_batch]
+        if not st.fits(cfg, len(group), f"the study at {group}"):
+            break
+        st.write("study.jsonl", st.estimate(st.args.run, cfg, group))
     rows = common.read_jsonl(path)
     pick, score = choose(rows) if not st.args.dry else ("mean500", {})
     paper = paper_values()
@@ -196,6 +200,10 @@ def main():
     steps = sorted(set(near) | ({have[-1]} if have[-1] >= 320_000 else set()))
     print(f"study: {len(have)} checkpoints up to {have[-1]}; study steps {steps}; {st.device}", flush=True)
     pick = candidates(st, steps[:2] if args.dry else steps)
+    done = {r["step"] for r in common.read_jsonl(os.path.join(args.dest, "study.jsonl"))}
+    if not args.dry and (have[-1] < 320_000 or not set(steps) <= done):
+        return print("study: the study is not complete (it needs a checkpoint in LR5, >= 320,000); "
+                     "the rule's choice above is provisional: run again later", flush=True)
     if "seeds" in args.parts:
         seeds_and_coverage(st, pick, have)
     if "sweep" in args.parts:
