@@ -1,7 +1,8 @@
-# Language-model CPU demo (a few minutes on one core): the paper's attention-only 2-layer architecture scaled
-# down (d_model 64, 4 heads of 16, context 128) on CPython's bundled docs (no download), with the paper's
-# 5,000-token byte-level BPE, AdamW with weight decay 0.05 and a constant learning rate. Dense log-spaced
-# checkpoints. The test loss falls from ln 5000 = 8.5 to well below the corpus' unigram entropy (6.6 nats).
+# Language-model CPU demo (a few minutes on one core): the paper's attention-only 2-layer
+# architecture scaled down (d_model 64, 4 heads of 16, context 128) on CPython's bundled docs (no
+# download), with the paper's 5,000-token byte-level BPE, AdamW with weight decay 0.05 and a
+# constant learning rate. Dense log-spaced checkpoints. The test loss falls from ln 5000 = 8.5 to
+# well below the corpus' unigram entropy (6.6 nats).
 task = "lm"
 out_dir = "out/lm_tiny"
 seed = 1

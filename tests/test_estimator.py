@@ -28,9 +28,9 @@ def regression(n, paired, seed=0):
     """
     model, task = build_model(ICLConfig(d_model=16, d_mlp=16), 0), Task()
     params = {k: v.detach() for k, v in model.named_parameters()}
-    return sgld.estimate_llc(data.RunLoss(model, task), params, task.sample, epsilon=1e-3, gamma=6.0,
-                             nbeta=60.0, num_chains=4, num_draws=60, num_burnin=20, batch_size=32, n=n,
-                             seed=seed, paired=paired)
+    return sgld.estimate_llc(data.RunLoss(model, task), params, task.sample, epsilon=1e-3,
+                             gamma=6.0, nbeta=60.0, num_chains=4, num_draws=60, num_burnin=20,
+                             batch_size=32, n=n, seed=seed, paired=paired)
 
 
 def test_paired_llc_owes_nothing_to_the_l_w_star_set():
@@ -43,11 +43,13 @@ def test_paired_llc_owes_nothing_to_the_l_w_star_set():
     plain_small, plain_big = regression(64, False), regression(2048, False)
     # nbeta x the sets' difference
     shift = 60.0 * (plain_big["init_loss"] - plain_small["init_loss"])
-    assert math.isclose(plain_small["llc_mean"] - plain_big["llc_mean"], shift, rel_tol=1e-6, abs_tol=1e-6)
+    assert math.isclose(plain_small["llc_mean"] - plain_big["llc_mean"], shift, rel_tol=1e-6,
+                        abs_tol=1e-6)
     assert big["llc_std"] < plain_big["llc_std"]
     # its L(w*) error, about 60 x 4 / 512 = 0.5, is small beside the se's
     plain_huge = regression(2 ** 18, False)
-    assert abs(big["llc_mean"] - plain_huge["llc_mean"]) <= 2 * math.hypot(big["llc_se"], plain_huge["llc_se"])
+    assert (abs(big["llc_mean"] - plain_huge["llc_mean"])
+            <= 2 * math.hypot(big["llc_se"], plain_huge["llc_se"]))
     assert abs(big["init_loss_paired"] - big["init_loss"]) < 0.05 * big["init_loss"]
 
 
@@ -58,13 +60,14 @@ def test_the_standard_error_covers_the_truth_over_independent_seeds():
     two parts."""
     eps, nbeta = 1e-2, 2.0
     exact = quad_expected(4, eps, nbeta, 0.0)
-    rows = [sgld.estimate_llc(quad_loss, {"w": torch.zeros(4)}, (torch.zeros(1, 1),), epsilon=eps, gamma=0.0,
-                              nbeta=nbeta, num_chains=8, num_draws=200, num_burnin=200, seed=s)
+    rows = [sgld.estimate_llc(quad_loss, {"w": torch.zeros(4)}, (torch.zeros(1, 1),), epsilon=eps,
+                              gamma=0.0, nbeta=nbeta, num_chains=8, num_draws=200, num_burnin=200,
+                              seed=s)
             for s in range(40)]
     est, se = np.array([r["llc_mean"] for r in rows]), np.array([r["llc_se"] for r in rows])
     covered = int((abs(est - exact) <= 2 * se).sum())
-    print(f"exact {exact:.3f}: mean {est.mean():.3f}, spread {est.std(ddof=1):.3f}, mean se {se.mean():.3f}, "
-          f"covered {covered}/40")
+    print(f"exact {exact:.3f}: mean {est.mean():.3f}, spread {est.std(ddof=1):.3f}, mean se "
+          f"{se.mean():.3f}, covered {covered}/40")
     assert covered >= 34
     assert 0.8 <= se.mean() / est.std(ddof=1) <= 1.6
     assert all(r["llc_se"] >= max(r["llc_se_ess"], r["llc_se_chains"]) for r in rows)
@@ -78,15 +81,18 @@ def test_the_drift_statistic_flags_chains_that_have_not_settled():
     w = {"w": torch.zeros(1024)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cold = sgld.estimate_llc(quad_loss, w, (torch.zeros(1, 1),), num_draws=100, num_burnin=0, **kw)
+        cold = sgld.estimate_llc(quad_loss, w, (torch.zeros(1, 1),), num_draws=100, num_burnin=0,
+                                 **kw)
     print(f"cold: drift {cold['llc_drift']:.2f} (z {cold['llc_drift_z']:.1f})")
     assert cold["llc_drift"] > 0 and cold["llc_drift_z"] > sgld.DRIFT_Z
     assert sum("still drift" in str(c.message) for c in caught) == 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warm = sgld.estimate_llc(quad_loss, w, (torch.zeros(1, 1),), num_draws=400, num_burnin=1000, **kw)
+        warm = sgld.estimate_llc(quad_loss, w, (torch.zeros(1, 1),), num_draws=400, num_burnin=1000,
+                                 **kw)
     print(f"warm: drift {warm['llc_drift']:.2f} (z {warm['llc_drift_z']:.1f})")
-    assert abs(warm["llc_drift_z"]) < 3 and not [c for c in caught if "still drift" in str(c.message)]
+    assert (abs(warm["llc_drift_z"]) < 3
+            and not [c for c in caught if "still drift" in str(c.message)])
 
 
 def test_follow_mode_estimates_checkpoints_as_they_appear(tiny_run):  # noqa: F811
@@ -94,7 +100,8 @@ def test_follow_mode_estimates_checkpoints_as_they_appear(tiny_run):  # noqa: F8
     waits, takes the later checkpoints as they are written, and stops once the run's last step
     (max_steps - 1) has its row; with no new checkpoint it stops after the timeout, saying so."""
     cfg = common.load_run(tiny_run)
-    common.atomic_write(tiny_run / "config.json", __import__("json").dumps({**cfg, "max_steps": 21}))
+    common.atomic_write(tiny_run / "config.json",
+                        __import__("json").dumps({**cfg, "max_steps": 21}))
     held = tiny_run / "held"
     held.mkdir()
     for p in (tiny_run / "checkpoints").glob("step_0000020.*"):
@@ -111,8 +118,8 @@ def test_follow_mode_estimates_checkpoints_as_they_appear(tiny_run):  # noqa: F8
     assert proc.returncode == 0, err
     assert [r["step"] for r in common.read_jsonl(tiny_run / "llc.jsonl")] == [0, 10, 20]
     assert "last checkpoint (20) is done" in err
-    out = subprocess.run(cmd[:-1] + ["--follow=1", "--out=other.jsonl", "--steps="], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(cmd[:-1] + ["--follow=1", "--out=other.jsonl", "--steps="],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "done" in out.stderr  # the last step exists: no waiting at all
 
 
@@ -120,7 +127,8 @@ def test_a_horizon_extrapolates_each_chain_from_the_last_half_of_its_draws():
     """horizon = the draws run is the plain mean; a longer horizon counts the steps not run at each
     chain's mean over the last half of its draws (per chain, then averaged); with burn-in a horizon
     is refused."""
-    kw = dict(epsilon=1e-3, gamma=0.0, nbeta=20.0, num_chains=4, num_draws=100, num_burnin=0, seed=0)
+    kw = dict(epsilon=1e-3, gamma=0.0, nbeta=20.0, num_chains=4, num_draws=100, num_burnin=0,
+              seed=0)
     w, d = {"w": torch.zeros(64)}, (torch.zeros(1, 1),)
     plain = sgld.estimate_llc(quad_loss, w, d, **kw)
     same = sgld.estimate_llc(quad_loss, w, d, horizon=100, **kw)
@@ -128,7 +136,8 @@ def test_a_horizon_extrapolates_each_chain_from_the_last_half_of_its_draws():
     x = plain["llc_trace"].numpy()
     want = (x.sum(1) + 300 * x[:, 50:].mean(1)) / 400
     assert same["llc_mean"] == plain["llc_mean"]
-    assert np.allclose(longer["llc_per_chain"], want) and math.isclose(longer["llc_mean"], want.mean())
+    assert (np.allclose(longer["llc_per_chain"], want)
+            and math.isclose(longer["llc_mean"], want.mean()))
     # the chains climb from w*: the unrun steps sit higher
     assert longer["llc_mean"] > plain["llc_mean"]
     assert longer["llc_se"] == longer["llc_se_chains"]
@@ -160,11 +169,13 @@ def test_zero_dim_parameters_are_sampled_in_every_autograd_mode():
     x = torch.randn(256, 3)
     y = Gated()(x).detach() + 0.1 * torch.randn(256, 2)
     model = Gated()
-    rows = {mode: sgld.estimate_llc(model, None, (x, y), loss=lambda out, b: ((out - b[1]) ** 2).mean(),
-                                    epsilon=1e-3, gamma=100.0, nbeta=10.0, num_chains=2, num_draws=20,
+    rows = {mode: sgld.estimate_llc(model, None, (x, y),
+                                    loss=lambda out, b: ((out - b[1]) ** 2).mean(), epsilon=1e-3,
+                                    gamma=100.0, nbeta=10.0, num_chains=2, num_draws=20,
                                     batch_size=32, chain_mode=mode) for mode in ("vmap", "loop")}
     assert rows["vmap"]["num_params"] == 8
-    np.testing.assert_allclose(rows["vmap"]["llc_per_chain"], rows["loop"]["llc_per_chain"], rtol=1e-4)
+    np.testing.assert_allclose(rows["vmap"]["llc_per_chain"], rows["loop"]["llc_per_chain"],
+                               rtol=1e-4)
 
 
 def test_sgld_py_alone_runs_the_documented_devinterp_style_call(tmp_path):
@@ -172,7 +183,8 @@ def test_sgld_py_alone_runs_the_documented_devinterp_style_call(tmp_path):
     alone into an empty folder, the project not importable: an nn.Module, a DataLoader whose last
     batch is short (2,000 = 31 x 64 + 16 rows), and a finite, sensible row; no fast paths there."""
     doc = (ROOT / "docs" / "estimator.md").read_text()
-    snippet = re.search(r"```python\n(.*?)```", doc.split("## A devinterp-style call", 1)[1], re.S)[1]
+    snippet = re.search(r"```python\n(.*?)```", doc.split("## A devinterp-style call", 1)[1],
+                        re.S)[1]
     # the section's block is the first
     assert snippet == re.search(r"```python\n(.*?)```", doc, re.S)[1]
     shutil.copy(ROOT / "sgld.py", tmp_path / "sgld.py")
@@ -192,6 +204,7 @@ print("ROW " + json.dumps({k: v for k, v in row.items() if not hasattr(v, "shape
     print(out.stdout.split("ROW ", 1)[0].strip())
     assert math.isfinite(row["llc_mean"]) and 0 < row["llc_mean"] < row["num_params"] / 2
     assert 0 < row["llc_se"] < row["llc_mean"] and not row["nan_chains"]
-    assert (row["batch_size"], row["n"], row["num_chains"], row["num_draws"]) == (64, 16 * 64, 4, 200)
+    assert ((row["batch_size"], row["n"], row["num_chains"], row["num_draws"])
+            == (64, 16 * 64, 4, 200))
     assert len(row["llc_per_chain"]) == 4 and row["update_backend"] == "torch"
     assert row["num_params"] == 8 * 16 + 16 + 16 + 1

@@ -41,10 +41,12 @@ def test_parameter_count_and_init():
     m = build_model(LMConfig(), 1)
     assert sum(p.numel() for p in m.parameters()) == 3_355_016
     p = dict(m.named_parameters())
-    for name in ("embed.weight", "pos_embed", "blocks.0.attn.q.weight", "blocks.1.attn.o.weight", "unembed.weight"):
+    for name in ("embed.weight", "pos_embed", "blocks.0.attn.q.weight", "blocks.1.attn.o.weight",
+                 "unembed.weight"):
         assert p[name].std().item() == pytest.approx(0.05, rel=0.02), name
     assert p["unembed.bias"].abs().max() == 0 and p["blocks.0.attn.v.bias"].abs().max() == 0
-    assert torch.equal(p["blocks.1.ln.weight"], torch.ones(256)) and torch.equal(p["ln_final.bias"], torch.zeros(256))
+    assert (torch.equal(p["blocks.1.ln.weight"], torch.ones(256))
+            and torch.equal(p["ln_final.bias"], torch.zeros(256)))
 
 
 def test_shortformer_positions_never_enter_the_residual_stream():
@@ -108,7 +110,8 @@ def test_vmap_over_stacked_models_and_the_task_loss():
     y = torch.randint(0, 50, (3, 4, 15))
 
     def loss(p, b, xs, ys):
-        return lm_data.LMTask.loss(functional_call(base, (p, b), (lm_data.LMTask.model_input(xs, ys),)), ys)
+        return lm_data.LMTask.loss(
+            functional_call(base, (p, b), (lm_data.LMTask.model_input(xs, ys),)), ys)
 
     grads = vmap(grad(loss))(params, buffers, x, y)
     for i, m in enumerate(models):
@@ -154,7 +157,8 @@ def test_transformer_lens_state_dict_conversion():
     back = lm_hub.from_transformer_lens(sd)
     assert back.keys() == params.keys() and all(torch.equal(back[k], params[k]) for k in params)
     tokens = torch.randint(0, 50, (2, 16))
-    torch.testing.assert_close(m(tokens), _transformer_lens_forward(sd, tokens, 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m(tokens), _transformer_lens_forward(sd, tokens, 2), atol=1e-5,
+                               rtol=1e-5)
 
 
 # -------------------------------------------------------------------------------- tokenizer and
@@ -169,7 +173,8 @@ def lm_dir(tmp_path_factory):
 
 def test_tokenizer_round_trip_and_special_ids(lm_dir):
     tok = lm_data.load_tokenizer(lm_dir / "tokenizer.json")
-    assert tok.get_vocab_size() == 5000 and tok.token_to_id("<|endoftext|>") == 4999 and tok.token_to_id("Ġ") == 220
+    assert (tok.get_vocab_size() == 5000 and tok.token_to_id("<|endoftext|>") == 4999
+            and tok.token_to_id("Ġ") == 220)
     docs = lm_data.python_docs_corpus()
     for doc in docs[::7]:
         assert tok.decode(tok.encode(doc).ids) == doc
@@ -192,7 +197,8 @@ def test_packed_files_and_held_out_split(lm_dir):
     assert test_ids == meta["test_doc_ids"] and not set(train_ids) & set(test_ids)
     assert sorted(train_ids + test_ids) == list(range(len(docs)))
     stream = np.concatenate([np.append(tok.encode(docs[i]).ids, 4999) for i in test_ids])
-    np.testing.assert_array_equal(np.asarray(test_rows[:, 1:]).ravel(), stream[:test_rows.shape[0] * (CTX - 1)])
+    np.testing.assert_array_equal(np.asarray(test_rows[:, 1:]).ravel(),
+                                  stream[:test_rows.shape[0] * (CTX - 1)])
     first = np.concatenate([np.append(tok.encode(docs[i]).ids, 4999) for i in train_ids[:5]])
     n = len(first) // (CTX - 1) * (CTX - 1)
     np.testing.assert_array_equal(np.asarray(train_rows[:, 1:]).ravel()[:n], first[:n])
@@ -209,20 +215,24 @@ def test_other_corpora(tmp_path):
     (tmp_path / "a.txt").write_text("first document")
     (tmp_path / "b" / "c.md").write_text("second")
     with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
-        f.write(json.dumps({"contents": "a pile row"}) + "\n" + json.dumps({"text": "another"}) + "\n")
-    assert lm_data.load_corpus(str(tmp_path)) == ["first document", "second", "a pile row", "another"]
+        f.write(json.dumps({"contents": "a pile row"}) + "\n"
+                + json.dumps({"text": "another"}) + "\n")
+    assert lm_data.load_corpus(str(tmp_path)) == ["first document", "second", "a pile row",
+                                                  "another"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         lm_data.load_corpus(str(tmp_path / "nowhere"))
     if shutil.which("bible"):  # Debian's bible-kjv is installed here
         kjv = lm_data.load_corpus("kjv")
-        assert len(kjv) == 1189 and kjv[0].startswith("In the beginning God created the heaven and the earth.")
+        assert (len(kjv) == 1189
+                and kjv[0].startswith("In the beginning God created the heaven and the earth."))
 
 
 def test_lm_task_interface(lm_dir):
     task = lm_data.LMTask(lm_dir)
     g = torch.Generator().manual_seed(0)
     xs, ys = task.sample(g, 5)
-    assert xs.shape == ys.shape == (5, CTX - 1) and xs.dtype == torch.long and (xs[:, 0] == 4999).all()
+    assert (xs.shape == ys.shape == (5, CTX - 1) and xs.dtype == torch.long
+            and (xs[:, 0] == 4999).all())
     g2 = torch.Generator().manual_seed(0)
     assert torch.equal(task.sample(g2, 5)[0], xs)
     assert torch.equal(xs[:, 1:], ys[:, :-1])
@@ -231,7 +241,8 @@ def test_lm_task_interface(lm_dir):
     rows = task.eval_data(0, 7)
     assert torch.equal(rows, torch.from_numpy(np.asarray(task.test[:7]).astype(np.int64)))
     m = build_model(LMConfig(n_ctx=CTX, d_model=16, n_head=2), 0)
-    assert task.loss(m(task.model_input(xs, ys)), ys).item() == pytest.approx(math.log(5000), abs=0.6)
+    assert task.loss(m(task.model_input(xs, ys)), ys).item() == pytest.approx(math.log(5000),
+                                                                              abs=0.6)
     row = task.metrics(m, rows)
     assert {"loss", "loss/0", "loss/50", "loss_pos_ablated", "icl", "weight_norm"} <= set(row)
     assert "loss/100" not in row  # beyond the 63 predicted positions
@@ -253,12 +264,14 @@ class _Hub(http.server.BaseHTTPRequestHandler):
         self._answer()
 
     def _answer(self):
-        self.log.append((self.command, self.path, self.headers.get("Range"), self.headers.get("Authorization")))
+        self.log.append((self.command, self.path, self.headers.get("Range"),
+                         self.headers.get("Authorization")))
         body = self.files.get(self.path)
         if "/resolve/" in self.path:
             sha = body and hashlib.sha256(body).hexdigest()
             self.send_response(302 if body else 404)
-            head = {"Location": f"{self.cdn}/cdn/{sha}", "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": len(body),
+            head = {"Location": f"{self.cdn}/cdn/{sha}", "X-Linked-Etag": f'"{sha}"',
+                    "X-Linked-Size": len(body),
                     "ETag": '"hub"'} if body else {"X-Error-Code": "EntryNotFound"}
             for k, v in {**head, "X-Repo-Commit": self.commit, "Content-Length": 0}.items():
                 self.send_header(k, str(v))
@@ -337,12 +350,15 @@ def test_hub_download_reads_the_redirect_and_uses_the_hub_cache_layout(hub, monk
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     path = get("checkpoints/checkpoint_0000000.pth")
     folder = cache / "models--o--L2"
-    assert path == folder / "snapshots" / H.commit / "checkpoints/checkpoint_0000000.pth" and path.read_bytes() == blob
-    assert path.resolve() == (folder / "blobs" / sha).resolve() and (folder / "refs/main").read_text() == H.commit
-    assert [(m, p) for m, p, _, _ in H.log] == [("HEAD", "/o/L2/resolve/main/checkpoints/checkpoint_0000000.pth"),
-                                                ("GET", f"/cdn/{sha}")]
+    assert (path == folder / "snapshots" / H.commit / "checkpoints/checkpoint_0000000.pth"
+            and path.read_bytes() == blob)
+    assert (path.resolve() == (folder / "blobs" / sha).resolve()
+            and (folder / "refs/main").read_text() == H.commit)
+    assert [(m, p) for m, p, _, _ in H.log] == [
+        ("HEAD", "/o/L2/resolve/main/checkpoints/checkpoint_0000000.pth"), ("GET", f"/cdn/{sha}")]
     # cached: a HEAD checks for a newer version, nothing is fetched; offline: no request at all
-    assert get("checkpoints/checkpoint_0000000.pth") == path and [m for m, *_ in H.log[2:]] == ["HEAD"]
+    assert (get("checkpoints/checkpoint_0000000.pth") == path
+            and [m for m, *_ in H.log[2:]] == ["HEAD"])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert get("checkpoints/checkpoint_0000000.pth") == path and len(H.log) == 3
     with pytest.raises(lm_hub.HubError, match="not in the cache"):
@@ -369,14 +385,16 @@ def test_hub_download_rejects_corrupt_files_and_resumes_partial_ones(hub):
     blob = np.random.default_rng(1).bytes(300_000)
     sha = _put(H, "o/tok", "tokenizer.json", blob)
     # noqa
-    get = lambda **kw: lm_hub.hub_download("o/tok", "tokenizer.json", base_url=url, cache_dir=cache, **kw)
+    get = lambda **kw: lm_hub.hub_download("o/tok", "tokenizer.json", base_url=url, cache_dir=cache,
+                                           **kw)
     # a corrupt transfer (right length, wrong bytes) is rejected, removed and fetched again
     H.corrupt.add(sha)
     with pytest.raises(lm_hub.HubError, match="sha256 mismatch.*removed"):
         get(retries=0)
     assert not list(cache.rglob(f"{sha}*"))
     H.corrupt.add(sha)
-    assert get().read_bytes() == blob and [m for m, p, _, _ in H.log if p.startswith("/cdn/")] == ["GET"] * 3
+    assert (get().read_bytes() == blob
+            and [m for m, p, _, _ in H.log if p.startswith("/cdn/")] == ["GET"] * 3)
     # an interrupted transfer leaves blobs/<sha>.incomplete; the next call resumes it with a Range
     # request
     blob2 = blob[::-1]
@@ -388,11 +406,13 @@ def test_hub_download_rejects_corrupt_files_and_resumes_partial_ones(hub):
     have = part.stat().st_size
     assert 0 < have <= 150_000 and part.read_bytes() == blob2[:have]
     path = lm_hub.hub_download("o/tok", "vocab.json", base_url=url, cache_dir=cache)
-    assert path.read_bytes() == blob2 and not part.exists() and H.log[-1][1:3] == (f"/cdn/{sha2}", f"bytes={have}-")
+    assert (path.read_bytes() == blob2 and not part.exists()
+            and H.log[-1][1:3] == (f"/cdn/{sha2}", f"bytes={have}-"))
     # ... and within one call (retries)
     blob3 = blob[:200_000]
     H.cut.add(_put(H, "o/tok", "merges.txt", blob3))
-    assert lm_hub.hub_download("o/tok", "merges.txt", base_url=url, cache_dir=cache).read_bytes() == blob3
+    assert lm_hub.hub_download("o/tok", "merges.txt", base_url=url,
+                               cache_dir=cache).read_bytes() == blob3
     assert H.log[-1][2].startswith("bytes=")
 
 
@@ -400,28 +420,31 @@ def test_hub_download_through_huggingface_hub_shares_the_cache(hub, monkeypatch)
     pytest.importorskip("huggingface_hub")
     H, url, cache = hub
     a, b = np.random.default_rng(2).bytes(50_000), np.random.default_rng(3).bytes(40_000)
-    sha_a, _ = _put(H, "o/L2", "checkpoints/checkpoint_0000000.pth", a), _put(H, "o/L2", "losses.txt", b)
+    sha_a, _ = (_put(H, "o/L2", "checkpoints/checkpoint_0000000.pth", a),
+                _put(H, "o/L2", "losses.txt", b))
     # caught by our sha256 check (huggingface_hub checks only the length) and fetched again
     H.corrupt.add(sha_a)
-    got = lm_hub.hub_download("o/L2", "checkpoints/checkpoint_0000000.pth", base_url=url, cache_dir=cache,
-                              backend="huggingface_hub")
+    got = lm_hub.hub_download("o/L2", "checkpoints/checkpoint_0000000.pth", base_url=url,
+                              cache_dir=cache, backend="huggingface_hub")
     assert got.read_bytes() == a and got.resolve().name == sha_a
     assert [p for m, p, _, _ in H.log if m == "GET"] == [f"/cdn/{sha_a}"] * 2
     via_requests = lm_hub.hub_download("o/L2", "losses.txt", base_url=url, cache_dir=cache)
     with pytest.raises(lm_hub.HubNotFound):
-        lm_hub.hub_download("o/L2", "checkpoints/checkpoint_0000100.pth", base_url=url, cache_dir=cache,
-                            backend="huggingface_hub")
+        lm_hub.hub_download("o/L2", "checkpoints/checkpoint_0000100.pth", base_url=url,
+                            cache_dir=cache, backend="huggingface_hub")
     # offline, each backend finds what the other one downloaded
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     n = len(H.log)
     assert lm_hub.hub_download("o/L2", "checkpoints/checkpoint_0000000.pth", cache_dir=cache) == got
-    assert lm_hub.hub_download("o/L2", "losses.txt", cache_dir=cache, backend="huggingface_hub") == via_requests
+    assert lm_hub.hub_download("o/L2", "losses.txt", cache_dir=cache,
+                               backend="huggingface_hub") == via_requests
     assert len(H.log) == n
 
 
 def _tl_bytes(model, wrap=False):
     buf = io.BytesIO()
-    sd = lm_hub.to_transformer_lens({k: v.detach() for k, v in model.named_parameters()}, model.cfg.n_head)
+    sd = lm_hub.to_transformer_lens({k: v.detach() for k, v in model.named_parameters()},
+                                    model.cfg.n_head)
     torch.save({"model": sd} if wrap else sd, buf)
     return buf.getvalue()
 
@@ -431,28 +454,34 @@ def test_import_skips_missing_steps_and_export_round_trips(hub, tmp_path, lm_dir
     is skipped and reported; `export` writes the same layout with a config, and `import` reads that
     folder back."""
     H, url, cache = hub
-    cfg = common.configure(LM_DEFAULTS, [str(ROOT / "configs" / "L2W256.py"), f"--out_dir={tmp_path / 'run'}",
-                                            f"--data_dir={lm_dir}", f"--n_ctx={CTX}", "--d_model=16", "--n_head=2"])
+    cfg = common.configure(LM_DEFAULTS, [str(ROOT / "configs" / "L2W256.py"),
+                                         f"--out_dir={tmp_path / 'run'}", f"--data_dir={lm_dir}",
+                                         f"--n_ctx={CTX}", "--d_model=16", "--n_head=2"])
     models = {s: data.build_model(cfg, s) for s in (0, 200)}
     for s, m in models.items():
         _put(H, "o/L2", f"checkpoints/checkpoint_{s:07d}.pth", _tl_bytes(m, wrap=s == 200))
-    kept = lm_hub.hub_download("o/L2", "checkpoints/checkpoint_0000000.pth", base_url=url, cache_dir=cache)
-    done, missing = lm_data.import_checkpoints("o/L2", [0, 100, 200], tmp_path / "run", cfg, base_url=url,
-                                               cache_dir=cache)
-    assert done == [0, 200] and missing == [100] and common.list_checkpoints(tmp_path / "run") == [0, 200]
+    kept = lm_hub.hub_download("o/L2", "checkpoints/checkpoint_0000000.pth", base_url=url,
+                               cache_dir=cache)
+    done, missing = lm_data.import_checkpoints("o/L2", [0, 100, 200], tmp_path / "run", cfg,
+                                               base_url=url, cache_dir=cache)
+    assert (done == [0, 200] and missing == [100]
+            and common.list_checkpoints(tmp_path / "run") == [0, 200])
     tokens = torch.randint(0, 5000, (2, CTX))
     for s, m in models.items():
         torch.testing.assert_close(data.load_model(tmp_path / "run", s)(tokens), m(tokens))
     assert isinstance(data.task_for(tmp_path / "run"), lm_data.LMTask)
-    assert kept.is_file() and not lm_hub.cached_file("o/L2", "checkpoints/checkpoint_0000200.pth", cache_dir=cache)
+    assert kept.is_file() and not lm_hub.cached_file("o/L2", "checkpoints/checkpoint_0000200.pth",
+                                                     cache_dir=cache)
     with pytest.raises(lm_hub.HubError, match="none of the 1 steps"):
-        lm_data.import_checkpoints("o/L2", [300], tmp_path / "run3", cfg, base_url=url, cache_dir=cache)
+        lm_data.import_checkpoints("o/L2", [300], tmp_path / "run3", cfg, base_url=url,
+                                   cache_dir=cache)
     # export -> TransformerLens state dicts and config -> import from the folder: the same
     # parameters
     tl = lm_data.export_transformer_lens(tmp_path / "run", tmp_path / "tl")
     assert json.loads((tl / "config.json").read_text())["n_heads"] == 2
     sd = torch.load(tl / "checkpoints/checkpoint_0000200.pth", weights_only=True)
-    assert sd["blocks.1.attn.mask"].shape == (CTX, CTX) and sd["blocks.1.attn.IGNORE"] == float("-inf")
+    assert (sd["blocks.1.attn.mask"].shape == (CTX, CTX)
+            and sd["blocks.1.attn.IGNORE"] == float("-inf"))
     done, _ = lm_data.import_checkpoints(str(tl), [0, 200], tmp_path / "run2", lm_data.DEFAULTS)
     for s in done:
         a, b = common.load_params(tmp_path / "run", s), common.load_params(tmp_path / "run2", s)
@@ -486,16 +515,18 @@ FIXTURES = ROOT / "tests" / "fixtures"
 def test_arrow_shards_and_hub_corpora(hub, tmp_path, lm_dir, monkeypatch):
     # contents, a metadata struct, an id; 2 batches
     docs = lm_hub.read_documents(FIXTURES / "dsir-sample.arrow")
-    assert docs == ["The first document of the sample.", "Ünïcode ✓ and a second line.\nNew line here.", "",
-                    "Last one"]
+    assert docs == ["The first document of the sample.",
+                    "Ünïcode ✓ and a second line.\nNew line here.", "", "Last one"]
     # a *-tokens shard: rows of 16 ids
     rows = lm_hub.read_documents(FIXTURES / "dsir-tokens-sample.arrow")
-    assert len(rows) == 40 and all(r.dtype == np.uint16 and len(r) == 16 and r[0] == 4999 for r in rows)
+    assert (len(rows) == 40
+            and all(r.dtype == np.uint16 and len(r) == 16 and r[0] == 4999 for r in rows))
     # token rows pack as they are: with rows of the same length every row comes back unchanged
     (tmp_path / "tok").mkdir()
     shutil.copy(FIXTURES / "dsir-tokens-sample.arrow", tmp_path / "tok")
     d = tmp_path / "packed"
-    lm_data.prepare(d, str(tmp_path / "tok"), 5000, 16, 0.2, str(lm_dir / "tokenizer.json"), progress=lambda m: 0)
+    lm_data.prepare(d, str(tmp_path / "tok"), 5000, 16, 0.2, str(lm_dir / "tokenizer.json"),
+                    progress=lambda m: 0)
     packed = np.concatenate([lm_data.open_rows(d, "train"), lm_data.open_rows(d, "test")])
     assert sorted(map(bytes, packed)) == sorted(map(bytes, rows))
     with pytest.raises(common.ConfigError, match="token rows"):
@@ -507,7 +538,8 @@ def test_arrow_shards_and_hub_corpora(hub, tmp_path, lm_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     assert lm_data.load_corpus("hub:datasets/o/pile:train-100k.jsonl") == ["one", "two"]
     # the GPT-2 word list, through the same downloader, decoded from byte-level form
-    _put(H, "openai-community/gpt2", "vocab.json", json.dumps({"Ġthe": 1, "cat": 0, "Ċ": 2}).encode())
+    _put(H, "openai-community/gpt2", "vocab.json",
+         json.dumps({"Ġthe": 1, "cat": 0, "Ċ": 2}).encode())
     shutil.copytree(lm_dir, tmp_path / "words")
     assert lm_data.write_gpt2_words(tmp_path / "words") == ["cat", " the", "\n"]
     assert lm_data.LMTask(tmp_path / "words").words() == ["cat", " the", "\n"]
@@ -525,7 +557,8 @@ def test_published_llc_convention_matches_the_reference_estimator():
         for t in range(T):
             slots[c, t] = trace[c, t]
             if t:
-                llcs[c, t] = (t * llcs[c, t - 1] + nbeta * (trace[c, t] - slots[:, 0].mean())) / (t + 1)
+                llcs[c, t] = (t * llcs[c, t - 1]
+                              + nbeta * (trace[c, t] - slots[:, 0].mean())) / (t + 1)
     init = 3.2  # any L(w*): ours subtracts it, the conversion adds it back
     ours = nbeta * (trace.mean(1) - init)
     got = lm_eval.published_llc(ours, init, nbeta, T, draw0=trace[:, 0])
@@ -541,14 +574,17 @@ def test_published_llc_convention_matches_the_reference_estimator():
 
 def test_hub_command_lines(tmp_path):
     for module in ("lm.hub", "lm.data"):
-        r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)
+        r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
+                           cwd=ROOT)
         assert r.returncode == 0 and "usage" in r.stdout
-        r = subprocess.run([sys.executable, "-m", module, "download" if module == "lm.hub" else "import",
+        r = subprocess.run([sys.executable, "-m", module,
+                            "download" if module == "lm.hub" else "import",
                             "x", "--bogus=1"], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "LM_HUB_BACKEND": "requests"}
-    r = subprocess.run([sys.executable, "-m", "lm.hub", "download", "o/r", "f.json"], capture_output=True,
-                       text=True, env=env, cwd=ROOT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path),
+           "LM_HUB_BACKEND": "requests"}
+    r = subprocess.run([sys.executable, "-m", "lm.hub", "download", "o/r", "f.json"],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 1 and r.stderr.startswith("lm.hub: o/r/f.json is not in the cache")
 
 
@@ -581,7 +617,8 @@ def test_synthetic_sequences_follow_the_spec():
     assert lengths.min() >= 16 and lengths.max() <= 64
     assert torch.equal(lm_eval.previous_token_data(500, 5000, seed=0)[0], tokens)
     tokens, first, second = lm_eval.prefix_matching_data(500, 128, 5000, seed=0)
-    assert tokens.shape == (500, 128) and (tokens[:, 0] == 4999).all() and tokens[:, 1:].max() < 4999
+    assert (tokens.shape == (500, 128) and (tokens[:, 0] == 4999).all()
+            and tokens[:, 1:].max() < 4999)
     assert first.min() >= 1 and first.max() <= 63 and second.min() >= 65 and second.max() <= 127
     b = torch.arange(500)
     s = tokens[b, first]
@@ -622,7 +659,8 @@ class _Bigram(nn.Module):
     def __init__(self, table, V):
         super().__init__()
         self.cfg = LMConfig(vocab_size=V, n_ctx=32)
-        self.logB = torch.log(lm_eval._dense_rows(table, torch.arange(V), V).float().clamp_min(1e-30))
+        self.logB = torch.log(
+            lm_eval._dense_rows(table, torch.arange(V), V).float().clamp_min(1e-30))
 
     def forward(self, tokens, positions=True):
         return self.logB[tokens]
@@ -655,11 +693,13 @@ def test_ngrams_icl_and_per_position_loss():
     assert lm_eval.ngram_sequences(enc.get, list(enc), 2, limit=1, bos=49).shape == (1, 3)
     m = build_model(TINY, 0)
     logits = m(seqs[:, :-1])[:, -1]
-    assert lm_eval.ngram_loss(m, seqs) == pytest.approx(F.cross_entropy(logits, seqs[:, -1]).item(), rel=1e-5)
+    assert lm_eval.ngram_loss(m, seqs) == pytest.approx(F.cross_entropy(logits, seqs[:, -1]).item(),
+                                                        rel=1e-5)
     assert lm_eval.icl_positions(1024) == (48, 498)
     tokens = torch.randint(0, 50, (5, 16))
     pp = lm_eval.per_position_loss(m, tokens, batch_size=2)
-    want = F.cross_entropy(m(tokens[:, :-1]).transpose(1, 2), tokens[:, 1:], reduction="none").mean(0)
+    want = F.cross_entropy(m(tokens[:, :-1]).transpose(1, 2), tokens[:, 1:],
+                           reduction="none").mean(0)
     torch.testing.assert_close(pp.float(), want)
     assert not torch.allclose(lm_eval.position_ablated_loss(m, tokens), pp)
     assert lm_eval.true_token_logits(m, tokens, n=5).shape == (5,)
@@ -675,8 +715,8 @@ def _lm_cfg(lm_dir, out, *extra):
 
 
 def test_lm_tiny_resumes_bit_identically(lm_dir, tmp_path):
-    small = ["--d_model=16", "--n_head=2", "--batch_size=4", "--max_steps=13", "--n_log=0", "--n_lin=0",
-             "--ckpt_every=3", "--eval_batch_size=8", "--log_interval=1"]
+    small = ["--d_model=16", "--n_head=2", "--batch_size=4", "--max_steps=13", "--n_log=0",
+             "--n_lin=0", "--ckpt_every=3", "--eval_batch_size=8", "--log_interval=1"]
     ref = train.train(_lm_cfg(lm_dir, tmp_path / "ref", *small))
     train.train(_lm_cfg(lm_dir, tmp_path / "cut", *small, "--stop_at=6"))
     assert common.list_checkpoints(tmp_path / "cut") == [0, 3, 6]
@@ -693,9 +733,11 @@ def test_lm_tiny_resumes_bit_identically(lm_dir, tmp_path):
 @pytest.mark.slow
 def test_lm_tiny_loss_falls_below_the_unigram_entropy(lm_dir, tmp_path):
     H1 = lm_data.read_meta(lm_dir)["unigram_entropy"]
-    train.train(_lm_cfg(lm_dir, tmp_path, "--d_model=32", "--batch_size=8", "--lr=1e-2", "--max_steps=300",
-                        "--n_log=0", "--n_lin=0", "--ckpt_every=299", "--eval_batch_size=32"))
-    first, last = [r["loss"] for r in common.read_jsonl(tmp_path / "log.jsonl") if r["kind"] == "eval"]
+    train.train(_lm_cfg(lm_dir, tmp_path, "--d_model=32", "--batch_size=8", "--lr=1e-2",
+                        "--max_steps=300", "--n_log=0", "--n_lin=0", "--ckpt_every=299",
+                        "--eval_batch_size=32"))
+    first, last = [r["loss"] for r in common.read_jsonl(tmp_path / "log.jsonl")
+                   if r["kind"] == "eval"]
     assert first > math.log(5000) - 0.2 and last < H1 - 0.3, (first, last, H1)
 
 
@@ -703,14 +745,14 @@ def test_llc_py_published_convention_columns(lm_dir, tmp_path):
     """llc.py --published adds the paper's LM convention next to our estimate, equal to
     lm_eval.published_llc."""
     import llc
-    cfg = _lm_cfg(lm_dir, tmp_path / "run", "--d_model=16", "--n_head=2", "--batch_size=4", "--max_steps=3",
-                  "--n_log=1", "--n_lin=2", "--ckpt_every=0")
+    cfg = _lm_cfg(lm_dir, tmp_path / "run", "--d_model=16", "--n_head=2", "--batch_size=4",
+                  "--max_steps=3", "--n_log=1", "--n_lin=2", "--ckpt_every=0")
     train.train(cfg)
-    llc.main([str(tmp_path / "run"), "--num_chains=3", "--num_draws=5", "--num_burnin=0", "--batch_size=2", "--n=8",
-              "--published", "--steps=2", "--trace_points=5"])
+    llc.main([str(tmp_path / "run"), "--num_chains=3", "--num_draws=5", "--num_burnin=0",
+              "--batch_size=2", "--n=8", "--published", "--steps=2", "--trace_points=5"])
     (row,) = common.read_jsonl(tmp_path / "run" / "llc.jsonl")
-    want = lm_eval.published_llc(row["llc_per_chain"], row["init_loss"], row["nbeta"], row["num_draws"],
-                                 draw0=[t[0] for t in row["loss_trace"]])
+    want = lm_eval.published_llc(row["llc_per_chain"], row["init_loss"], row["nbeta"],
+                                 row["num_draws"], draw0=[t[0] for t in row["loss_trace"]])
     assert row["llc_mean_published"] == pytest.approx(want["llc_mean"], rel=1e-6)
     # the reference's running init loss biases upward
     assert row["llc_mean_published"] > row["llc_mean"]
@@ -727,10 +769,12 @@ def test_code_and_prose_subsets_for_data_refined_llcs(lm_dir):
     def share(rows):
         text = [tok.decode(r.astype(np.int64).tolist()) for r in rows[:50]]
         lines = [ln for t in text for ln in t.splitlines() if ln.strip()]
-        return np.mean([ln.lstrip().startswith((">>>", "...", "def ", "import ", "return ")) or ln.startswith("    ")
+        return np.mean([ln.lstrip().startswith((">>>", "...", "def ", "import ", "return "))
+                        or ln.startswith("    ")
                         for ln in lines])
     assert share(code.train) > 0.4 and share(prose.train) < 0.1
-    assert 0 < len(code.train) < len(task.train) and len(code.train) + len(prose.train) < len(task.train)
+    assert (0 < len(code.train) < len(task.train)
+            and len(code.train) + len(prose.train) < len(task.train))
     xs, ys = code.sample(torch.Generator().manual_seed(0), 4)
     assert xs.shape == (4, CTX - 1) and torch.equal(xs[:, 1:], ys[:, :-1])
     with pytest.raises(common.ConfigError, match="code, prose or a corpus folder"):
@@ -746,7 +790,8 @@ def test_a_corpus_folder_as_data_refined_distribution(lm_dir, tmp_path):
     (folder / "b.txt").write_text("The cat sat on the mat. " * 300)
     task = lm_data.LMTask(lm_dir)
     sub = task.refined(str(folder))
-    assert sub.data_dir.parent == lm_dir.parent and sub.vocab_size == task.vocab_size and sub.n_ctx == task.n_ctx
+    assert (sub.data_dir.parent == lm_dir.parent and sub.vocab_size == task.vocab_size
+            and sub.n_ctx == task.n_ctx)
     assert (sub.data_dir / "tokenizer.json").read_text() == (lm_dir / "tokenizer.json").read_text()
     # prepared once, reused
     assert len(sub.train) > 0 and task.refined(str(folder)).data_dir == sub.data_dir

@@ -13,28 +13,30 @@ import data
 import train
 from conftest import ROOT
 
-SMALL = ["--D=3", "--K=4", "--n_layer=1", "--n_head=2", "--d_model=16", "--d_mlp=16", "--batch_size=32",
-         "--max_steps=400", "--n_log=30", "--n_lin=8", "--log_interval=25", "--eval_batch_size=64"]
+SMALL = ["--D=3", "--K=4", "--n_layer=1", "--n_head=2", "--d_model=16", "--d_mlp=16",
+         "--batch_size=32", "--max_steps=400", "--n_log=30", "--n_lin=8", "--log_interval=25",
+         "--eval_batch_size=64"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def run_train(args, **kw):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=ENV, capture_output=True,
-                          text=True, **kw)
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=ENV,
+                          capture_output=True, text=True, **kw)
 
 
 def test_lr_schedule_matches_the_reference_table():
-    table = {0: 1.2e-8, 1_000: 1.2e-5, 40_000: 4.8e-4, 126_000: 1.512e-3, 249_999: 3.0e-3, 320_000: 2.16e-3,
-             499_999: 4.8e-14}
+    table = {0: 1.2e-8, 1_000: 1.2e-5, 40_000: 4.8e-4, 126_000: 1.512e-3, 249_999: 3.0e-3,
+             320_000: 2.16e-3, 499_999: 4.8e-14}
     for step, want in table.items():
         assert train.lr_at(step, 3e-3, 500_000) == pytest.approx(want, rel=2e-3), step
     # against torch's own OneCycleLR on a short run
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=1000, pct_start=0.5,
-                                                anneal_strategy="linear", div_factor=499, final_div_factor=499,
-                                                cycle_momentum=False)
+                                                anneal_strategy="linear", div_factor=499,
+                                                final_div_factor=499, cycle_momentum=False)
     for step in range(1000):
-        assert train.lr_at(step, 3e-3, 1000) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-18)
+        assert train.lr_at(step, 3e-3, 1000) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9,
+                                                              abs=1e-18)
         opt.step()
         sched.step()
 
@@ -47,8 +49,10 @@ def test_checkpoint_steps():
 
 def test_configure_errors(tmp_path):
     d = train.DEFAULTS
-    cfg = common.configure(d, ["--lr=1", "--out_dir=out/x", "--compile=True", "--seed", "3", "--tf32"])
-    assert cfg["lr"] == 1.0 and isinstance(cfg["lr"], float) and cfg["out_dir"] == "out/x" and cfg["compile"]
+    cfg = common.configure(d, ["--lr=1", "--out_dir=out/x", "--compile=True", "--seed", "3",
+                               "--tf32"])
+    assert (cfg["lr"] == 1.0 and isinstance(cfg["lr"], float) and cfg["out_dir"] == "out/x"
+            and cfg["compile"])
     assert cfg["seed"] == 3 and cfg["tf32"] is True
     # string keys are taken verbatim
     assert common.configure(d, ["--out_dir=123"])["out_dir"] == "123"
@@ -71,13 +75,16 @@ def test_configure_errors(tmp_path):
 
 def test_cli_reports_config_errors_before_work(tmp_path):
     r = run_train([*SMALL, f"--out_dir={tmp_path}/r", "--max_step=3"])
-    assert r.returncode == 2 and "unknown option 'max_step'" in r.stderr and r.stderr.count("\n") == 1
+    assert (r.returncode == 2 and "unknown option 'max_step'" in r.stderr
+            and r.stderr.count("\n") == 1)
     r = run_train([*SMALL, f"--out_dir={tmp_path}/r", "--optimizer=sgd"])
-    assert r.returncode == 2 and "optimizer must be one of adam, adamw" in r.stderr and r.stderr.count("\n") == 1
+    assert (r.returncode == 2 and "optimizer must be one of adam, adamw" in r.stderr
+            and r.stderr.count("\n") == 1)
     assert not (tmp_path / "r").exists()
     r = run_train(["--help"])
     assert r.returncode == 0 and all(f"--{k}=" in r.stdout for k in train.DEFAULTS)
-    assert "--K=8" in r.stdout and "pairs per context" in r.stdout and "--corpus='python'" in r.stdout
+    assert ("--K=8" in r.stdout and "pairs per context" in r.stdout
+            and "--corpus='python'" in r.stdout)
 
 
 def test_flags_without_a_config_file_mean_the_demo():
@@ -111,8 +118,8 @@ def _final_params(out):
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     assert run_train([*SMALL, f"--out_dir={ref}"], timeout=300).returncode == 0
-    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *SMALL, f"--out_dir={cut}"], env=ENV,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *SMALL, f"--out_dir={cut}"],
+                         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     mid = [s for s in train.checkpoint_steps(400, 30, 8) if s >= 100][0]
     target = common.ckpt_path(cut, mid)  # a mid-run checkpoint; kill soon after it appears
     t0 = time.time()
@@ -121,7 +128,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     killed_at = common.list_checkpoints(cut)[-1]
-    assert killed_at < common.list_checkpoints(ref)[-1], "the run finished before it could be killed"
+    assert killed_at < common.list_checkpoints(ref)[-1], (
+        "the run finished before it could be killed")
     r = run_train([*SMALL, f"--out_dir={cut}"], timeout=300)
     assert r.returncode == 0 and "resuming" in r.stderr
     a, b = _final_params(ref), _final_params(cut)
@@ -148,8 +156,9 @@ def test_corrupt_checkpoint(tmp_path):
     # resuming skips the broken file, with a warning, and rewrites it
     with pytest.warns(UserWarning, match="truncated or corrupt"):
         train.train({**cfg, "stop_at": 40})
-    assert common.load_params(out, steps[-1]).keys() == data.load_model(out, 0).state_dict().keys() - {
-        k for k, _ in data.load_model(out, 0).named_buffers()}
+    assert common.load_params(out, steps[-1]).keys() == (
+        data.load_model(out, 0).state_dict().keys()
+        - {k for k, _ in data.load_model(out, 0).named_buffers()})
 
 
 def test_resume_refuses_a_different_config(tmp_path):
@@ -175,8 +184,9 @@ def test_checkpoint_holds_parameters_only(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                        str(ROOT / "train.py"), *SMALL, f"--out_dir={tmp_path}", "--stop_at=12"],
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--standalone", str(ROOT / "train.py"), *SMALL, f"--out_dir={tmp_path}",
+                        "--stop_at=12"],
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     grid = [s for s in train.checkpoint_steps(400, 30, 8) if s <= 12]
@@ -190,7 +200,8 @@ def test_torchrun_two_ranks(tmp_path):
 def test_tiny_demo_learns_in_context(tmp_path):
     """The CPU demo config must show ICL: final test loss < 2.3 (zero predictor 4.125, ridge 1.66).
     """
-    cfg = common.configure(train.DEFAULTS, [str(ROOT / "configs" / "tiny.py"), f"--out_dir={tmp_path}"])
+    cfg = common.configure(train.DEFAULTS,
+                           [str(ROOT / "configs" / "tiny.py"), f"--out_dir={tmp_path}"])
     row = train.train(cfg)
     assert row["step"] == cfg["max_steps"] - 1 and row["loss"] < 2.3
 
@@ -207,12 +218,14 @@ def test_jsonl_torn_line(tmp_path):
     assert common.read_jsonl(p) == [{"step": 1}, {"step": 3}]
 
 
-def test_training_fast_path_equals_autograd_and_falls_back_on_an_edited_model(tmp_path, monkeypatch, recwarn):
+def test_training_fast_path_equals_autograd_and_falls_back_on_an_edited_model(
+        tmp_path, monkeypatch, recwarn):
     """The hand-derived gradient trains the regression model: on a batch its loss and gradients
     equal autograd's; a forked model (its MLP branch scaled) fails the check, trains with autograd
     and says so once."""
     import model as model_py
-    cfg = common.configure(train.DEFAULTS, [*SMALL, f"--out_dir={tmp_path}/a", "--stop_at=2", "--fast_grad=True"])
+    cfg = common.configure(train.DEFAULTS,
+                           [*SMALL, f"--out_dir={tmp_path}/a", "--stop_at=2", "--fast_grad=True"])
     model, task = data.build_model(cfg, 0), data.task_for(cfg)
     gen = torch.Generator()
     step_grads = train.hand_derived(cfg, model, task, gen, 32, torch.device("cpu"), False)
@@ -225,8 +238,10 @@ def test_training_fast_path_equals_autograd_and_falls_back_on_an_edited_model(tm
     ref.backward()
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-6, atol=1e-7)
     for k, p in model.named_parameters():
-        torch.testing.assert_close(hand[k], p.grad, rtol=1e-4, atol=1e-6 * p.grad.abs().max().item(), msg=k)
-    assert train.hand_derived({**cfg, "fast_grad": False}, model, task, gen, 32, torch.device("cpu"), False) is None
+        torch.testing.assert_close(hand[k], p.grad, rtol=1e-4,
+                                   atol=1e-6 * p.grad.abs().max().item(), msg=k)
+    assert train.hand_derived({**cfg, "fast_grad": False}, model, task, gen, 32,
+                              torch.device("cpu"), False) is None
 
     def forked(self, x):
         y = x + self.attention(self.layer_norms[0](x))
@@ -238,9 +253,9 @@ def test_training_fast_path_equals_autograd_and_falls_back_on_an_edited_model(tm
 
 
 def test_fast_grad_auto_is_the_hand_derived_gradient_on_cpu_only(tmp_path):
-    """The default is autograd (False); auto (configs/L2H4.py) takes the hand-derived gradient on CPU and
-    autograd on CUDA and XLA (where it was slower); True/False win; a run resumes under another setting, also
-    one whose config.json holds the old boolean."""
+    """The default is autograd (False); auto (configs/L2H4.py) takes the hand-derived gradient on
+    CPU and autograd on CUDA and XLA (where it was slower); True/False win; a run resumes under
+    another setting, also one whose config.json holds the old boolean."""
     cpu, cuda, xla = (torch.device(d) for d in ("cpu", "cuda", "xla"))
     got = {(s, d.type): train.wants_fast_grad(s, d) for s in ("auto", "True", "False", True, False)
            for d in (cpu, cuda, xla)}
@@ -254,7 +269,8 @@ def test_fast_grad_auto_is_the_hand_derived_gradient_on_cpu_only(tmp_path):
     with pytest.raises(common.ConfigError, match="fast_grad must be one of auto, True, False"):
         parse("--fast_grad=yes")
     model, task, gen = data.build_model(cfg, 0), data.task_for(cfg), torch.Generator()
-    assert train.hand_derived(cfg, model, task, gen, 32, cpu, False) is None  # the default: autograd
+    # the default: autograd
+    assert train.hand_derived(cfg, model, task, gen, 32, cpu, False) is None
     auto = {**cfg, "fast_grad": "auto"}
     assert train.hand_derived(auto, model, task, gen, 32, cuda, False) is None  # (touches no CUDA)
     assert train.hand_derived(auto, model, task, gen, 32, cpu, False) is not None

@@ -4,7 +4,8 @@ seeds, repeated sampler seeds for the standard error's coverage, then every chec
 chosen preset. Rows are appended as they come to <dest>/study.jsonl, init_seeds.jsonl,
 coverage.jsonl and llc.jsonl (resumable); a part that would not fit in --budget seconds is skipped.
 
-    python results/L2H4-s0-500k/study.py --run=out/L2H4-s0 --inits=out/init-s --dest=results/L2H4-s0-500k
+    python results/L2H4-s0-500k/study.py --run=out/L2H4-s0 --inits=out/init-s \
+        --dest=results/L2H4-s0-500k
 """
 import argparse
 import json
@@ -23,7 +24,8 @@ import llc  # noqa: E402
 
 # the paper's sampler
 V1 = dict(epsilon=3e-4, gamma=20 / 3, nbeta=200 / 3, num_burnin=0, num_draws=5000)
-BASE = dict(V1, chain_mode="auto", num_chains=8, batch_size=128, data_mode="stream", paired=True, seed=0, n=65536, trace_points=100)
+BASE = dict(V1, chain_mode="auto", num_chains=8, batch_size=128, data_mode="stream", paired=True,
+            seed=0, n=65536, trace_points=100)
 BIN = 50  # steps per trace bin (5,000 draws in 100 bins)
 CANDIDATES = {f"mean{h}": (h, 0) for h in (500, 1000, 1500, 2500)}  # name: (steps run, horizon)
 CANDIDATES.update({f"extrap{h}": (h, 5000) for h in (1000, 1500, 2500)})
@@ -35,7 +37,8 @@ PAPER = Path(__file__).resolve().parents[2] / "reference" / "paper_v1_perseed.cs
 def paper_values():
     """{step: the five seeds' stored v1 LLCs (seed order)}."""
     ref = np.genfromtxt(PAPER, delimiter=",", names=True)
-    return {int(s): ref["llcmeanmean"][ref["step"] == s][np.argsort(ref["model_seed"][ref["step"] == s])]
+    return {int(s): ref["llcmeanmean"][ref["step"] == s][
+                np.argsort(ref["model_seed"][ref["step"] == s])]
             for s in np.unique(ref["step"])}
 
 
@@ -62,7 +65,8 @@ def choose(rows):
         inside = sum(abs(m) <= 2 * se + TOLERANCE for m, se in diffs)
         ok = inside >= len(rows) - 1 and not any(r["nan_chains"] for r in rows)
         score[name] = dict(passes=bool(ok), inside=int(inside), of=len(rows), cost=steps,
-                           diffs=[round(m, 3) for m, _ in diffs], diff_se=[round(se, 3) for _, se in diffs])
+                           diffs=[round(m, 3) for m, _ in diffs],
+                           diff_se=[round(se, 3) for _, se in diffs])
     passing = [n for n, s in score.items() if s["passes"]]
     return (min(passing, key=lambda n: score[n]["cost"]) if passing else "full5000"), score
 
@@ -80,13 +84,15 @@ class Study:
         steps, horizon = CANDIDATES.get(name, (5000, 0))
         c = {**llc.DEFAULTS, **BASE, "num_draws": steps, "horizon": horizon, **over}
         if self.args.dry:
-            c.update(num_draws=min(c["num_draws"], 200), num_chains=2, n=256, horizon=min(c["horizon"], 400))
+            c.update(num_draws=min(c["num_draws"], 200), num_chains=2, n=256,
+                     horizon=min(c["horizon"], 400))
         return c
 
     def fits(self, cfg, k, what):
         """Whether k checkpoints of these settings fit in the budget left (after one measured call).
         """
-        need = 0 if self.rate is None else self.rate * cfg["num_draws"] * k * cfg["num_chains"] * cfg["batch_size"]
+        need = 0 if self.rate is None else (self.rate * cfg["num_draws"] * k * cfg["num_chains"]
+                                            * cfg["batch_size"])
         left = self.args.budget - (time.time() - self.t0)
         if need > left:
             print(f"study: skipping {what}: needs ~{need:.0f}s, {left:.0f}s left", flush=True)
@@ -98,7 +104,8 @@ class Study:
         over = dict(chain_mode="vmap") if self.device.type == "cuda" else {}
         res = llc.Run(run_dir, {**cfg, **over}, self.device).estimate(
             steps, models=models, progress=f"study: step(s) {steps}")
-        self.rate = res[0]["sample_time"] / (cfg["num_draws"] * len(res) * cfg["num_chains"] * cfg["batch_size"])
+        self.rate = res[0]["sample_time"] / (
+            cfg["num_draws"] * len(res) * cfg["num_chains"] * cfg["batch_size"])
         keys = [k for k in llc.RUN_KEYS] + ["paired", "horizon"]
         return [{**{k: cfg[k] for k in keys}, **llc.llc_row(s, r, cfg["trace_points"]),
                  "tf32": bool(self.args.tf32)} for s, r in zip(steps, res)]
@@ -128,9 +135,11 @@ def candidates(st, steps):
     rows = common.read_jsonl(path)
     pick, score = choose(rows) if not st.args.dry else ("mean500", {})
     paper = paper_values()
-    band = {r["step"]: [round(float(v), 2) for v in paper[r["step"]]] for r in rows if r["step"] in paper}
+    band = {r["step"]: [round(float(v), 2) for v in paper[r["step"]]] for r in rows
+            if r["step"] in paper}
     common.atomic_write(os.path.join(st.args.dest, "choice.json"),
-                        json.dumps(dict(chosen=pick, candidates=score, paper_per_seed=band), indent=1))
+                        json.dumps(dict(chosen=pick, candidates=score, paper_per_seed=band),
+                                   indent=1))
     print(f"study: chosen {pick}: {json.dumps(score)}", flush=True)
     return pick
 
@@ -139,7 +148,8 @@ def seeds_and_coverage(st, pick, have):
     """Parts 2 and 3: step 0 of the paper's five seeds; repeated sampler seeds at two checkpoints.
     """
     cfg, dest = st.cfg(pick), st.args.dest
-    done = [r for r in common.read_jsonl(os.path.join(dest, "init_seeds.jsonl")) if r["candidate"] == pick]
+    done = [r for r in common.read_jsonl(os.path.join(dest, "init_seeds.jsonl"))
+            if r["candidate"] == pick]
     if not done and st.fits(cfg, 5, "step 0 of five seeds"):
         models = [data.load_model(f"{st.args.inits}{s}", 0).to(st.device) for s in range(5)]
         for s, r in enumerate(st.estimate(f"{st.args.inits}0", cfg, [0] * 5, models)):
@@ -149,7 +159,8 @@ def seeds_and_coverage(st, pick, have):
         if seed not in {r["seed"] for r in common.read_jsonl(path) if r["candidate"] == pick}:
             if not st.fits(cfg, len(steps), f"coverage seed {seed}"):
                 break
-            st.write("coverage.jsonl", st.estimate(st.args.run, {**cfg, "seed": seed}, steps), candidate=pick)
+            st.write("coverage.jsonl", st.estimate(st.args.run, {**cfg, "seed": seed}, steps),
+                     candidate=pick)
 
 
 def sweep(st, pick, have):
@@ -160,7 +171,8 @@ def sweep(st, pick, have):
     todo = todo[:2] if st.args.dry else todo[::3] + [s for i, s in enumerate(todo) if i % 3]
     for i in range(0, len(todo), st.args.ckpt_batch):
         group = todo[i:i + st.args.ckpt_batch]
-        if not st.fits(cfg, len(group), f"the sweep from step {group[0]} on ({len(todo) - i} left)"):
+        if not st.fits(cfg, len(group),
+                       f"the sweep from step {group[0]} on ({len(todo) - i} left)"):
             return
         st.write("llc.jsonl", st.estimate(st.args.run, cfg, group))
 
@@ -172,7 +184,8 @@ def report(path):
     pick, score = choose(rows)
     band = [dict(step=r["step"], llc=round(r["llc_mean"], 2), se=round(r["llc_se"], 2),
                  paper_seed0=round(float(paper[r["step"]][0]), 2),
-                 paper_range=[round(float(paper[r["step"]].min()), 2), round(float(paper[r["step"]].max()), 2)],
+                 paper_range=[round(float(paper[r["step"]].min()), 2),
+                              round(float(paper[r["step"]].max()), 2)],
                  drift=r["llc_drift"], drift_z=r["llc_drift_z"]) for r in rows]
     print(json.dumps(dict(chosen=pick, candidates=score, rows=band), indent=1))
 
@@ -180,16 +193,19 @@ def report(path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="out/L2H4-s0")
-    ap.add_argument("--inits", default="out/init-s", help="run folders <inits>0 ... <inits>4 (step 0 of seeds 0-4)")
+    ap.add_argument("--inits", default="out/init-s",
+                    help="run folders <inits>0 ... <inits>4 (step 0 of seeds 0-4)")
     ap.add_argument("--dest", default=str(Path(__file__).resolve().parent))
     ap.add_argument("--device", default="")
     ap.add_argument("--budget", type=float, default=330.0, help="seconds for everything")
     ap.add_argument("--ckpt_batch", type=int, default=16)
     ap.add_argument("--cover_seeds", type=int, default=6)
     ap.add_argument("--tf32", action="store_true", help="TF32 matmuls on CUDA")
-    ap.add_argument("--parts", default="study,seeds,sweep", help="after the study: seeds (step 0, coverage), sweep")
+    ap.add_argument("--parts", default="study,seeds,sweep",
+                    help="after the study: seeds (step 0, coverage), sweep")
     ap.add_argument("--dry", action="store_true", help="tiny settings: checks the code paths")
-    ap.add_argument("--report", default="", help="only apply the rule to the 5,000-step rows in this file")
+    ap.add_argument("--report", default="",
+                    help="only apply the rule to the 5,000-step rows in this file")
     args = ap.parse_args()
     if args.report:
         return report(args.report)
@@ -198,7 +214,8 @@ def main():
     # not yet trained: later
     near = [snap(have, s) for s in STUDY_STEPS if abs(snap(have, s) - s) <= 0.05 * s]
     steps = sorted(set(near) | ({have[-1]} if have[-1] >= 320_000 else set()))
-    print(f"study: {len(have)} checkpoints up to {have[-1]}; study steps {steps}; {st.device}", flush=True)
+    print(f"study: {len(have)} checkpoints up to {have[-1]}; study steps {steps}; {st.device}",
+          flush=True)
     pick = candidates(st, steps[:2] if args.dry else steps)
     done = {r["step"] for r in common.read_jsonl(os.path.join(args.dest, "study.jsonl"))}
     if not args.dry and (have[-1] < 320_000 or not set(steps) <= done):
