@@ -57,6 +57,20 @@ DEFAULTS = dict(  # the options, --key=value; a value keeps the default's type
     refined_stages=False,  # refined LLCs: also detect the stages of every restriction's and distribution's curve
     curve="",             # a CSV of one curve (step, llc_mean[, llc_se]): print its stages as JSON, nothing else
     **STAGE_RULE)
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+CHECKS = {  # option: (test, what a value must be), checked before anything is read or written
+    "alpha": (lambda v: 0 < v < 1, "in (0, 1)"), "slope_frac": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "min_change_frac": _FRACTION, "flat_frac": _FRACTION,
+    "min_log_len": (lambda v: v >= 0, "at least 0"), "corr_len_frac": (lambda v: v >= 0, "at least 0"),
+    **{k: (lambda v: v >= 1, "at least 1") for k in ("eval_size", "ed_batch", "top_eigs", "lm_rows",
+                                                     "lm_ed", "lm_head_seqs", "lm_bigram_seqs",
+                                                     "lm_ngrams")},
+    **{k: (lambda v: v >= 0, "at least 0") for k in ("hessian_probes", "lanczos_iters", "threads")},
+    "hessian_batch": (lambda v: v == -1 or v >= 1, "-1 or at least 1"),
+    "chunk": (lambda v: v >= -1, "-1, 0 or at least 1"),
+    "ed_sigma_max": (lambda v: v == -1 or v > 0, "-1 or above 0"),
+    "head_clusters": (lambda v: v == 0 or v >= 2, "0 (by silhouette) or at least 2"),
+}
 
 
 # ------------------------------------------------------------------------------------------- Hessian
@@ -369,6 +383,9 @@ def parse(argv):
     checkpoints, is one line on stderr and exit code 2, before anything is written."""
     opt, run_dirs = common.parse_args("analyze.py", __doc__ + "\n" + USAGE, DEFAULTS, argv, sources=[__file__],
                                       positional=True)
+    for k, (ok, what) in CHECKS.items():
+        if not ok(opt[k]):
+            common.fail("analyze.py", f"--{k}={opt[k]!r} must be {what}")
     if opt["curve"]:
         if run_dirs:
             common.fail("analyze.py", f"--curve takes no run directories, got {run_dirs}")
@@ -448,6 +465,7 @@ def stage_signal(run_dirs, runs, steps, warn):
     return llcs, diverged, [], llc, (steps, np.nanmean(table(runs, "loss", steps), 0), None)
 
 
+@common.one_line_errors("analyze.py", usage=(FileNotFoundError,), after="the same command resumes")
 def main(argv=None):
     """Analyse the runs named in argv (see USAGE); returns the summary also written to
     <out>/summary.json."""
@@ -502,7 +520,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (common.ConfigError, FileNotFoundError) as e:  # e.g. a task's data folder that is missing
-        common.fail("analyze.py", e)
+    main()

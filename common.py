@@ -169,12 +169,15 @@ def one_line_errors(prog, usage=(), environment=(), after=""):
     """Decorate a script's main so that every expected failure ends in one line on stderr, never a
     traceback: exit 2 for usage and input (ConfigError, CheckpointError, RunError, `usage`), 1 for
     the environment (OSError, `environment`), 130 for Ctrl-C. `after` says what then helps, e.g.
-    that the same command resumes. Other exceptions are bugs and keep their traceback."""
+    that the same command resumes. Other exceptions are bugs and keep their traceback; with DEBUG=1
+    in the environment every exception keeps it."""
     tail = f"; {after}" if after else ""
 
     def wrap(main):
         @functools.wraps(main)
         def guarded(*args, **kw):
+            if os.environ.get("DEBUG", "") not in ("", "0"):
+                return main(*args, **kw)
             try:
                 return main(*args, **kw)
             except KeyboardInterrupt:
