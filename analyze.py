@@ -1,6 +1,7 @@
-"""Analyse training runs: evaluate every checkpoint (cached), detect the developmental stages on the LLC (or the
-test loss), compute the essential dynamics, and write stages.json, summary.json, report.md and figures/. What is
-measured and drawn comes from the run's task: data.kind(cfg) names an evaluator here and a figure set in plots."""
+"""Analyse training runs: evaluate every checkpoint (cached), detect the developmental stages on the
+LLC (or the test loss), compute the essential dynamics, and write stages.json, summary.json,
+report.md and figures/. What is measured and drawn comes from the run's task: data.kind(cfg) names
+an evaluator here and a figure set in plots."""
 import csv, json, math, os, sys, warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,22 +19,30 @@ from model import weight_norm
 
 USAGE = """
     python analyze.py out/tiny                              # outputs in out/tiny
-    python analyze.py out/s0 out/s1 out/s2 --out=out/seeds  # seeds: mean ± std, one stage detection, one PCA
-    python analyze.py out/tiny --eval_size=2048 --hessian_probes=0 --lanczos_iters=0   # quicker on a CPU
-    python analyze.py --curve=llc.csv   # one curve's stages, as {"boundaries": [...], "stages": [...]} on stdout
-Bare arguments are run directories (a .py file is a config file). Cached per run: analysis.jsonl (a row per
-checkpoint), ed_outputs.f32 (the ED features) and analysis_meta.json (changed settings re-evaluate everything).
---curve=FILE.csv needs no run directory and writes no file: a header row naming `step` and `llc_mean` (or the
-paper's `llc/mean/mean`), optionally `llc_se`, then one row per checkpoint; the stage rule is the options below."""
+    python analyze.py out/s0 out/s1 out/s2 --out=out/seeds  # seeds: mean ± std, one stage
+                                                              detection, one PCA
+    python analyze.py out/tiny --eval_size=2048 --hessian_probes=0 --lanczos_iters=0
+                                                            # quicker on a CPU
+    python analyze.py --curve=llc.csv   # one curve's stages, as
+                                          {"boundaries": [...], "stages": [...]} on stdout
+Bare arguments are run directories (a .py file is a config file). Cached per run: analysis.jsonl (a
+row per checkpoint), ed_outputs.f32 (the ED features) and analysis_meta.json (changed settings
+re-evaluate everything). --curve=FILE.csv needs no run directory and writes no file: a header row
+naming `step` and `llc_mean` (or the paper's `llc/mean/mean`), optionally `llc_se`, then one row per
+checkpoint; the stage rule is the options below."""
 REFERENCE = Path(__file__).resolve().parent / "reference" / "paper_v1_seedmean.csv"
 
 STAGE_RULE = dict(  # stages.detect_stages' thresholds
-    alpha=0.05,            # significance of a boundary's slope dip (one-sided, Bonferroni over candidates)
-    slope_frac=0.2,        # boundary candidates: local minima of |slope| below this fraction of its maximum
-    min_change_frac=0.05,  # a stage must change the smoothed curve by more than this fraction of its range
+    alpha=0.05,            # significance of a boundary's slope dip
+                           # (one-sided, Bonferroni over candidates)
+    slope_frac=0.2,        # boundary candidates: local minima of |slope| below this
+                           # fraction of its maximum
+    min_change_frac=0.05,  # a stage must change the smoothed curve by more than
+                           # this fraction of its range
     min_log_len=0.25,      # a stage must last at least this long in log(t+1)
     flat_frac=0.05,        # a stage changing by less than this fraction of the range is typed Other
-    corr_len_frac=0.1,     # errors shared by neighbouring checkpoints: correlation length <= this * ls
+    corr_len_frac=0.1,     # errors shared by neighbouring checkpoints:
+                           # correlation length <= this * ls
 )
 DEFAULTS = dict(  # the options, --key=value; a value keeps the default's type
     out="",               # output directory (default: the first run directory)
@@ -44,24 +53,31 @@ DEFAULTS = dict(  # the options, --key=value; a value keeps the default's type
     hessian_probes=2,     # Hutchinson probes (0: no trace)
     lanczos_iters=10,     # Lanczos iterations (0: no eigenvalues)
     top_eigs=3,           # top Hessian eigenvalues reported
-    chunk=-1,             # sequences per forward pass (0: the whole batch; -1: 256 on a CPU, 0 on a GPU)
+    chunk=-1,             # sequences per forward pass (0: the whole batch;
+                          # -1: 256 on a CPU, 0 on a GPU)
     ed_sigma_max=-1.0,    # end of the smoothing-σ ramp (-1: 300·N/5000)
     lm_rows=256,          # LM: held-out rows evaluated (the paper: 10,000 x 1,024 tokens)
-    lm_ed=256,            # LM: ED features, one true-token logit per row (at most lm_rows; the paper: 10,000)
+    lm_ed=256,            # LM: ED features, one true-token logit per row
+                          # (at most lm_rows; the paper: 10,000)
     lm_head_seqs=200,     # LM: synthetic sequences per head score (the paper: 10,000)
-    lm_bigram_seqs=256,   # LM: positions for the bigram score and entropy (the paper: 5,000 / 10,000)
+    lm_bigram_seqs=256,   # LM: positions for the bigram score and entropy
+                          # (the paper: 5,000 / 10,000)
     lm_ngrams=1000,       # LM: n-gram sequences per n = 2, 3, 4
     threads=0,            # torch threads (0: torch's default)
     device="",            # evaluation device (default: cuda if available, else cpu)
-    head_clusters=0,      # refined LLCs: k of the k-means on the heads' wrLLC curves (0: by silhouette, 2..6)
-    refined_stages=False,  # refined LLCs: also detect the stages of every restriction's and distribution's curve
-    curve="",             # a CSV of one curve (step, llc_mean[, llc_se]): print its stages as JSON, nothing else
+    head_clusters=0,      # refined LLCs: k of the k-means on the heads' wrLLC curves
+                          # (0: by silhouette, 2..6)
+    refined_stages=False,  # refined LLCs: also detect the stages of every
+                           # restriction's and distribution's curve
+    curve="",             # a CSV of one curve (step, llc_mean[, llc_se]):
+                          # print its stages as JSON, nothing else
     **STAGE_RULE)
 _FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 CHECKS = {  # option: (test, what a value must be), checked before anything is read or written
     "alpha": (lambda v: 0 < v < 1, "in (0, 1)"), "slope_frac": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "min_change_frac": _FRACTION, "flat_frac": _FRACTION,
-    "min_log_len": (lambda v: v >= 0, "at least 0"), "corr_len_frac": (lambda v: v >= 0, "at least 0"),
+    "min_log_len": (lambda v: v >= 0, "at least 0"),
+    "corr_len_frac": (lambda v: v >= 0, "at least 0"),
     **{k: (lambda v: v >= 1, "at least 1") for k in ("eval_size", "ed_batch", "top_eigs", "lm_rows",
                                                      "lm_ed", "lm_head_seqs", "lm_bigram_seqs",
                                                      "lm_ngrams")},
@@ -73,17 +89,19 @@ CHECKS = {  # option: (test, what a value must be), checked before anything is r
 }
 
 
-# ------------------------------------------------------------------------------------------- Hessian
+# ------------------------------------------------------------------------------------------ Hessian
 def make_hvp(model, loss_of_output, inputs):
-    """Hessian-vector products of the loss over the flattened parameters. The gradient is built once with its
-    graph (create_graph), so each product is one backward pass through it (retain_graph), not a fresh
-    grad-of-grad. The returned function takes and returns CPU vectors whatever the model's device."""
+    """Hessian-vector products of the loss over the flattened parameters. The gradient is built once
+    with its graph (create_graph), so each product is one backward pass through it (retain_graph),
+    not a fresh grad-of-grad. The returned function takes and returns CPU vectors whatever the
+    model's device."""
     names, ps = zip(*[(n, p.detach()) for n, p in model.named_parameters()])
     w0 = torch.cat([p.reshape(-1) for p in ps]).requires_grad_(True)
     chunks = torch.split(w0, [p.numel() for p in ps])
     out = functional_call(model, {n: c.view_as(p) for n, c, p in zip(names, chunks, ps)}, (inputs,))
     g, = torch.autograd.grad(loss_of_output(out), w0, create_graph=True)
-    return (lambda v: torch.autograd.grad(g, w0, v.to(w0), retain_graph=True)[0].detach().cpu()), w0.numel()
+    return (lambda v: torch.autograd.grad(g, w0, v.to(w0),
+                                          retain_graph=True)[0].detach().cpu()), w0.numel()
 
 
 def hutchinson_trace(hvp, n, probes, gen):
@@ -94,7 +112,8 @@ def hutchinson_trace(hvp, n, probes, gen):
 
 
 def lanczos_top(hvp, n, iters, k, gen):
-    """Top-k (largest algebraic) eigenvalues by Lanczos with full re-orthogonalisation (float64 basis)."""
+    """Top-k (largest algebraic) eigenvalues by Lanczos with full re-orthogonalisation
+    (float64 basis)."""
     iters = min(iters, n)
     V, alpha, beta = [], [], []
     v = torch.randn(n, generator=gen, dtype=torch.float64)
@@ -115,16 +134,21 @@ def lanczos_top(hvp, n, iters, k, gen):
     return np.linalg.eigvalsh(T)[::-1][:k].tolist()
 
 
-# ------------------------------------------------------------------------------ per-checkpoint analysis
+# -------------------------------------------------------------------------- per-checkpoint analysis
 @dataclass
 class Evaluator:
-    """A task's analysis of one run (made by the function data.kind(cfg).evaluator names): what is measured at
-    each checkpoint, and what the summary, the ED variant and the loss/LLC figure take from the task."""
-    meta: dict           # the cache's settings (changing them re-evaluates every checkpoint); width: ED features
-    setup: Callable      # () -> evaluate(model) -> (metrics, ED features); called once, only if there is work
+    """A task's analysis of one run (made by the function data.kind(cfg).evaluator names): what is
+    measured at each checkpoint, and what the summary, the ED variant and the loss/LLC figure take
+    from the task."""
+    meta: dict           # the cache's settings (changing them re-evaluates every checkpoint);
+                         # width: ED features
+    setup: Callable      # () -> evaluate(model) -> (metrics, ED features);
+                         # called once, only if there is work
     summary_keys: tuple  # the metrics reported at each stage's first and last checkpoint
-    ed_cols: np.ndarray | None = None    # the ED variant's feature columns (regression: the y-predictions)
-    reference: np.ndarray | None = None  # the paper's seed-mean curves, overlaid on the loss/LLC figure
+    ed_cols: np.ndarray | None = None    # the ED variant's feature columns
+                                         # (regression: the y-predictions)
+    reference: np.ndarray | None = None  # the paper's seed-mean curves,
+                                         # overlaid on the loss/LLC figure
     final: bool = False  # summary.json gets "final": each metric's mean at the last checkpoint
 
 
@@ -145,9 +169,11 @@ def figure_set(kind):
 
 
 def evaluate_run(out_dir, ev):
-    """Evaluate every checkpoint not yet in out_dir/analysis.jsonl; returns (rows sorted by step, ED memmap)."""
+    """Evaluate every checkpoint not yet in out_dir/analysis.jsonl; returns (rows sorted by
+    step, ED memmap)."""
     out_dir, meta = Path(out_dir), ev.meta
-    cache, ed_path, meta_path = (out_dir / f for f in ("analysis.jsonl", "ed_outputs.f32", "analysis_meta.json"))
+    cache, ed_path, meta_path = (out_dir / f for f in ("analysis.jsonl", "ed_outputs.f32",
+                                                       "analysis_meta.json"))
     stale = meta_path.exists() and json.loads(meta_path.read_text()) != meta
     rows = [] if stale else common.read_jsonl(cache)
     need = len(rows) * meta["width"] * 4  # the ED row is appended before its cache row
@@ -184,26 +210,30 @@ def evaluate_run(out_dir, ev):
 
 
 def regression_evaluator(out_dir, cfg, opt, dev):
-    """Behavioural metrics on the eval set, structure statistics, Hessian trace / top eigenvalues; the ED features
-    are the full outputs on the fixed ED batch (its variant: the y-predictions only)."""
+    """Behavioural metrics on the eval set, structure statistics, Hessian trace / top eigenvalues;
+    the ED features are the full outputs on the fixed ED batch (its variant: the y-predictions
+    only)."""
     hb = opt["hessian_batch"] if opt["hessian_batch"] > 0 else 1024 if dev.type == "cuda" else 256
     chunk = opt["chunk"] if opt["chunk"] >= 0 else 0 if dev.type == "cuda" else 256
-    meta = {k: opt[k] for k in ("eval_size", "eval_seed", "ed_batch", "hessian_probes", "lanczos_iters",
-                                "top_eigs")}
+    meta = {k: opt[k] for k in ("eval_size", "eval_seed", "ed_batch", "hessian_probes",
+                                "lanczos_iters", "top_eigs")}
     B, T, C = opt["ed_batch"], 2 * cfg["K"], cfg["D"] + 1
     meta.update(hessian_batch=min(hb, B), width=B * T * C)
 
     def setup():
         task = data.task_for(cfg)
-        batch = {k: v.to(dev) for k, v in task.eval_batch(opt["eval_seed"], opt["eval_size"]).items()}
-        base = data.regression_baselines(batch, task.sigma2, task.tasks)  # model-independent: once per run
+        batch = {k: v.to(dev)
+                 for k, v in task.eval_batch(opt["eval_seed"], opt["eval_size"]).items()}
+        # model-independent: once per run
+        base = data.regression_baselines(batch, task.sigma2, task.tasks)
         ed = {k: v.to(dev) for k, v in task.eval_batch(opt["eval_seed"] + 1, B).items()}
         tokens, hb = data.to_tokens(ed["xs"], ed["ys"]), meta["hessian_batch"]
 
         def evaluate(model):
             model = model.to(dev)
             params = {k: v.detach().cpu() for k, v in model.named_parameters()}
-            row = {**data.regression_metrics(Chunked(model, chunk), batch, task.sigma2, task.tasks, baselines=base),
+            row = {**data.regression_metrics(Chunked(model, chunk), batch, task.sigma2, task.tasks,
+                                             baselines=base),
                    **structure_stats(params, cfg["n_layer"])}
             if opt["hessian_probes"] > 0 or opt["lanczos_iters"] > 0:
                 hvp, n = make_hvp(model, lambda o: task.loss(o, ed["ys"][:hb]), tokens[:hb])
@@ -212,23 +242,27 @@ def regression_evaluator(out_dir, cfg, opt, dev):
                     tr, probes = hutchinson_trace(hvp, n, opt["hessian_probes"], gen)
                     row.update(hessian_trace=tr, hessian_trace_probes=probes)
                 if opt["lanczos_iters"] > 0:
-                    row["hessian_eigs"] = lanczos_top(hvp, n, opt["lanczos_iters"], opt["top_eigs"], gen)
+                    row["hessian_eigs"] = lanczos_top(hvp, n, opt["lanczos_iters"],
+                                                      opt["top_eigs"], gen)
                 del hvp  # frees the retained graph
             with torch.no_grad():
                 return row, Chunked(model, chunk)(tokens).float().cpu().numpy()
         return evaluate
     h = max(cfg["K"] // 2, 1)
-    paper = cfg["K"] == 8 and cfg.get("max_steps") == 500_000  # the step axes agree with the reference's
+    # the step axes agree with the reference's
+    paper = cfg["K"] == 8 and cfg.get("max_steps") == 500_000
     return Evaluator(meta, setup, ("loss", "delta_ridge", "pred_norm", f"icl_1_{h}", "weight_norm",
                                    "ln_collapse/unembed", "hessian_trace"),
                      ed_cols=np.arange(B * T * C).reshape(B, T, C)[:, 0::2, 0].ravel(),
-                     reference=np.genfromtxt(REFERENCE, delimiter=",", names=True) if paper else None)
+                     reference=(np.genfromtxt(REFERENCE, delimiter=",", names=True) if paper
+                                else None))
 
 
 def structure_stats(params, n_layer):
-    """LN collapse (fraction of |gamma| < 0.1 per LN), embedding spectra sigma^2/sum and the effective
-    unembedding (the final LN's affine folded into output row 0). A statistic whose parameters an edited model
-    lacks (renamed or removed) or has in another shape is left out, named in a warning."""
+    """LN collapse (fraction of |gamma| < 0.1 per LN), embedding spectra sigma^2/sum and the
+    effective unembedding (the final LN's affine folded into output row 0). A statistic whose
+    parameters an edited model lacks (renamed or removed) or has in another shape is left out, named
+    in a warning."""
     def spectrum(M):
         s2 = torch.linalg.svdvals(M.double()) ** 2
         return (s2 / s2.sum()).tolist()
@@ -237,8 +271,10 @@ def structure_stats(params, n_layer):
     lns["unembed"] = "unembedding.0"
     stats = [(f"ln_collapse/{n}", [p + ".weight"], lambda g: float((g.abs() < 0.1).float().mean()))
              for n, p in lns.items()]
-    stats += [("tok_spec", ["token_embedding.weight"], spectrum), ("pos_spec", ["postn_embedding.weight"], spectrum)]
-    unembed = ["unembedding.0.weight", "unembedding.0.bias", "unembedding.1.weight", "unembedding.1.bias"]
+    stats += [("tok_spec", ["token_embedding.weight"], spectrum),
+              ("pos_spec", ["postn_embedding.weight"], spectrum)]
+    unembed = ["unembedding.0.weight", "unembedding.0.bias",
+               "unembedding.1.weight", "unembedding.1.bias"]
     stats += [("unembed_w", unembed, lambda gamma, beta, W, b: (gamma * W[0]).tolist()),
               ("unembed_b", unembed, lambda gamma, beta, W, b: float(W[0] @ beta + b[0]))]
     row, skipped = {}, []
@@ -252,26 +288,27 @@ def structure_stats(params, n_layer):
         if lacks:
             skipped.append(f"{name} ({', '.join(lacks)})")
     if skipped:
-        warnings.warn(f"analyze.py: structure statistics left out (model.py renamed or changed their parameters): "
-                      f"{'; '.join(skipped)}")
+        warnings.warn(f"analyze.py: structure statistics left out (model.py renamed or changed "
+                      f"their parameters): {'; '.join(skipped)}")
     return row
 
 
 class Chunked(torch.nn.Module):
-    """`model` applied to `chunk` sequences at a time (0: all at once); the same parameters. On a CPU small
-    chunks keep the activations in cache."""
+    """`model` applied to `chunk` sequences at a time (0: all at once); the same parameters. On a
+    CPU small chunks keep the activations in cache."""
 
     def __init__(self, model, chunk):
         super().__init__()
         self.model, self.chunk = model, chunk
 
     def forward(self, x):
-        return torch.cat([self.model(c) for c in x.split(self.chunk)]) if self.chunk else self.model(x)
+        return (torch.cat([self.model(c) for c in x.split(self.chunk)]) if self.chunk
+                else self.model(x))
 
 
 def read_llc(out_dir):
-    """(llc.jsonl rows with a finite llc_mean, the last per step, sorted; the steps whose chains all diverged,
-    llc_mean null, and that have no finite row). ([], []) when the file is absent."""
+    """(llc.jsonl rows with a finite llc_mean, the last per step, sorted; the steps whose chains all
+    diverged, llc_mean null, and that have no finite row). ([], []) when the file is absent."""
     rows, diverged = {}, set()
     for r in common.read_jsonl(Path(out_dir) / "llc.jsonl"):
         v = r.get("llc_mean")
@@ -283,31 +320,37 @@ def read_llc(out_dir):
 
 
 def table(runs, key, steps):
-    """(runs, steps[, width]) float array of one metric over the given steps; NaN where a run lacks it or has
-    null (also inside a list; shorter lists are padded)."""
-    vals = [[by.get(s) for s in steps] for by in ({r["step"]: r.get(key) for r in rows} for rows in runs)]
+    """(runs, steps[, width]) float array of one metric over the given steps; NaN where a run lacks
+    it or has null (also inside a list; shorter lists are padded)."""
+    vals = [[by.get(s) for s in steps]
+            for by in ({r["step"]: r.get(key) for r in rows} for rows in runs)]
     width = max((len(v) for row in vals for v in row if isinstance(v, list)), default=None)
     if width is None:
         return np.array([[np.nan if v is None else v for v in row] for row in vals], dtype=float)
-    return np.array([[(v or []) + [None] * (width - len(v or [])) for v in row] for row in vals], dtype=float)
+    return np.array([[(v or []) + [None] * (width - len(v or [])) for v in row] for row in vals],
+                    dtype=float)
 
 
 def tables(runs, steps, keys=None):
-    """{key: table(runs, key, steps)} for `keys` (default: every key of the rows but step and ed_row)."""
-    keys = keys or dict.fromkeys(k for rows in runs for r in rows for k in r if k not in ("step", "ed_row"))
+    """{key: table(runs, key, steps)} for `keys` (default: every key of the rows but step
+    and ed_row)."""
+    keys = keys or dict.fromkeys(k for rows in runs for r in rows for k in r
+                                 if k not in ("step", "ed_row"))
     return {k: table(runs, k, steps) for k in keys}
 
 
-# ------------------------------------------------------------------------------------------ refined LLCs
+# ------------------------------------------------------------------------------------- refined LLCs
 def read_refined(out_dir):
-    """A run's refined-LLC rows (every llc_*.jsonl) as {group: {name: {step: row}}}: group is the restriction_set
-    (paper, heads, layers) or "data" (names: data_refine); a step's last row wins; other rows are ignored."""
+    """A run's refined-LLC rows (every llc_*.jsonl) as {group: {name: {step: row}}}: group is the
+    restriction_set (paper, heads, layers) or "data" (names: data_refine); a step's last row wins;
+    other rows are ignored."""
     groups = {}
     for path in sorted(Path(out_dir).glob("llc_*.jsonl")):
         for r in common.read_jsonl(path):
-            g, name = (r["restriction_set"], r.get("restriction")) if r.get("restriction_set") else \
-                ("data", r.get("data_refine"))
-            if r.get("restriction_set") and r.get("data_refine"):  # both refinements: a group of its own
+            g, name = ((r["restriction_set"], r.get("restriction")) if r.get("restriction_set")
+                       else ("data", r.get("data_refine")))
+            # both refinements: a group of its own
+            if r.get("restriction_set") and r.get("data_refine"):
                 g = f"{g} on {r['data_refine']}"
             if name:
                 groups.setdefault(g, {}).setdefault(str(name), {})[r["step"]] = r
@@ -315,15 +358,18 @@ def read_refined(out_dir):
 
 
 def refined_curves(run_dirs):
-    """{group: dict(names, steps, llc, se)}: each refined LLC (null -> NaN) as a row of llc (names, steps), the
-    mean over runs on the union of their steps (se combined as for llc.jsonl); heads and layers in numeric order."""
+    """{group: dict(names, steps, llc, se)}: each refined LLC (null -> NaN) as a row of llc (names,
+    steps), the mean over runs on the union of their steps (se combined as for llc.jsonl); heads and
+    layers in numeric order."""
     per_run, out = [read_refined(d) for d in run_dirs], {}
     for g in dict.fromkeys(g for pr in per_run for g in pr):
         names = list(dict.fromkeys(n for pr in per_run for n in pr.get(g, {})))
         if g in ("heads", "layers"):
-            names.sort(key=lambda n: [int(x) for x in "".join(c if c.isdigit() else " " for c in n).split()])
+            names.sort(key=lambda n: [int(x) for x in
+                                      "".join(c if c.isdigit() else " " for c in n).split()])
         steps = sorted({s for pr in per_run for n in names for s in pr.get(g, {}).get(n, {})})
-        tabs = [[table([list(pr.get(g, {}).get(n, {}).values()) for pr in per_run], key, steps) for n in names]
+        tabs = [[table([list(pr.get(g, {}).get(n, {}).values()) for pr in per_run], key, steps)
+                 for n in names]
                 for key in ("llc_mean", "llc_se")]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # steps that no run has for a name
@@ -334,14 +380,16 @@ def refined_curves(run_dirs):
 
 
 def refined(run_dirs, opt, metrics, prefix):
-    """(curves for plots.refined_figures, summary["refined"]): the head clusters against the LM's head scores at
-    the last checkpoint, and with --refined_stages each curve's stage boundaries. ({}, {}) without llc_*.jsonl."""
+    """(curves for plots.refined_figures, summary["refined"]): the head clusters against the LM's
+    head scores at the last checkpoint, and with --refined_stages each curve's stage boundaries.
+    ({}, {}) without llc_*.jsonl."""
     curves = refined_curves(run_dirs)
     summ = {"curves": {g: c["names"] for g, c in curves.items()}} if curves else {}
     if "heads" in curves:
         c = curves["heads"]
         c["labels"], k, sil = stages.cluster_curves(c["llc"], opt["head_clusters"])
-        c["z"], clusters = np.where(np.isnan(c["llc"]), np.nan, stages.normalise_curves(c["llc"])), []
+        c["z"], clusters = np.where(np.isnan(c["llc"]), np.nan,
+                                    stages.normalise_curves(c["llc"])), []
         for j in range(k):
             cl = dict(cluster=j, heads=[n for n, lab in zip(c["names"], c["labels"]) if lab == j])
             for score in ("prev_token", "prefix"):
@@ -350,20 +398,24 @@ def refined(run_dirs, opt, metrics, prefix):
                 if v and np.isfinite(v).any():
                     cl[score] = float(np.nanmean(v))
             clusters.append(cl)
-        summ["head_clusters"] = dict(k=k, chosen_by="option" if opt["head_clusters"] > 0 else "silhouette",
-                                     silhouette={str(j): v for j, v in sil.items()}, clusters=clusters)
+        summ["head_clusters"] = dict(
+            k=k, chosen_by="option" if opt["head_clusters"] > 0 else "silhouette",
+            silhouette={str(j): v for j, v in sil.items()}, clusters=clusters)
     if opt["refined_stages"] and curves:
         rule, summ["stages"] = {k: opt[k] for k in STAGE_RULE}, {}
         for g, c in curves.items():
-            dets = [stages.detect_stages(c["steps"], y, se, prefix=prefix, **rule) for y, se in zip(c["llc"], c["se"])]
-            summ["stages"][g] = {n: dict(boundaries=d["boundaries"], types=[s["type"] for s in d["stages"]])
+            dets = [stages.detect_stages(c["steps"], y, se, prefix=prefix, **rule)
+                    for y, se in zip(c["llc"], c["se"])]
+            summ["stages"][g] = {n: dict(boundaries=d["boundaries"],
+                                         types=[s["type"] for s in d["stages"]])
                                  for n, d in zip(c["names"], dets)}
     return curves, summ
 
 
-# ------------------------------------------------------------------------------------ summary and main
+# --------------------------------------------------------------------------------- summary and main
 def stage_changes(det, steps, metrics, llc_steps, L, keys):
-    """For each stage, the seed-mean value of each metric (`keys`) at its first and last checkpoint."""
+    """For each stage, the seed-mean value of each metric (`keys`) at its first and last
+    checkpoint."""
     series = [(k, steps, metrics) for k in keys] + [("llc_mean", llc_steps, L)]
     out = []
     for s in det["stages"]:
@@ -371,7 +423,8 @@ def stage_changes(det, steps, metrics, llc_steps, L, keys):
         for key, st, T in series:
             if len(st) and key in T:
                 v = np.nanmean(T[key], 0)
-                i0, i1 = (int(np.argmin(np.abs(np.log1p(st) - np.log1p(t)))) for t in (s["start"], s["end"]))
+                i0, i1 = (int(np.argmin(np.abs(np.log1p(st) - np.log1p(t))))
+                          for t in (s["start"], s["end"]))
                 ch["llc" if key == "llc_mean" else key] = dict(start=float(v[i0]), end=float(v[i1]),
                                                                delta=float(v[i1] - v[i0]))
         out.append({**s, "metrics": ch})
@@ -379,10 +432,10 @@ def stage_changes(det, steps, metrics, llc_steps, L, keys):
 
 
 def parse(argv):
-    """(options, run directories) from the command line. A usage error, or an argument that is not a run with
-    checkpoints, is one line on stderr and exit code 2, before anything is written."""
-    opt, run_dirs = common.parse_args("analyze.py", __doc__ + "\n" + USAGE, DEFAULTS, argv, sources=[__file__],
-                                      positional=True)
+    """(options, run directories) from the command line. A usage error, or an argument that is not a
+    run with checkpoints, is one line on stderr and exit code 2, before anything is written."""
+    opt, run_dirs = common.parse_args("analyze.py", __doc__ + "\n" + USAGE, DEFAULTS, argv,
+                                      sources=[__file__], positional=True)
     for k, (ok, what) in CHECKS.items():
         if not ok(opt[k]):
             common.fail("analyze.py", f"--{k}={opt[k]!r} must be {what}")
@@ -391,7 +444,8 @@ def parse(argv):
             common.fail("analyze.py", f"--curve takes no run directories, got {run_dirs}")
         return opt, run_dirs
     if not run_dirs:
-        common.fail("analyze.py", "give one or more run directories: python analyze.py out/<run> [--key=value ...]")
+        common.fail("analyze.py", "give one or more run directories: "
+                                  "python analyze.py out/<run> [--key=value ...]")
     for d in run_dirs:
         try:
             data.kind(common.load_run(d))
@@ -406,8 +460,9 @@ CURVE_COLUMNS = dict(step=("step",), llc=("llc_mean", "llc/mean/mean"), se=("llc
 
 
 def read_curve(path):
-    """(steps, values, standard errors or None) of a curve CSV (see USAGE), sorted by step. A missing file or
-    column, a non-number, a repeated or negative step: one line on stderr and exit code 2."""
+    """(steps, values, standard errors or None) of a curve CSV (see USAGE), sorted by step. A
+    missing file or column, a non-number, a repeated or negative step: one line on stderr and exit
+    code 2."""
     def bad(msg):
         common.fail("analyze.py", f"--curve={path}: {msg}")
     try:
@@ -416,7 +471,8 @@ def read_curve(path):
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         bad(getattr(e, "strerror", None) or e)
     head = [c.strip() for c in rows[0]] if rows else []
-    col = {k: next((head.index(n) for n in names if n in head), None) for k, names in CURVE_COLUMNS.items()}
+    col = {k: next((head.index(n) for n in names if n in head), None)
+           for k, names in CURVE_COLUMNS.items()}
     for k in ("step", "llc"):
         if col[k] is None:
             bad(f"no column {' or '.join(map(repr, CURVE_COLUMNS[k]))} in the header row {head}")
@@ -436,7 +492,8 @@ def read_curve(path):
 
 
 def curve_stages(opt):
-    """--curve: the stages of one curve under the options' stage rule, printed as JSON (nothing written)."""
+    """--curve: the stages of one curve under the options' stage rule, printed as JSON
+    (nothing written)."""
     steps, values, se = read_curve(opt["curve"])
     det = stages.detect_stages(steps, values, se, **{k: opt[k] for k in STAGE_RULE})
     out = {k: det[k] for k in ("boundaries", "stages")}
@@ -492,7 +549,8 @@ def main(argv=None):
     ed = stages.essential_dynamics(runs, mats, steps, opt["ed_sigma_max"], ev.ed_cols)
     metrics = tables(runs, steps)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of all-NaN columns (missing metrics)
+        # nanmean of all-NaN columns (missing metrics)
+        warnings.simplefilter("ignore", RuntimeWarning)
         figs = figure_set(kind)(out / "figures", steps, metrics, llc_steps, L, llcs[0], diverged[0],
                                 det, ed, cfg, ev.reference)
         changes = stage_changes(det, steps, metrics, llc_steps, L, ev.summary_keys)
@@ -503,7 +561,8 @@ def main(argv=None):
                    detector=dict(params=det["params"], gp=det["gp"]),
                    llc_diverged_steps=list(diverged),
                    essential_dynamics=dict(explained_variance=ed["evr"].tolist(),
-                                           explained_variance_y=ed["evr_y"].tolist(), cusps=ed["cusps"]),
+                                           explained_variance_y=ed["evr_y"].tolist(),
+                                           cusps=ed["cusps"]),
                    figures=[str(f.relative_to(out)) for f in figs])
     if ev.final:
         last = {k: v[:, -1].mean() for k, v in metrics.items() if v.ndim == 2}
@@ -514,8 +573,9 @@ def main(argv=None):
             print("\n".join(plots.cluster_table(refined_summary["head_clusters"])))
     common.atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     plots.write_report(out / "report.md", summary, figs)
-    print(f"analyze.py: {len(det['stages'])} stages on {det['signal']}, boundaries {det['boundaries']}; "
-          f"wrote {out}/stages.json, summary.json, report.md, figures/", file=sys.stderr)
+    print(f"analyze.py: {len(det['stages'])} stages on {det['signal']}, boundaries "
+          f"{det['boundaries']}; wrote {out}/stages.json, summary.json, report.md, figures/",
+          file=sys.stderr)
     return summary
 
 

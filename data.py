@@ -15,7 +15,7 @@ from torch.func import functional_call
 
 import common
 from fast import icl_loss_and_grads
-from model import ICLConfig, build_model as _seeded, weight_norm
+from model import ICLConfig, weight_norm
 
 OOD_SCALES = (3, 5, 10, 100)
 
@@ -31,49 +31,60 @@ DEFAULTS = dict(  # the regression task's config keys (train.py adds them to its
 
 
 class Task:
-    """The training distribution of a run: D, K, sigma2 and the task prior (M = num_tasks, 0 = infinite)."""
+    """The training distribution of a run: D, K, sigma2 and the task prior (M = num_tasks,
+    0 = infinite)."""
 
     @classmethod
     def from_config(cls, cfg):
         return cls(cfg["D"], cfg["K"], cfg["sigma2"], cfg["num_tasks"], cfg["task_seed"])
 
     def __init__(self, D=4, K=8, sigma2=0.125, num_tasks=0, task_seed=0, input_scale=1.0):
-        self.D, self.K, self.sigma2, self.num_tasks, self.task_seed = D, K, sigma2, num_tasks, task_seed
+        self.D, self.K, self.sigma2, self.num_tasks, self.task_seed = (
+            D, K, sigma2, num_tasks, task_seed)
         self.input_scale, self.tasks = input_scale, None
-        if num_tasks > 0:  # the finite prior: M tasks drawn once, then sampled uniformly with replacement
-            self.tasks = torch.randn(num_tasks, D, generator=torch.Generator().manual_seed(task_seed))
+        # the finite prior: M tasks drawn once, then sampled uniformly with replacement
+        if num_tasks > 0:
+            self.tasks = torch.randn(num_tasks, D,
+                                     generator=torch.Generator().manual_seed(task_seed))
 
-    batched_grad = staticmethod(icl_loss_and_grads)  # the hand-derived gradient of loss for stacked chains
+    # the hand-derived gradient of loss for stacked chains
+    batched_grad = staticmethod(icl_loss_and_grads)
 
     def sample(self, gen, batch_size, device=None):
         """A fresh batch (xs, ys), drawn on the generator's device."""
-        b = sample_batch(gen, batch_size, self.D, self.K, self.sigma2, self.tasks, device or gen.device)
-        if self.input_scale != 1.0:  # out of distribution: x -> g x with the same task, y = g w.x + noise
+        b = sample_batch(gen, batch_size, self.D, self.K, self.sigma2, self.tasks,
+                         device or gen.device)
+        # out of distribution: x -> g x with the same task, y = g w.x + noise
+        if self.input_scale != 1.0:
             g = self.input_scale
             return g * b["xs"], g * (b["ys"] - b["noise"]) + b["noise"]
         return b["xs"], b["ys"]
 
     def refined(self, name):
-        """The data distribution of a data-refined LLC: 'ood_inputs/<g>' (inputs scaled by g) or 'tasks/<M>' (a prior
-        of M tasks); the model and its loss stay the run's."""
+        """The data distribution of a data-refined LLC: 'ood_inputs/<g>' (inputs scaled by g) or
+        'tasks/<M>' (a prior of M tasks); the model and its loss stay the run's."""
         kind, _, value = name.partition("/")
         try:
             if kind == "ood_inputs":
-                return Task(self.D, self.K, self.sigma2, self.num_tasks, self.task_seed, float(value))
+                return Task(self.D, self.K, self.sigma2, self.num_tasks, self.task_seed,
+                            float(value))
             if kind == "tasks":
                 return Task(self.D, self.K, self.sigma2, int(value), self.task_seed)
         except ValueError:
             pass
-        raise common.ConfigError(f"data_refine {name!r}: the regression task offers ood_inputs/<g> (e.g. "
-                                 f"ood_inputs/{OOD_SCALES[0]}) and tasks/<M> (e.g. tasks/64)")
+        raise common.ConfigError(f"data_refine {name!r}: the regression task offers ood_inputs/<g> "
+                                 f"(e.g. ood_inputs/{OOD_SCALES[0]}) and tasks/<M> (e.g. tasks/64)")
 
     def eval_batch(self, seed, batch_size):
-        """A fixed, seeded batch with its tasks and noise (needed for the OOD metrics), always on CPU."""
-        return sample_batch(torch.Generator().manual_seed(seed), batch_size, self.D, self.K, self.sigma2, self.tasks)
+        """A fixed, seeded batch with its tasks and noise (needed for the OOD metrics), always
+        on CPU."""
+        return sample_batch(torch.Generator().manual_seed(seed), batch_size, self.D, self.K,
+                            self.sigma2, self.tasks)
 
     @staticmethod
     def loss(out, ys):
-        """Mean squared error of the readout: the training loss and the loss the LLC is measured on."""
+        """Mean squared error of the readout: the training loss and the loss the LLC is measured
+        on."""
         return F.mse_loss(readout(out), ys)
 
     # the interface every task offers (lm.data.LMTask too)
@@ -88,19 +99,22 @@ class Task:
         return per_token_mse(readout(out), ys)
 
     def eval_data(self, seed, batch_size):
-        """The eval batch with the baselines' predictions attached: they do not depend on the model."""
+        """The eval batch with the baselines' predictions attached: they do not depend on the
+        model."""
         batch = self.eval_batch(seed, batch_size)
         batch["baselines"] = regression_baselines(batch, self.sigma2, self.tasks)
         return batch
 
     def metrics(self, model, batch):
         dev = next(model.parameters()).device
-        batch = {k: {b: t.to(dev) for b, t in v.items()} if isinstance(v, dict) else v.to(dev) for k, v in batch.items()}
+        batch = {k: {b: t.to(dev) for b, t in v.items()} if isinstance(v, dict) else v.to(dev)
+                 for k, v in batch.items()}
         return regression_metrics(model, batch, self.sigma2, self.tasks, batch.get("baselines"))
 
 
 def sample_batch(gen, batch_size, D, K, sigma2, tasks=None, device="cpu"):
-    """Draw w, then xs, then noise (the reference order). Returns dict(xs (B,K,D), ys (B,K), ws, noise)."""
+    """Draw w, then xs, then noise (the reference order). Returns dict(xs (B,K,D), ys (B,K),
+    ws, noise)."""
     B = batch_size
     if tasks is None:
         ws = torch.randn(B, D, generator=gen, device=device)
@@ -113,7 +127,8 @@ def sample_batch(gen, batch_size, D, K, sigma2, tasks=None, device="cpu"):
 
 
 def to_tokens(xs, ys):
-    """(B,K,D), (B,K) -> (B, 2K, D+1): x-token [0, x], y-token [y, 0, ..., 0], alternating x1, y1, x2, ..."""
+    """(B,K,D), (B,K) -> (B, 2K, D+1): x-token [0, x], y-token [y, 0, ..., 0], alternating
+    x1, y1, x2, ..."""
     B, K, D = xs.shape
     toks = xs.new_zeros(B, K, 2, D + 1)
     toks[:, :, 0, 1:] = xs
@@ -132,7 +147,8 @@ def per_token_mse(pred, ys):
 
 
 def ridge_predict(xs, ys, sigma2):
-    """Bayes predictor for the Gaussian prior: ridge on the k-1 earlier pairs, all k solved at once."""
+    """Bayes predictor for the Gaussian prior: ridge on the k-1 earlier pairs, all k solved at
+    once."""
     B, K, D = xs.shape
     outer = xs.unsqueeze(-1) * xs.unsqueeze(-2)                           # (B,K,D,D)
     A = _exclusive_cumsum(outer) + sigma2 * torch.eye(D, dtype=xs.dtype, device=xs.device)
@@ -142,8 +158,9 @@ def ridge_predict(xs, ys, sigma2):
 
 
 def dmmse_predict(xs, ys, tasks, sigma2, chunk_elems=2 ** 24):
-    """Bayes predictor for a finite prior of M tasks: posterior mean over the tasks given the k-1 earlier
-    pairs. Vectorised over k and tasks; the batch is chunked so the (B,K,M) tensor stays bounded."""
+    """Bayes predictor for a finite prior of M tasks: posterior mean over the tasks given the k-1
+    earlier pairs. Vectorised over k and tasks; the batch is chunked so the (B,K,M) tensor stays
+    bounded."""
     B, K, D = xs.shape
     step = max(1, chunk_elems // (K * len(tasks)))
     tasks = tasks.to(xs)
@@ -163,17 +180,19 @@ def _exclusive_cumsum(t):
 
 
 def regression_baselines(batch, sigma2, tasks=None):
-    """The Bayes predictors' predictions on a fixed batch, dict(ridge=(B,K), dmmse=(B,K)). They do not depend on
-    the model: an evaluator computes them once and passes them to regression_metrics (dMMSE costs B*K*M)."""
+    """The Bayes predictors' predictions on a fixed batch, dict(ridge=(B,K), dmmse=(B,K)). They do
+    not depend on the model: an evaluator computes them once and passes them to regression_metrics
+    (dMMSE costs B*K*M)."""
     ridge = ridge_predict(batch["xs"], batch["ys"], sigma2)
-    return dict(ridge=ridge, dmmse=ridge if tasks is None else dmmse_predict(batch["xs"], batch["ys"], tasks, sigma2))
+    return dict(ridge=ridge, dmmse=(ridge if tasks is None
+                                    else dmmse_predict(batch["xs"], batch["ys"], tasks, sigma2)))
 
 
 @torch.no_grad()
 def regression_metrics(model, batch, sigma2, tasks=None, baselines=None):
-    """The paper's behavioural metrics on one fixed batch, as a flat dict (the keys are listed in the README):
-    losses per position, distances to the Bayes baselines (`baselines`, else computed here), prediction norm, ICL
-    scores, out-of-distribution losses and the weight norm."""
+    """The paper's behavioural metrics on one fixed batch, as a flat dict (the keys are listed in
+    the README): losses per position, distances to the Bayes baselines (`baselines`, else computed
+    here), prediction norm, ICL scores, out-of-distribution losses and the weight norm."""
     xs, ys, noise = batch["xs"], batch["ys"], batch["noise"]
     K = xs.shape[1]
 
@@ -193,32 +212,38 @@ def regression_metrics(model, batch, sigma2, tasks=None, baselines=None):
     m[f"icl_{h}_{K}"] = (tok[K - 1] - tok[h - 1]).item()
     signal = ys - noise
     for g in OOD_SCALES:
-        y_g = g * signal + noise  # both OOD variants have targets g*w.x + eps; they differ in the inputs shown
+        # both OOD variants have targets g*w.x + eps; they differ in the inputs shown
+        y_g = g * signal + noise
         m[f"ood_inputs/{g}"] = F.mse_loss(predict(g * xs, y_g), y_g).item()
         m[f"ood_tasks/{g}"] = F.mse_loss(predict(xs, y_g), y_g).item()
     m["weight_norm"] = weight_norm(model.parameters())
     return m
 
 
-# --------------------------------------------------------------------------------- restrictions of the LLC
-PAPER_RESTRICTIONS = {  # the unrestricted baseline, then the 21 component restrictions of the paper's L2H4 sweep
-    "all": "**", "token_embedding": "token_embedding.weight", "postn_embedding": "postn_embedding.weight",
-    "embeddings": "token_embedding.weight,postn_embedding.weight", "unembedding.ln": "unembedding.0.*",
+# -------------------------------------------------------------------------- restrictions of the LLC
+# the unrestricted baseline, then the 21 component restrictions of the paper's L2H4 sweep
+PAPER_RESTRICTIONS = {
+    "all": "**", "token_embedding": "token_embedding.weight",
+    "postn_embedding": "postn_embedding.weight",
+    "embeddings": "token_embedding.weight,postn_embedding.weight",
+    "unembedding.ln": "unembedding.0.*",
     "unembedding.linear": "unembedding.1.*", "unembedding": "unembedding.**",
     "embeddings+unembedding": "token_embedding.weight,postn_embedding.weight,unembedding.**",
     **{f"blocks.{b}.ln.{j}": f"blocks.{b}.layer_norms.{j}.*" for b in (0, 1) for j in (0, 1)},
     "block_lns": "blocks.*.layer_norms.**", "lns": "blocks.*.layer_norms.**,unembedding.0.*",
-    **{f"{n}.mlp": f"{p}.compute.**" for n, p in (("blocks.0", "blocks.0"), ("blocks.1", "blocks.1"), ("blocks", "blocks.*"))},
-    **{f"{n}.attention": f"{p}.attention.**" for n, p in (("blocks.0", "blocks.0"), ("blocks.1", "blocks.1"),
-                                                         ("blocks", "blocks.*"))},
+    **{f"{n}.mlp": f"{p}.compute.**"
+       for n, p in (("blocks.0", "blocks.0"), ("blocks.1", "blocks.1"), ("blocks", "blocks.*"))},
+    **{f"{n}.attention": f"{p}.attention.**"
+       for n, p in (("blocks.0", "blocks.0"), ("blocks.1", "blocks.1"), ("blocks", "blocks.*"))},
     "blocks.0": "blocks.0.**", "blocks.1": "blocks.1.**",
 }
 
 
 def restriction_set(cfg, name, model):
-    """{restriction: estimate_llc settings} of a named set: 'heads' (L<i>H<h>: one attention head's weights, element
-    masks from model.head_masks), 'layers' (L<i>: one block), 'paper' (the task's component restrictions). Entries that
-    match no parameter (a smaller or edited model) are left out and named in one warning; none matching: ConfigError."""
+    """{restriction: estimate_llc settings} of a named set: 'heads' (L<i>H<h>: one attention head's
+    weights, element masks from model.head_masks), 'layers' (L<i>: one block), 'paper' (the task's
+    component restrictions). Entries that match no parameter (a smaller or edited model) are left
+    out and named in one warning; none matching: ConfigError."""
     shapes = {k: p.shape for k, p in model.named_parameters()}
     names = list(shapes)
     if name == "heads":  # model.head_masks must describe the (possibly edited) model's attention
@@ -226,41 +251,49 @@ def restriction_set(cfg, name, model):
             out = {f"L{i}H{h}": {"masks": model.head_masks(i, h)} for i in range(model.cfg.n_layer)
                    for h in range(model.cfg.n_head)}
             bad = [k for r in out.values() for k, m in r["masks"].items() if not (
-                torch.is_tensor(m) and m.dtype == torch.bool and m.shape == shapes.get(k) and bool(m.any()))]
+                torch.is_tensor(m) and m.dtype == torch.bool and m.shape == shapes.get(k)
+                and bool(m.any()))]
         except Exception as e:  # noqa: BLE001  an edited model: say what to update, no traceback
             bad = [f"{type(e).__name__}: {e}"]
         if bad:
-            raise common.ConfigError(f"restrictions=heads: model.head_masks(layer, head) does not fit this model's "
-                                     f"parameters ({bad[0]}); update it in model.py after editing the attention")
+            raise common.ConfigError(f"restrictions=heads: model.head_masks(layer, head) does not "
+                                     f"fit this model's parameters ({bad[0]}); update it in "
+                                     f"model.py after editing the attention")
         return out
     if name == "layers" or name == "paper" and kind(cfg).paper_restrictions:
-        patterns = ({f"L{i}": f"blocks.{i}.**" for i in range(model.cfg.n_layer)} if name == "layers"
-                    else kind(cfg).paper_restrictions)
+        patterns = ({f"L{i}": f"blocks.{i}.**" for i in range(model.cfg.n_layer)}
+                    if name == "layers" else kind(cfg).paper_restrictions)
         out, unmapped = {}, []
         for r, pattern in patterns.items():
-            try:  # a smaller model lacks some components, a fork may have renamed them: said, then left out
+            # a smaller model lacks some components, a fork may have renamed them: said, then
+            # left out
+            try:
                 common.select_params(names, pattern)
                 out[r] = {"include": pattern}
             except ValueError:
                 unmapped.append(f"{r} ({pattern})")
         if not out:
-            raise common.ConfigError(f"restrictions={name}: no restriction of the set matches this model's parameters "
-                                     f"(renamed modules in model.py?): {', '.join(names[:6])}, ...")
+            raise common.ConfigError(f"restrictions={name}: no restriction of the set matches "
+                                     f"this model's parameters (renamed modules in model.py?): "
+                                     f"{', '.join(names[:6])}, ...")
         if unmapped:
-            warnings.warn(f"restrictions={name}: {len(unmapped)} of {len(patterns)} restrictions match no parameter of "
-                          f"this model (a smaller or edited model.py) and are left out: {'; '.join(unmapped)}")
+            warnings.warn(f"restrictions={name}: {len(unmapped)} of {len(patterns)} restrictions "
+                          f"match no parameter of this model (a smaller or edited model.py) and "
+                          f"are left out: {'; '.join(unmapped)}")
         return out
-    raise common.ConfigError(f"restrictions must be heads, layers{', paper' if kind(cfg).paper_restrictions else ''} "
+    raise common.ConfigError(f"restrictions must be heads, layers"
+                             f"{', paper' if kind(cfg).paper_restrictions else ''} "
                              f"for this task; got {name!r}")
 
 
-# ---------------------------------------------------------------------------------------- the task table
+# ----------------------------------------------------------------------------------- the task table
 @dataclass(frozen=True)
 class TaskKind:
     """One task: everything train.py, llc.py and analyze.py need to know about it. The functions
     named by a string are 'module:function' (imported when first used) or, bare, a function of
     analyze.py (evaluator) or plots.py (figures)."""
-    defaults: dict           # its own config keys and their defaults (train.py adds them to its own)
+    defaults: dict           # its own config keys and their defaults
+                             # (train.py adds them to its own)
     model_config: type       # the model's config dataclass (its build() makes the model)
     task: type               # the data: from_config(cfg) -> sample, model_input, loss, ...
     prepare: Callable | None  # run config -> None: one-off data preparation before training
@@ -301,7 +334,7 @@ def model_config(cfg):
 
 def build_model(cfg, seed):
     """The run config's model with the seeded initial weights of the reference code."""
-    return _seeded(model_config(cfg), seed)
+    return model_config(cfg).build(seed)
 
 
 def task_for(cfg):
@@ -316,21 +349,23 @@ def load_model(out_dir, step: int):
     params = common.load_params(out_dir, step)
     missing = set(dict(model.named_parameters())) ^ set(params)
     if missing:
-        raise common.CheckpointError(f"{common.ckpt_path(out_dir, step)} does not match the run's model: "
-                                     f"{sorted(missing)}")
+        raise common.CheckpointError(f"{common.ckpt_path(out_dir, step)} does not match the "
+                                     f"run's model: {sorted(missing)}")
     model.load_state_dict(params, strict=False)  # strict=False only because buffers are not saved
     return model.eval()
 
 
 class RunLoss:
-    """A task's loss as loss_fn(params, (inputs, targets)) for the LLC estimator, with the task's hand-derived
-    batched gradient when it has one (the estimator uses it only after checking it against autograd)."""
+    """A task's loss as loss_fn(params, (inputs, targets)) for the LLC estimator, with the task's
+    hand-derived batched gradient when it has one (the estimator uses it only after checking it
+    against autograd)."""
 
     def __init__(self, model, task, per_token=False):
         self.model, self.task, self.per_token = model, task, per_token
         self.batched_grad = None
         if getattr(task, "batched_grad", None) is not None:
-            self.batched_grad = lambda p, batch: task.batched_grad(model.cfg, p, *batch, per_token=per_token)
+            self.batched_grad = lambda p, batch: task.batched_grad(model.cfg, p, *batch,
+                                                                   per_token=per_token)
 
     def __call__(self, params, batch):
         out = functional_call(self.model, params, (self.task.model_input(*batch),))

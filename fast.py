@@ -84,7 +84,7 @@ class _Dims(NamedTuple):
     H: int  # heads
     dh: int  # head width
     N: int  # token rows per chain, B*T
-    M: int  # x-token rows per chain, B*K (the rows the loss reads)
+    rows: int  # x-token rows per chain, B*K (the rows the loss reads)
 
 
 def _t(w):
@@ -115,7 +115,7 @@ def icl_loss_and_grads(cfg, p, xs, ys, per_token=False, slice_last=True):
         x, kept = _block_forward(_block(p, i), x, slice_last and i == nl - 1, mask, dm)
         saved.append(kept)
     if not slice_last:
-        x = x.view(G, dm.M, 2 * dm.d)[:, :, :dm.d]
+        x = x.view(G, dm.rows, 2 * dm.d)[:, :, :dm.d]
     f, sf = _ln(x, p["unembedding.0.weight"], p["unembedding.0.bias"])
     Wu0 = p["unembedding.1.weight"][:, 0]  # output channel 0 is the prediction
     pred = torch.baddbmm(p["unembedding.1.bias"][:, :1, None], f, Wu0.unsqueeze(2)).view(G, B, K)
@@ -124,7 +124,7 @@ def icl_loss_and_grads(cfg, p, xs, ys, per_token=False, slice_last=True):
     loss = loss_tok if per_token else loss_tok.mean(1)
 
     g = {}  # ----------------------------------------------------------- backward of the mean loss
-    dpred = (err * (2.0 / (B * K))).view(G, dm.M, 1)
+    dpred = (err * (2.0 / (B * K))).view(G, dm.rows, 1)
     g["unembedding.1.weight"] = torch.zeros_like(p["unembedding.1.weight"])
     g["unembedding.1.weight"][:, 0] = torch.bmm(_t(f), dpred)[..., 0]
     g["unembedding.1.bias"] = torch.zeros_like(p["unembedding.1.bias"])
@@ -133,7 +133,7 @@ def icl_loss_and_grads(cfg, p, xs, ys, per_token=False, slice_last=True):
         torch.bmm(dpred, Wu0.unsqueeze(1)), p["unembedding.0.weight"], sf)
     if not slice_last:
         full = dx.new_zeros(G, dm.N, dm.d)
-        full.view(G, dm.M, 2 * dm.d)[:, :, :dm.d] = dx
+        full.view(G, dm.rows, 2 * dm.d)[:, :, :dm.d] = dx
         dx = full
     for i in reversed(range(nl)):
         dx = _block_backward(_block(p, i), f"blocks.{i}.", dx, saved[i], dm, g)
@@ -152,7 +152,7 @@ def _block(p, i):
 def _block_forward(W, x, last, mask, dm):
     """One block, y = x + attn(LN0 x); x <- x + (y + mlp(LN1 y)) (the doubled residual), and what
     its backward needs; `last`: only at the x-token rows (queries, residual and MLP)."""
-    G, B, K, T, d, H, dh, N, M = dm
+    G, B, K, T, d, H, dh, N, rows = dm
     # (G, 3, H, dh, d): the rows of q, k and v per head
     Wqkv = W("attention.qkv.weight").view(G, H, 3, dh, d).transpose(1, 2)
     Wo = W("attention.out.weight")
@@ -162,9 +162,9 @@ def _block_forward(W, x, last, mask, dm):
         Tq, xr, aq = T, x, a
     else:
         k, v = _heads_in(a, _tc(Wqkv[:, 1:].reshape(G, 2 * H, dh, d))).view(2, H * G * B, T, dh)
-        aq = a.view(G, M, 2 * d)[:, :, :d]  # the x-token rows (a strided view)
+        aq = a.view(G, rows, 2 * d)[:, :, :d]  # the x-token rows (a strided view)
         q = _heads_in(aq, _tc(Wqkv[:, 0])).view(H * G * B, K, dh)
-        Tq, xr = K, x.view(G, M, 2 * d)[:, :, :d]
+        Tq, xr = K, x.view(G, rows, 2 * d)[:, :, :d]
     P = torch.baddbmm(mask[::T // Tq], q, _t(k), alpha=1.0 / math.sqrt(dh)).softmax(-1)
     o = torch.bmm(P, v).view(H, G, B * Tq, dh)
     y = _heads_out(o, Wo.view(G, d, H, dh).permute(0, 2, 3, 1).contiguous(), xr)
@@ -177,7 +177,7 @@ def _block_forward(W, x, last, mask, dm):
 def _block_backward(W, pre, dx, saved, dm, g):
     """The block's backward: its weight gradients into g (names prefixed `pre`), the gradient at its
     input returned."""
-    G, B, K, T, d, H, dh, N, M = dm
+    G, B, K, T, d, H, dh, N, rows = dm
     a, aq, s0, q, k, v, P, o, a2, s1, r, last, Wqkv, Wo = saved
     Tq, dxn = q.shape[1], dx
     g[pre + "compute.2.weight"] = torch.bmm(_t(dxn), r)
@@ -202,14 +202,14 @@ def _block_backward(W, pre, dx, saved, dm, g):
     gw = _heads_wgrad(dproj, a).view(J, H, G, dh, d)
     da = _heads_out(dproj, Wqkv[:, 3 - J:].reshape(G, J * H, dh, d))
     if last:
-        dq = torch.bmm(dS, k).view(H, G, M, dh)
+        dq = torch.bmm(dS, k).view(H, G, rows, dh)
         gw = torch.cat([_heads_wgrad(dq, aq).view(1, H, G, dh, d), gw])
-        da.view(G, M, 2 * d)[:, :, :d].add_(_heads_out(dq, Wqkv[:, 0]))
+        da.view(G, rows, 2 * d)[:, :, :d].add_(_heads_out(dq, Wqkv[:, 0]))
     g[pre + "attention.qkv.weight"] = gw.permute(2, 1, 0, 3, 4).reshape(G, 3 * d, d)
     dx, g[pre + "layer_norms.0.weight"], g[pre + "layer_norms.0.bias"] = _ln_backward(
         da, W("layer_norms.0.weight"), s0)
     if last:
-        dx.view(G, M, 2 * d)[:, :, :d] += dxn + dy
+        dx.view(G, rows, 2 * d)[:, :, :d] += dxn + dy
     else:
         dx += dxn
         dx += dy

@@ -1,6 +1,6 @@
 """The paper's in-context regression transformer (L2H4, `ICLTransformer`); the language model
-(L2W256) is lm/model.py's. Module creation order follows the reference code, so `build_model(cfg,
-seed)` gives its initial weights; attention is a plain masked softmax so that torch.func.vmap covers
+(L2W256) is lm/model.py's. Module creation order follows the reference code, so `cfg.build(seed)`
+gives its initial weights; attention is a plain masked softmax so that torch.func.vmap covers
 every op."""
 import math
 from dataclasses import dataclass
@@ -18,7 +18,10 @@ class ICLConfig:
     d_model: int = 64
     d_mlp: int = 64
 
-    def build(self):
+    def build(self, seed=None):
+        """The model; with a seed, torch seeded first: the reference's initial weights."""
+        if seed is not None:
+            torch.manual_seed(seed)
         return ICLTransformer(self)
 
 
@@ -88,13 +91,6 @@ class ICLTransformer(nn.Module):
             # the block already contains x: the paper's doubled residual, x <- 2x + a + m
             x = x + block(x)
         return self.unembedding(x)
-
-
-def build_model(cfg, seed: int) -> nn.Module:
-    """Seed, then build on CPU in the reference's module order: the paper's exact initial
-    weights."""
-    torch.manual_seed(seed)
-    return cfg.build()
 
 
 def weight_norm(params) -> float:

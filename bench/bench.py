@@ -26,7 +26,7 @@ import common  # noqa: E402
 import data  # noqa: E402
 import sgld  # noqa: E402
 from fast import icl_loss_and_grads  # noqa: E402
-from model import ICLConfig, build_model  # noqa: E402
+from model import ICLConfig  # noqa: E402
 from report import report  # noqa: E402
 
 WORKER = os.path.join(HERE, "devinterp_worker.py")  # run by devinterp's python (run_devinterp)
@@ -133,7 +133,7 @@ def time_plain_loop(steps, batch, device, hand_written):
     """Wall time of `steps` steps of a plain training loop (after 3 untimed ones): the default
     model, Adam, autograd or (hand_written) the hand-derived gradient of the same loss."""
     mcfg, task = ICLConfig(), data.Task()
-    model = build_model(mcfg, 0).to(device)
+    model = mcfg.build(0).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     params, gen = dict(model.named_parameters()), torch.Generator(device=device)
 
@@ -196,7 +196,7 @@ def plain_chains(model, tokens, ys, L0, *, epsilon, gamma, nbeta, chains, burnin
     n, (a, b, c) = len(ys), sgld.sgld_coefficients(epsilon, gamma, nbeta)
     trace = np.zeros((chains, draws))
     for ch in range(chains):
-        m = build_model(model.cfg, 0).to(device)
+        m = model.cfg.build(0).to(device)
         m.load_state_dict(model.state_dict())
         ps = list(m.parameters())
         w0 = [p.detach().clone() for p in ps]
@@ -449,7 +449,7 @@ def make_sweep_run(run_dir, model, num, cfg_run):
     """A run folder with `num` checkpoints: the model's parameters plus small seeded
     perturbations."""
     common.atomic_write(os.path.join(run_dir, "config.json"), json.dumps(cfg_run))
-    m, gen = build_model(model.cfg, 0), torch.Generator().manual_seed(0)
+    m, gen = model.cfg.build(0), torch.Generator().manual_seed(0)
     for s in range(num):
         with torch.no_grad():
             for p, p0 in zip(m.parameters(), model.parameters()):

@@ -22,12 +22,12 @@ from devinterp.optim.sgld import SGLD  # noqa: E402
 from devinterp.slt.sampler import estimate_learning_coeff_with_summary  # noqa: E402
 
 sys.path.insert(0, sys.argv[3])
-from model import ICLConfig, build_model  # noqa: E402
+from model import ICLConfig  # noqa: E402
 
 s = torch.load(sys.argv[1], weights_only=True)
 torch.set_num_threads(s["threads"])
 dev = torch.device(s["device"])
-model = build_model(ICLConfig(**s["model_cfg"]), 0)
+model = ICLConfig(**s["model_cfg"]).build(0)
 model.load_state_dict(s["state_dict"])
 model.to(dev)
 tokens, ys = s["tokens"].to(dev), s["ys"].to(dev)

@@ -1,5 +1,5 @@
 """The paper's attention-only language model (L2W256, `LMTransformer`), initialised as
-TransformerLens' "gpt2" init: `model.build_model(cfg, seed)` seeds, then builds it. Attention is a
+TransformerLens' "gpt2" init: `cfg.build(seed)` seeds, then builds it. Attention is a
 plain masked softmax so that torch.func.vmap covers every op."""
 import math
 from dataclasses import dataclass
@@ -19,7 +19,10 @@ class LMConfig:
     d_model: int = 256
     init_std: float = -1.0  # < 0: TransformerLens' "gpt2" init, 0.8 / sqrt(d_model) (0.05 at 256)
 
-    def build(self):
+    def build(self, seed=None):
+        """The model; with a seed, torch seeded first."""
+        if seed is not None:
+            torch.manual_seed(seed)
         return LMTransformer(self)
 
 

@@ -276,8 +276,8 @@ def small_models():
     xs, ys = torch.randn(32, 3), torch.randn(32)
     yield mlp, (lambda o: (o[:, 0] - ys).pow(2).mean()), xs
     from data import Task, to_tokens
-    from model import ICLConfig, build_model
-    icl = build_model(ICLConfig(D=2, K=3, n_layer=1, n_head=2, d_model=4, d_mlp=4), seed=0)
+    from model import ICLConfig
+    icl = ICLConfig(D=2, K=3, n_layer=1, n_head=2, d_model=4, d_mlp=4).build(0)
     b = Task(D=2, K=3).eval_batch(0, 16)
     yield icl, (lambda o: Task.loss(o, b["ys"])), to_tokens(b["xs"], b["ys"])
 

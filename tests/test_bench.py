@@ -24,7 +24,7 @@ import common  # noqa: E402
 import data  # noqa: E402
 import report  # noqa: E402
 from fast import icl_loss_and_grads  # noqa: E402
-from model import ICLConfig, build_model  # noqa: E402
+from model import ICLConfig  # noqa: E402
 
 PEERS = os.path.join(ROOT, "peers")
 
@@ -34,7 +34,7 @@ SMALL = ICLConfig(n_layer=3, K=5, d_model=32, d_mlp=48, n_head=2)
 
 @pytest.mark.parametrize("cfg", [ICLConfig(), SMALL])
 def test_flop_counts_match_torch_flop_counter(cfg):
-    model, task, B = build_model(cfg, 0), data.Task(K=cfg.K), 4
+    model, task, B = cfg.build(0), data.Task(K=cfg.K), 4
     xs, ys = task.sample(torch.Generator().manual_seed(0), B)
     with FlopCounterMode(display=False) as fc:
         task.loss(model(task.model_input(xs, ys)), ys)

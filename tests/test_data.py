@@ -4,14 +4,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from data import (Task, dmmse_predict, per_token_mse, readout, regression_metrics, ridge_predict, sample_batch,
-                  to_tokens)
+from data import (Task, dmmse_predict, per_token_mse, readout, regression_metrics, ridge_predict,
+                  sample_batch, to_tokens)
 
 
 def test_token_layout_and_readout_by_hand():
     xs = torch.tensor([[[1., 2., 3.], [4., 5., 6.]]])  # B=1, K=2, D=3
     ys = torch.tensor([[7., 8.]])
-    want = torch.tensor([[[0, 1, 2, 3], [7, 0, 0, 0], [0, 4, 5, 6], [8, 0, 0, 0]]], dtype=torch.float)
+    want = torch.tensor([[[0, 1, 2, 3], [7, 0, 0, 0], [0, 4, 5, 6], [8, 0, 0, 0]]],
+                        dtype=torch.float)
     assert torch.equal(to_tokens(xs, ys), want)
     out = torch.arange(16.).view(1, 4, 4)  # the prediction for y_k is channel 0 at the x_k token
     assert torch.equal(readout(out), torch.tensor([[0., 8.]]))
@@ -87,7 +88,8 @@ def test_vectorised_baselines_equal_loops():
     tasks = torch.randn(7, 3, dtype=torch.double)
     torch.testing.assert_close(dmmse_predict(xs, ys, tasks, 0.25), _dmmse_loop(xs, ys, tasks, 0.25))
     # chunking over the batch changes nothing
-    torch.testing.assert_close(dmmse_predict(xs, ys, tasks, 0.25, chunk_elems=1), _dmmse_loop(xs, ys, tasks, 0.25))
+    torch.testing.assert_close(dmmse_predict(xs, ys, tasks, 0.25, chunk_elems=1),
+                               _dmmse_loop(xs, ys, tasks, 0.25))
 
 
 def test_baseline_edge_cases():
@@ -95,11 +97,13 @@ def test_baseline_edge_cases():
     b = t.eval_batch(0, 32)
     assert torch.equal(ridge_predict(b["xs"], b["ys"], 0.125)[:, 0], torch.zeros(32))
     # with no context the dMMSE estimate is the mean of the tasks
-    torch.testing.assert_close(dmmse_predict(b["xs"], b["ys"], t.tasks, 0.125)[:, 0], b["xs"][:, 0] @ t.tasks.mean(0))
+    torch.testing.assert_close(dmmse_predict(b["xs"], b["ys"], t.tasks, 0.125)[:, 0],
+                               b["xs"][:, 0] @ t.tasks.mean(0))
     # M = 1: dMMSE always predicts with that task
     one = Task(num_tasks=1, task_seed=2)
     b = one.eval_batch(0, 16)
-    torch.testing.assert_close(dmmse_predict(b["xs"], b["ys"], one.tasks, 0.125), b["xs"] @ one.tasks[0])
+    torch.testing.assert_close(dmmse_predict(b["xs"], b["ys"], one.tasks, 0.125),
+                               b["xs"] @ one.tasks[0])
 
 
 class RidgeModel(nn.Module):

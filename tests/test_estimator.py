@@ -18,7 +18,7 @@ import common
 import data
 import sgld
 from data import Task
-from model import ICLConfig, build_model
+from model import ICLConfig
 from conftest import ROOT
 from test_llc import CLI, quad_expected, quad_loss, tiny_run  # noqa: F401  (a fixture)
 
@@ -26,7 +26,7 @@ from test_llc import CLI, quad_expected, quad_loss, tiny_run  # noqa: F401  (a f
 def regression(n, paired, seed=0):
     """The regression task on a small model at its initialisation, paired or not, L(w*) on n rows.
     """
-    model, task = build_model(ICLConfig(d_model=16, d_mlp=16), 0), Task()
+    model, task = ICLConfig(d_model=16, d_mlp=16).build(0), Task()
     params = {k: v.detach() for k, v in model.named_parameters()}
     return sgld.estimate_llc(data.RunLoss(model, task), params, task.sample, epsilon=1e-3,
                              gamma=6.0, nbeta=60.0, num_chains=4, num_draws=60, num_burnin=20,

@@ -21,7 +21,7 @@ import llc
 import sgld
 from data import RunLoss, Task, to_tokens
 from fast import icl_loss_and_grads
-from model import ICLConfig, build_model
+from model import ICLConfig
 
 NBETA_1000 = 1000 / math.log(1000)  # devinterp's known-answer nbeta: n / ln n with n = 1000
 # the Triton kernel's tests: the GPU, else the interpreter
@@ -219,7 +219,7 @@ def test_reduced_rank_regression(m, h, n):
 
 # -------------------------------------------------------------------------------------- restriction
 def test_glob_patterns_on_model_names():
-    names = [k for k, _ in build_model(ICLConfig(), 0).named_parameters()]
+    names = [k for k, _ in ICLConfig().build(0).named_parameters()]
     att = sgld.select_params(names, "blocks.*.attention.**")
     assert att == [f"blocks.{i}.attention.{p}.weight" for i in (0, 1) for p in ("qkv", "out")]
     assert sgld.select_params(names, "*.weight") == ["token_embedding.weight",
@@ -333,7 +333,7 @@ def _reference_loop(model, loss_of, params, next_batches, C, steps, burnin, epsi
 
 @pytest.mark.parametrize("mode", ["stream", "fixed"])
 def test_batched_chains_match_a_one_chain_at_a_time_loop(mode):
-    model, task = build_model(ICLConfig(), 0), Task()
+    model, task = ICLConfig().build(0), Task()
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     C, B, steps, burnin, seed = 3, 16, 10, 3, 5
     hp = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0)
@@ -366,7 +366,7 @@ def test_batched_chains_match_a_one_chain_at_a_time_loop(mode):
 
 
 def test_per_token_llc_averages_to_the_llc():
-    model, task = build_model(ICLConfig(d_model=16, d_mlp=16), 0), Task()
+    model, task = ICLConfig(d_model=16, d_mlp=16).build(0), Task()
     params = {k: v.detach() for k, v in model.named_parameters()}
     kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=2, num_draws=8, batch_size=16, n=64,
               seed=3)
@@ -514,7 +514,7 @@ def _stacked(params, G, seed=0, scale=0.02):
 @pytest.mark.parametrize("G,per_token", [(1, False), (3, False), (2, True)])
 def test_native_gradient_matches_autograd_on_the_module(G, per_token):
     cfg = ICLConfig(n_layer=2, d_model=16, d_mlp=24, n_head=2)
-    model, task = build_model(cfg, 0), Task(K=5)
+    model, task = cfg.build(0), Task(K=5)
     params = {k: v.detach() for k, v in model.named_parameters()}
     xs, ys = task.sample(torch.Generator().manual_seed(1), G * 7)
     xs, ys = xs.view(G, 7, 5, 4), ys.view(G, 7, 5)
@@ -537,7 +537,7 @@ def test_slicing_the_last_block_changes_nothing(G):
     """Computing the last block's queries, MLP and unembedding only at the x-token rows (and only
     output channel 0) gives the very same loss; the gradients agree to float rounding (sums over
     fewer rows)."""
-    model, task = build_model(ICLConfig(), 0), Task()
+    model, task = ICLConfig().build(0), Task()
     stk = _stacked({k: v.detach() for k, v in model.named_parameters()}, G, seed=2)
     xs, ys = task.sample(torch.Generator().manual_seed(3), G * 16)
     xs, ys = xs.view(G, 16, 8, 4), ys.view(G, 16, 8)
@@ -552,7 +552,7 @@ def test_slicing_the_last_block_changes_nothing(G):
 
 @pytest.mark.parametrize("include", [None, "blocks.1.**"])
 def test_chain_modes_give_the_same_chains(include):
-    model, task = build_model(ICLConfig(d_model=16, d_mlp=16), 0), Task()
+    model, task = ICLConfig(d_model=16, d_mlp=16).build(0), Task()
     params = {k: v.detach() for k, v in model.named_parameters()}
     kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=3, num_draws=5, num_burnin=2,
               batch_size=16, n=64, seed=4, include=include)
@@ -576,7 +576,7 @@ def test_native_modes_refuse_a_stale_hand_derived_gradient():
     """A model whose code no longer matches fast.py (here: its output doubled) fails the check
     against autograd: an explicit native mode raises with what to do; auto warns once and runs the
     autograd chains instead."""
-    model, task = build_model(ICLConfig(d_model=16, d_mlp=16), 0), Task()
+    model, task = ICLConfig(d_model=16, d_mlp=16).build(0), Task()
     params = {k: v.detach() for k, v in model.named_parameters()}
     kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=2, num_draws=2, batch_size=8, n=32,
               seed=0)
@@ -635,7 +635,7 @@ def test_checkpoints_batched_into_one_computation_give_their_own_estimates(mode,
     result equals that checkpoint's own estimate (same minibatches, noise and L(w*) set); a
     checkpoint whose chains all diverge is named in the error."""
     task = Task()
-    models = [build_model(ICLConfig(d_model=16, d_mlp=16), s) for s in range(3)]
+    models = [ICLConfig(d_model=16, d_mlp=16).build(s) for s in range(3)]
     ps = [{k: v.detach() for k, v in m.named_parameters()} for m in models]
     kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=3, num_draws=5, num_burnin=2,
               batch_size=16, n=64, seed=4, chain_mode=mode, include=include)
@@ -661,7 +661,7 @@ def test_cpu_chain_workers_are_bit_identical_and_row_chunks_change_only_rounding
     """native_loop on CPU: chains spread over worker threads give the very same chains; a batch
     processed in row chunks (10 + 10 + 4 rows here) gives the whole-batch chains up to float
     rounding; the threads are restored."""
-    model, task = build_model(ICLConfig(d_model=16, d_mlp=16), 0), Task()
+    model, task = ICLConfig(d_model=16, d_mlp=16).build(0), Task()
     params = {k: v.detach() for k, v in model.named_parameters()}
     kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=3, num_draws=6, num_burnin=2,
               batch_size=24, n=96, seed=7, chain_mode="native_loop")
@@ -686,7 +686,7 @@ def test_cpu_chain_workers_are_bit_identical_and_row_chunks_change_only_rounding
 @pytest.mark.skipif(not torch.cuda.is_available() or fast.triton is None,
                     reason="needs CUDA and triton")
 def test_cuda_graph_replays_the_eager_chains():
-    model, task = build_model(ICLConfig(), 0), Task()
+    model, task = ICLConfig().build(0), Task()
     params = {k: v.detach().cuda() for k, v in model.named_parameters()}
     kw = dict(epsilon=1e-3, gamma=6.0, nbeta=60.0, num_chains=4, num_draws=20, num_burnin=5,
               batch_size=64, n=256, seed=5, device="cuda", chain_mode="native")

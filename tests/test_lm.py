@@ -27,7 +27,6 @@ import lm.hub as lm_hub
 import train
 from conftest import ROOT
 from lm.model import LMConfig, LMTransformer
-from model import build_model
 
 LM_DEFAULTS = train.defaults_for("lm")  # train.py's options of an LM run
 
@@ -38,7 +37,7 @@ CTX = 64  # packed row length of the test corpus
 # ------------------------------------------------------------------------------------------------
 # model
 def test_parameter_count_and_init():
-    m = build_model(LMConfig(), 1)
+    m = LMConfig().build(1)
     assert sum(p.numel() for p in m.parameters()) == 3_355_016
     p = dict(m.named_parameters())
     for name in ("embed.weight", "pos_embed", "blocks.0.attn.q.weight", "blocks.1.attn.o.weight",
@@ -51,7 +50,7 @@ def test_parameter_count_and_init():
 
 def test_shortformer_positions_never_enter_the_residual_stream():
     torch.manual_seed(0)
-    m = build_model(TINY, 0)
+    m = TINY.build(0)
     tokens = torch.randint(0, 50, (3, 16))
 
     def with_positions(model, scale):
@@ -74,7 +73,7 @@ def test_shortformer_positions_never_enter_the_residual_stream():
     torch.testing.assert_close(with_positions(m, 0.0), with_positions(m, 50.0))
     # 2. uniform attention (q = k = 0): positions only reach the scores, so they cannot change the
     #    output
-    m = build_model(TINY, 1)
+    m = TINY.build(1)
     with torch.no_grad():
         for b in m.blocks:
             for lin in (b.attn.q, b.attn.k):
@@ -82,13 +81,13 @@ def test_shortformer_positions_never_enter_the_residual_stream():
                 lin.bias.zero_()
     torch.testing.assert_close(with_positions(m, 0.0), with_positions(m, 50.0))
     # 3. and with normal weights they do matter (through the queries and keys)
-    m = build_model(TINY, 2)
+    m = TINY.build(2)
     assert not torch.allclose(with_positions(m, 0.0), with_positions(m, 50.0))
     torch.testing.assert_close(m(tokens, positions=False), with_positions(m, 0.0))
 
 
 def test_causal():
-    m = build_model(TINY, 3)
+    m = TINY.build(3)
     a = torch.randint(0, 50, (2, 16))
     b = a.clone()
     b[:, 9:] = torch.randint(0, 50, (2, 7))
@@ -103,7 +102,7 @@ def test_causal():
 def test_vmap_over_stacked_models_and_the_task_loss():
     """What llc.py does: vmap(grad(loss of functional_call)) over chains equals a loop over models.
     """
-    models = [build_model(TINY, s) for s in range(3)]
+    models = [TINY.build(s) for s in range(3)]
     params, buffers = stack_module_state(models)
     base = LMTransformer(TINY).to("meta")
     x = torch.randint(0, 50, (3, 4, 15))
@@ -146,7 +145,7 @@ def _transformer_lens_forward(sd, tokens, n_head):
 
 
 def test_transformer_lens_state_dict_conversion():
-    m = build_model(TINY, 4)
+    m = TINY.build(4)
     with torch.no_grad():  # non-trivial biases and LayerNorms
         for p in m.parameters():
             if p.dim() == 1:
@@ -240,7 +239,7 @@ def test_lm_task_interface(lm_dir):
         lm_data.LMTask(lm_dir, n_ctx=128)
     rows = task.eval_data(0, 7)
     assert torch.equal(rows, torch.from_numpy(np.asarray(task.test[:7]).astype(np.int64)))
-    m = build_model(LMConfig(n_ctx=CTX, d_model=16, n_head=2), 0)
+    m = LMConfig(n_ctx=CTX, d_model=16, n_head=2).build(0)
     assert task.loss(m(task.model_input(xs, ys)), ys).item() == pytest.approx(math.log(5000),
                                                                               abs=0.6)
     row = task.metrics(m, rows)
@@ -491,7 +490,7 @@ def test_import_skips_missing_steps_and_export_round_trips(hub, tmp_path, lm_dir
 def test_transformer_lens_export_loads_strictly_with_equal_logits():
     tl = pytest.importorskip("transformer_lens")
     cfg = dict(vocab_size=50, n_ctx=16, n_layer=2, n_head=2, d_model=8, seed=1)
-    m = build_model(LMConfig(**{k: v for k, v in cfg.items() if k != "seed"}), 4)
+    m = LMConfig(**{k: v for k, v in cfg.items() if k != "seed"}).build(4)
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 1:
@@ -625,14 +624,14 @@ def test_synthetic_sequences_follow_the_spec():
     assert torch.equal(tokens[b, second], s)
     assert ((tokens == s[:, None]).sum(1) == 2).all()  # s occurs exactly twice
     # on a model: shapes, chance level at init
-    m = build_model(LMConfig(n_ctx=128, d_model=16, n_head=2), 0)
+    m = LMConfig(n_ctx=128, d_model=16, n_head=2).build(0)
     pt, pm = lm_eval.previous_token_scores(m, n=200), lm_eval.prefix_matching_scores(m, n=200)
     assert pt.shape == pm.shape == (2, 2)
     assert 0.01 < pt.mean() < 0.06 and 0.002 < pm.mean() < 0.03
 
 
 def test_k_composition_against_the_formula():
-    m = build_model(LMConfig(vocab_size=30, n_ctx=8, n_head=3, d_model=12), 5)
+    m = LMConfig(vocab_size=30, n_ctx=8, n_head=3, d_model=12).build(5)
     sd = lm_hub.to_transformer_lens({k: v.detach() for k, v in m.named_parameters()}, 3)
     W = lambda x, layer, h: sd[f"blocks.{layer}.attn.W_{x}"][h].double().numpy()  # noqa: E731
     got = lm_eval.k_composition_scores(m)
@@ -691,7 +690,7 @@ def test_ngrams_icl_and_per_position_loss():
     seqs = lm_eval.ngram_sequences(enc.get, list(enc), 2, bos=49)
     assert seqs.tolist() == [[49, 1, 2], [49, 5, 6]]
     assert lm_eval.ngram_sequences(enc.get, list(enc), 2, limit=1, bos=49).shape == (1, 3)
-    m = build_model(TINY, 0)
+    m = TINY.build(0)
     logits = m(seqs[:, :-1])[:, -1]
     assert lm_eval.ngram_loss(m, seqs) == pytest.approx(F.cross_entropy(logits, seqs[:, -1]).item(),
                                                         rel=1e-5)

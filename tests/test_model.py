@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from model import ICLConfig, ICLTransformer, build_model, weight_norm
+from model import ICLConfig, ICLTransformer, weight_norm
 
 
 @pytest.mark.parametrize("K,count", [(8, 51_717), (16, 52_741)])
@@ -12,13 +12,13 @@ def test_parameter_count(K, count):
 
 def test_init_norms_match_the_paper():
     want = [24.909348, 24.930702, 24.898283, 24.974403, 24.943701]  # regression.md §4, seeds 0-4
-    got = [weight_norm(build_model(ICLConfig(), s).parameters()) for s in range(5)]
+    got = [weight_norm(ICLConfig().build(s).parameters()) for s in range(5)]
     assert got == pytest.approx(want, abs=1e-5)
 
 
 def test_positional_init_range_depends_on_K():
     for K in (8, 16):
-        w = build_model(ICLConfig(K=K), 0).postn_embedding.weight
+        w = ICLConfig(K=K).build(0).postn_embedding.weight
         assert w.shape == (64, 2 * K) and w.abs().max() <= (2 * K) ** -0.5
 
 
@@ -26,7 +26,7 @@ def test_doubled_residual():
     """With every sublayer output zeroed, the stream entering the final LN is 2^L times the
     embedding."""
     cfg = ICLConfig()
-    m = build_model(cfg, 0)
+    m = cfg.build(0)
     with torch.no_grad():
         for b in m.blocks:
             b.attention.out.weight.zero_()
@@ -41,7 +41,7 @@ def test_doubled_residual():
 
 
 def test_causal():
-    m = build_model(ICLConfig(), 1)
+    m = ICLConfig().build(1)
     a = torch.randn(2, 16, 5)
     b = a.clone()
     b[:, 9:] = torch.randn(2, 7, 5)
@@ -54,7 +54,7 @@ def test_attention_uses_per_head_interleaved_qkv():
     loop."""
     torch.manual_seed(0)
     cfg = ICLConfig()
-    att = build_model(cfg, 0).blocks[0].attention
+    att = cfg.build(0).blocks[0].attention
     x = torch.randn(2, 16, 64)
     W = att.qkv.weight.view(4, 3, 16, 64)  # head, (q k v), d_head, d_model
     heads = []
@@ -67,7 +67,7 @@ def test_attention_uses_per_head_interleaved_qkv():
 
 
 def test_vmap_over_stacked_models_matches_loop():
-    models = [build_model(ICLConfig(), s) for s in range(3)]
+    models = [ICLConfig().build(s) for s in range(3)]
     params, buffers = stack_module_state(models)
     base = ICLTransformer(ICLConfig()).to("meta")
     tokens = torch.randn(3, 4, 16, 5)

@@ -13,7 +13,7 @@ import data
 import llc
 import sgld
 from lm.model import LMConfig
-from model import ICLConfig, build_model
+from model import ICLConfig
 
 CLI = ["--num_chains=2", "--num_draws=6", "--num_burnin=2", "--batch_size=8", "--n=32",
        "--trace_points=4"]
@@ -129,7 +129,7 @@ def test_masks_are_checked():
 def test_head_masks_cover_each_head_once():
     for cfg in (ICLConfig(d_model=16, d_mlp=8, n_head=4),
                 LMConfig(vocab_size=20, n_ctx=8, n_layer=2, n_head=2, d_model=8)):
-        model = build_model(cfg, 0)
+        model = cfg.build(0)
         for layer in range(cfg.n_layer):
             heads = [model.head_masks(layer, h) for h in range(cfg.n_head)]
             for name in heads[0]:

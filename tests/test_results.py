@@ -17,7 +17,8 @@ RESULTS = ROOT / "results" / "L2H4-s0-40k"
 
 
 def load():
-    rows = [json.loads(line) for line in (RESULTS / "llc.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (RESULTS / "llc.jsonl").read_text().splitlines()
+            if line.strip()]
     ref = np.genfromtxt(ROOT / "reference" / "paper_v1_seedmean.csv", delimiter=",", names=True)
     return rows, {int(r["step"]): r for r in ref}
 
@@ -26,9 +27,11 @@ def test_the_curve_lies_in_the_papers_seed_band_at_nine_in_ten_checkpoints():
     """Inside: |ours - seed mean| <= 2 seed std + 2 of our standard errors (the README's band)."""
     rows, ref = load()
     # all of them
-    assert len({r["step"] for r in rows}) == len(rows) == 80 and max(r["step"] for r in rows) == 40292
+    assert (len({r["step"] for r in rows}) == len(rows) == 80
+            and max(r["step"] for r in rows) == 40292)
     assert all(r["step"] in ref and r["llc_mean"] is not None for r in rows)
-    inside = [abs(r["llc_mean"] - ref[r["step"]]["llc_mean"]) <= 2 * ref[r["step"]]["llc_std"] + 2 * r["llc_se"]
+    inside = [abs(r["llc_mean"] - ref[r["step"]]["llc_mean"])
+              <= 2 * ref[r["step"]]["llc_std"] + 2 * r["llc_se"]
               for r in rows]
     assert np.mean(inside) >= 0.9, [r["step"] for r, ok in zip(rows, inside) if not ok]
 
@@ -54,7 +57,8 @@ def test_the_first_transition_and_the_peak_region():
     summary = json.loads((RESULTS / "summary.json").read_text())
     assert summary["detector"]["params"]["slope_frac"] == 0.1 and stages["signal"] == "llc"
     assert summary["boundaries"] == stages["boundaries"]
-    assert 1000 / 1.5 <= stages["boundaries"][0] <= 1000 * 1.5 and stages["stages"][0]["type"] == "A"
+    assert (1000 / 1.5 <= stages["boundaries"][0] <= 1000 * 1.5
+            and stages["stages"][0]["type"] == "A")
     assert len(stages["boundaries"]) == 2 and stages["boundaries"][-1] >= 20_000
     det = detect_stages([r["step"] for r in rows], [r["llc_mean"] for r in rows],
                         [r["llc_se"] for r in rows], **STAGE_RULE)
@@ -71,7 +75,8 @@ def test_the_preset_at_initialisation_matches_the_papers_five_seeds():
     the mean se (any correlation), and the std of five values moves by at most |errors| / 2 <=
     sqrt(sum se^2) / 2 at 1 sd; both asserted at 2 sd."""
     _, ref = load()
-    rows = [json.loads(line) for line in (RESULTS / "init_seeds.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (RESULTS / "init_seeds.jsonl").read_text().splitlines()
+            if line.strip()]
     assert [r["model_seed"] for r in rows] == [0, 1, 2, 3, 4] and all(r["step"] == 0 for r in rows)
     v, se = np.array([r["llc_mean"] for r in rows]), np.array([r["llc_se"] for r in rows])
     assert abs(v.mean() - ref[0]["llc_mean"]) <= 2 * se.mean()
