@@ -273,3 +273,27 @@ def test_a_hostile_etag_names_a_blob_inside_the_cache(hub, tmp_path, monkeypatch
     assert got.read_bytes() == b"1 2 3\n" and cache in got.parents
     assert not _outside(tmp_path, cache, before)
     assert all(cache in p.resolve().parents for p in cache.rglob("*"))
+
+
+# ------------------------------------------------------------------------- a full disk, all three
+def _file_size_limit(nbytes):
+    """A child whose writes past nbytes fail with EFBIG (as on a full disk; Python ignores SIGXFSZ)."""
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+
+@pytest.mark.parametrize("script,args", [("train.py", TINY), ("llc.py", [*QUICK, "--steps=10"]),
+                                         ("analyze.py", ["--hessian_probes=0", "--lanczos_iters=0",
+                                                         "--eval_size=64", "--ed_batch=64"])])
+def test_a_failed_write_is_one_line_and_keeps_every_file(copy, script, args):
+    before = snapshot(copy)
+    argv = [f"--out_dir={copy}"] if script == "train.py" else [copy]
+    r = subprocess.run([sys.executable, str(ROOT / script), *argv, *map(str, args)], cwd=ROOT,
+                       capture_output=True, text=True, env=ENV, timeout=600,
+                       preexec_fn=_file_size_limit(512))
+    one_line(r, 1, "file-size limit")
+    after = snapshot(copy)
+    assert {k: after[k] for k in before if k != "log.jsonl"} == {k: v for k, v in before.items()
+                                                                 if k != "log.jsonl"}
+    rows = [json.loads(line) for p in copy.glob("*.jsonl") for line in p.read_text().splitlines()]
+    assert all(isinstance(row, dict) for row in rows)  # strict JSON rows, no torn line
