@@ -277,7 +277,8 @@ def test_a_hostile_etag_names_a_blob_inside_the_cache(hub, tmp_path, monkeypatch
 
 # ------------------------------------------------------------------------- a full disk, all three
 def _file_size_limit(nbytes):
-    """A child whose writes past nbytes fail with EFBIG (as on a full disk; Python ignores SIGXFSZ)."""
+    """A child whose writes past nbytes fail with EFBIG, as on a full disk (Python ignores
+    SIGXFSZ)."""
     import resource
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
 
