@@ -107,3 +107,23 @@ def test_pairing_l_w_star_with_each_draw_at_step_0_of_the_five_seeds():
     assert (np.abs(diff[True]) <= 2 * se).all(), diff[True] / se
     assert abs(diff[True].mean()) <= 0.6, diff[True]
     assert all(abs(by[s, True]["llc_drift_z"]) < 4 for s in range(5))
+
+
+def test_the_preset_studys_rows_are_the_papers_sampler_and_near_its_seed_0():
+    """results/L2H4-s0-500k/study.jsonl (rows as the study makes them): the paper's sampler (8
+    chains x 5,000 steps from w*, no burn-in, paired), 100 trace bins per chain; the se no smaller
+    than the chain means' spread; at step 0 within 2 se of the paper's seed-0 value."""
+    path = ROOT / "results" / "L2H4-s0-500k" / "study.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    paper = np.genfromtxt(ROOT / "reference" / "paper_v1_perseed.csv", delimiter=",", names=True)
+    seed0 = {int(t): v for s, t, v in zip(paper["model_seed"], paper["step"],
+                                          paper["llcmeanmean"]) if s == 0}
+    assert rows and len({r["step"] for r in rows}) == len(rows)
+    for r in rows:
+        assert (r["num_chains"], r["num_draws"], r["num_burnin"], r["paired"]) == (8, 5000, 0, True)
+        assert (r["epsilon"], r["gamma"], r["nbeta"]) == pytest.approx((3e-4, 20 / 3, 200 / 3))
+        assert np.array(r["llc_trace"]).shape == (8, 100) and not r["nan_chains"]
+        assert r["llc_mean"] == pytest.approx(np.mean(r["llc_per_chain"]))
+        assert r["llc_se"] >= np.std(r["llc_per_chain"], ddof=1) / math.sqrt(8) - 1e-12
+    (r0,) = [r for r in rows if r["step"] == 0]
+    assert abs(r0["llc_mean"] - seed0[0]) <= 2 * r0["llc_se"], (r0["llc_mean"], seed0[0])

@@ -121,7 +121,7 @@ def snap(have, step):
     return min(have, key=lambda h: abs(h - step))
 
 
-def candidates(st, steps):
+def candidates(st, steps, lr5):
     """Part 1: the paper's 5,000 steps at the study checkpoints (kept if already in study.jsonl);
     every candidate is read off the same chains' traces; the rule picks one."""
     path = os.path.join(st.args.dest, "study.jsonl")
@@ -133,14 +133,16 @@ def candidates(st, steps):
             break
         st.write("study.jsonl", st.estimate(st.args.run, cfg, group))
     rows = common.read_jsonl(path)
+    final = st.args.dry or (lr5 and set(steps) <= {r["step"] for r in rows})
     pick, score = choose(rows) if not st.args.dry else ("mean500", {})
     paper = paper_values()
     band = {r["step"]: [round(float(v), 2) for v in paper[r["step"]]] for r in rows
             if r["step"] in paper}
-    common.atomic_write(os.path.join(st.args.dest, "choice.json"),
-                        json.dumps(dict(chosen=pick, candidates=score, paper_per_seed=band),
-                                   indent=1))
-    print(f"study: chosen {pick}: {json.dumps(score)}", flush=True)
+    if final:  # every study checkpoint, one in LR5, has its row: the rule's choice stands
+        common.atomic_write(os.path.join(st.args.dest, "choice.json"),
+                            json.dumps(dict(chosen=pick, candidates=score, paper_per_seed=band),
+                                       indent=1))
+    print(f"study: {'chosen' if final else 'so far'} {pick}: {json.dumps(score)}", flush=True)
     return pick
 
 
@@ -216,7 +218,7 @@ def main():
     steps = sorted(set(near) | ({have[-1]} if have[-1] >= 320_000 else set()))
     print(f"study: {len(have)} checkpoints up to {have[-1]}; study steps {steps}; {st.device}",
           flush=True)
-    pick = candidates(st, steps[:2] if args.dry else steps)
+    pick = candidates(st, steps[:2] if args.dry else steps, have[-1] >= 320_000)
     done = {r["step"] for r in common.read_jsonl(os.path.join(args.dest, "study.jsonl"))}
     if not args.dry and (have[-1] < 320_000 or not set(steps) <= done):
         return print("study: the study is not complete (it needs a checkpoint in LR5, >= 320,000); "
