@@ -454,7 +454,11 @@ def import_checkpoints(repo, steps, out_dir, cfg, *, pattern=lm_hub.PAPER["check
             common.progress(f"step {step} skipped: {e}")
             missing.append(step)
             continue
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  an unpickling error, a truncated zip, ...
+            raise common.CheckpointError(f"{path} is not a readable checkpoint "
+                                         f"({type(e).__name__}: {e}); delete it and import again")
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(sd, dict) and "embed.W_E" not in sd and key in sd:
                 sd = sd[key]

@@ -298,3 +298,16 @@ def test_a_failed_write_is_one_line_and_keeps_every_file(copy, script, args):
                                                                  if k != "log.jsonl"}
     rows = [json.loads(line) for p in copy.glob("*.jsonl") for line in p.read_text().splitlines()]
     assert all(isinstance(row, dict) for row in rows)  # strict JSON rows, no torn line
+
+
+def test_importing_a_corrupt_checkpoint_names_it(tmp_path):
+    from lm import data as lm_data
+    src = tmp_path / "src" / "checkpoints"
+    src.mkdir(parents=True)
+    (src / "checkpoint_0000000.pth").write_bytes(b"\x80\x04not a pickle at all")
+    cfg = dict(task="lm", vocab_size=50, n_ctx=8, n_layer=1, n_head=2, d_model=8)
+    sys.path.insert(0, str(ROOT))
+    import common
+    with pytest.raises(common.CheckpointError, match="checkpoint_0000000.pth is not a readable"):
+        lm_data.import_checkpoints(str(tmp_path / "src"), [0], tmp_path / "run", cfg)
+    assert not common.list_checkpoints(tmp_path / "run")
