@@ -66,13 +66,19 @@ def copy(trained, tmp_path):
 @pytest.mark.parametrize("opt", ["--lr=-1e-3", "--batch_size=0", "--batch_size=-5",
                                  "--max_steps=0", "--log_interval=0", "--n_head=3", "--K=0",
                                  "--device=gpu", "--no_such_option=1", "--lr=fast"])
-def test_train_bad_values_write_nothing_and_the_fix_is_not_refused(copy, opt):
+def test_train_bad_values_write_nothing(copy, opt):
     before = snapshot(copy)
     one_line(run("train.py", *TINY, opt, f"--out_dir={copy}"), 2, opt.split("=")[0])
     assert snapshot(copy) == before
     fresh = copy.parent / "fresh"
     one_line(run("train.py", *TINY, opt, f"--out_dir={fresh}"), 2)
     assert not fresh.exists()
+
+
+def test_train_after_a_bad_value_the_corrected_command_runs(tmp_path):
+    one_line(run("train.py", *TINY, "--stop_at=1", "--lr=-1", f"--out_dir={tmp_path}/r"), 2, "--lr")
+    r = run("train.py", *TINY, "--stop_at=1", f"--out_dir={tmp_path}/r")
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_train_a_diverging_lr_stops_with_strict_json_logs(tmp_path):
@@ -181,6 +187,14 @@ def _nan_weights(path):
 def _drop_tensor(path):
     tensors = load_file(path)
     save_file(dict(list(tensors.items())[1:]), path)
+
+
+def test_debug_keeps_the_traceback(copy):
+    _truncate(copy / "checkpoints" / "step_0000010.safetensors")
+    r = subprocess.run([sys.executable, str(ROOT / "llc.py"), str(copy), *QUICK, "--steps=10"],
+                       cwd=ROOT, capture_output=True, text=True, env={**ENV, "DEBUG": "1"},
+                       timeout=600)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
 
 
 @pytest.mark.parametrize("spoil", [_truncate, _nan_weights, _drop_tensor])
