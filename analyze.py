@@ -9,13 +9,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.func import functional_call
 
 import common
 import data
-import plots
-import stages
-from model import weight_norm
+from analysis import plots, stages, susceptibility
+from analysis.metrics import Chunked, hutchinson_trace, lanczos_top, make_hvp, structure_stats
+from analysis.tables import read_llc, refined_curves, table, tables
 
 USAGE = """
     python analyze.py out/tiny                              # outputs in out/tiny
@@ -89,51 +88,6 @@ CHECKS = {  # option: (test, what a value must be), checked before anything is r
 }
 
 
-# ------------------------------------------------------------------------------------------ Hessian
-def make_hvp(model, loss_of_output, inputs):
-    """Hessian-vector products of the loss over the flattened parameters. The gradient is built once
-    with its graph (create_graph), so each product is one backward pass through it (retain_graph),
-    not a fresh grad-of-grad. The returned function takes and returns CPU vectors whatever the
-    model's device."""
-    names, ps = zip(*[(n, p.detach()) for n, p in model.named_parameters()])
-    w0 = torch.cat([p.reshape(-1) for p in ps]).requires_grad_(True)
-    chunks = torch.split(w0, [p.numel() for p in ps])
-    out = functional_call(model, {n: c.view_as(p) for n, c, p in zip(names, chunks, ps)}, (inputs,))
-    g, = torch.autograd.grad(loss_of_output(out), w0, create_graph=True)
-    return (lambda v: torch.autograd.grad(g, w0, v.to(w0),
-                                          retain_graph=True)[0].detach().cpu()), w0.numel()
-
-
-def hutchinson_trace(hvp, n, probes, gen):
-    """Hutchinson estimate with Rademacher probes: returns (mean of v^T H v, per-probe values)."""
-    vals = [float(torch.dot(v, hvp(v))) for v in
-            (torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1 for _ in range(probes))]
-    return float(np.mean(vals)), vals
-
-
-def lanczos_top(hvp, n, iters, k, gen):
-    """Top-k (largest algebraic) eigenvalues by Lanczos with full re-orthogonalisation
-    (float64 basis)."""
-    iters = min(iters, n)
-    V, alpha, beta = [], [], []
-    v = torch.randn(n, generator=gen, dtype=torch.float64)
-    v /= v.norm()
-    for j in range(iters):
-        V.append(v)
-        w = hvp(v.float()).double()
-        alpha.append(float(w @ v))
-        Q = torch.stack(V)
-        for _ in range(2):  # full re-orthogonalisation, twice
-            w = w - Q.T @ (Q @ w)
-        b = float(w.norm())
-        if b < 1e-10 or j == iters - 1:
-            break
-        beta.append(b)
-        v = w / b
-    T = np.diag(alpha) + np.diag(beta[:len(alpha) - 1], 1) + np.diag(beta[:len(alpha) - 1], -1)
-    return np.linalg.eigvalsh(T)[::-1][:k].tolist()
-
-
 # -------------------------------------------------------------------------- per-checkpoint analysis
 @dataclass
 class Evaluator:
@@ -164,7 +118,8 @@ def evaluator(out_dir, opt) -> Evaluator:
 
 
 def figure_set(kind):
-    """The figure function of a task: plots.py's, or 'module:function' of another (the LM's)."""
+    """The figure function of a task: analysis/plots.py's, or 'module:function' of another (the
+    LM's)."""
     return data.resolve(kind.figures) if ":" in kind.figures else getattr(plots, kind.figures)
 
 
@@ -258,127 +213,6 @@ def regression_evaluator(out_dir, cfg, opt, dev):
                                 else None))
 
 
-def structure_stats(params, n_layer):
-    """LN collapse (fraction of |gamma| < 0.1 per LN), embedding spectra sigma^2/sum and the
-    effective unembedding (the final LN's affine folded into output row 0). A statistic whose
-    parameters an edited model lacks (renamed or removed) or has in another shape is left out, named
-    in a warning."""
-    def spectrum(M):
-        s2 = torch.linalg.svdvals(M.double()) ** 2
-        return (s2 / s2.sum()).tolist()
-    lns = {f"b{i + 1}-{k}": f"blocks.{i}.layer_norms.{j}"
-           for i in range(n_layer) for j, k in enumerate(("attn", "mlp"))}
-    lns["unembed"] = "unembedding.0"
-    stats = [(f"ln_collapse/{n}", [p + ".weight"], lambda g: float((g.abs() < 0.1).float().mean()))
-             for n, p in lns.items()]
-    stats += [("tok_spec", ["token_embedding.weight"], spectrum),
-              ("pos_spec", ["postn_embedding.weight"], spectrum)]
-    unembed = ["unembedding.0.weight", "unembedding.0.bias",
-               "unembedding.1.weight", "unembedding.1.bias"]
-    stats += [("unembed_w", unembed, lambda gamma, beta, W, b: (gamma * W[0]).tolist()),
-              ("unembed_b", unembed, lambda gamma, beta, W, b: float(W[0] @ beta + b[0]))]
-    row, skipped = {}, []
-    for name, keys, stat in stats:
-        lacks = [k for k in keys if k not in params]
-        try:
-            if not lacks:
-                row[name] = stat(*(params[k] for k in keys))
-        except (IndexError, RuntimeError) as e:  # another shape
-            lacks = [f"{type(e).__name__}: {e}"]
-        if lacks:
-            skipped.append(f"{name} ({', '.join(lacks)})")
-    if skipped:
-        warnings.warn(f"analyze.py: structure statistics left out (model.py renamed or changed "
-                      f"their parameters): {'; '.join(skipped)}")
-    return row
-
-
-class Chunked(torch.nn.Module):
-    """`model` applied to `chunk` sequences at a time (0: all at once); the same parameters. On a
-    CPU small chunks keep the activations in cache."""
-
-    def __init__(self, model, chunk):
-        super().__init__()
-        self.model, self.chunk = model, chunk
-
-    def forward(self, x):
-        return (torch.cat([self.model(c) for c in x.split(self.chunk)]) if self.chunk
-                else self.model(x))
-
-
-def read_llc(out_dir):
-    """(llc.jsonl rows with a finite llc_mean, the last per step, sorted; the steps whose chains all
-    diverged, llc_mean null, and that have no finite row). ([], []) when the file is absent."""
-    rows, diverged = {}, set()
-    for r in common.read_jsonl(Path(out_dir) / "llc.jsonl"):
-        v = r.get("llc_mean")
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            rows[r["step"]] = r
-        else:
-            diverged.add(r["step"])
-    return [rows[s] for s in sorted(rows)], sorted(diverged - set(rows))
-
-
-def table(runs, key, steps):
-    """(runs, steps[, width]) float array of one metric over the given steps; NaN where a run lacks
-    it or has null (also inside a list; shorter lists are padded)."""
-    vals = [[by.get(s) for s in steps]
-            for by in ({r["step"]: r.get(key) for r in rows} for rows in runs)]
-    width = max((len(v) for row in vals for v in row if isinstance(v, list)), default=None)
-    if width is None:
-        return np.array([[np.nan if v is None else v for v in row] for row in vals], dtype=float)
-    return np.array([[(v or []) + [None] * (width - len(v or [])) for v in row] for row in vals],
-                    dtype=float)
-
-
-def tables(runs, steps, keys=None):
-    """{key: table(runs, key, steps)} for `keys` (default: every key of the rows but step
-    and ed_row)."""
-    keys = keys or dict.fromkeys(k for rows in runs for r in rows for k in r
-                                 if k not in ("step", "ed_row"))
-    return {k: table(runs, k, steps) for k in keys}
-
-
-# ------------------------------------------------------------------------------------- refined LLCs
-def read_refined(out_dir):
-    """A run's refined-LLC rows (every llc_*.jsonl) as {group: {name: {step: row}}}: group is the
-    restriction_set (paper, heads, layers) or "data" (names: data_refine); a step's last row wins;
-    other rows are ignored."""
-    groups = {}
-    for path in sorted(Path(out_dir).glob("llc_*.jsonl")):
-        for r in common.read_jsonl(path):
-            g, name = ((r["restriction_set"], r.get("restriction")) if r.get("restriction_set")
-                       else ("data", r.get("data_refine")))
-            # both refinements: a group of its own
-            if r.get("restriction_set") and r.get("data_refine"):
-                g = f"{g} on {r['data_refine']}"
-            if name:
-                groups.setdefault(g, {}).setdefault(str(name), {})[r["step"]] = r
-    return groups
-
-
-def refined_curves(run_dirs):
-    """{group: dict(names, steps, llc, se)}: each refined LLC (null -> NaN) as a row of llc (names,
-    steps), the mean over runs on the union of their steps (se combined as for llc.jsonl); heads and
-    layers in numeric order."""
-    per_run, out = [read_refined(d) for d in run_dirs], {}
-    for g in dict.fromkeys(g for pr in per_run for g in pr):
-        names = list(dict.fromkeys(n for pr in per_run for n in pr.get(g, {})))
-        if g in ("heads", "layers"):
-            names.sort(key=lambda n: [int(x) for x in
-                                      "".join(c if c.isdigit() else " " for c in n).split()])
-        steps = sorted({s for pr in per_run for n in names for s in pr.get(g, {}).get(n, {})})
-        tabs = [[table([list(pr.get(g, {}).get(n, {}).values()) for pr in per_run], key, steps)
-                 for n in names]
-                for key in ("llc_mean", "llc_se")]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # steps that no run has for a name
-            llc = np.array([np.nanmean(t, 0) for t in tabs[0]])
-            se = np.array([np.sqrt(np.nansum(t ** 2, 0)) / np.isfinite(t).sum(0) for t in tabs[1]])
-        out[g] = dict(names=names, steps=steps, llc=llc, se=np.where(np.isfinite(llc), se, np.nan))
-    return out
-
-
 def refined(run_dirs, opt, metrics, prefix):
     """(curves for plots.refined_figures, summary["refined"]): the head clusters against the LM's
     head scores at the last checkpoint, and with --refined_stages each curve's stage boundaries.
@@ -410,6 +244,21 @@ def refined(run_dirs, opt, metrics, prefix):
                                          types=[s["type"] for s in d["stages"]])
                                  for n, d in zip(c["names"], dets)}
     return curves, summ
+
+
+def susceptibilities(run_dirs, fig_dir, det):
+    """(figures, summary["susceptibility"]) from the rows of llc.py --probes / --bif_rows: the
+    matrix over training beside the LLC's boundaries, the loss kernel; ([], {}) without any."""
+    c = susceptibility.curves(run_dirs)
+    if c is None:
+        return [], {}
+    dev, kernel, summary = susceptibility.summary(c, det["boundaries"])
+    figs = [Path(fig_dir) / f for f in ("9_susceptibility.png", "10_loss_kernel.png")]
+    if dev is not None:
+        plots.susceptibility(figs[0], c, dev, det)
+    if kernel is not None:
+        plots.loss_kernel(figs[1], kernel)
+    return [f for f, x in zip(figs, (dev, kernel)) if x is not None], summary
 
 
 # --------------------------------------------------------------------------------- summary and main
@@ -556,6 +405,7 @@ def main(argv=None):
         changes = stage_changes(det, steps, metrics, llc_steps, L, ev.summary_keys)
         curves, refined_summary = refined(run_dirs, opt, metrics, kind.stage_prefix)
         figs += plots.refined_figures(out / "figures", curves, llc_steps, L, det)
+        sus_figs, sus_summary = susceptibilities(run_dirs, out / "figures", det)
     summary = dict(runs=[str(d) for d in run_dirs], signal=det["signal"], warnings=warn,
                    n_checkpoints=len(steps), boundaries=det["boundaries"], stages=changes,
                    detector=dict(params=det["params"], gp=det["gp"]),
@@ -563,7 +413,7 @@ def main(argv=None):
                    essential_dynamics=dict(explained_variance=ed["evr"].tolist(),
                                            explained_variance_y=ed["evr_y"].tolist(),
                                            cusps=ed["cusps"]),
-                   figures=[str(f.relative_to(out)) for f in figs])
+                   figures=[str(f.relative_to(out)) for f in figs + sus_figs])
     if ev.final:
         last = {k: v[:, -1].mean() for k, v in metrics.items() if v.ndim == 2}
         summary["final"] = {k: float(v) for k, v in last.items() if math.isfinite(v)}
@@ -571,6 +421,8 @@ def main(argv=None):
         summary["refined"] = refined_summary
         if "head_clusters" in refined_summary:
             print("\n".join(plots.cluster_table(refined_summary["head_clusters"])))
+    if sus_summary:
+        summary["susceptibility"] = sus_summary
     common.atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     plots.write_report(out / "report.md", summary, figs)
     print(f"analyze.py: {len(det['stages'])} stages on {det['signal']}, boundaries "

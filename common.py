@@ -1,8 +1,7 @@
 """What the scripts share, nothing project-specific: the command line, atomic files, JSON lines,
 checkpoint files (<run>/checkpoints/step_{step:07d}.safetensors, .state.pt for resuming), progress
-lines with ETA, and malloc settings. Its one project import is sgld, which defines the helpers the
-estimator needs too (seeds, parameter globs, progress lines), so that sgld.py can be copied
-alone."""
+lines with ETA. Its one project import is sgld, which defines the helpers the estimator needs too
+(seeds, parameter globs, progress lines), so that sgld.py can be copied alone."""
 import ast
 import contextlib
 import difflib
@@ -240,9 +239,11 @@ def atomic_write(path, data) -> None:
 
 
 def finite(x):
-    """NaN/inf -> None (also inside lists), so that rows are strict JSON."""
+    """NaN/inf -> None (also inside lists and dicts), so that rows are strict JSON."""
     if isinstance(x, (list, tuple)):
         return [finite(v) for v in x]
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
     return None if isinstance(x, float) and not np.isfinite(x) else x
 
 
@@ -378,35 +379,3 @@ def load_run(out_dir) -> dict:
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path} holds a {type(cfg).__name__}, not a run's config")
     return cfg
-
-
-# ----------------------------------------------------------------------------------------- memory
-def tune_malloc():
-    """glibc: keep freed blocks up to 32 MB in the heap, so large CPU tensors are not page-faulted
-    in again at every step. Called by the command lines, not the library. Returns the same settings
-    as environment variables."""
-    env = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
-           "MALLOC_TOP_PAD_": str(64 << 20)}
-    libc = _libc()
-    if libc is not None:
-        for opt, key in ((-3, "MALLOC_MMAP_THRESHOLD_"), (-1, "MALLOC_TRIM_THRESHOLD_"),
-                         (-2, "MALLOC_TOP_PAD_")):
-            libc.mallopt(opt, int(env[key]))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
-    return env
-
-
-def _libc():
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def release_memory():
-    """Give the heap's free memory back to the OS (glibc malloc_trim), e.g. between checkpoints of a
-    sweep."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)

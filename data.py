@@ -291,7 +291,7 @@ def restriction_set(cfg, name, model):
 class TaskKind:
     """One task: everything train.py, llc.py and analyze.py need to know about it. The functions
     named by a string are 'module:function' (imported when first used) or, bare, a function of
-    analyze.py (evaluator) or plots.py (figures)."""
+    analyze.py (evaluator) or analysis/plots.py (figures)."""
     defaults: dict           # its own config keys and their defaults
                              # (train.py adds them to its own)
     model_config: type       # the model's config dataclass (its build() makes the model)

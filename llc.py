@@ -2,7 +2,6 @@
 checkpoint appended to <run>/llc.jsonl, resumable; under torchrun the checkpoints are shared out
 across ranks. The estimator itself is sgld.estimate_llc (re-exported here)."""
 import contextlib
-import json
 import math
 import os
 import sys
@@ -15,6 +14,8 @@ import torch
 
 import common
 import data
+from analysis import calibration, susceptibility
+from fast.memory import release_memory, tune_malloc
 from sgld import (CHAIN_MODES, AllChainsDivergedError, Settings, estimate_llc,  # noqa: F401
                   make_generators, pick_chain_mode, select_params)
 
@@ -62,6 +63,12 @@ DEFAULTS = dict(
                             # (needs num_burnin=0)
     data_refine="",         # data-refined LLC on another distribution: ood_inputs/<g>, tasks/<M> |
                             # code, prose (LM)
+    probes="",              # susceptibilities to these distributions (as data_refine, and
+                            # positions: each context position); row columns susceptibility(_se)
+    probe_rows=1024,        # rows of each fixed probe set
+    bif_rows=0,             # > 0: per-sample losses of this many training rows and as many
+                            # queries -> <out>_kernel/step_*.npz (loss kernel, BIF)
+    observe_every=10,       # probes evaluated at every k-th draw
     device="",              # default: cuda (LOCAL_RANK under torchrun) if available, else cpu
     update_backend="auto",  # auto | torch | triton | xla
     chain_mode="autograd",  # autograd (vmap, or loop on a CPU if large) | auto (hand-derived once
@@ -88,7 +95,7 @@ RUN_KEYS = (  # a resumed file must agree on all of these
     "data_mode", "per_token", "include", "exclude")
 WHEN_SET = {  # row columns
     "restrictions": "restriction_set", "data_refine": "data_refine", "se_target": "se_target",
-    "paired": "paired", "horizon": "horizon"}
+    "paired": "paired", "horizon": "horizon", "probes": "probes", "bif_rows": "bif_rows"}
 
 
 def llc_row(step, res, trace_points):
@@ -99,7 +106,8 @@ def llc_row(step, res, trace_points):
     edges = np.linspace(0, T, min(trace_points, T) + 1).astype(int)
     binned = lambda tr: [  # noqa: E731
         [float(r[lo:hi].mean()) for lo, hi in zip(edges[:-1], edges[1:])] for r in tr.numpy()]
-    row = {"step": step, **{k: v for k, v in res.items() if k not in ("loss_trace", "llc_trace")}}
+    row = {"step": step, **{k: v for k, v in res.items()
+                            if k not in ("loss_trace", "llc_trace", "observed")}}
     row.update(loss_trace=binned(res["loss_trace"]), llc_trace=binned(res["llc_trace"]),
                trace_draws=edges[1:].tolist())
     return {k: common.finite(v) for k, v in row.items()}
@@ -124,6 +132,10 @@ class Run:
                           cfg["exclude"] or None)
         except ValueError as e:
             raise common.ConfigError(f"--include/--exclude: {e}") from None
+        self.probes = None
+        if cfg["probes"] or cfg["bif_rows"]:  # fixed probe sets, observed during sampling
+            self.probes = susceptibility.Probes(self.task, cfg["probes"], cfg["probe_rows"],
+                                                cfg["seed"], device, cfg["bif_rows"])
         self.data = self.task.sample  # a stream: sample(generator, m), on the generator's device
         # one fixed set for every checkpoint (common random numbers)
         if cfg["data_mode"] == "fixed":
@@ -143,6 +155,8 @@ class Run:
                                           f"{' ' + restriction if restriction else ''}"))
         # a named restriction: its include or element masks
         settings.update(self.restrictions[restriction])
+        if self.probes is not None:  # the probes' losses at every observe_every-th draw
+            settings["observe"] = self.probes.observe(models[0])
         # the default: plain torch.func gradients, auto's choice among them
         if settings["chain_mode"] == "autograd":
             settings["chain_mode"] = pick_chain_mode(None, self.device, s["batch_size"],
@@ -162,6 +176,13 @@ class Run:
                             res.get("draws_used", res["num_draws"]),
                             draw0=res["loss_trace"][ok, 0].numpy())
         return {f"{k}_published": common.finite(v) for k, v in pub.items()}
+
+    def susceptibilities(self, res, step, restriction):
+        """With --probes or --bif_rows: the row's columns (analysis/susceptibility.py)."""
+        if self.probes is None:
+            return {}
+        kernels = os.path.splitext(os.path.join(self.dir, self.cfg["out"]))[0] + "_kernel"
+        return common.finite(self.probes.columns(res["observed"], kernels, step, restriction))
 
     def rows(self, steps, done=frozenset()):
         """The rows of a group of checkpoints, for each restriction the steps not `done` (step,
@@ -190,7 +211,8 @@ class Run:
                             "nan_chains": list(range(self.cfg["num_chains"])), "error": str(err)})
                 continue
             out += [{"step": s, **base, **llc_row(s, x, self.cfg["trace_points"]),
-                     **self.published(x)} for s, x in zip(todo, res)]
+                     **self.published(x), **self.susceptibilities(x, s, r)}
+                    for s, x in zip(todo, res)]
             init.update({s: x.get("init_loss_per_token", x["init_loss"])
                          for s, x in zip(todo, res)})
         return out
@@ -243,7 +265,7 @@ def sweep(run, todo, finished, path, dist, rank, world):
                     raise
                 payload = [{"fatal": f"rank {rank}, step(s) {mine[i]}: "
                                      f"{type(err).__name__}: {err}"}]
-            common.release_memory()
+            release_memory()
         got = [payload]
         if dist is not None:
             got = [None] * world
@@ -289,66 +311,6 @@ def follow(run, cfg, path):
             _, todo, done = plan(cfg, path, run.restrictions)
             sweep(run, todo, done, path, None, 0, 1)
     print(f"llc.py: the run's last checkpoint ({last}) is done", file=sys.stderr)
-
-
-def calibrate(run, steps):
-    """The epsilon x nbeta x gamma grid on a few checkpoints: <run>/llc_calibration.json (also
-    printed) and one figure per (step, gamma) of every chain's per-draw LLC with its running mean.
-    Healthy: running means that flatten, R-hat near 1, no diverged chains, an LLC that changes
-    little when epsilon is halved."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    cfg = run.cfg
-    E, NB, GA = ([float(v) for v in cfg[k].split(",")]
-                 for k in ("calib_epsilon", "calib_nbeta", "calib_gamma"))
-    csteps = ([int(s) for s in cfg["calib_steps"].split(",")] if cfg["calib_steps"]
-              else sorted({steps[min(1, len(steps) - 1)], steps[len(steps) // 2], steps[-1]}))
-    table, fig_dir = [], os.path.join(run.dir, "llc_calibration")
-    for step in csteps:
-        for g in GA:
-            fig, axes = plt.subplots(len(E), len(NB),
-                                     figsize=(max(3.2 * len(NB), 6), 2.4 * len(E) + 0.6),
-                                     squeeze=False)
-            for (i, e), (j, nb) in ((ie, jn) for ie in enumerate(E) for jn in enumerate(NB)):
-                ax, row = axes[i][j], dict(step=step, epsilon=e, nbeta=nb, gamma=g)
-                try:
-                    res = run.estimate(
-                        [step], epsilon=e, nbeta=nb, gamma=g,
-                        progress=f"calibrate step {step} eps={e} nbeta={nb} gamma={g}")[0]
-                except AllChainsDivergedError:
-                    row.update(llc_mean=None, error="all chains diverged")
-                    ax.set_title(f"eps={e:g} nb={nb:g}: all diverged", fontsize=8)
-                else:
-                    row.update({k: res[k]
-                                for k in ("llc_mean", "llc_std", "llc_se", "rhat", "nan_chains")})
-                    # per-draw LLC, running mean bold
-                    for k, r in enumerate(res["loss_trace"].numpy()):
-                        llc_t = nb * (r - res["init_loss"])
-                        ax.plot(llc_t, lw=0.5, alpha=0.4, color=f"C{k}")
-                        ax.plot(np.cumsum(llc_t) / np.arange(1, len(llc_t) + 1), lw=1.5,
-                                color=f"C{k}")
-                    ax.set_title(f"eps={e:g} nb={nb:g}: "
-                                 f"{res['llc_mean']:.1f}±{res['llc_se']:.1f}", fontsize=8)
-                table.append({k: common.finite(v) for k, v in row.items()})
-            fig.suptitle(f"step {step}, gamma={g:g}: nbeta*(L_t - L(w*)) per chain "
-                         "(bold: running mean)", fontsize=9)
-            fig.tight_layout()
-            path = os.path.join(fig_dir, f"step_{step:07d}_gamma_{g:g}.png")
-            os.makedirs(fig_dir, exist_ok=True)
-            fig.savefig(path + ".tmp.png", dpi=80)
-            os.replace(path + ".tmp.png", path)
-            plt.close(fig)
-    common.atomic_write(os.path.join(run.dir, "llc_calibration.json"), json.dumps(table, indent=1))
-    fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
-    print(f"{'step':>8} {'eps':>8} {'nbeta':>7} {'gamma':>7} {'llc':>9} {'se':>7} {'std':>7} "
-          f"{'rhat':>6} nan")
-    for r in table:
-        print(f"{r['step']:>8} {r['epsilon']:>8g} {r['nbeta']:>7g} {r['gamma']:>7g} "
-              f"{fmt(r['llc_mean'], '9.2f')} {fmt(r.get('llc_se'), '7.2f')} "
-              f"{fmt(r.get('llc_std'), '7.2f')} {fmt(r.get('rhat'), '6.3f')} "
-              f"{len(r.get('nan_chains') or [])}")
-    return table
 
 
 def pick_device(cfg, rank, world):
@@ -421,7 +383,8 @@ def _options(argv):
     return cfg
 
 
-MINIMUM = {"threads": 0, "ckpt_batch": 1, "trace_points": 1, "follow": 0}  # beside Settings's
+MINIMUM = {"threads": 0, "ckpt_batch": 1, "trace_points": 1, "follow": 0,  # beside Settings's
+           "probe_rows": 2}
 
 
 def _check_values(cfg):
@@ -435,6 +398,9 @@ def _check_values(cfg):
     for k, lo in MINIMUM.items():
         if cfg[k] < lo:
             common.fail("llc.py", f"--{k}={cfg[k]!r} must be at least {lo}")
+    if cfg["bif_rows"] < 0 or 2 * cfg["bif_rows"] > cfg["probe_rows"]:
+        common.fail("llc.py", f"--bif_rows={cfg['bif_rows']} must be in 0 .. probe_rows / 2 "
+                    f"({cfg['probe_rows'] // 2}): its training rows and queries are probe rows")
     if cfg["data_mode"] == "fixed" and cfg["batch_size"] > cfg["n"]:
         common.fail("llc.py", f"--batch_size={cfg['batch_size']} must be at most the fixed set's "
                     f"n={cfg['n']} rows")
@@ -456,7 +422,7 @@ def _estimate(cfg, dist, rank, world):
         torch.cuda.set_device(device)  # Triton launches and CUDA graphs use the current device
     if cfg["tf32"]:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    common.tune_malloc()
+    tune_malloc()
     try:  # the restriction set and the data distribution exist, before anything is written
         run = Run(cfg["ckpt"], cfg, device)
     except common.ConfigError as e:
@@ -469,7 +435,7 @@ def _estimate(cfg, dist, rank, world):
             dist.broadcast_object_list(todo, src=0)
         steps, todo, done = todo[0]
         if cfg["calibrate"]:
-            return calibrate(run, steps)
+            return calibration.calibrate(run, steps)
         sweep(run, todo, done, path, dist, rank, world if dist else 1)
         if cfg["follow"]:
             follow(run, cfg, path)

@@ -4,7 +4,7 @@ sampled parameters in one flat buffer W (chains, P), moved by one update; each s
 the device until the end.
 
 This file is the whole estimator: copy it alone and `from sgld import estimate_llc` (torch and numpy
-only). Beside it in the project, fast.py adds optional fast paths (the fused Triton update, a
+only). Beside it in the project, fast/ adds optional fast paths (the fused Triton update, a
 CUDA-graph step, the check of a hand-derived gradient); they are looked up when an estimate starts
 (fast_paths) and used only when present.
 
@@ -22,11 +22,6 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-try:  # optional, third-party: fast.py's Triton update needs it (sgld.triton: is it there)
-    import triton
-except ImportError:
-    triton = None
-
 DRIFT_Z = 4.0  # |llc_drift_z| above this warns: the chains have not settled by the draws' last half
 
 
@@ -42,8 +37,8 @@ except ImportError:
 
 
 def fast_paths():
-    """The module fast.py when it is importable (it is, in the project), else None: then the torch
-    update and autograd only. fast.py imports nothing from the project (its kernel check is handed
+    """The module fast/ when it is importable (it is, in the project), else None: then the torch
+    update and autograd only. fast/ imports nothing from the project (its kernel check is handed
     sgld_update_torch), so the import graph has no cycle."""
     return _fast
 
@@ -79,13 +74,16 @@ class Settings:
     se_target: float = 0.0          # stop once every llc_se is at most this (every 100 draws)
     paired: bool = False            # L(w*) on each draw's own minibatch: no L(w*) set error
     horizon: int = 0                # > num_draws: the mean over this many steps, extrapolated
+    observe: object = None          # observe(params) -> (m,) tensor at a chain's point: its mean
+    observe_every: int = 10         # ... and covariance over every k-th draw (result "observed")
 
     def __post_init__(self):
         """A value out of range is named with its bound, e.g. "num_chains=0 must be at least 1"."""
         nbeta = 1.0 if self.nbeta == "default" else self.nbeta
         above = {"epsilon": self.epsilon, "nbeta": nbeta}
         least = {"num_chains": 1, "num_draws": 1, "batch_size": 1, "n": 1, "gamma": 0,
-                 "num_burnin": 0, "grad_chunk": 0, "se_target": 0, "horizon": 0}
+                 "num_burnin": 0, "grad_chunk": 0, "se_target": 0, "horizon": 0,
+                 "observe_every": 1}
         bad = [f"{k}={v!r} must be above 0" for k, v in above.items() if not v > 0]
         bad += [f"{k}={getattr(self, k)!r} must be at least {lo}" for k, lo in least.items()
                 if getattr(self, k) is not None and not getattr(self, k) >= lo]
@@ -97,13 +95,13 @@ class Settings:
 
 # ----------------------------------------------------------------------------------------- the loop
 def sgld_loop(grad_fn, update, batches, W, total, shape, star=None, graph=None, stop=None,
-              progress=None, sync=None):
+              progress=None, sync=None, observe=None):
     """`total` SGLD steps of every chain (a row of W). A step: each chain's loss and gradient at its
     pre-step point on its own minibatch (paired: and its loss at w* on that minibatch, star), then
     update(W, G). Returns the pre-step losses of every step, (chains, steps, *shape), kept on the
     device (read back once), and which chains stayed finite. stop(trace, steps done) may end it
     early; graph(step, batch) may replace the step by a captured one (a CUDA graph, on step 0's
-    batch); sync() ends each step (XLA)."""
+    batch); sync() ends each step (XLA); observe(t, W) looks at the chains before step t."""
     def step(batch):
         G, loss = grad_fn(W, batch)
         if star is not None:
@@ -117,6 +115,8 @@ def sgld_loop(grad_fn, update, batches, W, total, shape, star=None, graph=None, 
     batch = batches()
     step = step if graph is None else graph(step, batch)
     for t in range(total):
+        if observe is not None:
+            observe(t, W)
         loss = step(batch if t == 0 else batches())
         alive &= torch.isfinite(loss.reshape(W.shape[0], -1)).all(1)
         trace.index_copy_(1, t_dev, loss.unsqueeze(1).to(trace.dtype))  # trace[:, t] = loss
@@ -152,7 +152,7 @@ def noise_key(seed, step):
 def make_update(backend, W0, C, coeffs, seed, gen):
     """update(W, G): the SGLD update of every chain in place, each checkpoint's chains pulled to
     their row of W0, with one checkpoint's worth of noise (C chains) used by every checkpoint.
-    torch: the noise from `gen`; triton: fast.py's fused kernel, which draws it from a Philox key
+    torch: the noise from `gen`; triton: fast/'s fused kernel, which draws it from a Philox key
     kept on the device (update.key)."""
     a, b, c = coeffs
     if backend == "triton":
@@ -196,6 +196,7 @@ def estimate_llc(loss_fn, params, data, **settings):
         torch.set_num_threads(1)
     coeffs = sgld_coefficients(s.epsilon, s.gamma, nbeta)
     update = make_update(backend, chains.W0, C, coeffs, seeds[1], g_noise)
+    observer = None if s.observe is None else Observer(s, chains, mode in ("loop", "native_loop"))
     total, t_sample = s.num_burnin + s.num_draws, time.time()
     try:
         trace, alive = sgld_loop(
@@ -204,7 +205,8 @@ def estimate_llc(loss_fn, params, data, **settings):
             star=star_losses(loss_fn, chains, mode) if s.paired else None,
             graph=cuda_graph(chains.W, update) if s.cuda_graph else None,
             stop=se_stop(s, L0, nbeta), sync=xla_mark_step() if backend == "xla" else None,
-            progress=Progress(s.progress, total, "SGLD steps") if s.progress else None)
+            progress=Progress(s.progress, total, "SGLD steps") if s.progress else None,
+            observe=observer)
     finally:
         if getattr(grad_fn, "close", None):
             grad_fn.close()
@@ -218,6 +220,8 @@ def estimate_llc(loss_fn, params, data, **settings):
                 **(dict(se_target=s.se_target, draws_used=draws) if s.se_target else {}),
                 sample_time=time.time() - t_sample)  # chain-steps/s: num_ckpts*C*total / this
     finish(results, info, t_start)
+    if observer is not None:
+        observer.attach(results)
     return results if isinstance(params, (list, tuple)) else results[0]
 
 
@@ -319,7 +323,7 @@ def checkpoints(params):
 
 
 def choose_update(s, device, mode):
-    """The update backend: auto is triton on CUDA (fast.py, once its kernel passed its check), xla
+    """The update backend: auto is triton on CUDA (fast/, once its kernel passed its check), xla
     on XLA, else torch."""
     fast, backend = fast_paths(), s.update_backend
     if backend == "auto":
@@ -329,7 +333,7 @@ def choose_update(s, device, mode):
     if backend not in ("torch", "triton", "xla"):
         raise ValueError(f"unknown update_backend {backend!r} (auto, torch, triton, xla)")
     if backend == "triton" and fast is None:
-        raise ValueError("update_backend='triton' needs fast.py (the project's) beside sgld.py")
+        raise ValueError("update_backend='triton' needs fast/ (the project's) beside sgld.py")
     if s.cuda_graph and not (device.type == "cuda" and mode == "native" and backend == "triton"):
         raise ValueError("cuda_graph needs device cuda, chain_mode 'native' and the triton update")
     return backend
@@ -341,7 +345,7 @@ def xla_mark_step():
 
 
 def cuda_graph(W, update):
-    """graph(step, batch) for sgld_loop: fast.py's capture of the step in a CUDA graph, checked
+    """graph(step, batch) for sgld_loop: fast/'s capture of the step in a CUDA graph, checked
     against the eager step (W and the noise key restored after)."""
     return lambda step, batch: fast_paths().cuda_graph_step(step, batch, W, update.key)
 
@@ -607,7 +611,7 @@ def pick_chain_mode(loss_fn, device, batch_rows, num_params):
 
 def choose_gradient(loss_fn, w_stars, chains, data, s, B, gen, device):
     """The chain mode: explicit, or auto; a hand-derived gradient only after it matched autograd at
-    every w* (fast.py's check: without fast.py, none). auto falls back to autograd with one warning;
+    every w* (fast/'s check: without fast/, none). auto falls back to autograd with one warning;
     an explicit native mode raises."""
     P = chains.W.shape[1]
     mode = pick_chain_mode(loss_fn, device, B, P) if s.chain_mode == "auto" else s.chain_mode
@@ -619,7 +623,7 @@ def choose_gradient(loss_fn, w_stars, chains, data, s, B, gen, device):
         raise ValueError(f"chain_mode={mode!r} needs a loss_fn with a batched_grad (data.RunLoss "
                          "has one for the regression task)")
     if (fast := fast_paths()) is None:
-        bad = {"error": "fast.py, which checks it against autograd, is not importable"}
+        bad = {"error": "fast/, which checks it against autograd, is not importable"}
     else:
         rows = next(iter(data.chunks(8, gen)))
         bad = next(filter(None, (fast.batched_grad_mismatch(loss_fn, w, chains.names, rows)
@@ -632,7 +636,7 @@ def choose_gradient(loss_fn, w_stars, chains, data, s, B, gen, device):
     elif bad:
         raise ValueError(f"the hand-derived gradient (batched_grad) disagrees with autograd at w* "
                          f"(relative errors {bad}): has the model's code changed? Use "
-                         "chain_mode='loop' or 'vmap', or update fast.py")
+                         "chain_mode='loop' or 'vmap', or update fast/")
     return mode
 
 
@@ -647,6 +651,50 @@ def star_losses(loss_fn, chains, mode):
         return torch.no_grad()(lambda batch: torch.stack([one(i, batch) for i in range(chains.CT)]))
     f = vmap(lambda w, fz, batch: loss_fn(chains.view(w, fz), batch))
     return torch.no_grad()(lambda batch: f(W0, chains.frozen, batch))
+
+
+# ---------------------------------------------------------------------------------- observables
+class Observer:
+    """Settings.observe(params) at every chain's point, every observe_every-th draw after the
+    burn-in, kept as running moments per chain (memory: chains x m x m, not draws), shifted by each
+    chain's first observation so that the covariance suffers no cancellation. It reads W only: the
+    chains, their noise and their minibatches are those of the same estimate without it."""
+
+    def __init__(self, s, chains, loop):
+        self.s, self.n = s, 0
+        fz = chains.frozen
+        if loop:  # one chain at a time where the gradients are (CPU loops)
+            def f(W):
+                return torch.stack([s.observe(chains.view(W[i], {k: v[i] for k, v in fz.items()}))
+                                    for i in range(chains.CT)])
+        else:
+            g = vmap(lambda w, frozen: s.observe(chains.view(w, frozen)))
+            f = lambda W: g(W, fz)  # noqa: E731
+        self.f = torch.no_grad()(f)
+
+    def __call__(self, t, W):
+        t -= self.s.num_burnin
+        if t < 0 or t % self.s.observe_every:
+            return
+        x = self.f(W).reshape(W.shape[0], -1).double()
+        if self.n == 0:
+            self.x0, self.S1 = x, torch.zeros_like(x)
+            self.S2 = x.new_zeros(*x.shape, x.shape[1])
+        d = x - self.x0
+        self.S1 += d
+        self.S2 += d[:, :, None] * d[:, None, :]
+        self.n += 1
+
+    def attach(self, results):
+        """Each result's "observed": draws (observations per chain), mean (C, m), cov (C, m, m),
+        each chain's own (ddof 1), as numpy arrays."""
+        n, C = self.n, self.s.num_chains
+        m = self.S1 / n
+        cov = (self.S2 - n * m[:, :, None] * m[:, None, :]) / max(n - 1, 1)
+        mean, cov = (m + self.x0).cpu().numpy(), cov.cpu().numpy()
+        for g, r in enumerate(results):
+            r["observed"] = dict(draws=n, every=self.s.observe_every,
+                                 mean=mean[g * C:(g + 1) * C], cov=cov[g * C:(g + 1) * C])
 
 
 # --------------------------------------------------------- shared helpers (common.py imports these)

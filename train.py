@@ -19,6 +19,7 @@ import torch
 import common
 import data
 import fast
+from fast.memory import tune_malloc
 
 # --------------------------------------------------------- defaults: the CPU demo (configs/tiny.py)
 out_dir = "out/tiny"    # run folder: config.json, log.jsonl, checkpoints/
@@ -523,7 +524,7 @@ def main(argv):
         # tiny models: 1 thread is fastest
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
     # without it glibc maps and unmaps every ~1 MB activation: 6x the page faults of autograd
-    common.tune_malloc()
+    tune_malloc()
     train(cfg)
 
 

@@ -25,7 +25,9 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import data  # noqa: E402
 import sgld  # noqa: E402
-from fast import icl_loss_and_grads  # noqa: E402
+from fast import icl_loss_and_grads, triton  # noqa: E402
+from fast.memory import tune_malloc  # noqa: E402
+from analysis import susceptibility  # noqa: E402
 from model import ICLConfig  # noqa: E402
 from report import report  # noqa: E402
 
@@ -34,7 +36,7 @@ DEVINTERP_PY = os.environ.get("DEVINTERP_PYTHON", "/work/venvs/devinterp/bin/pyt
 DEVINTERP_PATH = os.environ.get("DEVINTERP_PATH", "")
 DEFAULTS = dict(
     device="cpu",                       # cpu | cuda (CUDA preset: more steps, no memory section)
-    sections="peak,train,sgld,memory",  # comma-separated: peak, train, sgld, memory
+    sections="peak,train,sgld,memory",  # comma-separated: peak, train, sgld, memory, observe
     quick=False,                        # a smoke run in seconds: tiny sizes, meaningless numbers
     ckpt="",                            # run folder of the sgld/memory model ('': train's model)
     step=-1,                            # its checkpoint step (-1: the last)
@@ -54,6 +56,11 @@ DEFAULTS = dict(
     train_batch=256,                    # training batch size
     mem_ckpts=50,                       # checkpoints in the memory section's sweep
     mem_draws=2,                        # SGLD draws per checkpoint in that sweep
+    probes="ood_inputs/3,tasks/64,positions",  # observe: the probe distributions (llc.py --probes)
+    probe_rows=1024,                    # observe: rows per probe set
+    bif_rows=64,                        # observe: per-sample losses of as many rows and queries
+    observe_every=10,                   # observe: the probes at every k-th draw
+    observe_batch=128,                  # observe: SGLD rows per chain and step (llc_cpu.py's)
     devinterp_python=DEVINTERP_PY,      # python of devinterp's own venv ($DEVINTERP_PYTHON)
     devinterp_path=DEVINTERP_PATH,      # or: devinterp's source, on this python (.ci/peers)
     cuda_graph=True,                    # ours on CUDA: one SGLD step captured in a CUDA graph
@@ -62,7 +69,8 @@ DEFAULTS = dict(
     json="",                            # and the raw results to this JSON file
 )
 QUICK = dict(chains=2, batch=64, burnin=2, draws=4, rounds=1, n=512, modes_steps=2,
-             train_steps=200, train_batch=32, mem_ckpts=5, mem_draws=1)
+             train_steps=200, train_batch=32, mem_ckpts=5, mem_draws=1, probe_rows=32,
+             bif_rows=4, observe_every=2, observe_batch=16)
 CUDA = dict(sections="peak,train,sgld", burnin=100, draws=400, train_steps=1000, modes_steps=20)
 
 
@@ -227,7 +235,7 @@ def run_devinterp(cfg, device, model, tokens, ys, L0, seed, threads):
     if not (py and os.path.exists(py)):
         return None, (f"devinterp skipped: no python at {py!r} "
                       "(set --devinterp_python or $DEVINTERP_PYTHON)")
-    env = {**os.environ, **common.tune_malloc(), "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, **tune_malloc(), "OMP_NUM_THREADS": str(threads)}
     if path:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(path),
                                                         env.get("PYTHONPATH")) if p)
@@ -309,7 +317,7 @@ def sgld_rounds(cfg, dev, threads, ours, plain, devinterp, log):
     res = {(k, th): dict(time=0.0, steps=0, chains=[])
            for th in threads for k in ("ours", "plain", "devinterp")}
     notes, ours_mode, ours_L0 = [], "every chain diverged", float("nan")
-    graph = cfg["cuda_graph"] and dev.type == "cuda" and sgld.triton is not None
+    graph = cfg["cuda_graph"] and dev.type == "cuda" and triton is not None
 
     def add(k, th, r, t, per_chain, done=C * steps, **extra):
         """A round's time, chain-steps run (devinterp: fewer, it stops diverged chains) and LLCs."""
@@ -395,7 +403,7 @@ def ours_modes(ours, params, cfg, dev, log):
         ms = max(2, cfg["modes_steps"] // 2) if slow else cfg["modes_steps"]
         modes[mode] = C * ms / ours(num_draws=ms, chain_mode=mode)["sample_time"]
         log(f"sgld mode {mode}: {modes[mode]:.2f} chain-steps/s")
-    if dev.type != "cuda" or sgld.triton is None:
+    if dev.type != "cuda" or triton is None:
         return modes, {}
     ms = cfg["modes_steps"] * 10
     for graph in (False, True):
@@ -473,6 +481,31 @@ def bench_memory(cfg, model, log):
                 settings=" ".join(extra))
 
 
+def bench_observe(cfg, run, model, log):
+    """The cost of llc.py --probes: the same estimate (the run's stream, chain_mode auto) with and
+    without the probes observed, rounds interleaved in this process; the ratio of sampling times."""
+    task, dev = data.task_for(run), torch.device(cfg["device"])
+    model = model.to(dev)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    probes = susceptibility.Probes(task, cfg["probes"], cfg["probe_rows"], 0, dev,
+                                   cfg["bif_rows"])
+    kw = dict(epsilon=cfg["epsilon"], gamma=cfg["gamma"], nbeta=cfg["nbeta"],
+              num_chains=cfg["chains"], num_burnin=cfg["burnin"], num_draws=cfg["draws"],
+              batch_size=cfg["observe_batch"], n=cfg["observe_batch"] * 16, chain_mode="auto",
+              observe_every=cfg["observe_every"])
+    times = {"plain": [], "probes": []}
+    for r in range(cfg["rounds"]):
+        for name, extra in (("plain", {}), ("probes", {"observe": probes.observe(model)})):
+            res = sgld.estimate_llc(data.RunLoss(model, task), params, task.sample,
+                                    seed=cfg["seed"] + r, **kw, **extra)
+            times[name].append(res["sample_time"])
+    ratio = sum(times["probes"]) / sum(times["plain"])
+    log(f"observe: {cfg['probes']} ({cfg['probe_rows']} rows each, every {cfg['observe_every']} "
+        f"draws, {cfg['bif_rows']} per-sample rows): {ratio:.2f}x the plain estimate's time")
+    return dict(ratio=ratio, times=times, probes=cfg["probes"], probe_rows=cfg["probe_rows"],
+                bif_rows=cfg["bif_rows"], every=cfg["observe_every"], mode=res["chain_mode"])
+
+
 # ---------------------------------------------------------------------------------------- main
 PROG = "bench/bench.py"
 
@@ -497,17 +530,19 @@ def measure(cfg, sections, log):
         results["peak"] = measure_peak(device, cfg["quick"])
         log(f"peak: {results['peak'] / 1e9:.1f} GFLOP/s")
     run, step = cfg["ckpt"], cfg["step"]
-    if "train" in sections or (not run and {"sgld", "memory"} & set(sections)):
+    if "train" in sections or (not run and {"sgld", "memory", "observe"} & set(sections)):
         results["train"] = bench_train(cfg, device, log)
         run = run or results["train"]["model_dir"]
         if "train" not in sections:
             results.pop("train")
-    if {"sgld", "memory"} & set(sections):
+    if {"sgld", "memory", "observe"} & set(sections):
         model = data.load_model(run, step if step >= 0 else common.list_checkpoints(run)[-1])
         if "sgld" in sections:
             results["sgld"] = bench_sgld(cfg, device, model, log)
         if "memory" in sections:
             results["memory"] = bench_memory(cfg, model, log)
+        if "observe" in sections:
+            results["observe"] = bench_observe(cfg, run, model, log)
     return results
 
 
@@ -518,7 +553,7 @@ def main(argv):
         torch.set_num_threads(thread_counts(cfg["threads"])[0])
     if cfg["tf32"]:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    common.tune_malloc()
+    tune_malloc()
     results, t0 = {"machine": machine_line(cfg["device"]), "config": dict(cfg)}, time.time()
     results.update(measure(cfg, sections, common.progress))
     results["seconds"] = time.time() - t0

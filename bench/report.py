@@ -99,4 +99,9 @@ def report(results):
         L.append(f"Memory: llc.py sweep peak RSS {m['one_mb']:.0f} MB over 1 checkpoint, "
                  f"{m['many_mb']:.0f} MB over {m['checkpoints']}: ratio {m['ratio']:.3f} "
                  f"({m['settings']})")
+    if "observe" in results:
+        o = results["observe"]
+        L.append(f"Susceptibilities: llc.py --probes={o['probes']} (--probe_rows={o['probe_rows']} "
+                 f"--bif_rows={o['bif_rows']} --observe_every={o['every']}, chain_mode "
+                 f"{o['mode']}): {o['ratio']:.2f}x the plain estimate's sampling time")
     return "\n".join(L)

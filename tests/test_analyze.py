@@ -13,8 +13,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import analyze
-import plots
-import stages
+from analysis import metrics, plots, stages, tables
 import common
 import data
 import train
@@ -285,14 +284,14 @@ def small_models():
 @pytest.mark.parametrize("which", [0, 1], ids=["mlp", "icl_transformer"])
 def test_hessian_tools_match_the_exact_hessian(which):
     model, loss_of_output, inputs = list(small_models())[which]
-    hvp, n = analyze.make_hvp(model, loss_of_output, inputs)
+    hvp, n = metrics.make_hvp(model, loss_of_output, inputs)
     f, w0 = flat_loss(model, loss_of_output, inputs)
     H = torch.autograd.functional.hessian(f, w0).double()
     v = torch.randn(n, generator=torch.Generator().manual_seed(1))
     np.testing.assert_allclose(hvp(v).double(), H @ v.double(), rtol=1e-4, atol=1e-5)
     # Hutchinson: each probe is exactly v^T H v, and the mean is unbiased (within 5 standard errors)
     probes = 300
-    est, vals = analyze.hutchinson_trace(hvp, n, probes, torch.Generator().manual_seed(2))
+    est, vals = metrics.hutchinson_trace(hvp, n, probes, torch.Generator().manual_seed(2))
     g = torch.Generator().manual_seed(2)
     for val in vals[:3]:
         r = (torch.randint(0, 2, (n,), generator=g).double() * 2 - 1)
@@ -301,10 +300,10 @@ def test_hessian_tools_match_the_exact_hessian(which):
     assert abs(est - float(H.trace())) < 5 * se + 1e-6
     # Lanczos with a full Krylov space recovers the top eigenvalues exactly
     exact = torch.linalg.eigvalsh(H).flip(0)[:3].numpy()
-    top = analyze.lanczos_top(hvp, n, n, 3, torch.Generator().manual_seed(3))
+    top = metrics.lanczos_top(hvp, n, n, 3, torch.Generator().manual_seed(3))
     np.testing.assert_allclose(top, exact, rtol=1e-3, atol=1e-4 * abs(exact[0]))
     # and a few iterations already give the largest one to within a few percent
-    top1 = analyze.lanczos_top(hvp, n, 20, 1, torch.Generator().manual_seed(3))[0]
+    top1 = metrics.lanczos_top(hvp, n, 20, 1, torch.Generator().manual_seed(3))[0]
     assert top1 == pytest.approx(exact[0], rel=0.05)
 
 
@@ -685,7 +684,7 @@ def test_weight_and_data_refined_rows_of_one_sweep_stay_apart(tmp_path):
                         row(restriction_set="heads", restriction="L0H0", data_refine="code",
                             llc_mean=9.0))
     common.append_jsonl(tmp_path / "llc_data-code.jsonl", row(data_refine="code", llc_mean=3.0))
-    groups = analyze.read_refined(tmp_path)
+    groups = tables.read_refined(tmp_path)
     assert groups["heads"]["L0H0"][5]["llc_mean"] == 1.0
     assert groups["heads on code"]["L0H0"][5]["llc_mean"] == 9.0
     assert groups["data"]["code"][5]["llc_mean"] == 3.0

@@ -136,6 +136,13 @@ def test_quick_bench_prints_every_table_and_skips_a_missing_devinterp(tmp_path, 
     assert json.loads(js.read_text())["sgld"]
 
 
+def test_observe_section_times_the_probes_beside_the_plain_estimate(l2h4_run, capsys):
+    res = bench.main(["--quick", "--sections=observe", f"--ckpt={l2h4_run}", "--rounds=2"])
+    o = res["observe"]
+    assert len(o["times"]["plain"]) == len(o["times"]["probes"]) == 2 and o["ratio"] > 0
+    assert f"{o['ratio']:.2f}x the plain estimate's sampling time" in capsys.readouterr().out
+
+
 def devinterp_column(run, *extra):
     res = bench.main(["--quick", "--sections=sgld", f"--ckpt={run}", "--draws=3", "--burnin=1",
                       "--threads=1", *extra])

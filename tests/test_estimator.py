@@ -191,8 +191,8 @@ def test_sgld_py_alone_runs_the_documented_devinterp_style_call(tmp_path):
     check = """
 import json, os, sys
 import sgld
-assert sgld.fast_paths() is None  # fast.py (or any project module) is on no path
-assert not any(os.path.isfile(os.path.join(p or ".", "fast.py")) for p in sys.path)
+assert sgld.fast_paths() is None  # fast/ (or any project module) is on no path
+assert not any(os.path.exists(os.path.join(p or ".", "fast")) for p in sys.path)
 print("ROW " + json.dumps({k: v for k, v in row.items() if not hasattr(v, "shape")}))
 """
     (tmp_path / "snippet.py").write_text(snippet + check)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import analyze
+from analysis import metrics
 import common
 import data
 import llc
@@ -173,7 +174,7 @@ def test_named_restriction_sets_and_structure_stats_of_a_fork(fork, monkeypatch)
         warnings.simplefilter("always")
         paper = data.restriction_set(cfg, "paper", model)
         layers = data.restriction_set(cfg, "layers", model)
-        stats = analyze.structure_stats({k: v.detach() for k, v in model.named_parameters()}, 2)
+        stats = metrics.structure_stats({k: v.detach() for k, v in model.named_parameters()}, 2)
     lost = {"blocks.0.mlp", "blocks.1.mlp", "blocks.mlp"} if fork == "renamed_mlp" else set()
     assert set(paper) == set(data.PAPER_RESTRICTIONS) - lost and len(paper) == 22 - len(lost)
     assert list(layers) == ["L0", "L1"]
@@ -227,7 +228,7 @@ def test_renamed_blocks_a_usage_error_for_layers_and_structure_stats_skip_by_nam
     params = common.load_params(run, 2)
     with pytest.warns(UserWarning, match=r"ln_collapse/b1-attn "
                                          r"\(blocks\.0\.layer_norms\.0\.weight\)"):
-        stats = analyze.structure_stats(params, 2)
+        stats = metrics.structure_stats(params, 2)
     assert (not any(k.startswith("ln_collapse/b") for k in stats)
             and {"ln_collapse/unembed", "unembed_w"} <= set(stats))
     with pytest.warns(UserWarning):

@@ -573,7 +573,7 @@ def test_chain_modes_give_the_same_chains(include):
 
 
 def test_native_modes_refuse_a_stale_hand_derived_gradient():
-    """A model whose code no longer matches fast.py (here: its output doubled) fails the check
+    """A model whose code no longer matches fast/grad.py (here: its output doubled) fails the check
     against autograd: an explicit native mode raises with what to do; auto warns once and runs the
     autograd chains instead."""
     model, task = ICLConfig(d_model=16, d_mlp=16).build(0), Task()
@@ -737,16 +737,17 @@ def test_triton_update_checks_itself_and_a_broken_kernel_falls_back(monkeypatch)
     """Before its first use on a device the kernel is compared with the torch update (the noise-free
     part exactly, the noise's mean and variance statistically); a kernel that disagrees is reported
     once and not used."""
-    monkeypatch.setattr(fast, "_TRITON_CHECKED", {})
+    kernels = fast.kernels  # the check calls the kernel module's own sgld_update_triton
+    monkeypatch.setattr(kernels, "_TRITON_CHECKED", {})
     assert fast.triton_update_ok(KDEV, sgld.sgld_update_torch)
-    real = fast.sgld_update_triton
+    real = kernels.sgld_update_triton
     for broken in (
             # a wrong drift
             lambda W, W0, G, a, b, c, key: real(W, W0, G, a * 1.01, b, c, key),
             # noise variance 1.44
             lambda W, W0, G, a, b, c, key: real(W, W0, G, a, b, 1.2 * c, key)):
-        monkeypatch.setattr(fast, "_TRITON_CHECKED", {})
-        monkeypatch.setattr(fast, "sgld_update_triton", broken)
+        monkeypatch.setattr(kernels, "_TRITON_CHECKED", {})
+        monkeypatch.setattr(kernels, "sgld_update_triton", broken)
         with pytest.warns(UserWarning, match="Triton SGLD update failed its check"):
             assert not fast.triton_update_ok(KDEV, sgld.sgld_update_torch)
         assert not fast.triton_update_ok(KDEV, sgld.sgld_update_torch)  # checked once per device

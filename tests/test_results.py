@@ -11,7 +11,7 @@ import common
 import llc
 from analyze import STAGE_RULE
 from conftest import ROOT
-from stages import detect_stages
+from analysis.stages import detect_stages
 
 RESULTS = ROOT / "results" / "L2H4-s0-40k"
 

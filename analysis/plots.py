@@ -371,6 +371,44 @@ def data_refined_llc(path, c, llc_steps, L, det):
     _save(fig, path)
 
 
+def susceptibility(path, c, dev, det):
+    """The susceptibility matrix over training (analysis/susceptibility.py): its first two
+    principal components and its speed of change with the LLC's stages, and the matrix (components
+    x probes) at the last checkpoint."""
+    fig, ax = _axes(1, 3, "Susceptibilities χ = -Cov[φ_C, L_q' - L_q]", w=5.2, h=3.8)
+    for i, sc in enumerate(dev["scores"]):
+        ax[0].plot(c["steps"], sc, lw=1.3, label=f"PC{i + 1} ({dev['evr'][i]:.0%})")
+    _time_axis(ax[0], det["stages"], "PCA score", names=True)
+    ax[1].plot(dev["speed_steps"], dev["speed"], color="k", lw=1.2)
+    _time_axis(ax[1], det["stages"], "speed of change (per unit log step)")
+    M = c["chi"][:, :, -1]
+    v = float(np.nanmax(np.abs(M))) if np.isfinite(M).any() else 1.0
+    im = ax[2].imshow(M, cmap="RdBu_r", vmin=-v, vmax=v, aspect="auto")
+    ax[2].set_xticks(range(len(c["probes"])), c["probes"], rotation=90, fontsize=6)
+    ax[2].set_yticks(range(len(c["components"])), c["components"], fontsize=6)
+    ax[2].set_title(f"χ at step {c['steps'][-1]}", fontsize=8)
+    fig.colorbar(im, ax=ax[2])
+    _save(fig, path)
+
+
+def loss_kernel(path, k):
+    """The loss kernel (per-sample loss correlations over the posterior, rows and columns sorted by
+    k-means cluster) and the BIF of each training row on each query."""
+    order = np.argsort(k["labels"], kind="stable")
+    fig, ax = _axes(1, 2, f"Loss kernel and BIF at step {k['step']} ({k['component']})", w=5, h=4.2)
+    im = ax[0].imshow(k["corr"][np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1)
+    ax[0].set_title(f"correlation of per-sample losses ({k['labels'].max() + 1} clusters)",
+                    fontsize=8)
+    fig.colorbar(im, ax=ax[0])
+    v = float(np.abs(k["bif"]).max()) or 1.0
+    im = ax[1].imshow(k["bif"], cmap="RdBu_r", vmin=-v, vmax=v, aspect="auto")
+    ax[1].set_xlabel("query row")
+    ax[1].set_ylabel("training row")
+    ax[1].set_title("BIF = -Cov[l_train, l_query]", fontsize=8)
+    fig.colorbar(im, ax=ax[1])
+    _save(fig, path)
+
+
 def cluster_table(hc):
     """summary["refined"]["head_clusters"] as markdown lines: each cluster's heads and, for the LM,
     their mean previous-token and prefix-matching scores at the last checkpoint."""
