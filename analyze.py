@@ -247,18 +247,25 @@ def refined(run_dirs, opt, metrics, prefix):
 
 
 def susceptibilities(run_dirs, fig_dir, det):
-    """(figures, summary["susceptibility"]) from the rows of llc.py --probes / --bif_rows: the
-    matrix over training beside the LLC's boundaries, the loss kernel; ([], {}) without any."""
+    """(figures, summary["susceptibility"]) from the rows of llc.py --probes / --bif_rows /
+    --token_rows: the matrix over training beside the LLC's boundaries, the loss kernel, the
+    per-token susceptibilities by token class; ([], {}) without any."""
     c = susceptibility.curves(run_dirs)
     if c is None:
         return [], {}
-    dev, kernel, summary = susceptibility.summary(c, det["boundaries"])
-    figs = [Path(fig_dir) / f for f in ("9_susceptibility.png", "10_loss_kernel.png")]
+    dev, kernel, tokens, summary = susceptibility.summary(c, det["boundaries"],
+                                                         data.task_for(run_dirs[0]))
+    fig_dir, figs = Path(fig_dir), []
     if dev is not None:
-        plots.susceptibility(figs[0], c, dev, det)
+        figs.append(fig_dir / "9_susceptibility.png")
+        plots.susceptibility(figs[-1], c, dev, det)
     if kernel is not None:
-        plots.loss_kernel(figs[1], kernel)
-    return [f for f, x in zip(figs, (dev, kernel)) if x is not None], summary
+        figs.append(fig_dir / "10_loss_kernel.png")
+        plots.loss_kernel(figs[-1], kernel)
+    if tokens is not None:
+        figs.append(fig_dir / "11_token_susceptibility.png")
+        plots.token_susceptibility(figs[-1], tokens)
+    return figs, summary
 
 
 # --------------------------------------------------------------------------------- summary and main

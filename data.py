@@ -98,6 +98,11 @@ class Task:
         """(K,) the loss at each context position, averaged over the batch."""
         return per_token_mse(readout(out), ys)
 
+    @staticmethod
+    def loss_elements(out, ys):
+        """(rows, K) the loss of every prediction (llc.py --token_rows)."""
+        return (readout(out) - ys) ** 2
+
     def eval_data(self, seed, batch_size):
         """The eval batch with the baselines' predictions attached: they do not depend on the
         model."""

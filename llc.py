@@ -67,7 +67,9 @@ DEFAULTS = dict(
                             # positions: each context position); row columns susceptibility(_se)
     probe_rows=1024,        # rows of each fixed probe set
     bif_rows=0,             # > 0: per-sample losses of this many training rows and as many
-                            # queries -> <out>_kernel/step_*.npz (loss kernel, BIF)
+                            # queries -> <out>_observed/step_*.npz (loss kernel, BIF)
+    token_rows=0,           # > 0 (instead): per-token susceptibilities of this many probe rows
+                            # -> <out>_observed/step_*.npz
     observe_every=10,       # probes evaluated at every k-th draw
     device="",              # default: cuda (LOCAL_RANK under torchrun) if available, else cpu
     update_backend="auto",  # auto | torch | triton | xla
@@ -95,7 +97,8 @@ RUN_KEYS = (  # a resumed file must agree on all of these
     "data_mode", "per_token", "include", "exclude")
 WHEN_SET = {  # row columns
     "restrictions": "restriction_set", "data_refine": "data_refine", "se_target": "se_target",
-    "paired": "paired", "horizon": "horizon", "probes": "probes", "bif_rows": "bif_rows"}
+    "paired": "paired", "horizon": "horizon", "probes": "probes", "bif_rows": "bif_rows",
+    "token_rows": "token_rows"}
 
 
 def llc_row(step, res, trace_points):
@@ -133,9 +136,10 @@ class Run:
         except ValueError as e:
             raise common.ConfigError(f"--include/--exclude: {e}") from None
         self.probes = None
-        if cfg["probes"] or cfg["bif_rows"]:  # fixed probe sets, observed during sampling
+        if cfg["probes"] or cfg["bif_rows"] or cfg["token_rows"]:  # observed during sampling
             self.probes = susceptibility.Probes(self.task, cfg["probes"], cfg["probe_rows"],
-                                                cfg["seed"], device, cfg["bif_rows"])
+                                                cfg["seed"], device, cfg["bif_rows"],
+                                                cfg["token_rows"])
         self.data = self.task.sample  # a stream: sample(generator, m), on the generator's device
         # one fixed set for every checkpoint (common random numbers)
         if cfg["data_mode"] == "fixed":
@@ -156,7 +160,7 @@ class Run:
         # a named restriction: its include or element masks
         settings.update(self.restrictions[restriction])
         if self.probes is not None:  # the probes' losses at every observe_every-th draw
-            settings["observe"] = self.probes.observe(models[0])
+            settings.update(self.probes.settings(models[0]))
         # the default: plain torch.func gradients, auto's choice among them
         if settings["chain_mode"] == "autograd":
             settings["chain_mode"] = pick_chain_mode(None, self.device, s["batch_size"],
@@ -181,8 +185,8 @@ class Run:
         """With --probes or --bif_rows: the row's columns (analysis/susceptibility.py)."""
         if self.probes is None:
             return {}
-        kernels = os.path.splitext(os.path.join(self.dir, self.cfg["out"]))[0] + "_kernel"
-        return common.finite(self.probes.columns(res["observed"], kernels, step, restriction))
+        files = os.path.splitext(os.path.join(self.dir, self.cfg["out"]))[0] + "_observed"
+        return common.finite(self.probes.columns(res["observed"], files, step, restriction))
 
     def rows(self, steps, done=frozenset()):
         """The rows of a group of checkpoints, for each restriction the steps not `done` (step,
@@ -398,6 +402,12 @@ def _check_values(cfg):
     for k, lo in MINIMUM.items():
         if cfg[k] < lo:
             common.fail("llc.py", f"--{k}={cfg[k]!r} must be at least {lo}")
+    if cfg["bif_rows"] and cfg["token_rows"]:
+        common.fail("llc.py", "give --bif_rows or --token_rows, not both (the per-token "
+                    "covariances are kept against the probes only)")
+    if not 0 <= cfg["token_rows"] <= cfg["probe_rows"]:
+        common.fail("llc.py", f"--token_rows={cfg['token_rows']} must be in 0 .. probe_rows "
+                    f"({cfg['probe_rows']})")
     if cfg["bif_rows"] < 0 or 2 * cfg["bif_rows"] > cfg["probe_rows"]:
         common.fail("llc.py", f"--bif_rows={cfg['bif_rows']} must be in 0 .. probe_rows / 2 "
                     f"({cfg['probe_rows'] // 2}): its training rows and queries are probe rows")

@@ -76,6 +76,7 @@ class Settings:
     horizon: int = 0                # > num_draws: the mean over this many steps, extrapolated
     observe: object = None          # observe(params) -> (m,) tensor at a chain's point: its mean
     observe_every: int = 10         # ... and covariance over every k-th draw (result "observed")
+    observe_anchors: int = 0        # > 0: the covariance with the first this many entries only
 
     def __post_init__(self):
         """A value out of range is named with its bound, e.g. "num_chains=0 must be at least 1"."""
@@ -83,7 +84,7 @@ class Settings:
         above = {"epsilon": self.epsilon, "nbeta": nbeta}
         least = {"num_chains": 1, "num_draws": 1, "batch_size": 1, "n": 1, "gamma": 0,
                  "num_burnin": 0, "grad_chunk": 0, "se_target": 0, "horizon": 0,
-                 "observe_every": 1}
+                 "observe_every": 1, "observe_anchors": 0}
         bad = [f"{k}={v!r} must be above 0" for k, v in above.items() if not v > 0]
         bad += [f"{k}={getattr(self, k)!r} must be at least {lo}" for k, lo in least.items()
                 if getattr(self, k) is not None and not getattr(self, k) >= lo]
@@ -656,9 +657,10 @@ def star_losses(loss_fn, chains, mode):
 # ---------------------------------------------------------------------------------- observables
 class Observer:
     """Settings.observe(params) at every chain's point, every observe_every-th draw after the
-    burn-in, kept as running moments per chain (memory: chains x m x m, not draws), shifted by each
-    chain's first observation so that the covariance suffers no cancellation. It reads W only: the
-    chains, their noise and their minibatches are those of the same estimate without it."""
+    burn-in, kept as running moments per chain (memory: chains x m x m, or x observe_anchors: the
+    covariance of every entry with the first few only; not draws), shifted by each chain's first
+    observation so that the covariance suffers no cancellation. It reads W only: the chains, their
+    noise and their minibatches are those of the same estimate without it."""
 
     def __init__(self, s, chains, loop):
         self.s, self.n = s, 0
@@ -677,20 +679,21 @@ class Observer:
         if t < 0 or t % self.s.observe_every:
             return
         x = self.f(W).reshape(W.shape[0], -1).double()
+        a = self.s.observe_anchors or x.shape[1]
         if self.n == 0:
             self.x0, self.S1 = x, torch.zeros_like(x)
-            self.S2 = x.new_zeros(*x.shape, x.shape[1])
+            self.S2 = x.new_zeros(*x.shape, min(a, x.shape[1]))
         d = x - self.x0
         self.S1 += d
-        self.S2 += d[:, :, None] * d[:, None, :]
+        self.S2 += d[:, :, None] * d[:, None, :a]
         self.n += 1
 
     def attach(self, results):
-        """Each result's "observed": draws (observations per chain), mean (C, m), cov (C, m, m),
-        each chain's own (ddof 1), as numpy arrays."""
-        n, C = self.n, self.s.num_chains
+        """Each result's "observed": draws (observations per chain), mean (C, m), cov (C, m, m or
+        anchors), each chain's own (ddof 1), as numpy arrays."""
+        n, C, a = self.n, self.s.num_chains, self.S2.shape[2]
         m = self.S1 / n
-        cov = (self.S2 - n * m[:, :, None] * m[:, None, :]) / max(n - 1, 1)
+        cov = (self.S2 - n * m[:, :, None] * m[:, None, :a]) / max(n - 1, 1)
         mean, cov = (m + self.x0).cpu().numpy(), cov.cpu().numpy()
         for g, r in enumerate(results):
             r["observed"] = dict(draws=n, every=self.s.observe_every,

@@ -409,6 +409,30 @@ def loss_kernel(path, k):
     _save(fig, path)
 
 
+def token_susceptibility(path, t):
+    """Per-token susceptibilities at one checkpoint: every token in the plane of the first two
+    principal components of its components' chi, coloured by token class; the mean chi of each
+    class for each component."""
+    fig, ax = _axes(1, 2, f"Per-token susceptibilities at step {t['step']}", w=5.5, h=4.2)
+    for j, name in enumerate(t["names"]):
+        on = t["labels"] == j
+        if on.any():
+            ax[0].scatter(*t["scores"][on].T, s=6, alpha=0.6, color=plt.cm.tab10(j % 10),
+                          label=f"{name} ({on.sum()})")
+    ax[0].set_xlabel(f"PC1 ({t['evr'][0]:.0%})")
+    ax[0].set_ylabel(f"PC2 ({t['evr'][1]:.0%})" if len(t["evr"]) > 1 else "PC2")
+    present = [j for j in range(len(t["names"])) if (t["labels"] == j).any()]
+    M = np.array([[t["chi"][i, t["labels"] == j].mean() for i in range(len(t["chi"]))]
+                  for j in present])
+    v = float(np.abs(M).max()) or 1.0
+    im = ax[1].imshow(M, cmap="RdBu_r", vmin=-v, vmax=v, aspect="auto")
+    ax[1].set_yticks(range(len(present)), [t["names"][j] for j in present], fontsize=7)
+    ax[1].set_xticks(range(len(t["components"])), t["components"], rotation=90, fontsize=6)
+    ax[1].set_title("mean \u03c7 per token class", fontsize=8)
+    fig.colorbar(im, ax=ax[1])
+    _save(fig, path)
+
+
 def cluster_table(hc):
     """summary["refined"]["head_clusters"] as markdown lines: each cluster's heads and, for the LM,
     their mean previous-token and prefix-matching scores at the last checkpoint."""

@@ -409,12 +409,13 @@ def kmeans(X, k, seed=0, restarts=10, iters=100):
 
 def silhouette(X, labels):
     """Mean silhouette (b - a) / max(a, b) of the points of X (a: mean distance to the own cluster,
-    b: to the nearest other); 0 for a point alone in its cluster."""
+    b: to the nearest other); 0 for a point alone in its cluster, and for all points when k-means
+    put them in one cluster (identical points)."""
     X, labels = np.asarray(X, float), np.asarray(labels)
     D, s = np.sqrt(((X[:, None] - X[None]) ** 2).sum(-1)), np.zeros(len(X))
     for i, li in enumerate(labels):
         own = (labels == li) & (np.arange(len(X)) != i)
-        if own.any():
+        if own.any() and len(set(labels.tolist())) > 1:
             a = D[i, own].mean()
             b = min(D[i, labels == lj].mean() for lj in set(labels.tolist()) - {li})
             s[i] = (b - a) / max(a, b, 1e-300)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.func import vmap
+from torch.func import functional_call, vmap
 
 import common
 import data
@@ -19,12 +19,15 @@ from analysis import stages
 
 class Probes:
     """Fixed probe sets and the observable vector the sampler records at every k-th draw: the loss
-    on q at each context position (their mean is phi), the loss on each probe set, then (samples >
-    0) the per-sample losses of 2 x samples rows of q: `samples` training rows and as many queries,
-    for the loss kernel and the Bayesian influence function."""
+    on q at each context position (their mean is phi), the loss on each probe set, then either
+    (samples > 0) the per-sample losses of 2 x samples rows of q, `samples` training rows and as
+    many queries, for the loss kernel and the Bayesian influence function, or (tokens > 0) the loss
+    of every prediction in `tokens` rows of q, for per-token susceptibilities (their covariance
+    with the first entries only: sgld's observe_anchors)."""
 
-    def __init__(self, task, names, rows, seed, device, samples=0):
-        self.task, self.names, self.positions, self.samples = task, [], False, samples
+    def __init__(self, task, names, rows, seed, device, samples=0, tokens=0):
+        self.task, self.names, self.positions = task, [], False
+        self.samples, self.tokens = samples, tokens
         self.sets = {}
         for i, name in enumerate(p.strip() for p in names.split(",") if p.strip()):
             if name == "positions":
@@ -44,50 +47,74 @@ class Probes:
     def _draw(task, gen, rows, device):
         return tuple(x.to(device) for x in task.sample(gen, rows, device="cpu"))
 
-    def observe(self, model):
-        """observe(params) -> the observable vector at a chain's point (vmappable)."""
+    def settings(self, model):
+        """estimate_llc's observe (the observable vector at a chain's point, vmappable) and
+        observe_anchors (with per-token losses: their covariance with the first K + P entries,
+        positions and probes, only; else 0, the whole matrix)."""
         per_token, mean = data.RunLoss(model, self.task, True), data.RunLoss(model, self.task)
         shifted = {n: data.RunLoss(model, self.task.refined(n)) for n in self.names}
         rows = tuple(x[:2 * self.samples] for x in self.base)
         one = vmap(lambda p, *row: mean(p, tuple(x[None] for x in row)),  # a row's own loss
                    in_dims=(None,) + (0,) * len(rows))
+        tok = tuple(x[:self.tokens] for x in self.base)
 
         def observe(params):
             losses = [shifted[n](params, self.sets[n]).reshape(1) for n in self.names]
-            per_sample = [one(params, *rows)] if self.samples else []
-            return torch.cat([per_token(params, self.base).reshape(-1), *losses, *per_sample])
-        return observe
+            extra = [one(params, *rows)] if self.samples else []
+            if self.tokens:
+                out = functional_call(model, params, (self.task.model_input(*tok),))
+                extra.append(self.task.loss_elements(out, tok[1]).reshape(-1))
+            return torch.cat([per_token(params, self.base).reshape(-1), *losses, *extra])
+        with torch.no_grad():
+            K = per_token(dict(model.named_parameters()), self.base).numel()
+        return dict(observe=observe, observe_anchors=(K + len(self.names)) * bool(self.tokens))
 
-    def columns(self, observed, kernels, step, restriction=None):
+    def columns(self, observed, files, step, restriction=None):
         """The row's susceptibility and susceptibility_se {probe: value}: the mean over the finite
-        chains of each chain's own estimate, and its standard error sd / sqrt(chains). With
-        per-sample losses, their covariance is written to the folder `kernels` and named in column
-        loss_kernel (relative to the rows' file, which sits beside that folder)."""
-        cov = observed["cov"][:, :self.width(observed), :self.width(observed)]  # (chains, m, m)
-        m, P = cov.shape[1], len(self.names)
-        K = m - P
-        u = np.r_[np.full(K, 1 / K), np.zeros(P)]  # phi: the mean of the per-position losses
+        chains of each chain's own estimate, and its standard error sd / sqrt(chains). The
+        per-sample covariances (loss_kernel) or per-token susceptibilities (token_susceptibility)
+        go to an .npz in the folder `files`, named relative to the rows' file beside it."""
+        w = self.width(observed)
+        cov = observed["cov"][:, :w, :w]  # (chains, m, m)
+        K = w - len(self.names)
+        u = np.r_[np.full(K, 1 / K), np.zeros(len(self.names))]  # phi: the positions' mean
         targets = {n: K + j for j, n in enumerate(self.names)}
         if self.positions:
             targets.update({f"position/{k + 1}": k for k in range(K)})
         chi, se = {}, {}
         for name, j in targets.items():
-            per_chain = -(cov @ (np.eye(m)[j] - u)) @ u  # -Cov[phi, L_j - phi], each chain's
-            ok = per_chain[np.isfinite(per_chain)]
-            chi[name] = float(ok.mean()) if len(ok) else None
-            se[name] = float(ok.std(ddof=1) / np.sqrt(len(ok))) if len(ok) > 1 else None
+            chi[name], se[name] = _mean_se(-(cov @ (np.eye(w)[j] - u)) @ u)  # -Cov[phi, L - phi]
         out = dict(susceptibility=chi, susceptibility_se=se, susceptibility_draws=observed["draws"])
-        if self.samples:
-            path = Path(kernels) / f"step_{step:07d}{'_' + restriction if restriction else ''}.npz"
-            common.atomic_write(path, self.kernel(observed))
-            out["loss_kernel"] = str(Path(path.parent.name) / path.name)
+        for col, on, blob in (("loss_kernel", self.samples, self.kernel),
+                              ("token_susceptibility", self.tokens, self.per_token)):
+            if on:
+                name = f"step_{step:07d}{'_' + restriction if restriction else ''}.npz"
+                common.atomic_write(Path(files) / name, blob(observed, u))
+                out[col] = str(Path(Path(files).name) / name)
         return out
 
     def width(self, observed):
-        """The observable vector's length before the per-sample losses."""
+        """The observable vector's entries before the per-sample or per-token losses."""
+        if self.tokens:
+            return observed["cov"].shape[2]  # the anchors
         return observed["cov"].shape[1] - 2 * self.samples
 
-    def kernel(self, observed):
+    def per_token(self, observed, u):
+        """The per-token susceptibilities as an .npz file's bytes: inputs and targets of the token
+        rows, chi and se (rows, tokens): -Cov[phi, l_t - phi], each chain's, their mean and sd /
+        sqrt(chains)."""
+        w, cov = self.width(observed), observed["cov"]
+        var = np.einsum("i,cij,j->c", u, cov[:, :w, :w], u)
+        each = -(cov[:, w:, :] @ u - var[:, None])  # (chains, tokens)
+        ok = np.isfinite(each).all(1)
+        n, rows = ok.sum(), tuple(x[:self.tokens].cpu().numpy() for x in self.base)
+        se = each[ok].std(0, ddof=1) / np.sqrt(n) if n > 1 else np.full(each.shape[1], np.nan)
+        buf = io.BytesIO()
+        np.savez(buf, inputs=rows[0], targets=rows[1], chi=each[ok].mean(0).reshape(rows[1].shape),
+                 se=se.reshape(rows[1].shape))
+        return buf.getvalue()
+
+    def kernel(self, observed, u=None):
         """The per-sample block as an .npz file's bytes: cov (the chains' mean covariance of the 2 x
         samples per-sample losses, training rows first), mean, and the chains' count."""
         w, ok = self.width(observed), np.isfinite(observed["cov"]).all((1, 2))
@@ -95,6 +122,13 @@ class Probes:
         np.savez(buf, cov=observed["cov"][ok, w:, w:].mean(0),
                  mean=observed["mean"][ok, w:].mean(0), chains=ok.sum(), samples=self.samples)
         return buf.getvalue()
+
+
+def _mean_se(each):
+    """(mean, sd / sqrt(n)) of the finite per-chain values; None where there are too few."""
+    ok = each[np.isfinite(each)]
+    return (float(ok.mean()) if len(ok) else None,
+            float(ok.std(ddof=1) / np.sqrt(len(ok))) if len(ok) > 1 else None)
 
 
 def loss_kernel(cov, samples, k=0):
@@ -119,8 +153,9 @@ def curves(run_dirs):
         for path in sorted(Path(d).glob("llc*.jsonl")):
             for r in common.read_jsonl(path):
                 comp = r.get("restriction") or "all"
-                if r.get("loss_kernel") and d == run_dirs[0]:
-                    kernels[(comp, r["step"])] = path.parent / r["loss_kernel"]
+                for col in ("loss_kernel", "token_susceptibility"):
+                    if r.get(col) and d == run_dirs[0]:
+                        kernels.setdefault(col, {})[(comp, r["step"])] = path.parent / r[col]
                 for p, v in (r.get("susceptibility") or {}).items():
                     se = (r.get("susceptibility_se") or {}).get(p)
                     vals.setdefault((comp, p), {}).setdefault(r["step"], []).append((v, se))
@@ -165,16 +200,13 @@ def development(c, boundaries):
 def kernel_summary(c):
     """The loss kernel and BIF at the last checkpoint that has one (the unrestricted row's if any):
     (its arrays for the figure, the summary's entry), or (None, {})."""
-    if not c["kernels"]:
+    files = c["kernels"].get("loss_kernel")
+    if not files:
         return None, {}
-    comp, step = max(c["kernels"], key=lambda k: (k[1], k[0] == "all"))
-    path = c["kernels"][(comp, step)]
-    try:
-        with np.load(path) as z:
-            cov, samples = z["cov"], int(z["samples"])
-    except (OSError, ValueError, KeyError) as e:
-        raise common.CheckpointError(f"{path} is missing or corrupt ({e}): rerun llc.py "
-                                     "--bif_rows for that checkpoint") from None
+    comp, step = max(files, key=lambda k: (k[1], k[0] == "all"))
+    path = files[(comp, step)]
+    z = _load(path, "bif_rows")
+    cov, samples = z["cov"], int(z["samples"])
     corr, labels, bif = loss_kernel(cov, samples)
     same = labels[:, None] == labels[None]
     off = ~np.eye(len(corr), dtype=bool)
@@ -186,10 +218,11 @@ def kernel_summary(c):
         bif_top=[dict(train=int(i), query=int(j), bif=float(bif[i, j])) for i, j in top])
 
 
-def summary(c, boundaries):
-    """(development() or None, kernel_summary()'s arrays or None, summary["susceptibility"]): the
-    matrix at the last checkpoint, its PCA and where it changes fastest beside the boundaries, the
-    loss kernel's clusters and strongest influences."""
+def summary(c, boundaries, task):
+    """(development() or None, kernel_summary()'s arrays or None, token_summary()'s or None,
+    summary["susceptibility"]): the matrix at the last checkpoint, its PCA and where it changes
+    fastest beside the boundaries, the loss kernel's clusters and strongest influences, the
+    per-token susceptibilities by token class."""
     dev, out = None, {}
     if c["steps"]:
         dev = development(c, boundaries)
@@ -200,4 +233,42 @@ def summary(c, boundaries):
                    last_step=c["steps"][-1], last=last, explained_variance=dev["evr"][:4],
                    change_peaks=dev["peaks"], boundaries=dev["boundaries"])
     kernel, out["loss_kernel"] = kernel_summary(c)
-    return dev, kernel, {k: v for k, v in out.items() if v}
+    tokens, out["tokens"] = token_summary(c, task)
+    return dev, kernel, tokens, {k: v for k, v in out.items() if v}
+
+
+def _load(path, option):
+    """An .npz written by llc.py, as a dict of arrays; missing or corrupt: one clear error."""
+    try:
+        with np.load(path) as z:
+            return dict(z)
+    except (OSError, ValueError) as e:
+        raise common.CheckpointError(f"{path} is missing or corrupt ({e}): rerun llc.py "
+                                     f"--{option} for that checkpoint") from None
+
+
+def token_summary(c, task):
+    """The per-token susceptibilities at the last checkpoint with them: a (components, tokens)
+    matrix, its PCA (tokens as samples, each component standardised), the tokens' classes (the
+    task's token_classes, if it has them) and the mean chi per class and component; (None, {})
+    without any."""
+    files = c["kernels"].get("token_susceptibility")
+    if not files:
+        return None, {}
+    step = max(s for _, s in files)
+    comps = [k for k, s in files if s == step]
+    zs = {k: _load(files[(k, step)], "token_rows") for k in comps}
+    X = np.stack([zs[k]["chi"].ravel() for k in comps])  # (components, tokens)
+    first = zs[comps[0]]
+    labels, names = (task.token_classes(first["inputs"], first["targets"])
+                     if hasattr(task, "token_classes") else (np.zeros(first["chi"].shape), ["all"]))
+    labels = np.asarray(labels).ravel()
+    Z = (X - X.mean(1, keepdims=True)) / np.where(X.std(1) > 0, X.std(1), 1)[:, None]
+    U, S, _ = np.linalg.svd(Z.T - Z.T.mean(0), full_matrices=False)
+    means = {n: {k: float(X[i, labels == j].mean()) for i, k in enumerate(comps)}
+             for j, n in enumerate(names) if (labels == j).any()}
+    arrays = dict(step=step, components=comps, chi=X, labels=labels, names=names,
+                  scores=(U[:, :2] * S[:2]), evr=(S ** 2 / (S ** 2).sum())[:2])
+    return arrays, dict(step=step, components=comps, tokens=int(X.shape[1]),
+                        counts={n: int((labels == j).sum()) for j, n in enumerate(names)},
+                        mean_by_class=means, explained_variance=arrays["evr"].tolist())

@@ -495,7 +495,7 @@ def bench_observe(cfg, run, model, log):
               observe_every=cfg["observe_every"])
     times = {"plain": [], "probes": []}
     for r in range(cfg["rounds"]):
-        for name, extra in (("plain", {}), ("probes", {"observe": probes.observe(model)})):
+        for name, extra in (("plain", {}), ("probes", probes.settings(model))):
             res = sgld.estimate_llc(data.RunLoss(model, task), params, task.sample,
                                     seed=cfg["seed"] + r, **kw, **extra)
             times[name].append(res["sample_time"])

@@ -318,6 +318,18 @@ def prepare_for(cfg):
 
 # ---------------------------------------------------------------------------------------------- the
 # task
+def _lexical(s):
+    """A token's class by its text (LMTask.token_classes)."""
+    core = s.strip()
+    if not core:
+        return "whitespace"
+    if core.isdigit():
+        return "number"
+    if not any(c.isalnum() for c in core):
+        return "punctuation"
+    return "word start" if s[0].isspace() else "word piece"
+
+
 class LMTask:
     """The data of an LM run, with data.Task's interface: sample -> (inputs, targets), rows without
     their last / first token; loss: mean next-token cross-entropy (training and LLC); eval_data: the
@@ -358,7 +370,28 @@ class LMTask:
 
     @staticmethod
     def loss_per_token(logits, targets):
-        return F.cross_entropy(logits.transpose(-1, -2), targets, reduction="none").mean(0)
+        return LMTask.loss_elements(logits, targets).mean(0)
+
+    @staticmethod
+    def loss_elements(logits, targets):
+        """(rows, tokens) the loss of every next-token prediction."""
+        return F.cross_entropy(logits.transpose(-1, -2), targets, reduction="none")
+
+    def token_classes(self, inputs, targets):
+        """(a class index per target token, the class names): a repeat (the bigram of its input
+        and itself occurred earlier in the row: what an induction head predicts), else by its text:
+        a word start, a word piece, a number, punctuation, whitespace."""
+        names = ["repeat", "word start", "word piece", "number", "punctuation", "whitespace"]
+        text = [self.tokenizer().decode([int(t)]) for t in range(self.vocab_size)]
+        kind = np.array([names.index(_lexical(s)) for s in text])
+        labels = kind[np.asarray(targets)]
+        for r, (x, y) in enumerate(zip(np.asarray(inputs).tolist(), np.asarray(targets).tolist())):
+            seen = set()
+            for t, pair in enumerate(zip(x, y)):
+                if pair in seen:
+                    labels[r, t] = 0
+                seen.add(pair)
+        return labels, names
 
     def eval_data(self, seed, batch_size):
         return torch.from_numpy(np.asarray(self.test[:batch_size]).astype(np.int64))

@@ -3,8 +3,8 @@ plots.py's shared panels. `metrics`: analyze.py's tables, {metric: (runs, checkp
 import math
 from pathlib import Path
 
-import plots
-from plots import _axes, _band, _save, _time_axis, plt
+from analysis import plots
+from analysis.plots import _axes, _band, _save, _time_axis, plt
 
 FIGURES = ("1_loss_llc.png", "2_essential_dynamics.png", "3_lm_behaviour.png", "4_head_scores.png",
            "5_llc_diagnostics.png")

@@ -611,6 +611,9 @@ def test_kmeans_and_silhouette_recover_planted_clusters():
     labels2, k2, sil2 = stages.cluster_curves(Y, k=2)
     assert k2 == 2 and sil2 == {} and len(set(labels2.tolist())) == 2
     assert stages.cluster_curves(Y[:2])[1] == 1  # too few curves to choose
+    # identical curves (e.g. one checkpoint each): one cluster found whatever k, silhouette 0
+    labels3, _, sil3 = stages.cluster_curves(np.ones((4, 1)))
+    assert set(labels3.tolist()) == {0} and set(sil3.values()) == {0.0}
 
 
 def write_refined(path, steps, curves, **keys):

@@ -794,3 +794,39 @@ def test_a_corpus_folder_as_data_refined_distribution(lm_dir, tmp_path):
     assert (sub.data_dir / "tokenizer.json").read_text() == (lm_dir / "tokenizer.json").read_text()
     # prepared once, reused
     assert len(sub.train) > 0 and task.refined(str(folder)).data_dir == sub.data_dir
+
+
+def test_per_token_susceptibilities_by_token_class(lm_dir, tmp_path):
+    """llc.py --token_rows on the LM: each head's row names an .npz of per-token chi and se over
+    the token rows; analyze.py classes the tokens (repeats first: the bigram occurred earlier in
+    the row) and draws them (figure 11); the classes cover every token."""
+    import llc
+    import analyze
+    run = tmp_path / "run"
+    train.train(_lm_cfg(lm_dir, run, "--d_model=16", "--n_head=2", "--batch_size=4",
+                        "--max_steps=3", "--n_log=1", "--n_lin=2", "--ckpt_every=0"))
+    llc.main([str(run), "--restrictions=heads", "--probes=code,prose", "--token_rows=3",
+              "--probe_rows=6", "--observe_every=1", "--num_chains=3", "--num_draws=8",
+              "--num_burnin=0", "--batch_size=2", "--n=8", "--steps=2", "--trace_points=4"])
+    rows = common.read_jsonl(run / "llc_heads.jsonl")
+    assert [r["restriction"] for r in rows] == ["L0H0", "L0H1", "L1H0", "L1H1"]
+    for r in rows:
+        assert set(r["susceptibility"]) == {"code", "prose"}
+        with np.load(run / r["token_susceptibility"]) as f:
+            z = dict(f)
+        assert z["chi"].shape == z["se"].shape == z["targets"].shape == (3, CTX - 1)
+        assert np.isfinite(z["chi"]).all() and (z["se"] > 0).all()
+    task = lm_data.LMTask(lm_dir)
+    labels, names = task.token_classes(z["inputs"], z["targets"])
+    x, y = z["inputs"].tolist(), z["targets"].tolist()
+    for r in range(3):  # a repeat is exactly a (previous token, token) pair seen before in the row
+        pairs = list(zip(x[r], y[r]))
+        assert [names[k] == "repeat" for k in labels[r]] == [
+            p in pairs[:t] for t, p in enumerate(pairs)]
+    summary = analyze.main([str(run), "--lm_rows=4", "--lm_ed=4", "--lm_head_seqs=4",
+                            "--lm_bigram_seqs=4", "--lm_ngrams=4", "--hessian_probes=0",
+                            "--lanczos_iters=0"])
+    tok = summary["susceptibility"]["tokens"]
+    assert tok["tokens"] == 3 * (CTX - 1) == sum(tok["counts"].values())
+    assert len(tok["components"]) == 4 and "figures/11_token_susceptibility.png" in (
+        summary["figures"])

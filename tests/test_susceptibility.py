@@ -190,7 +190,7 @@ def test_columns_are_the_covariances_they_name():
     A = rng.normal(size=(4, 6, 6))
     cov = A @ A.transpose(0, 2, 1)  # 4 chains, K = 4 positions + 2 probes
     pr = susceptibility.Probes.__new__(susceptibility.Probes)
-    pr.names, pr.positions, pr.samples = ["a", "b"], True, 0
+    pr.names, pr.positions, pr.samples, pr.tokens = ["a", "b"], True, 0, 0
     out = pr.columns(dict(cov=cov, mean=np.zeros((4, 6)), draws=7), None, 0)
     phi = np.r_[np.full(4, 0.25), 0, 0]
     for name, j in (("a", 4), ("b", 5), ("position/2", 1)):
