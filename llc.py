@@ -65,12 +65,12 @@ DEFAULTS = dict(
                             # code, prose (LM)
     probes="",              # susceptibilities to these distributions (as data_refine, and
                             # positions: each context position); row columns susceptibility(_se)
-    probe_rows=1024,        # rows of each fixed probe set
+    probe_rows=512,         # rows of each fixed probe set
     bif_rows=0,             # > 0: per-sample losses of this many training rows and as many
                             # queries -> <out>_observed/step_*.npz (loss kernel, BIF)
     token_rows=0,           # > 0 (instead): per-token susceptibilities of this many probe rows
                             # -> <out>_observed/step_*.npz
-    observe_every=10,       # probes evaluated at every k-th draw
+    observe_every=20,       # probes evaluated at every k-th draw
     device="",              # default: cuda (LOCAL_RANK under torchrun) if available, else cpu
     update_backend="auto",  # auto | torch | triton | xla
     chain_mode="autograd",  # autograd (vmap, or loop on a CPU if large) | auto (hand-derived once

@@ -17,6 +17,9 @@ import data
 from analysis import stages
 
 
+ALIGNED = 1.6  # a peak within this factor of a boundary's step marks the same change (as stages)
+
+
 class Probes:
     """Fixed probe sets and the observable vector the sampler records at every k-th draw: the loss
     on q at each context position (their mean is phi), the loss on each probe set, then either
@@ -177,8 +180,8 @@ def curves(run_dirs):
 def development(c, boundaries):
     """The matrix over training: PCA of its standardised entries (checkpoints as samples), its
     speed of change per unit log(step + 1), and for each LLC boundary the nearest local peak of
-    that speed (and the ratio of the two steps, >= 1): do the susceptibilities change where the
-    LLC's stages do?"""
+    that speed, the ratio of the two steps (>= 1) and whether it is within ALIGNED: do the
+    susceptibilities change where the LLC's stages do?"""
     t = np.asarray(c["steps"], float)
     X = c["chi"].reshape(-1, len(t)).T  # (steps, entries)
     X = X[:, np.isfinite(X).all(0)]
@@ -190,9 +193,10 @@ def development(c, boundaries):
     mid = np.sqrt((t[1:] + 1) * (t[:-1] + 1)) - 1  # the speed's steps: geometric midpoints
     peaks = [float(mid[i]) for i in range(len(speed))
              if speed[i] >= speed[max(i - 1, 0)] and speed[i] >= speed[min(i + 1, len(speed) - 1)]]
-    near = [dict(boundary=b, peak=p, ratio=max((p + 1) / (b + 1), (b + 1) / (p + 1)))
-            for b in boundaries
-            for p in [min(peaks, key=lambda q: abs(np.log1p(q) - np.log1p(b)))] if peaks]
+    near = [dict(boundary=b, peak=p, ratio=r, aligned=bool(r <= ALIGNED))
+            for b in boundaries if peaks
+            for p in [min(peaks, key=lambda q: abs(np.log1p(q) - np.log1p(b)))]
+            for r in [max((p + 1) / (b + 1), (b + 1) / (p + 1))]]
     return dict(evr=(S ** 2 / (S ** 2).sum()).tolist(), scores=(U[:, :2] * S[:2]).T.tolist(),
                 speed_steps=mid.tolist(), speed=speed.tolist(), peaks=peaks, boundaries=near)
 

@@ -38,7 +38,8 @@ USAGE = """
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 EOT = "<|endoftext|>"
 DEFAULTS = dict(  # the language model's data keys (train.py adds them to its own)
-    # python (CPython's docs, no download) | kjv (Debian bible-kjv) | a folder | hub:<repo>:<files>
+    # python (CPython's docs) | python-source (its docs and whole stdlib source: code and prose;
+    # both without download) | kjv (Debian bible-kjv) | a folder | hub:<repo>:<files>
     corpus="python",
     # train (byte-level BPE on the training split) | a tokenizer.json | hub (the paper's)
     tokenizer="train",
@@ -80,6 +81,25 @@ def _python_docs():
     return tuple(docs)
 
 
+def python_source_corpus():
+    """Code and prose that every CPython installation carries, no download: the reference-manual
+    topics of pydoc_data, then the whole source of each standard-library module, its tests
+    included (code with its docstrings and comments). One document per topic and per file."""
+    import pydoc_data.topics as topics
+    docs = [topics.topics[k] for k in sorted(topics.topics)]
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    for root, dirs, files in os.walk(lib):
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "__pycache__")
+                         and not d.startswith("."))
+        for f in sorted(files):
+            if f.endswith(".py"):
+                try:
+                    docs.append(Path(root, f).read_text(encoding="utf-8"))
+                except (UnicodeDecodeError, OSError):
+                    continue
+    return docs
+
+
 def _docstrings(node):
     if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
         yield ast.get_docstring(node)
@@ -119,10 +139,12 @@ def folder_corpus(path):
 
 
 def load_corpus(corpus):
-    """'python' (no download), 'kjv' (Debian), a folder, or hub:<repo>:<file>[,<file>...] (README:
-    the paper's)."""
+    """'python' or 'python-source' (no download), 'kjv' (Debian), a folder, or
+    hub:<repo>:<file>[,<file>...] (README: the paper's)."""
     if corpus == "python":
         return python_docs_corpus()
+    if corpus == "python-source":
+        return python_source_corpus()
     if corpus == "kjv":
         return kjv_corpus()
     if corpus.startswith("hub:"):
@@ -299,7 +321,7 @@ def prepare(data_dir, corpus="python", vocab_size=5000, n_ctx=1024, test_frac=0.
                         "\n".join(w[1:] for w in lm_eval.words_from_texts(texts)) + "\n")
     meta = {**want, "bos": vocab_size - 1, "eos": vocab_size - 1, "dtype": "uint16",
             "space_id": tok.token_to_id("Ġ"), "splits": splits, "test_doc_ids": test_ids,
-            "python": sys.version.split()[0] if corpus == "python" else None}
+            "python": sys.version.split()[0] if corpus.startswith("python") else None}
     train_rows = np.fromfile(data_dir / "train.bin", np.uint16).reshape(-1, n_ctx)
     meta["unigram_entropy"] = unigram_entropy(train_rows, vocab_size)
     common.atomic_write(data_dir / "meta.json", json.dumps(meta, indent=1))

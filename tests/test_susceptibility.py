@@ -197,3 +197,17 @@ def test_columns_are_the_covariances_they_name():
         each = -(cov[:, j] @ phi - np.einsum("i,cij,j->c", phi, cov, phi))
         assert out["susceptibility"][name] == pytest.approx(each.mean(), rel=1e-12)
         assert out["susceptibility_se"][name] == pytest.approx(each.std(ddof=1) / 2, rel=1e-12)
+
+
+def test_development_finds_where_the_matrix_changes():
+    """A matrix that jumps between two checkpoints: the speed peaks there, and a boundary at that
+    step is aligned (ratio within 1.6), one a decade away is not."""
+    steps = [0, 10, 100, 1000, 10_000, 100_000]
+    chi = np.zeros((2, 3, len(steps)))
+    chi[:, :, 4:] = 1.0 + np.arange(6).reshape(2, 3, 1)  # the change: between 1,000 and 10,000
+    chi += 1e-3 * np.random.default_rng(0).normal(size=chi.shape)
+    dev = susceptibility.development(dict(steps=steps, chi=chi), [3000, 300])
+    peak = int(np.argmax(dev["speed"]))
+    assert dev["speed_steps"][peak] == pytest.approx(np.sqrt(1001 * 10_001) - 1)
+    assert dev["boundaries"][0]["aligned"] and not dev["boundaries"][1]["aligned"]
+    assert dev["evr"][0] > 0.9
