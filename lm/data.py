@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -84,20 +85,28 @@ def _python_docs():
 def python_source_corpus():
     """Code and prose that every CPython installation carries, no download: the reference-manual
     topics of pydoc_data, then the whole source of each standard-library module, its tests
-    included (code with its docstrings and comments). One document per topic and per file."""
+    included, then that of pip and setuptools as ensurepip bundles them (code with its docstrings
+    and comments). One document per topic and per file."""
     import pydoc_data.topics as topics
     docs = [topics.topics[k] for k in sorted(topics.topics)]
     lib = Path(sysconfig.get_paths()["stdlib"])
     for root, dirs, files in os.walk(lib):
         dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "__pycache__")
                          and not d.startswith("."))
-        for f in sorted(files):
-            if f.endswith(".py"):
-                try:
-                    docs.append(Path(root, f).read_text(encoding="utf-8"))
-                except (UnicodeDecodeError, OSError):
-                    continue
+        docs += [t for f in sorted(files) if f.endswith(".py")
+                 if (t := _text(Path(root, f).read_bytes())) is not None]
+    for wheel in sorted((lib / "ensurepip" / "_bundled").glob("*.whl")):
+        with zipfile.ZipFile(wheel) as z:
+            docs += [t for n in sorted(z.namelist()) if n.endswith(".py")
+                     if (t := _text(z.read(n))) is not None]
     return docs
+
+
+def _text(raw):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:  # a few test files are deliberately in other encodings
+        return None
 
 
 def _docstrings(node):

@@ -226,6 +226,19 @@ def test_other_corpora(tmp_path):
                 and kjv[0].startswith("In the beginning God created the heaven and the earth."))
 
 
+def test_python_source_corpus_mixes_code_and_prose():
+    """The whole standard-library source (tests included) after the manual's topics: the docs
+    corpus' topics come first, and the files are code with their prose (docstrings, comments)."""
+    docs, prose = lm_data.load_corpus("python-source"), lm_data.python_docs_corpus()
+    import pydoc_data.topics as topics
+    n = len(topics.topics)
+    assert docs[:n] == prose[:n] and len(docs) > n + 1000
+    code = docs[n:]
+    assert sum(map(len, code)) > 20e6  # characters (CPython 3.11: about 29 million)
+    assert any("def __init__(self" in d and '"""' in d for d in code)
+    assert sum(d.count("\n#") for d in code) > 5_000  # lines that begin with a comment
+
+
 def test_lm_task_interface(lm_dir):
     task = lm_data.LMTask(lm_dir)
     g = torch.Generator().manual_seed(0)
