@@ -31,7 +31,8 @@ class Probes:
     def __init__(self, task, names, rows, seed, device, samples=0, tokens=0):
         self.task, self.names, self.positions = task, [], False
         self.samples, self.tokens = samples, tokens
-        self.sets = {}
+        self.sets, self.shifted = {}, {}  # name -> probe rows, its task (refined once: the LM's
+        # code/prose subsets classify every training row)
         for i, name in enumerate(p.strip() for p in names.split(",") if p.strip()):
             if name == "positions":
                 self.positions = True
@@ -42,6 +43,7 @@ class Probes:
             except common.ConfigError as e:
                 raise common.ConfigError(f"--probes: {e} (or positions)") from None
             self.sets[name] = self._draw(shifted, gen, rows, device)
+            self.shifted[name] = shifted
             self.names.append(name)
         gen = torch.Generator().manual_seed(common.derive_seed(seed, 0x5CE, 0))
         self.base = self._draw(task, gen, rows, device)
@@ -55,7 +57,7 @@ class Probes:
         observe_anchors (with per-token losses: their covariance with the first K + P entries,
         positions and probes, only; else 0, the whole matrix)."""
         per_token, mean = data.RunLoss(model, self.task, True), data.RunLoss(model, self.task)
-        shifted = {n: data.RunLoss(model, self.task.refined(n)) for n in self.names}
+        shifted = {n: data.RunLoss(model, t) for n, t in self.shifted.items()}
         rows = tuple(x[:2 * self.samples] for x in self.base)
         one = vmap(lambda p, *row: mean(p, tuple(x[None] for x in row)),  # a row's own loss
                    in_dims=(None,) + (0,) * len(rows))

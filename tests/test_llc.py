@@ -379,15 +379,20 @@ def test_per_token_llc_averages_to_the_llc():
 
 
 # --------------------------------------------------------------------------------- the command line
+def write_run(path, **model):
+    """A run directory with checkpoints 0, 10 and 20 of a small regression model (`model`: its
+    sizes), written through common's own format."""
+    cfg = {**dict(D=4, K=4, sigma2=0.125, num_tasks=0, task_seed=0, n_layer=1, n_head=2,
+                  d_model=8, d_mlp=8, seed=0), **model}
+    common.atomic_write(path / "config.json", json.dumps(cfg))
+    for step in (0, 10, 20):
+        common.save_checkpoint(path, step, data.build_model(cfg, step))
+    return path
+
+
 @pytest.fixture
 def tiny_run(tmp_path):
-    """A run directory with 3 checkpoints of a small model, written through common's own format."""
-    cfg = dict(D=4, K=4, sigma2=0.125, num_tasks=0, task_seed=0, n_layer=1, n_head=2, d_model=8,
-               d_mlp=8, seed=0)
-    common.atomic_write(tmp_path / "config.json", json.dumps(cfg))
-    for step in (0, 10, 20):
-        common.save_checkpoint(tmp_path, step, data.build_model(cfg, step))
-    return tmp_path
+    return write_run(tmp_path)
 
 
 CLI = ["--num_chains=2", "--num_draws=6", "--num_burnin=2", "--batch_size=8", "--n=32",

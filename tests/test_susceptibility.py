@@ -2,7 +2,6 @@
 known answer where the sampler's stationary distribution is exact (a quadratic loss, full-batch
 gradients: a Gaussian), a plain reference computation of the running moments, and LLC values that
 do not move when observables are recorded."""
-import json
 
 import numpy as np
 import pytest
@@ -10,10 +9,10 @@ import torch
 
 import analyze
 import common
-import data
 import llc
 import sgld
 from analysis import susceptibility
+from test_llc import write_run
 
 D, N = 3, 64
 EPS, NBETA, GAMMA = 1e-3, 10.0, 1.0
@@ -122,12 +121,7 @@ def test_observe_every_must_be_positive():
 @pytest.fixture
 def two_layer_run(tmp_path):
     """A run with 2 layers of 4 heads (8 components for --restrictions=heads), 3 checkpoints."""
-    cfg = dict(D=4, K=4, sigma2=0.125, num_tasks=0, task_seed=0, n_layer=2, n_head=4, d_model=16,
-               d_mlp=16, seed=0)
-    common.atomic_write(tmp_path / "config.json", json.dumps(cfg))
-    for step in (0, 10, 20):
-        common.save_checkpoint(tmp_path, step, data.build_model(cfg, step))
-    return tmp_path
+    return write_run(tmp_path, n_layer=2, n_head=4, d_model=16, d_mlp=16)
 
 
 PROBES = ["--probes=ood_inputs/3,tasks/4,tasks/16,positions", "--probe_rows=32", "--bif_rows=8",
