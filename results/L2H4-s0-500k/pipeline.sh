@@ -14,7 +14,8 @@ RUN=out/L2H4-s0
 DEST=results/L2H4-s0-500k
 last() { python -c "import common; print((common.list_checkpoints('$RUN') or [-1])[-1])"; }
 
-if [ "$(last)" -lt 499999 ]; then
+training() { pgrep -f "train.py configs/L2H4.py --out_dir=$RUN" > /dev/null; }
+if [ "$(last)" -lt 499999 ] && ! training; then
   taskset -c 0 python train.py configs/L2H4.py --out_dir="$RUN" >> out/train_L2H4-s0.log 2>&1 &
 fi
 for s in 0 1 2 3 4; do  # step 0 of the paper's five seeds (a second each)
@@ -29,9 +30,9 @@ until [ -e "$DEST/choice.json" ]; do  # the study's rows, each as its checkpoint
   study --parts=study
   [ -e "$DEST/choice.json" ] || sleep 120
 done
-until [ "$(last)" -ge 499999 ] && ! pgrep -f "train.py configs/L2H4.py --out_dir=$RUN" > /dev/null
-do  # the sweep over the checkpoints there so far, again as more appear
-  study --parts=study,seeds,sweep
-  sleep 120
+until [ "$(last)" -ge 499999 ] && ! training
+do  # the sweep over the checkpoints there so far, a few at a time, so new ones join the order
+  study --parts=study,seeds,sweep --budget=1200
+  sleep 10
 done
 study --parts=study,seeds,sweep  # the last checkpoints

@@ -168,15 +168,27 @@ def seeds_and_coverage(st, pick, have):
 def sweep(st, pick, have):
     """Part 4: every checkpoint with the chosen preset, ckpt_batch at a time, in step order."""
     cfg, path = st.cfg(pick), os.path.join(st.args.dest, "llc.jsonl")
-    todo = [s for s in have if s not in {r["step"] for r in common.read_jsonl(path)}]
-    # coarse first
-    todo = todo[:2] if st.args.dry else todo[::3] + [s for i, s in enumerate(todo) if i % 3]
+    done = {r["step"] for r in common.read_jsonl(path)}
+    todo = coarse_first(have, done)[:2 if st.args.dry else None]
     for i in range(0, len(todo), st.args.ckpt_batch):
         group = todo[i:i + st.args.ckpt_batch]
         if not st.fits(cfg, len(group),
                        f"the sweep from step {group[0]} on ({len(todo) - i} left)"):
             return
         st.write("llc.jsonl", st.estimate(st.args.run, cfg, group))
+
+
+def coarse_first(have, done):
+    """The checkpoints not yet done, each next one the farthest (in checkpoint index) from those
+    done or ordered before it: a session cut short leaves an even coarse curve, not a prefix."""
+    taken = [i for i, s in enumerate(have) if s in done]
+    left, order = [i for i, s in enumerate(have) if s not in done], []
+    while left:
+        far = max(left, key=lambda i: min((abs(i - j) for j in taken), default=len(have) - i))
+        left.remove(far)
+        taken.append(far)
+        order.append(have[far])
+    return order
 
 
 def report(path):
@@ -218,9 +230,14 @@ def main():
     steps = sorted(set(near) | ({have[-1]} if have[-1] >= 320_000 else set()))
     print(f"study: {len(have)} checkpoints up to {have[-1]}; study steps {steps}; {st.device}",
           flush=True)
-    pick = candidates(st, steps[:2] if args.dry else steps, have[-1] >= 320_000)
+    choice = os.path.join(args.dest, "choice.json")
+    if os.path.exists(choice) and not args.dry:  # the rule has chosen: later checkpoints in LR5
+        pick, steps = json.load(open(choice))["chosen"], []  # do not reopen the choice
+    else:
+        pick = candidates(st, steps[:2] if args.dry else steps, have[-1] >= 320_000)
     done = {r["step"] for r in common.read_jsonl(os.path.join(args.dest, "study.jsonl"))}
-    if not args.dry and (have[-1] < 320_000 or not set(steps) <= done):
+    if not args.dry and not os.path.exists(choice) and (have[-1] < 320_000
+                                                          or not set(steps) <= done):
         return print("study: the study is not complete (it needs a checkpoint in LR5, >= 320,000); "
                      "the rule's choice above is provisional: run again later", flush=True)
     if "seeds" in args.parts:
