@@ -8,6 +8,7 @@ coverage.jsonl and llc.jsonl (resumable); a part that would not fit in --budget 
         --dest=results/L2H4-s0-500k
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -108,13 +109,20 @@ class Study:
             cfg["num_draws"] * len(res) * cfg["num_chains"] * cfg["batch_size"])
         keys = [k for k in llc.RUN_KEYS] + ["paired", "horizon"]
         return [{**{k: cfg[k] for k in keys}, **llc.llc_row(s, r, cfg["trace_points"]),
-                 "tf32": bool(self.args.tf32)} for s, r in zip(steps, res)]
+                 "tf32": bool(self.args.tf32), "ckpt_sha256": None if models else sha(run_dir, s)}
+                for s, r in zip(steps, res)]
 
     def write(self, name, rows, **extra):
         for r in rows:
             common.append_jsonl(os.path.join(self.args.dest, name), {**extra, **r})
             print(f"study: {name} {extra} step {r['step']}: {r['llc_mean']} +- {r['llc_se']} "
                   f"(drift z {r['llc_drift_z']}) [{time.time() - self.t0:.0f}s]", flush=True)
+
+
+def sha(run_dir, step):
+    """The first 16 hex digits of a checkpoint file's SHA-256: training is not bit-identical across
+    machines, so rows of the same step from two trainings (two sessions) are told apart."""
+    return hashlib.sha256(Path(common.ckpt_path(run_dir, step)).read_bytes()).hexdigest()[:16]
 
 
 def snap(have, step):
