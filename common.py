@@ -360,6 +360,23 @@ def load_params(out_dir, step: int) -> dict:
     return params
 
 
+def check_params(params, model, where):
+    """The checkpoint's tensors must be the model's, name for name and shape for shape:
+    load_state_dict(strict=False) would keep a missing one's initial value and go on silently."""
+    want = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    got = {k: tuple(v.shape) for k, v in params.items()}
+    if got != want:
+        wrong = {"missing": sorted(want.keys() - got.keys()),
+                 "unexpected": sorted(got.keys() - want.keys()),
+                 "of another shape": sorted(k for k in want.keys() & got.keys()
+                                            if want[k] != got[k])}
+        raise CheckpointError(
+            f"{where} does not hold the model's parameters ("
+            + "; ".join(f"{what}: {', '.join(ks)}" for what, ks in wrong.items() if ks)
+            + "): restore it from a copy, or delete it (and its .state.pt)")
+    return params
+
+
 def load_state(out_dir, step: int) -> dict:
     path = ckpt_path(out_dir, step, state=True)
     try:

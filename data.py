@@ -1,11 +1,10 @@
 """The task table (`TASKS`: per task its config defaults, model, data, evaluator, figures and stage
 names; the scripts look a run's task up there and nowhere else) and the in-context linear regression
-task: sampling, token layout, readout, Bayes baselines and metrics. Every random draw takes an
+task: sampling and its loss (its metrics: analysis/metrics.py). Every random draw takes an
 explicit torch.Generator. The language model (package lm/) is named in the table by its module path
 and imported only when a config has task = "lm"."""
 import importlib
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,10 +14,8 @@ from torch.func import functional_call
 
 import common
 from fast import icl_loss_and_grads
-from model import ICLConfig, weight_norm
-
-OOD_SCALES = (3, 5, 10, 100)
-
+from analysis.metrics import OOD_SCALES, regression_baselines, regression_metrics
+from model import ICLConfig, per_token_mse, readout, to_tokens
 
 DEFAULTS = dict(  # the regression task's config keys (train.py adds them to its own)
     D=4,              # input dimension; tokens have D+1 channels
@@ -131,100 +128,6 @@ def sample_batch(gen, batch_size, D, K, sigma2, tasks=None, device="cpu"):
     return dict(xs=xs, ys=ys, ws=ws, noise=noise)
 
 
-def to_tokens(xs, ys):
-    """(B,K,D), (B,K) -> (B, 2K, D+1): x-token [0, x], y-token [y, 0, ..., 0], alternating
-    x1, y1, x2, ..."""
-    B, K, D = xs.shape
-    toks = xs.new_zeros(B, K, 2, D + 1)
-    toks[:, :, 0, 1:] = xs
-    toks[:, :, 1, 0] = ys
-    return toks.view(B, 2 * K, D + 1)
-
-
-def readout(out):
-    """Prediction for y_k: output channel 0 at the x_k token."""
-    return out[..., 0::2, 0]
-
-
-def per_token_mse(pred, ys):
-    """(K,) mean squared error at each context position, averaged over the batch."""
-    return (pred - ys).pow(2).mean(0)
-
-
-def ridge_predict(xs, ys, sigma2):
-    """Bayes predictor for the Gaussian prior: ridge on the k-1 earlier pairs, all k solved at
-    once."""
-    B, K, D = xs.shape
-    outer = xs.unsqueeze(-1) * xs.unsqueeze(-2)                           # (B,K,D,D)
-    A = _exclusive_cumsum(outer) + sigma2 * torch.eye(D, dtype=xs.dtype, device=xs.device)
-    b = _exclusive_cumsum(xs * ys.unsqueeze(-1))                          # (B,K,D)
-    w_hat = torch.linalg.solve(A, b.unsqueeze(-1)).squeeze(-1)
-    return (w_hat * xs).sum(-1)
-
-
-def dmmse_predict(xs, ys, tasks, sigma2, chunk_elems=2 ** 24):
-    """Bayes predictor for a finite prior of M tasks: posterior mean over the tasks given the k-1
-    earlier pairs. Vectorised over k and tasks; the batch is chunked so the (B,K,M) tensor stays
-    bounded."""
-    B, K, D = xs.shape
-    step = max(1, chunk_elems // (K * len(tasks)))
-    tasks = tasks.to(xs)
-    out = []
-    for i in range(0, B, step):
-        x, y = xs[i:i + step], ys[i:i + step]
-        sq = (y.unsqueeze(-1) - x @ tasks.T).pow(2) / (2 * sigma2)      # (b,K,M)
-        post = torch.softmax(-_exclusive_cumsum(sq), dim=-1)
-        out.append(((post @ tasks) * x).sum(-1))
-    return torch.cat(out)
-
-
-def _exclusive_cumsum(t):
-    """Sum over the strictly earlier positions along dim 1 (position k sees 1..k-1)."""
-    c = t.cumsum(1)
-    return torch.cat([torch.zeros_like(c[:, :1]), c[:, :-1]], dim=1)
-
-
-def regression_baselines(batch, sigma2, tasks=None):
-    """The Bayes predictors' predictions on a fixed batch, dict(ridge=(B,K), dmmse=(B,K)). They do
-    not depend on the model: an evaluator computes them once and passes them to regression_metrics
-    (dMMSE costs B*K*M)."""
-    ridge = ridge_predict(batch["xs"], batch["ys"], sigma2)
-    return dict(ridge=ridge, dmmse=(ridge if tasks is None
-                                    else dmmse_predict(batch["xs"], batch["ys"], tasks, sigma2)))
-
-
-@torch.no_grad()
-def regression_metrics(model, batch, sigma2, tasks=None, baselines=None):
-    """The paper's behavioural metrics on one fixed batch, as a flat dict (the keys are listed in
-    the README): losses per position, distances to the Bayes baselines (`baselines`, else computed
-    here), prediction norm, ICL scores, out-of-distribution losses and the weight norm."""
-    xs, ys, noise = batch["xs"], batch["ys"], batch["noise"]
-    K = xs.shape[1]
-
-    def predict(x, y):
-        return readout(model(to_tokens(x, y)))
-
-    pred = predict(xs, ys)
-    tok = per_token_mse(pred, ys)
-    base = regression_baselines(batch, sigma2, tasks) if baselines is None else baselines
-    h = max(K // 2, 1)
-    m = {"loss": tok.mean().item()}
-    m.update({f"loss/{k + 1}": v for k, v in enumerate(tok.tolist())})
-    m["delta_ridge"] = (pred - base["ridge"]).pow(2).mean().item()
-    m["delta_dmmse"] = (pred - base["dmmse"]).pow(2).mean().item()
-    m["pred_norm"] = pred.pow(2).mean().item()
-    m[f"icl_1_{h}"] = (tok[h - 1] - tok[0]).item()
-    m[f"icl_{h}_{K}"] = (tok[K - 1] - tok[h - 1]).item()
-    signal = ys - noise
-    for g in OOD_SCALES:
-        # both OOD variants have targets g*w.x + eps; they differ in the inputs shown
-        y_g = g * signal + noise
-        m[f"ood_inputs/{g}"] = F.mse_loss(predict(g * xs, y_g), y_g).item()
-        m[f"ood_tasks/{g}"] = F.mse_loss(predict(xs, y_g), y_g).item()
-    m["weight_norm"] = weight_norm(model.parameters())
-    return m
-
-
 # -------------------------------------------------------------------------- restrictions of the LLC
 # the unrestricted baseline, then the 21 component restrictions of the paper's L2H4 sweep
 PAPER_RESTRICTIONS = {
@@ -244,59 +147,12 @@ PAPER_RESTRICTIONS = {
 }
 
 
-def restriction_set(cfg, name, model):
-    """{restriction: estimate_llc settings} of a named set: 'heads' (L<i>H<h>: one attention head's
-    weights, element masks from model.head_masks), 'layers' (L<i>: one block), 'paper' (the task's
-    component restrictions). Entries that match no parameter (a smaller or edited model) are left
-    out and named in one warning; none matching: ConfigError."""
-    shapes = {k: p.shape for k, p in model.named_parameters()}
-    names = list(shapes)
-    if name == "heads":  # model.head_masks must describe the (possibly edited) model's attention
-        try:
-            out = {f"L{i}H{h}": {"masks": model.head_masks(i, h)} for i in range(model.cfg.n_layer)
-                   for h in range(model.cfg.n_head)}
-            bad = [k for r in out.values() for k, m in r["masks"].items() if not (
-                torch.is_tensor(m) and m.dtype == torch.bool and m.shape == shapes.get(k)
-                and bool(m.any()))]
-        except Exception as e:  # noqa: BLE001  an edited model: say what to update, no traceback
-            bad = [f"{type(e).__name__}: {e}"]
-        if bad:
-            raise common.ConfigError(f"restrictions=heads: model.head_masks(layer, head) does not "
-                                     f"fit this model's parameters ({bad[0]}); update it in "
-                                     f"model.py after editing the attention")
-        return out
-    if name == "layers" or name == "paper" and kind(cfg).paper_restrictions:
-        patterns = ({f"L{i}": f"blocks.{i}.**" for i in range(model.cfg.n_layer)}
-                    if name == "layers" else kind(cfg).paper_restrictions)
-        out, unmapped = {}, []
-        for r, pattern in patterns.items():
-            # a smaller model lacks some components, a fork may have renamed them: said, then
-            # left out
-            try:
-                common.select_params(names, pattern)
-                out[r] = {"include": pattern}
-            except ValueError:
-                unmapped.append(f"{r} ({pattern})")
-        if not out:
-            raise common.ConfigError(f"restrictions={name}: no restriction of the set matches "
-                                     f"this model's parameters (renamed modules in model.py?): "
-                                     f"{', '.join(names[:6])}, ...")
-        if unmapped:
-            warnings.warn(f"restrictions={name}: {len(unmapped)} of {len(patterns)} restrictions "
-                          f"match no parameter of this model (a smaller or edited model.py) and "
-                          f"are left out: {'; '.join(unmapped)}")
-        return out
-    raise common.ConfigError(f"restrictions must be heads, layers"
-                             f"{', paper' if kind(cfg).paper_restrictions else ''} "
-                             f"for this task; got {name!r}")
-
-
 # ----------------------------------------------------------------------------------- the task table
 @dataclass(frozen=True)
 class TaskKind:
     """One task: everything train.py, llc.py and analyze.py need to know about it. The functions
     named by a string are 'module:function' (imported when first used) or, bare, a function of
-    analyze.py (evaluator) or analysis/plots.py (figures)."""
+    analysis/plots.py (figures)."""
     defaults: dict           # its own config keys and their defaults
                              # (train.py adds them to its own)
     model_config: type       # the model's config dataclass (its build() makes the model)
@@ -311,7 +167,7 @@ class TaskKind:
 
 TASKS = {  # a TaskKind, or the 'module:attribute' of one (imported by kind() on first use)
     "regression": TaskKind(DEFAULTS, ICLConfig, Task, None, PAPER_RESTRICTIONS,
-                           "regression_evaluator", "regression_figures", "LR"),
+                           "analysis.regression:evaluator", "regression_figures", "LR"),
     "lm": "lm.data:KIND",  # the language model: lm/ is never imported for a regression run
 }
 
@@ -351,11 +207,8 @@ def task_for(cfg):
 def load_model(out_dir, step: int):
     """The run's model with the parameters of checkpoint `step`, on CPU, in eval mode."""
     model = model_config(common.load_run(out_dir)).build()
-    params = common.load_params(out_dir, step)
-    missing = set(dict(model.named_parameters())) ^ set(params)
-    if missing:
-        raise common.CheckpointError(f"{common.ckpt_path(out_dir, step)} does not match the "
-                                     f"run's model: {sorted(missing)}")
+    params = common.check_params(common.load_params(out_dir, step), model,
+                                 common.ckpt_path(out_dir, step))
     model.load_state_dict(params, strict=False)  # strict=False only because buffers are not saved
     return model.eval()
 

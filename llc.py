@@ -15,6 +15,7 @@ import torch
 import common
 import data
 from analysis import calibration, susceptibility
+from analysis.restrictions import restriction_set
 from fast.memory import release_memory, tune_malloc
 from sgld import (CHAIN_MODES, AllChainsDivergedError, Settings, estimate_llc,  # noqa: F401
                   make_generators, pick_chain_mode, select_params)
@@ -129,7 +130,8 @@ class Run:
         self.restrictions = {None: {}}  # None: the plain LLC (include / exclude as given)
         model = data.build_model(run_cfg, 0)
         if cfg["restrictions"]:
-            self.restrictions = data.restriction_set(run_cfg, cfg["restrictions"], model)
+            self.restrictions = restriction_set(cfg["restrictions"], model,
+                                                data.kind(run_cfg).paper_restrictions)
         try:  # the patterns match the run's parameters, before any checkpoint is loaded
             select_params([k for k, _ in model.named_parameters()], cfg["include"] or None,
                           cfg["exclude"] or None)
@@ -171,15 +173,9 @@ class Run:
 
     def published(self, res):
         """With --published: the estimate restated as the paper's LM curves computed it (the task's
-        published_llc, lm.eval.published_llc: imported only for an LM run)."""
-        if not self.cfg["published"]:
-            return {}
-        ok = [i for i, v in enumerate(res["llc_per_chain"]) if np.isfinite(v)]
-        published_llc = data.resolve(self.published_llc)
-        pub = published_llc(np.asarray(res["llc_per_chain"])[ok], res["init_loss"], res["nbeta"],
-                            res.get("draws_used", res["num_draws"]),
-                            draw0=res["loss_trace"][ok, 0].numpy())
-        return {f"{k}_published": common.finite(v) for k, v in pub.items()}
+        published_llc names the function: lm.eval's, imported only for an LM run)."""
+        on = self.cfg["published"]
+        return common.finite(data.resolve(self.published_llc)(res)) if on else {}
 
     def susceptibilities(self, res, step, restriction):
         """With --probes or --bif_rows: the row's columns (analysis/susceptibility.py)."""

@@ -1,7 +1,7 @@
-"""The paper's in-context regression transformer (L2H4, `ICLTransformer`); the language model
-(L2W256) is lm/model.py's. Module creation order follows the reference code, so `cfg.build(seed)`
-gives its initial weights; attention is a plain masked softmax so that torch.func.vmap covers
-every op."""
+"""The paper's in-context regression transformer (L2H4, `ICLTransformer`) and its token layout
+(to_tokens, readout); the language model (L2W256) is lm/model.py's. Module creation order
+follows the reference code, so `cfg.build(seed)` gives its initial weights; attention is a plain
+masked softmax so that torch.func.vmap covers every op."""
 import math
 from dataclasses import dataclass
 
@@ -91,6 +91,26 @@ class ICLTransformer(nn.Module):
             # the block already contains x: the paper's doubled residual, x <- 2x + a + m
             x = x + block(x)
         return self.unembedding(x)
+
+
+def to_tokens(xs, ys):
+    """(B,K,D), (B,K) -> (B, 2K, D+1): x-token [0, x], y-token [y, 0, ..., 0], alternating
+    x1, y1, x2, ..."""
+    B, K, D = xs.shape
+    toks = xs.new_zeros(B, K, 2, D + 1)
+    toks[:, :, 0, 1:] = xs
+    toks[:, :, 1, 0] = ys
+    return toks.view(B, 2 * K, D + 1)
+
+
+def readout(out):
+    """Prediction for y_k: output channel 0 at the x_k token."""
+    return out[..., 0::2, 0]
+
+
+def per_token_mse(pred, ys):
+    """(K,) mean squared error at each context position, averaged over the batch."""
+    return (pred - ys).pow(2).mean(0)
 
 
 def weight_norm(params) -> float:

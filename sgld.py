@@ -15,7 +15,6 @@ import re
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,7 +64,7 @@ class Settings:
     per_token: bool = False         # loss_fn gives per-token losses (the gradient: of their mean)
     device: object = None           # default: the device of the parameters
     update_backend: str = "auto"    # auto (CUDA: triton, XLA: xla, else torch) | torch | ...
-    chain_mode: str = "auto"        # how the chains' gradients are computed: auto | GRADIENTS key
+    chain_mode: str = "auto"        # how the chains' gradients are computed: auto | CHAIN_MODES
     cuda_graph: bool = False        # capture one SGLD step in a CUDA graph (CUDA, native, triton)
     workers: int | None = None      # native_loop on CPU: chain threads (default torch's threads)
     grad_chunk: int = 256           # native_loop on CPU: rows per gradient pass (0: whole batch)
@@ -192,7 +191,8 @@ def estimate_llc(loss_fn, params, data, **settings):
     chains = Chains(w_stars, sampled_names(s, w_stars[0]), C, s.masks or {})
     mode = choose_gradient(loss_fn, w_stars, chains, data, s, B, g_init, device)
     backend = choose_update(s, device, mode)
-    grad_fn, threads = GRADIENTS[mode](loss_fn, chains, s), torch.get_num_threads()
+    make_grad = GRADIENTS[mode] if mode in GRADIENTS else fast_paths().NATIVE_GRADIENTS[mode]
+    grad_fn, threads = make_grad(loss_fn, chains, s), torch.get_num_threads()
     if mode == "native_loop" and device.type == "cpu":  # each chain single-threaded, any worker
         torch.set_num_threads(1)
     coeffs = sgld_coefficients(s.epsilon, s.gamma, nbeta)
@@ -557,47 +557,8 @@ def loop_grad(loss_fn, chains, s):
     return grad_fn
 
 
-def _native_rows(loss_fn, chains, W, lo, hi, batch, chunk):
-    """loss_fn.batched_grad for chains lo:hi, flattened to (hi-lo, P); with `chunk`, averaged over
-    row chunks."""
-    p, B = chains.view(W[lo:hi], {k: v[lo:hi] for k, v in chains.frozen.items()}), batch[0].shape[1]
-    flat, loss = 0, 0
-    for r in range(0, B, chunk or B):
-        m = min(chunk or B, B - r)
-        lc, grads = loss_fn.batched_grad(p, tuple(x[lo:hi, r:r + m] for x in batch))
-        gc = torch.cat([grads[k].reshape(hi - lo, -1)[:, slice(None) if i is None else i]
-                        for k, i in zip(chains.names, chains.idx)], 1)
-        if m == B:
-            return gc, lc
-        flat, loss = flat + gc * (m / B), loss + lc * (m / B)
-    return flat, loss
-
-
-def native_grad(loss_fn, chains, s):
-    """The loss's hand-derived gradient, every chain in one batched computation (GPU/TPU)."""
-    return lambda W, batch: _native_rows(loss_fn, chains, W, 0, chains.CT, batch, 0)
-
-
-def native_loop_grad(loss_fn, chains, s):
-    """The hand-derived gradient one chain at a time on `workers` threads, each single-threaded, in
-    cache-sized row chunks (CPU): the same chains for any number of workers."""
-    cpu = chains.W.device.type == "cpu"
-    workers = min(chains.CT, int(s.workers or torch.get_num_threads())) if cpu else 1
-    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) \
-        if workers > 1 else None
-    chunk = s.grad_chunk if cpu else 0
-
-    def grad_fn(W, batch):
-        rows = lambda i: _native_rows(loss_fn, chains, W, i, i + 1, batch, chunk)  # noqa: E731
-        out = list((pool.map if pool else map)(rows, range(chains.CT)))
-        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
-    grad_fn.close = pool.shutdown if pool else None
-    return grad_fn
-
-
-GRADIENTS = {"vmap": vmap_grad, "loop": loop_grad, "native": native_grad,
-             "native_loop": native_loop_grad}
-CHAIN_MODES = ("auto", *GRADIENTS)
+GRADIENTS = {"vmap": vmap_grad, "loop": loop_grad}  # autograd; fast/ has native and native_loop
+CHAIN_MODES = ("auto", *GRADIENTS, "native", "native_loop")
 
 
 def pick_chain_mode(loss_fn, device, batch_rows, num_params):
@@ -616,7 +577,7 @@ def choose_gradient(loss_fn, w_stars, chains, data, s, B, gen, device):
     an explicit native mode raises."""
     P = chains.W.shape[1]
     mode = pick_chain_mode(loss_fn, device, B, P) if s.chain_mode == "auto" else s.chain_mode
-    if mode not in GRADIENTS:
+    if mode not in CHAIN_MODES[1:]:
         raise ValueError(f"unknown chain_mode {mode!r} ({', '.join(CHAIN_MODES)})")
     if not mode.startswith("native"):
         return mode

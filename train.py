@@ -210,7 +210,7 @@ def find_resume_step(out, model, fresh_optimizer=False):
         if lacking:
             warnings.warn(f"{out}: steps {lacking[-1]}..{lacking[0]} have no .state.pt; resuming "
                           f"from step {step}, which trains them again")
-        return step, _check_tensors(params, model, common.ckpt_path(out, step)), state
+        return step, common.check_params(params, model, common.ckpt_path(out, step)), state
     if not steps:
         return None, None, None
     if not fresh_optimizer:
@@ -220,25 +220,7 @@ def find_resume_step(out, model, fresh_optimizer=False):
             "overwrite them: copy the .state.pt files back, or add --fresh_optimizer=True to go on "
             f"from step {steps[-1]}'s weights with a new optimizer (not bit-identical)")
     params = common.load_params(out, steps[-1])
-    return steps[-1], _check_tensors(params, model, common.ckpt_path(out, steps[-1])), None
-
-
-def _check_tensors(params, model, path):
-    """The checkpoint's tensors must be the model's, name for name and shape for shape:
-    load_state_dict(strict=False) would keep a missing one's initial value and train on silently."""
-    want = {k: tuple(p.shape) for k, p in model.named_parameters()}
-    got = {k: tuple(v.shape) for k, v in params.items()}
-    if got != want:
-        wrong = {"missing": sorted(want.keys() - got.keys()),
-                 "unexpected": sorted(got.keys() - want.keys()),
-                 "of another shape": sorted(k for k in want.keys() & got.keys()
-                                            if want[k] != got[k])}
-        raise common.CheckpointError(
-            f"{path} does not hold the run's parameters ("
-            + "; ".join(f"{what}: {', '.join(ks)}" for what, ks in wrong.items() if ks)
-            + "): restore it from a copy, or delete it and its .state.pt to resume from the one "
-            "before")
-    return params
+    return steps[-1], common.check_params(params, model, common.ckpt_path(out, steps[-1])), None
 
 
 def train(cfg: dict) -> dict:

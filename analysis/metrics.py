@@ -1,4 +1,5 @@
-"""What analyze.py measures at a checkpoint beyond a task's own metrics: Hessian-vector products,
+"""What is measured at a checkpoint: the regression task's metrics (data.Task.metrics: losses
+per position, the Bayes baselines, ICL and out-of-distribution scores); Hessian-vector products,
 the Hutchinson trace and the top eigenvalues by Lanczos; the regression model's structure
 statistics (LayerNorm collapse, embedding spectra, the effective unembedding); a model applied in
 chunks."""
@@ -6,7 +7,87 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
+
+from model import per_token_mse, readout, to_tokens, weight_norm
+
+
+OOD_SCALES = (3, 5, 10, 100)
+
+
+def ridge_predict(xs, ys, sigma2):
+    """Bayes predictor for the Gaussian prior: ridge on the k-1 earlier pairs, all k solved at
+    once."""
+    B, K, D = xs.shape
+    outer = xs.unsqueeze(-1) * xs.unsqueeze(-2)                           # (B,K,D,D)
+    A = _exclusive_cumsum(outer) + sigma2 * torch.eye(D, dtype=xs.dtype, device=xs.device)
+    b = _exclusive_cumsum(xs * ys.unsqueeze(-1))                          # (B,K,D)
+    w_hat = torch.linalg.solve(A, b.unsqueeze(-1)).squeeze(-1)
+    return (w_hat * xs).sum(-1)
+
+
+def dmmse_predict(xs, ys, tasks, sigma2, chunk_elems=2 ** 24):
+    """Bayes predictor for a finite prior of M tasks: posterior mean over the tasks given the k-1
+    earlier pairs. Vectorised over k and tasks; the batch is chunked so the (B,K,M) tensor stays
+    bounded."""
+    B, K, D = xs.shape
+    step = max(1, chunk_elems // (K * len(tasks)))
+    tasks = tasks.to(xs)
+    out = []
+    for i in range(0, B, step):
+        x, y = xs[i:i + step], ys[i:i + step]
+        sq = (y.unsqueeze(-1) - x @ tasks.T).pow(2) / (2 * sigma2)      # (b,K,M)
+        post = torch.softmax(-_exclusive_cumsum(sq), dim=-1)
+        out.append(((post @ tasks) * x).sum(-1))
+    return torch.cat(out)
+
+
+def _exclusive_cumsum(t):
+    """Sum over the strictly earlier positions along dim 1 (position k sees 1..k-1)."""
+    c = t.cumsum(1)
+    return torch.cat([torch.zeros_like(c[:, :1]), c[:, :-1]], dim=1)
+
+
+def regression_baselines(batch, sigma2, tasks=None):
+    """The Bayes predictors' predictions on a fixed batch, dict(ridge=(B,K), dmmse=(B,K)). They do
+    not depend on the model: an evaluator computes them once and passes them to regression_metrics
+    (dMMSE costs B*K*M)."""
+    ridge = ridge_predict(batch["xs"], batch["ys"], sigma2)
+    return dict(ridge=ridge, dmmse=(ridge if tasks is None
+                                    else dmmse_predict(batch["xs"], batch["ys"], tasks, sigma2)))
+
+
+@torch.no_grad()
+def regression_metrics(model, batch, sigma2, tasks=None, baselines=None):
+    """The paper's behavioural metrics on one fixed batch, as a flat dict (the keys are listed in
+    the README): losses per position, distances to the Bayes baselines (`baselines`, else computed
+    here), prediction norm, ICL scores, out-of-distribution losses and the weight norm."""
+    xs, ys, noise = batch["xs"], batch["ys"], batch["noise"]
+    K = xs.shape[1]
+
+    def predict(x, y):
+        return readout(model(to_tokens(x, y)))
+
+    pred = predict(xs, ys)
+    tok = per_token_mse(pred, ys)
+    base = regression_baselines(batch, sigma2, tasks) if baselines is None else baselines
+    h = max(K // 2, 1)
+    m = {"loss": tok.mean().item()}
+    m.update({f"loss/{k + 1}": v for k, v in enumerate(tok.tolist())})
+    m["delta_ridge"] = (pred - base["ridge"]).pow(2).mean().item()
+    m["delta_dmmse"] = (pred - base["dmmse"]).pow(2).mean().item()
+    m["pred_norm"] = pred.pow(2).mean().item()
+    m[f"icl_1_{h}"] = (tok[h - 1] - tok[0]).item()
+    m[f"icl_{h}_{K}"] = (tok[K - 1] - tok[h - 1]).item()
+    signal = ys - noise
+    for g in OOD_SCALES:
+        # both OOD variants have targets g*w.x + eps; they differ in the inputs shown
+        y_g = g * signal + noise
+        m[f"ood_inputs/{g}"] = F.mse_loss(predict(g * xs, y_g), y_g).item()
+        m[f"ood_tasks/{g}"] = F.mse_loss(predict(xs, y_g), y_g).item()
+    m["weight_norm"] = weight_norm(model.parameters())
+    return m
 
 
 def make_hvp(model, loss_of_output, inputs):

@@ -302,7 +302,7 @@ def llc_diagnostics(path, llc_steps, L, rows, diverged, det):
 # -------------------------------------------------------------------------------------------
 # refined LLCs
 def refined_figures(fig_dir, curves, llc_steps, L, det):
-    """The refined-LLC figures that have data (curves: analyze.refined_curves' groups): 6 per-head
+    """The refined-LLC figures that have data (curves: tables.refined_curves' groups): 6 per-head
     wrLLCs by cluster, 7 the other restriction sets (paper's components, layers), 8 the drLLCs;
     returns their paths."""
     fig_dir, paths = Path(fig_dir), []

@@ -433,3 +433,36 @@ def cluster_curves(Y, k=0, k_max=6, seed=0):
     sil = {j: silhouette(Z, lab) for j, lab in fits.items()}
     k = max(sil, key=lambda j: (sil[j], -j))
     return fits[k], k, sil
+
+
+def refined_summary(curves, metrics, head_clusters=0, rule=None, prefix="S"):
+    """summary["refined"] of the refined-LLC curves (tables.refined_curves): the head clusters
+    (k-means; k by silhouette when head_clusters is 0) against the LM's head scores at the last
+    checkpoint, and with a stage rule each curve's stage boundaries. Fills in the heads' labels
+    and normalised curves for the figures."""
+    summ = {"curves": {g: c["names"] for g, c in curves.items()}} if curves else {}
+    if "heads" in curves:
+        c = curves["heads"]
+        c["labels"], k, sil = cluster_curves(c["llc"], head_clusters)
+        c["z"], clusters = np.where(np.isnan(c["llc"]), np.nan,
+                                    normalise_curves(c["llc"])), []
+        for j in range(k):
+            cl = dict(cluster=j, heads=[n for n, lab in zip(c["names"], c["labels"]) if lab == j])
+            for score in ("prev_token", "prefix"):
+                v = [np.nanmean(metrics[f"{score}/{h}"][:, -1]) for h in cl["heads"]
+                     if f"{score}/{h}" in metrics]
+                if v and np.isfinite(v).any():
+                    cl[score] = float(np.nanmean(v))
+            clusters.append(cl)
+        summ["head_clusters"] = dict(
+            k=k, chosen_by="option" if head_clusters > 0 else "silhouette",
+            silhouette={str(j): v for j, v in sil.items()}, clusters=clusters)
+    if rule is not None and curves:
+        summ["stages"] = {}
+        for g, c in curves.items():
+            dets = [detect_stages(c["steps"], y, se, prefix=prefix, **rule)
+                    for y, se in zip(c["llc"], c["se"])]
+            summ["stages"][g] = {n: dict(boundaries=d["boundaries"],
+                                         types=[s["type"] for s in d["stages"]])
+                                 for n, d in zip(c["names"], dets)}
+    return summ

@@ -14,7 +14,7 @@ from torch.func import functional_call, vmap
 
 import common
 import data
-from analysis import stages
+from analysis import plots, stages
 
 
 ALIGNED = 1.6  # a peak within this factor of a boundary's step marks the same change (as stages)
@@ -278,3 +278,25 @@ def token_summary(c, task):
     return arrays, dict(step=step, components=comps, tokens=int(X.shape[1]),
                         counts={n: int((labels == j).sum()) for j, n in enumerate(names)},
                         mean_by_class=means, explained_variance=arrays["evr"].tolist())
+
+
+def figures(run_dirs, fig_dir, det):
+    """(figures, summary["susceptibility"]) from the rows of llc.py --probes / --bif_rows /
+    --token_rows: the matrix over training beside the LLC's boundaries, the loss kernel, the
+    per-token susceptibilities by token class; ([], {}) without any."""
+    c = curves(run_dirs)
+    if c is None:
+        return [], {}
+    dev, kernel, tokens, summ = summary(c, det["boundaries"],
+                                                         data.task_for(run_dirs[0]))
+    fig_dir, figs = Path(fig_dir), []
+    if dev is not None:
+        figs.append(fig_dir / "9_susceptibility.png")
+        plots.susceptibility(figs[-1], c, dev, det)
+    if kernel is not None:
+        figs.append(fig_dir / "10_loss_kernel.png")
+        plots.loss_kernel(figs[-1], kernel)
+    if tokens is not None:
+        figs.append(fig_dir / "11_token_susceptibility.png")
+        plots.token_susceptibility(figs[-1], tokens)
+    return figs, summ

@@ -527,11 +527,7 @@ def import_checkpoints(repo, steps, out_dir, cfg, *, pattern=lm_hub.PAPER["check
             if isinstance(sd, dict) and "embed.W_E" not in sd and key in sd:
                 sd = sd[key]
         model = mcfg.build()
-        params = lm_hub.from_transformer_lens(sd)
-        wrong = set(dict(model.named_parameters())) ^ set(params)
-        if wrong:
-            raise common.CheckpointError(f"{path} does not match the configured model: "
-                                         f"{sorted(wrong)}")
+        params = common.check_params(lm_hub.from_transformer_lens(sd), model, path)
         model.load_state_dict(params, strict=False)
         common.save_checkpoint(out_dir, step, model)
         if not cached:  # downloaded only for this: the converted copy replaces it
@@ -572,7 +568,7 @@ def write_gpt2_words(data_dir, repo=lm_hub.PAPER["gpt2_vocab"][0]):
 # table
 # data.TASKS["lm"]
 KIND = data.TaskKind(DEFAULTS, LMConfig, LMTask, prepare_for, {}, "lm.analysis:evaluator",
-                     "lm.plots:figures", "LM", published_llc="lm.eval:published_llc")
+                     "lm.plots:figures", "LM", published_llc="lm.eval:published_columns")
 
 
 # --------------------------------------------------------------------------------------- command

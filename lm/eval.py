@@ -314,6 +314,16 @@ def positional_norms(model):
 
 # ------------------------------------------------------------------------- the paper's LLC
 # convention
+def published_columns(res):
+    """llc.py --published: an estimate's llc_*_published columns (published_llc over the chains
+    that did not diverge, exact: each chain's own draw-0 loss)."""
+    ok = [i for i, v in enumerate(res["llc_per_chain"]) if np.isfinite(v)]
+    pub = published_llc(np.asarray(res["llc_per_chain"])[ok], res["init_loss"], res["nbeta"],
+                        res.get("draws_used", res["num_draws"]),
+                        draw0=res["loss_trace"][ok, 0].numpy())
+    return {f"{k}_published": v for k, v in pub.items()}
+
+
 def published_llc(llc_per_chain, init_loss, nbeta, num_draws, draw0=None):
     """Per-chain LLC estimates (nbeta * (mean of draws 0..T-1 - init_loss)) restated as the paper's
     published LM curves computed them: chain c of C minus its draw 0, against sum(draw-0 losses of

@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import analyze
-from analysis import metrics, plots, stages, tables
+from analysis import metrics, plots, regression, stages, tables
 import common
 import data
 import train
@@ -434,18 +434,18 @@ def test_each_task_names_an_evaluator_and_a_figure_set():
         assert callable(named(kind.evaluator, analyze)), name
         assert callable(named(kind.figures, plots)), name
     repo = analyze.Path(analyze.__file__).resolve().parent
-    assert analyze.REFERENCE.resolve().is_relative_to(repo)
+    assert regression.REFERENCE.resolve().is_relative_to(repo)
     opt = dict(analyze.DEFAULTS, ed_batch=3)
     cfg = dict(K=8, D=4, max_steps=500_000)
-    ev = analyze.regression_evaluator(None, cfg, opt, torch.device("cpu"))
+    ev = analyze.Evaluator(**regression.evaluator(None, cfg, opt, torch.device("cpu")))
     assert ev.meta["width"] == 3 * 16 * 5 and not ev.final and "icl_1_4" in ev.summary_keys
     feats = np.arange(ev.meta["width"]).reshape(3, 16, 5)
     # channel 0 at the x tokens
     np.testing.assert_array_equal(ev.ed_cols, feats[:, 0::2, 0].ravel())
     assert len(ev.reference) == 190 and ev.reference["step"][-1] == 499_999
     assert {"llc_mean", "loss_mean"} <= set(ev.reference.dtype.names)
-    short = analyze.regression_evaluator(None, dict(cfg, max_steps=60), opt, torch.device("cpu"))
-    assert short.reference is None
+    short = regression.evaluator(None, dict(cfg, max_steps=60), opt, torch.device("cpu"))
+    assert short["reference"] is None
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from data import (Task, dmmse_predict, per_token_mse, readout, regression_metrics, ridge_predict,
-                  sample_batch, to_tokens)
+from analysis.metrics import dmmse_predict, regression_metrics, ridge_predict
+from data import Task, per_token_mse, readout, sample_batch, to_tokens
 
 
 def test_token_layout_and_readout_by_hand():

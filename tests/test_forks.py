@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import analyze
 from analysis import metrics
+from analysis.restrictions import restriction_set
 import common
 import data
 import llc
@@ -22,6 +23,8 @@ from conftest import ROOT
 from test_analyze import FAST
 from test_refined import CLI
 from test_train import SMALL
+
+PAPER = data.PAPER_RESTRICTIONS
 
 # checkpoints 0, 1, 2
 RUN = [*SMALL, "--n_layer=2", "--d_model=8", "--d_mlp=8", "--stop_at=2", "--device=cpu"]
@@ -172,8 +175,8 @@ def test_named_restriction_sets_and_structure_stats_of_a_fork(fork, monkeypatch)
     model = data.build_model(cfg, 0)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        paper = data.restriction_set(cfg, "paper", model)
-        layers = data.restriction_set(cfg, "layers", model)
+        paper = restriction_set("paper", model, PAPER)
+        layers = restriction_set("layers", model, PAPER)
         stats = metrics.structure_stats({k: v.detach() for k, v in model.named_parameters()}, 2)
     lost = {"blocks.0.mlp", "blocks.1.mlp", "blocks.mlp"} if fork == "renamed_mlp" else set()
     assert set(paper) == set(data.PAPER_RESTRICTIONS) - lost and len(paper) == 22 - len(lost)
@@ -217,14 +220,14 @@ def test_renamed_blocks_a_usage_error_for_layers_and_structure_stats_skip_by_nam
     monkeypatch.setattr(model_py.ICLTransformer, "forward", forward)
     run, cfg = trained(tmp_path, "run")
     with pytest.raises(common.ConfigError, match="no restriction of the set matches"):
-        data.restriction_set(cfg, "layers", data.build_model(cfg, 0))
+        restriction_set("layers", data.build_model(cfg, 0), PAPER)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         llc.main([str(run), *CLI, "--restrictions=layers"])
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
     assert not (run / "llc_layers.jsonl").exists()
     with pytest.warns(UserWarning, match="restrictions=paper: 14 of 22"):
-        assert "unembedding" in data.restriction_set(cfg, "paper", data.build_model(cfg, 0))
+        assert "unembedding" in restriction_set("paper", data.build_model(cfg, 0), PAPER)
     params = common.load_params(run, 2)
     with pytest.warns(UserWarning, match=r"ln_collapse/b1-attn "
                                          r"\(blocks\.0\.layer_norms\.0\.weight\)"):

@@ -18,7 +18,7 @@ PACKAGE = {(pkg if p.stem == "__init__" else f"{pkg}.{p.stem}"): p
            for pkg in PACKAGES for p in sorted((ROOT / pkg).glob("*.py"))}
 MODULES = {**TOP, **PACKAGE}  # module name -> file
 LAZY_ALLOWED = {"data": {"lm.data"}}  # data.TASKS["lm"] = "lm.data:KIND", resolved with importlib
-TOP_LINES = 3150  # the ceiling; the goal is 2,800 (docs/design.md)
+TOP_LINES = 2800  # issue 18: the regression core at the top level in at most 2,800 lines
 
 
 def _name(module, names=()):
