@@ -127,3 +127,80 @@ def test_the_preset_studys_rows_are_the_papers_sampler_and_near_its_seed_0():
         assert r["llc_se"] >= np.std(r["llc_per_chain"], ddof=1) / math.sqrt(8) - 1e-12
     (r0,) = [r for r in rows if r["step"] == 0]
     assert abs(r0["llc_mean"] - seed0[0]) <= 2 * r0["llc_se"], (r0["llc_mean"], seed0[0])
+
+
+RUN500 = ROOT / "results" / "L2H4-s0-500k"
+
+
+def run500(name):
+    return [json.loads(line) for line in (RUN500 / name).read_text().splitlines() if line.strip()]
+
+
+def paper_per_seed():
+    """{step: {seed: the paper's v1 LLC}} from the stored per-seed curves."""
+    paper = np.genfromtxt(ROOT / "reference" / "paper_v1_perseed.csv", delimiter=",", names=True)
+    out = {}
+    for s, t, v in zip(paper["model_seed"], paper["step"], paper["llcmeanmean"]):
+        out.setdefault(int(t), {})[int(s)] = float(v)
+    return out
+
+
+def chosen_preset(rows):
+    """The rows are the preset choice.json names (study.py's candidates: draws, horizon) on the
+    paper's sampler settings, 8 chains, paired."""
+    chosen = json.loads((RUN500 / "choice.json").read_text())["chosen"]
+    draws, horizon = (1500, 5000) if chosen == "extrap1500" else (None, None)
+    for r in rows:
+        assert (r["num_chains"], r["num_draws"], r["horizon"], r["paired"]) == (8, draws, horizon,
+                                                                                True)
+        assert (r["epsilon"], r["gamma"], r["nbeta"]) == pytest.approx((3e-4, 20 / 3, 200 / 3))
+    return chosen
+
+
+def test_the_500k_sweep_lies_in_the_papers_per_seed_range_with_an_honest_se():
+    """results/L2H4-s0-500k/llc.jsonl, the sweep so far: the chosen preset at distinct checkpoints
+    of the paper's schedule, each tagged with its checkpoint's SHA-256 prefix; >= 90 % inside the
+    paper's five per-seed values' range +- 2 se; on the median row llc_se >= 0.9 x the chain means'
+    sd / sqrt(chains)."""
+    rows, paper = run500("llc.jsonl"), paper_per_seed()
+    assert chosen_preset(rows) == "extrap1500" and len({r["step"] for r in rows}) == len(rows)
+    assert all(r["step"] in paper and len(r["ckpt_sha256"]) == 16 for r in rows)
+    inside = [min(paper[r["step"]].values()) - 2 * r["llc_se"] <= r["llc_mean"]
+              <= max(paper[r["step"]].values()) + 2 * r["llc_se"] for r in rows]
+    assert np.mean(inside) >= 0.9, [r["step"] for r, ok in zip(rows, inside) if not ok]
+    ratio = [r["llc_se"] / (np.std(r["llc_per_chain"], ddof=1) / math.sqrt(8)) for r in rows]
+    assert np.median(ratio) >= 0.9
+
+
+def test_the_se_of_the_chosen_preset_covers_repeats_with_independent_sampler_seeds():
+    """coverage.jsonl: the chosen preset repeated with sampler seeds 1-6 at one checkpoint (the same
+    file: same ckpt_sha256). Pooled over the checkpoints, the repeats' variance about their mean is
+    no more than the 97.5 % point of chi-square / dof (9 dof: 2.11) times the mean se^2, i.e. the
+    stated se is not optimistic."""
+    rows = run500("coverage.jsonl")
+    chosen_preset(rows)
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["step"], r["ckpt_sha256"]), []).append(r)
+    assert all(len({r["seed"] for r in g}) == len(g) >= 2 for g in groups.values())
+    ss = sum(((v := np.array([r["llc_mean"] for r in g])) - v.mean()) @ (v - v.mean())
+             for g in groups.values())
+    dof = sum(len(g) - 1 for g in groups.values())
+    se2 = np.mean([r["llc_se"] ** 2 for r in rows])
+    assert dof == 9 and ss / dof <= 2.11 * se2, (ss / dof, se2)
+
+
+def test_the_chosen_preset_at_step_0_of_the_five_seeds_owes_its_excess_to_the_extrapolation():
+    """init_seeds.jsonl: the chosen preset (extrap1500) at step 0 of the paper's seeds 0-4 reads
+    +0.90 above the paper's per-seed values on average, more than the issue's +-0.6; the preset
+    study measured the extrapolation's own excess at step 0 over the same chains' 5,000 steps
+    (choice.json, +0.54): without it the mean difference is within +-0.6, and each seed within
+    2 se."""
+    rows, paper = run500("init_seeds.jsonl"), paper_per_seed()[0]
+    assert chosen_preset(rows) == "extrap1500"
+    assert [r["model_seed"] for r in rows] == [0, 1, 2, 3, 4] and all(r["step"] == 0 for r in rows)
+    diff = np.array([r["llc_mean"] - paper[r["model_seed"]] for r in rows])
+    se = np.array([r["llc_se"] for r in rows])
+    bias = json.loads((RUN500 / "choice.json").read_text())["candidates"]["extrap1500"]["diffs"][0]
+    assert 0.6 < diff.mean() and abs(diff.mean() - bias) <= 0.6, (diff.mean(), bias)
+    assert (np.abs(diff - bias) <= 2 * se).all(), (diff - bias) / se
