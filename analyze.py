@@ -2,7 +2,11 @@
 LLC (or the test loss), compute the essential dynamics, and write stages.json, summary.json,
 report.md and figures/. What is measured and drawn comes from the run's task: data.kind(cfg) names
 an evaluator here and a figure set in plots."""
-import json, math, os, sys, warnings
+import json
+import math
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
