@@ -179,14 +179,17 @@ def test_zero_dim_parameters_are_sampled_in_every_autograd_mode():
 
 
 def test_sgld_py_alone_runs_the_documented_devinterp_style_call(tmp_path):
-    """docs/estimator.md's devinterp-style snippet (its first python block), run with sgld.py copied
-    alone into an empty folder, the project not importable: an nn.Module, a DataLoader whose last
-    batch is short (2,000 = 31 x 64 + 16 rows), and a finite, sensible row; no fast paths there."""
+    """docs/estimator.md's devinterp-style snippet (its first python block, the README's too), run
+    with sgld.py copied alone into an empty folder, the project not importable: an nn.Module, a
+    DataLoader whose last batch is short (2,000 = 31 x 64 + 16 rows), and a finite, sensible row;
+    no fast paths there."""
     doc = (ROOT / "docs" / "estimator.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", doc.split("## A devinterp-style call", 1)[1],
                         re.S)[1]
-    # the section's block is the first
+    # the section's block is the first, and the README's estimator section shows the same call
     assert snippet == re.search(r"```python\n(.*?)```", doc, re.S)[1]
+    readme = (ROOT / "README.md").read_text().split("## The estimator API", 1)[1]
+    assert snippet == re.search(r"```python\n(.*?)```", readme, re.S)[1]
     shutil.copy(ROOT / "sgld.py", tmp_path / "sgld.py")
     check = """
 import json, os, sys
