@@ -9,6 +9,7 @@ import torch
 
 import analyze
 import common
+import data
 import llc
 import sgld
 from analysis import susceptibility
@@ -173,6 +174,18 @@ def test_bad_probe_options_are_one_line(two_layer_run, capsys, bad, says):
         llc.main([str(two_layer_run), *PROBES, bad])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err, err
+    assert not (two_layer_run / "llc.jsonl").exists()
+
+
+def test_token_rows_on_a_task_without_per_prediction_losses_is_one_line(two_layer_run, capsys,
+                                                                         monkeypatch):
+    """A forked task with no loss_elements: --token_rows is a usage error naming what is missing,
+    before anything is written."""
+    monkeypatch.delattr(data.Task, "loss_elements")
+    with pytest.raises(SystemExit) as e:
+        llc.main([str(two_layer_run), *PROBES, "--bif_rows=0", "--token_rows=4"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "loss_elements" in err, err
     assert not (two_layer_run / "llc.jsonl").exists()
 
 
