@@ -32,8 +32,9 @@ class Probes:
         self.task, self.names, self.positions = task, [], False
         self.samples, self.tokens = samples, tokens
         if tokens and not callable(getattr(task, "loss_elements", None)):
-            raise common.ConfigError(f"--token_rows needs the task's loss_elements(out, targets), "
-                                     f"the loss of every prediction: {type(task).__name__} has none")
+            raise common.ConfigError(f"--token_rows needs the task's loss_elements(out, "
+                                     f"targets), the loss of every prediction: "
+                                     f"{type(task).__name__} has none")
         self.sets, self.shifted = {}, {}  # name -> probe rows, its task (refined once: the LM's
         # code/prose subsets classify every training row)
         for i, name in enumerate(p.strip() for p in names.split(",") if p.strip()):
