@@ -781,7 +781,7 @@ def extrapolate(x, horizon):
 
 def chain_summary(tr, L0, alive, nbeta, per_token, paired=False, horizon=0):
     """The estimate and its diagnostics from one checkpoint's post-burn-in losses tr (C, T[, 2][,
-    K]), L(w*) and the chains that stayed finite; None when every chain diverged. llc_se is the
+    tokens]), L(w*) and the chains that stayed finite; None when every chain diverged. llc_se is the
     larger of the ESS standard error and the chain means' spread sd/sqrt(chains): an ESS within
     chains misses slow modes that the spread sees."""
     C = tr.shape[0]
