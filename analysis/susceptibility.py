@@ -291,8 +291,7 @@ def figures(run_dirs, fig_dir, det):
     c = curves(run_dirs)
     if c is None:
         return [], {}
-    dev, kernel, tokens, summ = summary(c, det["boundaries"],
-                                                         data.task_for(run_dirs[0]))
+    dev, kernel, tokens, summ = summary(c, det["boundaries"], data.task_for(run_dirs[0]))
     fig_dir, figs = Path(fig_dir), []
     if dev is not None:
         figs.append(fig_dir / "9_susceptibility.png")
